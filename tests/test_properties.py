@@ -149,3 +149,22 @@ def test_config_and_weights_round_trip_continues_identically(case, batch):
     assert np.array_equal(a, b)
     for x, y in zip(opt.get_weights(), clone.get_weights()):
         assert np.array_equal(x, y)
+
+
+@given(counts=st.lists(st.integers(1, 2000), min_size=0, max_size=300),
+       parts=st.integers(1, 300), row_cost=st.integers(0, 8))
+@settings(max_examples=200, deadline=None)
+def test_balanced_parts_cover_the_rows_in_runs_of_equal_cost(counts, parts, row_cost):
+    """The sparse kernels' split of the unique rows into contiguous runs: every row in
+    exactly one run, in order, and no run costs more than an equal share plus one row."""
+    from sparseopt.kernels import cpu
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    bounds = cpu.balanced_parts(offsets, parts, row_cost)
+    assert bounds.shape == (parts + 1,)
+    assert bounds[0] == 0 and bounds[-1] == len(counts)
+    assert np.all(np.diff(bounds) >= 0)
+    cost = np.asarray(counts, np.int64) + row_cost
+    share = cost.sum() / parts
+    largest = cost.max(initial=0)
+    for t in range(parts):
+        assert cost[bounds[t]:bounds[t + 1]].sum() <= share + largest

@@ -32,8 +32,14 @@ from numba import prange
 from sparseopt import _config
 from sparseopt.kernels._specialize import rule_key, specialize
 
-RULE = STEP = LOAD = STORE = U0 = U1 = U2 = HAS_WD = None  # bound per specialization
+RULE = STEP = LOAD = STORE = ROW_STEP = U0 = U1 = U2 = HAS_WD = ROW_COST = None  # bound per specialization
 ROWWISE = ROW = ROW_TERM = ROW_RULE = V0 = V1 = V2 = None  # bound per row-wise specialization
+
+#: Runs of :func:`balanced_parts` per sparse step. A fixed number, not the thread
+#: count: ``numba.get_num_threads()`` inside a kernel would stop it from being cached.
+#: ``prange`` hands each thread a contiguous block of runs, so a thread gets its share
+#: of the work plus at most about one run (1/256 of it, or one very hot row).
+PARTS = 256
 
 
 def _load_template(p, s0, s1, s2, at):
@@ -74,10 +80,62 @@ def _summed(values, order, lo, hi, j):
     return gj
 
 
+@numba.njit(**_config.CPU_RULE_FLAGS)
+def _sum_rows(buf, values, order, lo, hi):
+    """``buf[0]``: the duplicates ``values[order[lo:hi]]`` summed in position order.
+
+    The same additions in the same order as :func:`_summed`, so the same bits, but
+    row by row: each gradient row is read whole and contiguously (vectorized), where
+    a column-by-column sum gathers one element from every duplicate per column.
+    """
+    first = order[lo]
+    for j in range(buf.shape[1]):
+        buf[0, j] = values[first, j]
+    for q in range(lo + 1, hi):
+        src = order[q]
+        for j in range(buf.shape[1]):
+            buf[0, j] += values[src, j]
+
+
+@numba.njit(**_config.CPU_SERIAL_FLAGS)
+def balanced_parts(offsets, parts, row_cost):
+    """Split the unique rows ``0..k-1`` into ``parts`` contiguous runs of equal cost.
+
+    A row costs its gradient rows (``offsets[u + 1] - offsets[u]``) plus ``row_cost``
+    (the rows of the parameter and slots it reads and writes, in gradient rows).
+    ``plan_rows`` lists rows in order of first appearance, so under a Zipf batch the
+    hot rows, with hundreds of duplicates each, come first: an even split of the
+    unique rows (plain ``prange``) gives the first thread most of the work. Returns
+    ``bounds``: run ``t`` is ``bounds[t]:bounds[t + 1]``. Which thread updates a row
+    never changes its bits, so any split gives the same results.
+    """
+    k = offsets.size - 1
+    total = offsets[k] - offsets[0] + row_cost * k
+    bounds = np.empty(parts + 1, np.int64)
+    bounds[0] = 0
+    t = 1
+    acc = 0
+    for u in range(k):
+        acc += offsets[u + 1] - offsets[u] + row_cost
+        while t < parts and acc * parts >= total * t:
+            bounds[t] = u + 1
+            t += 1
+    while t <= parts:
+        bounds[t] = k
+        t += 1
+    return bounds
+
+
 def _dense_template(p, g, s0, s1, s2, c, wd_lr):
     """``p``, ``g`` and the slots: flat ``(n,)``."""
     for i in prange(p.size):
         STEP(p, s0, s1, s2, i, g[i], wd_lr, wd_lr, wd_lr, c, wd_lr)
+
+
+def _row_step_template(p, s0, s1, s2, r, grad, src, c, wd_lr):
+    """Row ``r`` of ``p`` and the slots, with the gradient row ``grad[src]``."""
+    for j in range(p.shape[1]):
+        STEP(p, s0, s1, s2, (r, j), grad[src, j], wd_lr, wd_lr, wd_lr, c, wd_lr)
 
 
 def _sparse_template(p, s0, s1, s2, rows, offsets, order, values, c, wd_lr):
@@ -85,32 +143,32 @@ def _sparse_template(p, s0, s1, s2, rows, offsets, order, values, c, wd_lr):
 
     The gradient of unique row ``u`` is the in-order sum of
     ``values[order[offsets[u]:offsets[u + 1]]]``: the duplicate sum is fused into
-    the update, so the gradient is read once and each touched row of the
-    parameter and slots is read and written once.
+    the pass, so the gradient is read once and each touched row of the parameter
+    and slots is read and written once. A row without duplicates reads its gradient
+    row in place; a row with duplicates is summed first into a scratch row that stays
+    in L1 (:func:`_sum_rows`). Each thread takes one run of :func:`balanced_parts`.
     """
     d = p.shape[1]
-    for u in prange(rows.size):
-        r = rows[u]
-        lo = offsets[u]
-        hi = offsets[u + 1]
-        if hi - lo == 1:  # the common case: a straight loop the compiler vectorizes
-            src = order[lo]
-            for j in range(d):
-                STEP(p, s0, s1, s2, (r, j), values[src, j], wd_lr, wd_lr, wd_lr, c, wd_lr)
-        else:
-            for j in range(d):
-                STEP(p, s0, s1, s2, (r, j), _summed(values, order, lo, hi, j),
-                     wd_lr, wd_lr, wd_lr, c, wd_lr)
+    bounds = balanced_parts(offsets, PARTS, ROW_COST)
+    scratch = np.empty((PARTS, d), values.dtype)
+    for t in prange(PARTS):
+        buf = scratch[t:t + 1]
+        for u in range(bounds[t], bounds[t + 1]):
+            lo = offsets[u]
+            hi = offsets[u + 1]
+            if hi - lo == 1:
+                ROW_STEP(p, s0, s1, s2, rows[u], values, order[lo], c, wd_lr)
+            else:
+                _sum_rows(buf, values, order, lo, hi)
+                ROW_STEP(p, s0, s1, s2, rows[u], buf, 0, c, wd_lr)
 
 
-def _row_reduce_and_update(p, s0, s1, s2, r0, r1, r2, row, gsrc, order, lo, hi, c, wd_lr, width):
-    """One row of a row-wise rule (``hi < 0``: ``gsrc`` is the dense gradient and
-    ``lo`` the row; else ``gsrc`` holds the sparse values of positions ``order[lo:hi]``)."""
+def _row_reduce_and_update(p, s0, s1, s2, r0, r1, r2, row, grad, src, c, wd_lr, width):
+    """One row of a row-wise rule, with the (de-duplicated) gradient row ``grad[src]``."""
     d = p.shape[1]
     total = width - width  # a zero of the variables' dtype
     for j in range(d):
-        gj = gsrc[lo, j] if hi < 0 else _summed(gsrc, order, lo, hi, j)
-        total += ROW_TERM(p[row, j], gj, c)
+        total += ROW_TERM(p[row, j], grad[src, j], c)
     mean = total / width
     ra = r0[row] if V0 else mean
     rb = r1[row] if V1 else mean
@@ -123,27 +181,35 @@ def _row_reduce_and_update(p, s0, s1, s2, r0, r1, r2, row, gsrc, order, lo, hi, 
     if V2:
         r2[row] = re
     for j in range(d):
-        gj = gsrc[lo, j] if hi < 0 else _summed(gsrc, order, lo, hi, j)
-        STEP(p, s0, s1, s2, (row, j), gj, ra, rb, re, c, wd_lr)
+        STEP(p, s0, s1, s2, (row, j), grad[src, j], ra, rb, re, c, wd_lr)
 
 
 def _row_dense_template(p, g, s0, s1, s2, r0, r1, r2, c, wd_lr, width):
     """Every row of ``p``, ``g`` ``(n, d)`` is touched; ``width``: ``d`` in the variables' dtype."""
     if p.shape[1] == 0:  # no columns: nothing to reduce or update
         return
-    no_order = np.empty(0, np.int64)
     for u in prange(p.shape[0]):
-        ROW(p, s0, s1, s2, r0, r1, r2, u, g, no_order, u, -1, c, wd_lr, width)
+        ROW(p, s0, s1, s2, r0, r1, r2, u, g, u, c, wd_lr, width)
 
 
 def _row_sparse_template(p, s0, s1, s2, r0, r1, r2, rows, offsets, order, values, c, wd_lr, width):
     """:func:`_row_dense_template` on the unique ``rows``, duplicates summed in order
-    (both passes re-sum a row's duplicates, with the same bits, instead of a scratch)."""
-    if p.shape[1] == 0:
+    into a scratch row first, in the runs of :func:`balanced_parts`."""
+    d = p.shape[1]
+    if d == 0:
         return
-    for u in prange(rows.size):
-        ROW(p, s0, s1, s2, r0, r1, r2, rows[u], values, order, offsets[u], offsets[u + 1],
-            c, wd_lr, width)
+    bounds = balanced_parts(offsets, PARTS, ROW_COST)
+    scratch = np.empty((PARTS, d), values.dtype)
+    for t in prange(PARTS):
+        buf = scratch[t:t + 1]
+        for u in range(bounds[t], bounds[t + 1]):
+            lo = offsets[u]
+            hi = offsets[u + 1]
+            if hi - lo == 1:
+                ROW(p, s0, s1, s2, r0, r1, r2, rows[u], values, order[lo], c, wd_lr, width)
+            else:
+                _sum_rows(buf, values, order, lo, hi)
+                ROW(p, s0, s1, s2, r0, r1, r2, rows[u], buf, 0, c, wd_lr, width)
 
 
 @functools.lru_cache(maxsize=None)
@@ -166,6 +232,10 @@ def _helpers(rule_module, used, row_used, has_wd):
     constants["LOAD"] = inline(specialize(_load_template, suffix, **constants))
     constants["STORE"] = inline(specialize(_store_template, suffix, **constants))
     constants["STEP"] = inline(specialize(_step_template, suffix, **constants))
+    constants["ROW_STEP"] = inline(specialize(_row_step_template, suffix, **constants))
+    # A unique row's cost in gradient rows (balanced_parts): read and write the
+    # parameter row and each kept slot row.
+    constants["ROW_COST"] = 2 * (1 + sum(used))
     if rowwise:
         suffix += f"_r{_flags(row_used)}"
         constants.update(ROW_TERM=_rule_function(rule_module, "row_term"),
