@@ -31,7 +31,7 @@ from sparseopt.kernels._specialize import rule_key, specialize
 from sparseopt.rules import _idle
 
 RULE = STEP = LOAD = STORE = CATCH = IDLE_APPLY = TABLE_INIT = TABLE_STEP = None  # bound per specialization
-U0 = U1 = U2 = HAS_WD = None
+U0 = U1 = U2 = HAS_WD = ROW_STEP = ROW_COST = None
 
 
 def _catch_up_template(p, s0, s1, s2, at, hist, lo, hi, trow, c_idle, zero, tol):
@@ -54,25 +54,29 @@ def _exact_sparse_template(p, s0, s1, s2, rows, offsets, order, values, last, fl
                            tab, c, wd_lr, c_idle, zero, tol):
     """Step ``hi + 1`` (coefficients ``c``, ``wd_lr``: the NamedTuple, so they stay in
     registers) on the unique ``rows`` (duplicates summed in order), each first caught up
-    from its last step to ``hi`` (``c_idle``: step ``hi``'s coefficients); ``last[rows] = hi + 1``."""
+    from its last step to ``hi`` (``c_idle``: step ``hi``'s coefficients); ``last[rows] = hi + 1``.
+    Rows are split and summed as in :func:`sparseopt.kernels.cpu._sparse_template`."""
     n = hist.shape[0]
     d = p.shape[1]
-    for u in prange(rows.size):
-        r = rows[u]
-        lo = max(last[r], floor)
-        first = offsets[u]
-        end = offsets[u + 1]
-        if lo < hi:
-            trow = tab[lo % n]
-            for j in range(d):
-                CATCH(p, s0, s1, s2, (r, j), hist, lo, hi, trow, c_idle, zero, tol)
-                STEP(p, s0, s1, s2, (r, j), cpu._summed(values, order, first, end, j),
-                     zero, zero, zero, c, wd_lr)
-        else:
-            for j in range(d):
-                STEP(p, s0, s1, s2, (r, j), cpu._summed(values, order, first, end, j),
-                     zero, zero, zero, c, wd_lr)
-        last[r] = hi + 1
+    bounds = cpu.balanced_parts(offsets, cpu.PARTS, ROW_COST)
+    scratch = np.empty((cpu.PARTS, d), values.dtype)
+    for t in prange(cpu.PARTS):
+        buf = scratch[t:t + 1]
+        for u in range(bounds[t], bounds[t + 1]):
+            r = rows[u]
+            lo = max(last[r], floor)
+            first = offsets[u]
+            end = offsets[u + 1]
+            if lo < hi:
+                trow = tab[lo % n]
+                for j in range(d):
+                    CATCH(p, s0, s1, s2, (r, j), hist, lo, hi, trow, c_idle, zero, tol)
+            if end - first == 1:
+                ROW_STEP(p, s0, s1, s2, r, values, order[first], c, wd_lr)
+            else:
+                cpu._sum_rows(buf, values, order, first, end)
+                ROW_STEP(p, s0, s1, s2, r, buf, 0, c, wd_lr)
+            last[r] = hi + 1
 
 
 def _exact_catch_up_template(p, s0, s1, s2, rows, every_row, last, floor, hi, hist, tab, c_idle,
