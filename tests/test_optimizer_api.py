@@ -203,3 +203,26 @@ def test_import_touches_neither_tensorflow_nor_cuda():
             "('tensorflow', 'keras', 'torch', 'cupy') or m.startswith('numba.cuda')]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_ftrl_compiles_the_sqrt_variant_only_for_a_power_of_minus_half(rng):
+    """The rule follows ``learning_rate_power``, also when it is reassigned mid-training
+    or given as a callable, and every choice matches the float64 reference."""
+    from sparseopt.rules import ftrl as rule
+    opt = so.Ftrl(learning_rate=0.1)
+    assert opt._rule is rule.SQRT and so.Ftrl._rule is rule
+    var = rng.normal(size=(6, 3))
+    p, slots = var.copy(), {}
+    powers = [-0.5, -0.5, -0.7, -0.7, -0.5]
+    for t, power in enumerate(powers, start=1):
+        if t == 5:
+            opt.learning_rate_power = lambda: -0.5
+            assert opt._rule is rule  # a callable: the general rule, use_sqrt per step
+        else:
+            opt.learning_rate_power = power
+            assert opt._rule is (rule.SQRT if power == -0.5 else rule)
+        g = rng.normal(size=var.shape)
+        opt.apply_gradients([(g, var)])
+        p = ref.ftrl(p, g, slots, t, learning_rate=float(np.float32(0.1)),  # Keras' float32 rate
+                     learning_rate_power=power)
+    rel_close(var, p, np.float64)

@@ -15,7 +15,11 @@ import types
 
 
 def rule_key(rule_module):
-    """A short name for a rule module, with a hash of its source."""
+    """A short name for a rule module, with a hash of its source (a variant,
+    :mod:`sparseopt.rules._variant`, carries its own)."""
+    key = getattr(rule_module, "__rule_key__", None)
+    if key is not None:
+        return key
     try:
         source = inspect.getsource(rule_module).encode()
     except (OSError, TypeError):  # pragma: no cover - rules defined interactively

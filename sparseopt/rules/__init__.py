@@ -16,7 +16,11 @@ pass, the row-wise sparse pass and the CUDA kernels. Slots a rule does not use a
 passed through unchanged.
 
 Flags (``amsgrad``, ``nesterov``, ...) are fields of ``c`` equal to 0 or 1: a branch
-on a loop-invariant flag costs nothing measurable and keeps one kernel per rule.
+on a loop-invariant flag between cheap expressions costs nothing measurable (the
+compiler selects) and keeps one kernel per rule. Where one side is expensive (Ftrl's
+``math.pow``, which the vectorizer would run for every element), the rule also offers
+a compile-time variant with a module constant fixed (:mod:`sparseopt.rules._variant`),
+and the optimizer picks it.
 
 **Legacy math.** Where ``tf_keras.optimizers.legacy.<Name>`` (Keras 2's
 ``OptimizerV2``) computes differently from Keras 3 (epsilon inside or outside the
