@@ -14,6 +14,13 @@ configuration is shrunk (16 threads per block, at most 4 blocks, 4 lanes per row
 so that several blocks and the grid-stride loops run on small arrays, and every
 kernel launch is checked to receive device arrays only: a host array would be a
 silent host round trip on a real GPU.
+
+The simulator's static shared arrays are allocated under a lock here
+(:func:`_shared_array_once`): numba-cuda's ``FakeCUDAShared.array`` looks a block's
+array up by call site with an unlocked check-then-set, so two simulated threads that
+switch between the two each allocate one, and a block's threads stop sharing memory.
+That was the rare plan failure under load (a scan read ``np.empty`` garbage); the
+short switch interval below made it likelier. ``test_cuda_plan.py`` forces the switch.
 """
 
 import os
@@ -54,6 +61,36 @@ if SIMULATOR or GPU:
             return _launch(self, *args)
 
         _sim_kernel.FakeCUDAKernel.__call__ = _device_args_only
+
+        import threading
+
+        from numba.core import types as _types
+        from numba.cuda.simulator import kernelapi as _sim_api
+        from numba.np import numpy_support as _numpy_support
+
+        _shared_lock = threading.Lock()
+        _shared_array = _sim_api.FakeCUDAShared.array
+
+        def _shared_array_once(self, shape, dtype, alignment=None):
+            """``cuda.shared.array`` of the simulator, its per-call-site lookup under a lock.
+
+            The same lookup as numba-cuda's (by the caller's file and line, one array per
+            call site and launch), but the get and the store cannot be split by a thread
+            switch, which would give two threads of a block two different arrays.
+            """
+            if shape == 0 or alignment is not None:  # dynamic shared memory: no lookup
+                return _shared_array(self, shape, dtype, alignment)
+            caller = sys._getframe(1)
+            key = (caller.f_code.co_filename, caller.f_lineno)
+            with _shared_lock:
+                array = self._allocations.get(key)
+                if array is None:
+                    if isinstance(dtype, _types.Type):
+                        dtype = _numpy_support.as_dtype(dtype)
+                    array = self._allocations[key] = np.empty(shape, dtype)
+            return array
+
+        _sim_api.FakeCUDAShared.array = _shared_array_once
     else:
         _kernels.set_launch_config(threads=64, row_threads=64, max_lanes=32, max_blocks=8,
                                    sort_items=4, scan_items=4)

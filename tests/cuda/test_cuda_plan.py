@@ -5,6 +5,7 @@ import pytest
 from numba import cuda
 
 from sparseopt.kernels import cuda_dedup, dedup
+from tests.cuda.conftest import SIMULATOR
 from tests.cuda.helpers import dev
 
 
@@ -82,3 +83,30 @@ def test_exclusive_scan_across_levels():
         kc.set_launch_config(**vars(previous))
     expected = np.concatenate([[0], np.cumsum(x)[:-1]])
     assert np.array_equal(d.copy_to_host(), expected)
+
+
+@pytest.mark.skipif(not SIMULATOR, reason="a property of the CUDA simulator's thread emulation")
+def test_plan_survives_thread_switches_in_shared_memory_allocation(monkeypatch):
+    """The rare failure under load: a simulated thread switched out inside the simulator's
+    ``cuda.shared.array`` got a block's shared array of its own, and the prefix scans of
+    the radix sort and of the row heads read uninitialized memory (unsorted keys, rows
+    past the end). Here every ``np.empty`` sleeps, forcing that switch at every
+    allocation; with the allocation under a lock (``conftest.py``) the plans stay right."""
+    import time
+    empty = np.empty
+
+    def switching_empty(*args, **kwargs):
+        time.sleep(2e-4)  # releases the GIL: other simulated threads run here
+        return empty(*args, **kwargs)
+
+    rng = np.random.default_rng(7)
+    for num_rows, n in ((300, 90), (5000, 150)):
+        idx = (rng.zipf(1.2, n) - 1) % num_rows
+        with monkeypatch.context() as m:
+            m.setattr(np, "empty", switching_empty)
+            bad, plan = device_plan(idx, num_rows)
+        assert bad == -1
+        marker = np.full(num_rows, -1, np.int32)
+        crows, coffsets, corder, _ = dedup.plan_rows(idx.astype(np.int64), num_rows, marker)
+        assert np.array_equal(plan[0], np.unique(idx))
+        assert groups(*plan) == groups(crows, coffsets, corder)
