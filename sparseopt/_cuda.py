@@ -1,5 +1,11 @@
 """CUDA variables: detection, wrapping, slot storage and the CUDA update steps.
 
+The steps cover elementwise rules (dense and row-wise sparse kernels), row-wise rules
+such as RowwiseAdagrad (:meth:`DenseUpdate.run_rowwise`, :meth:`SparseUpdate.run_rowwise`:
+the row-reduction kernels, with the row slots in their own device storage,
+:func:`row_slot_storage`), and the device half of ``sparse_mode="exact"``
+(:class:`ExactDevice`, driven by :mod:`sparseopt._exact`).
+
 A variable is a CUDA array when it is a Numba device array or exports
 ``__cuda_array_interface__`` (CuPy arrays, torch CUDA tensors, ...). It is updated
 in place, its slots live on the same device in one contiguous device array, and
@@ -19,7 +25,9 @@ is deprecated and cannot compile every rule (a warning says so).
 except one read of a small ``info`` array per sparse gradient (the index range
 check and the number of unique rows: device code cannot raise, so the host must
 look before anything is written), and one scalar per variable when clipping by
-norm (``clipnorm``, ``global_clipnorm``), whose comparison runs on the host.
+norm (``clipnorm``, ``global_clipnorm``), whose comparison runs on the host. Exact
+mode adds host-to-device copies only (a coefficient record per step, the idle tables
+in use), and ``catch_up`` reads its indices' ``info`` as a sparse gradient does.
 
 Streams: the kernels of a variable run on the stream its gradient names in
 ``__cuda_array_interface__`` (CuPy, torch: their current stream), or on the
@@ -92,10 +100,11 @@ class _Runtime:
                 "rule (max() for example); install numba-cuda: pip install 'sparseopt[cuda]'",
                 RuntimeWarning, stacklevel=4)
         from sparseopt.kernels import cuda as kernels
-        from sparseopt.kernels import cuda_dedup
+        from sparseopt.kernels import cuda_dedup, cuda_exact
         self.cuda = cuda
         self.kernels = kernels
         self.dedup = cuda_dedup
+        self.exact = cuda_exact
         self.streams = {}
         if self.simulator:
             from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
@@ -297,6 +306,22 @@ def slot_storage(var, initial_values):
     return storage
 
 
+def row_slot_storage(var, initial_values):
+    """The row slots of a row-wise rule: one contiguous device array ``(len(initial_values), rows)``
+    (rows: the variable's first axis; a 0-d variable is one row), filled slot by slot."""
+    rt = runtime()
+    w = check_variable(var, "variable")
+    rows = int(w.array.shape[0]) if w.array.ndim else 1
+    with _on_device(rt, w.device):
+        storage = rt.cuda.device_array((len(initial_values), rows), w.array.dtype)
+        k = rt.kernels
+        threads = k.launch_config().threads
+        for i, value in enumerate(initial_values):
+            k.fill[k.blocks_for(rows, threads), threads, 0](storage[i], w.array.dtype.type(value))
+        rt.cuda.synchronize()  # as slot_storage: the fills finish before any stream reads them
+    return storage
+
+
 def slot_view(storage, i):
     """Slot ``i`` of a storage: a device view (also for 0-d variables)."""
     if storage.ndim > 1:
@@ -404,13 +429,38 @@ def _kernel_slots(state, rule, p):
     return cpu.place(rule.SLOTS, kept, p)
 
 
+def _run_rows(rt, rule, state, row_slots, p, values, plan, c, wd, has_wd, stream):
+    """One step of a row-wise rule (:func:`sparseopt.kernels.cuda.row_kernel`) on ``p`` ``(rows, d)``.
+
+    ``row_slots``: ``{name: device view}`` of the kept row slots; ``plan``:
+    ``(rows, offsets, order, k)``, with ``k = None`` for a dense gradient ``values``
+    ``(rows, d)`` (then ``rows``, ``offsets``, ``order`` are int64 placeholders).
+    """
+    from sparseopt.kernels import cpu
+    k = rt.kernels
+    num_rows, width = p.shape
+    dense = plan[3] is None
+    count = num_rows if dense else plan[3]
+    if width == 0 or count == 0:  # no columns, or no touched row: nothing to reduce or update
+        return
+    slots, used = _kernel_slots(state, rule, p)
+    flat = p.reshape((p.size,))  # a placeholder for row slots the configuration does not keep
+    kept = {name: view.reshape((num_rows,)) for name, view in row_slots.items()}
+    rslots, row_used = cpu.place(rule.ROW_SLOTS, kept, flat)
+    cfg = k.launch_config()
+    kernel = k.row_kernel(rule, used, row_used, has_wd, dense, p.dtype, cfg.row_threads)
+    lanes, per_block = k.row_layout(width)
+    kernel[k.blocks_for(count, per_block), (lanes, per_block), stream](
+        p, *slots, *rslots, *plan[:3], values, count, c, wd, p.dtype.type(width))
+
+
 class DenseUpdate:
     """A dense CUDA gradient for a CUDA variable (see ``optimizer._DenseUpdate``)."""
 
     on_device = True
-    __slots__ = ("var", "values", "stream", "handles", "owned", "scratch", "device")
+    __slots__ = ("var", "values", "stream", "handles", "owned", "scratch", "device", "shape")
 
-    def __init__(self, var, values, stream, handles, scratch, device):
+    def __init__(self, var, values, stream, handles, scratch, device, shape):
         self.var = var
         self.values = values
         self.stream = stream
@@ -418,6 +468,7 @@ class DenseUpdate:
         self.owned = False
         self.scratch = scratch
         self.device = device
+        self.shape = shape
 
     @classmethod
     def validate(cls, g, var, name, store):
@@ -435,7 +486,7 @@ class DenseUpdate:
         with _on_device(rt, vw.device):
             stream = _launch_stream(rt, gw.stream, vw.stream)
         return cls(vw.array.reshape((size,)), gw.array.reshape((size,)), stream,
-                   (gw.stream, vw.stream), scratch_for(store, var), vw.device)
+                   (gw.stream, vw.stream), scratch_for(store, var), vw.device, tuple(vw.array.shape))
 
     def plan(self):
         pass
@@ -469,6 +520,18 @@ class DenseUpdate:
         threads = k.launch_config().threads
         with _on_device(rt, self.device):
             kernel[k.blocks_for(n, threads), threads, self.stream](self.var, self.values, *slots, c, wd)
+            _release_to(rt, self.stream, self.handles[1], self.handles[0])
+
+    def run_rowwise(self, rule, state, row_slots, c, wd, has_wd):
+        """:meth:`run` for a row-wise rule: every row, through the row-reduction kernel."""
+        rt = runtime()
+        rows = self.shape[0] if self.shape else 1
+        width = self.var.size // rows if rows else 0
+        with _on_device(rt, self.device):
+            none = self.scratch.iota(1, self.stream)
+            _run_rows(rt, rule, state, row_slots, self.var.reshape((rows, width)),
+                      self.values.reshape((rows, width)), (none, none, none, None), c, wd, has_wd,
+                      self.stream)
             _release_to(rt, self.stream, self.handles[1], self.handles[0])
 
     def constrain(self, var, fn):
@@ -593,6 +656,16 @@ class SparseUpdate:
                                                self.values, self.k, c, wd)
             _release_to(rt, self.stream, self.handles[1], self.handles[0])
 
+    def run_rowwise(self, rule, state, row_slots, c, wd, has_wd):
+        """:meth:`run` for a row-wise rule: the unique rows, through the row-reduction kernel."""
+        if self.k == 0:
+            return
+        rt = runtime()
+        with _on_device(rt, self.device):
+            _run_rows(rt, rule, state, row_slots, self.var, self.values,
+                      (self.rows, self.offsets, self.order, self.k), c, wd, has_wd, self.stream)
+            _release_to(rt, self.stream, self.handles[1], self.handles[0])
+
     def constrain(self, var, fn):
         """``var[rows] = fn(var[rows])``: ``fn`` gets a Numba device array of the touched rows."""
         if self.k == 0:
@@ -613,6 +686,160 @@ class SparseUpdate:
                     f"expected {(self.k,) + self.row_shape} of {self.var.dtype}")
             k.scatter_rows[k.blocks_for(self.k * width, threads), threads, self.stream](
                 ow.array.reshape((self.k, width)), self.rows, self.k, self.var)
+
+
+# ------------------------------------------------------------------ exact mode
+
+
+class ExactDevice:
+    """The device half of a CUDA variable's exact-mode bookkeeping (``sparse_mode="exact"``).
+
+    :class:`sparseopt._exact.ExactState` keeps the step counts, the coefficient ring
+    ``hist`` and the idle tables ``tab`` on the host, as for a NumPy variable; this
+    keeps ``last`` (int64 per row) on the variable's device, and device copies of
+    ``hist`` (written one record per step: a few bytes) and of ``tab`` (the rows of
+    the windows in use, after the host recomputes them), and launches the kernels of
+    :mod:`sparseopt.kernels.cuda_exact`. Copies go host to device on the stream of the
+    variable's last step, with no synchronization; nothing is read back.
+    """
+
+    __slots__ = ("device", "stream", "last", "hist", "tab")
+
+    def __init__(self, var, hist, tab):
+        rt = runtime()
+        w = check_variable(var, "variable")
+        rows = int(w.array.shape[0]) if w.array.ndim else 1
+        self.device = w.device
+        self.stream = 0  # the stream of the variable's last step; flush and catch_up use it
+        with _on_device(rt, self.device):
+            self.last = rt.cuda.device_array(rows, np.int64)
+            k = rt.kernels
+            threads = k.launch_config().threads
+            k.fill[k.blocks_for(rows, threads), threads, 0](self.last, 0)
+            self.hist = rt.cuda.to_device(hist)
+            self.tab = rt.cuda.to_device(tab)
+            rt.cuda.synchronize()  # once per variable, as slot_storage
+
+    def _copy(self, device_array, host_array):
+        if isinstance(self.stream, int):
+            device_array.copy_to_device(host_array)
+        else:
+            device_array.copy_to_device(host_array, stream=self.stream)
+
+    def write_record(self, hist, index):
+        """Mirror ``hist[index]`` (just written on the host)."""
+        with _on_device(runtime(), self.device):
+            self._copy(self.hist[index:index + 1], hist[index:index + 1])
+
+    def copy_tables(self, tab, lo, hi):
+        """Mirror the rows ``L % H`` of ``tab`` for the windows ``L`` in ``[lo, hi]`` (at most two runs of the ring)."""
+        size = tab.shape[0]
+        start, count = lo % size, min(hi - lo + 1, size)
+        with _on_device(runtime(), self.device):
+            first = min(count, size - start)
+            self._copy(self.tab[start:start + first], tab[start:start + first])
+            if count > first:
+                self._copy(self.tab[:count - first], tab[:count - first])
+
+    def _arrays(self, rule, state):
+        """The variable ``(rows, width)`` as a device array, its kernel slots and their ``used`` flags."""
+        var = check_variable(state.var, state.name).array
+        rows = self.last.size
+        p = var.reshape((rows, var.size // rows if rows else 0))
+        slots, used = _kernel_slots(state, rule, p)
+        return p, slots, used
+
+    def sparse_step(self, rule, state, update, floor, hi, c, wd, has_wd, c_idle, zero, tol):
+        """Step ``hi + 1`` of a sparse update (:class:`SparseUpdate`, planned), its rows first
+        caught up from their last steps; then ``last[rows] = hi + 1``."""
+        rt = runtime()
+        slots, used = _kernel_slots(state, rule, update.var)
+        blocks, block = update._row_launch(update.k)
+        kernel = rt.exact.sparse_kernel(rule, used, has_wd)
+        with _on_device(rt, self.device):
+            kernel[blocks, block, update.stream](
+                update.var, *slots, update.rows, update.offsets, update.order, update.values, update.k,
+                self.last, floor, hi, self.hist, self.tab, c, wd, c_idle, zero, tol)
+            self.set_last((update.rows, update.k), hi + 1, update.stream)
+            _release_to(rt, update.stream, update.handles[1], update.handles[0])
+
+    def catch_up(self, rule, state, rows, floor, hi, has_wd, c_idle, zero, tol):
+        """Catch ``rows`` (``(device rows, k)``, unique; ``None``: every row) up to step ``hi``;
+        the listed rows' ``last`` becomes ``hi`` (a full pass leaves it: the caller raises ``floor``)."""
+        rt = runtime()
+        p, slots, used = self._arrays(rule, state)
+        if p.size == 0:
+            return
+        every = rows is None
+        ids, k = (self.last, p.shape[0]) if every else rows
+        lanes, per_block = rt.kernels.row_layout(p.shape[1])
+        with _on_device(rt, self.device):
+            rt.exact.catch_up_kernel(rule, used, has_wd)[
+                rt.kernels.blocks_for(k, per_block), (lanes, per_block), self.stream](
+                p, *slots, ids, k, every, self.last, floor, hi, self.hist, self.tab, c_idle, zero, tol)
+            if not every:
+                self.set_last(rows, hi, self.stream)
+
+    def decay_rows(self, rule, state, rows, floor, hi, has_wd):
+        """Row-wise rules: bring ``rows`` (as :meth:`catch_up`) to step ``hi``, which changes
+        them only by the idle steps' weight decay."""
+        rt = runtime()
+        p, _, _ = self._arrays(rule, state)
+        every = rows is None
+        ids, k = (self.last, p.shape[0]) if every else rows
+        kernels = rt.kernels
+        threads = kernels.launch_config().threads
+        with _on_device(rt, self.device):
+            if has_wd and p.size:
+                rt.exact.decay_rows[kernels.blocks_for(k * p.shape[1], threads), threads, self.stream](
+                    p, ids, k, every, self.last, floor, hi, self.tab)
+            if not every:
+                self.set_last(rows, hi, self.stream)
+
+    def set_last(self, rows, value, stream):
+        """``last[rows] = value`` for ``rows`` = ``(device rows, k)``."""
+        rt = runtime()
+        ids, k = rows
+        threads = rt.kernels.launch_config().threads
+        with _on_device(rt, self.device):
+            rt.exact.set_last[rt.kernels.blocks_for(k, threads), threads, stream](self.last, ids, k, value)
+
+
+def exact_rows(store, state, indices, stream):
+    """The unique rows of ``indices`` for :meth:`sparseopt.Optimizer.catch_up` on a CUDA
+    variable, as ``(device rows, k)``: checked as a sparse gradient's indices (type, shape,
+    range; one small read of the range check) before anything is written.
+
+    ``indices``: a CUDA array, or host indices (copied to the device: they are small).
+    ``stream``: the variable's last step's (:class:`ExactDevice`), which may still be
+    reading the de-duplication scratch that this plan reuses.
+    """
+    rt = runtime()
+    name = state.name
+    vw = check_variable(state.var, name)
+    if is_device_array(indices):
+        idx = _wrap_gradient_part(indices, vw, name, "indices").array
+    else:
+        idx = np.asarray(indices)
+    count = idx.shape[0] if idx.ndim else 0
+    values = np.broadcast_to(np.zeros((), vw.array.dtype), (count,) + tuple(vw.array.shape[1:]))
+    _validation.check_sparse_layout(name, vw.array, values, idx, None)  # values: shape and dtype only
+    if isinstance(idx, np.ndarray):
+        if idx.dtype.itemsize < 4 or idx.dtype == np.uint32:
+            idx = idx.astype(np.int64)
+        idx = to_device(idx)
+    if idx.size == 0:
+        return None, 0
+    planner = scratch_for(store, state.var).planner()
+    num_rows = vw.array.shape[0]
+    with _on_device(rt, vw.device):
+        planner.enqueue(idx, num_rows, stream)
+        bad, k = planner.read_info(stream)
+        if bad >= 0:
+            value = int(_read_scalar(idx[bad:bad + 1], stream)[0])
+            raise errors.IndexOutOfRangeError(
+                f"{name!r}: indices must lie in [0, {num_rows}); got {value} at position {bad}")
+    return planner.result(k)[0], k
 
 
 def validate(g, var, name, store):

@@ -1,4 +1,4 @@
-"""``sparse_mode="exact"``: dense-equivalent sparse training at sparse cost (CPU).
+"""``sparse_mode="exact"``: dense-equivalent sparse training at sparse cost (CPU and CUDA).
 
 Dense semantics update *every* row at every step in which a variable gets a gradient:
 a row outside a sparse gradient sees a zero gradient (its slots decay, Adam-like
@@ -17,15 +17,18 @@ rules keep moving it, decoupled weight decay shrinks it). Exact mode defers that
   pass over its rows): the amortized cost is ``1/H`` of a full pass per step;
 * :func:`flush` catches every row of every variable up; :func:`catch_up` given rows.
 
-The CUDA kernels and the TensorFlow bridge do not implement exact mode yet: a CUDA
-variable is rejected before anything is written (:func:`check`), and the bridge
-should call :func:`flush` where it reads the whole table. The hooks they need are
-the kernels' signatures in :mod:`sparseopt.kernels.exact` and :class:`ExactState`.
+A CUDA variable keeps the same bookkeeping on the host (step counts, ``hist``, and
+``tab``, computed by the same host kernel) and its device half in
+:class:`sparseopt._cuda.ExactDevice` (``ex.device``): ``last`` on the device, a device
+mirror of ``hist`` written one record per step, and a device copy of the windows of
+``tab`` in use; the kernels are :mod:`sparseopt.kernels.cuda_exact`, the same math
+compiled for the device. Nothing is read back from the device except a ``catch_up``'s
+index range check, as for a sparse gradient.
 """
 
 import numpy as np
 
-from sparseopt import errors
+from sparseopt import _cuda, errors
 from sparseopt.kernels import exact as kernels
 
 #: Default length of the coefficient history (the optimizer's ``exact_history``).
@@ -41,20 +44,26 @@ class ExactState:
     """The exact-mode bookkeeping of one variable (see the module docstring)."""
 
     __slots__ = ("rows", "steps", "floor", "last", "hist", "tab", "nxt", "has_wd", "dtype",
-                 "tables_at")
+                 "tables_at", "device")
 
-    def __init__(self, rule, var, history):
-        self.rows = var.shape[0] if var.ndim else 1
-        self.dtype = var.dtype
+    def __init__(self, rule, var, history, dtype):
+        """``dtype``: the variable's, as a NumPy dtype (a CUDA array's may be another library's)."""
+        self.rows = var.shape[0] if len(var.shape) else 1
+        self.dtype = np.dtype(dtype)
         self.steps = 0
         self.floor = 0
-        self.last = np.zeros(self.rows, np.int64)
-        self.hist = np.zeros(history, record_dtype(rule, var.dtype))
+        self.hist = np.zeros(history, record_dtype(rule, self.dtype))
         ncol = kernels.idle_columns(rule)
         self.tab = np.zeros((history, ncol), np.float64)
         self.nxt = np.zeros(ncol, np.float64)
         self.has_wd = False
         self.tables_at = -1
+        self.device = None
+        if isinstance(var, np.ndarray):
+            self.last = np.zeros(self.rows, np.int64)
+        else:  # a CUDA variable: ``last`` lives on its device (``self.device.last``)
+            self.last = None
+            self.device = _cuda.ExactDevice(var, self.hist, self.tab)
 
     @property
     def history(self):
@@ -69,19 +78,10 @@ class ExactState:
         self.floor = self.steps
 
 
-def check(opt, updates):
-    """Reject what exact mode cannot run yet, before anything is written."""
-    for state, _ in updates:
-        if not isinstance(state.var, np.ndarray):
-            raise NotImplementedError(
-                f"{opt.name}: sparse_mode='exact' runs on NumPy variables only for now; "
-                f"{state.name!r} is a CUDA array (use sparse_mode='lazy' on the GPU)")
-
-
 def _exact_state(opt, state, create=True):
     ex = opt._exact_states.get(id(state.var))
     if ex is None and create:
-        ex = ExactState(opt._rule, state.var, opt.exact_history)
+        ex = ExactState(opt._rule, state.var, opt.exact_history, state.storage.dtype)
         opt._exact_states[id(state.var)] = ex
     return ex
 
@@ -99,6 +99,8 @@ def _tables(rule, ex):
     if ex.tables_at != ex.steps and ex.pending():
         kernels.table_kernel(rule)(ex.hist, ex.tab, ex.floor, ex.steps, ex.nxt)
         ex.tables_at = ex.steps
+        if ex.device is not None:
+            ex.device.copy_tables(ex.tab, ex.floor, ex.steps)
 
 
 def _arrays(rule, state, ex):
@@ -107,12 +109,22 @@ def _arrays(rule, state, ex):
 
 
 def catch_up_rows(opt, state, ex, rows=None):
-    """Catch ``rows`` (int64, unique; ``None``: every row) of one variable up to ``ex.steps``."""
+    """Catch ``rows`` (int64, unique; for a CUDA variable ``(device rows, k)``; ``None``:
+    every row) of one variable up to ``ex.steps``."""
     if not ex.pending():
         return
     rule = opt._rule
     _tables(rule, ex)
     every = rows is None
+    if ex.device is not None:
+        if _is_rowwise(rule):
+            ex.device.decay_rows(rule, state, rows, ex.floor, ex.steps, ex.has_wd)
+        else:
+            ex.device.catch_up(rule, state, rows, ex.floor, ex.steps, ex.has_wd,
+                               _idle_coefficients(rule, ex), ex.dtype.type(0), _tol(ex.dtype))
+        if every:
+            ex.mark_current()
+        return
     rows = np.empty(0, np.int64) if every else rows
     p, slots, used = _arrays(rule, state, ex)
     if _is_rowwise(rule):
@@ -148,9 +160,17 @@ def _push(opt, state, ex, c, wd):
     if ex.pending() and (ex.steps + 1 - ex.floor >= ex.history
                          or _constants_changed(rule, ex, rec)):
         catch_up_rows(opt, state, ex)
-    ex.hist[(ex.steps + 1) % ex.history] = rec
+    _write_record(ex, ex.steps + 1, rec)
     if wd != 0:
         ex.has_wd = True
+
+
+def _write_record(ex, step, rec):
+    """``hist``'s record of ``step`` (and its device mirror)."""
+    index = step % ex.history
+    ex.hist[index] = rec
+    if ex.device is not None:
+        ex.device.write_record(ex.hist, index)
 
 
 def run(opt, updates, coefficients, wd, sparse_type, dense_run):
@@ -159,7 +179,6 @@ def run(opt, updates, coefficients, wd, sparse_type, dense_run):
     ``sparse_type``: the class of a sparse update (``optimizer._SparseUpdate``);
     ``dense_run(state, update, c, wd, has_wd)`` runs an update the ordinary way.
     """
-    check(opt, updates)
     rule = opt._rule
     for state, update in updates:
         has_wd = wd != 0.0 and opt._uses_weight_decay(state)
@@ -167,24 +186,37 @@ def run(opt, updates, coefficients, wd, sparse_type, dense_run):
         c = type(coefficients)(*(dtype(x) for x in coefficients))
         wd_v = dtype(wd if has_wd else 0.0)
         inner = getattr(update, "update", update)  # a row-wise optimizer wraps its updates
-        if not isinstance(inner, sparse_type):
+        on_device = isinstance(inner, (_cuda.SparseUpdate, _cuda.DenseUpdate))
+        if not isinstance(inner, _cuda.SparseUpdate if on_device else sparse_type):
             ex = _exact_state(opt, state, create=False)
             if ex is not None:  # rows pending: bring them current, then the dense step
+                if on_device:
+                    ex.device.stream = inner.stream
                 catch_up_rows(opt, state, ex)
                 ex.steps += 1
-                ex.hist[ex.steps % ex.history] = np.array(tuple(c) + (wd_v,), ex.hist.dtype)
+                _write_record(ex, ex.steps, np.array(tuple(c) + (wd_v,), ex.hist.dtype))
                 ex.mark_current()
             dense_run(state, update, c, wd_v, has_wd)
             continue
         ex = _exact_state(opt, state)
+        if on_device:
+            ex.device.stream = inner.stream
         _push(opt, state, ex, c, wd_v)
-        if inner.rows.size:
+        if inner.k if on_device else inner.rows.size:
+            touched = (inner.rows, inner.k) if on_device else inner.rows
             if _is_rowwise(rule):
                 # A zero gradient changes a row-wise rule's row only through weight decay:
                 # scale the touched rows (a separate pass over those rows), then the row kernel.
-                catch_up_rows(opt, state, ex, inner.rows)
+                catch_up_rows(opt, state, ex, touched)
                 dense_run(state, update, c, wd_v, has_wd)
-                ex.last[inner.rows] = ex.steps + 1
+                if on_device:
+                    ex.device.set_last(touched, ex.steps + 1, inner.stream)
+                else:
+                    ex.last[inner.rows] = ex.steps + 1
+            elif on_device:
+                _tables(rule, ex)
+                ex.device.sparse_step(rule, state, inner, ex.floor, ex.steps, c, wd_v, ex.has_wd,
+                                      _idle_coefficients(rule, ex), dtype(0), _tol(ex.dtype))
             else:
                 _tables(rule, ex)
                 p, slots, used = _arrays(rule, state, ex)
@@ -210,9 +242,14 @@ def catch_up(opt, var, indices, validate_rows):
     if state is None:
         raise errors.UnknownSlotError(
             f"{opt.name}: catch_up got a variable this optimizer never built or updated")
-    rows = validate_rows(state, indices)
     ex = _exact_state(opt, state, create=False)
-    if ex is None or rows.size == 0:
+    if isinstance(state.var, np.ndarray):
+        rows = validate_rows(state, indices)
+        count = rows.size
+    else:  # a CUDA variable: the indices are checked and de-duplicated on its device
+        rows = _cuda.exact_rows(opt._markers, state, indices, ex.device.stream if ex is not None else 0)
+        count = rows[1]
+    if ex is None or count == 0:
         return
     catch_up_rows(opt, state, ex, rows)
 

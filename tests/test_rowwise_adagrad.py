@@ -107,15 +107,6 @@ def test_config_round_trip():
     assert clone.get_config() == opt.get_config()
 
 
-def test_cuda_array_is_refused_with_a_clear_error():
-    class FakeCudaArray:
-        __cuda_array_interface__ = {"shape": (2, 2), "typestr": "<f4", "data": (0, False), "version": 3}
-        shape, dtype = (2, 2), np.dtype(np.float32)
-
-    with pytest.raises(so.errors.DeviceMismatchError, match="NumPy arrays only"):
-        so.RowwiseAdagrad().build([FakeCudaArray()])
-
-
 # A second row-wise rule, defined here, shows that the row-reduction kernels are
 # generic: FBGEMM's PARTIAL_ROWWISE_ADAM keeps the first moment per element and the
 # second moment per row.

@@ -4,7 +4,9 @@ Workloads (PERF.md, "GPU"):
 
 * sparse steps on a 10,000,000 x 128 float32 table with 262,144 Zipf lookups
   (s = 1.05, hot rows scattered over the table, four batches cycled): Adam,
-  Adagrad, SGD with momentum;
+  Adagrad, SGD with momentum, RowwiseAdagrad (the row-reduction kernels), and Adam
+  in ``sparse_mode="exact"`` (catch-up fused into the row update; the table's
+  ``flush()`` is not in the timed steps);
 * a dense 8192 x 8192 float32 Adam step.
 
 Peers, in the same process and on the same data: ``torch.optim.SparseAdam``,
@@ -49,6 +51,11 @@ SEMANTICS = {
     "torch Adagrad (sparse)": "touched rows only (coalesced gradient)",
     "torch SGD momentum (sparse)": "torch's momentum form (b = mu b + g; p -= lr b); whole-table buffer",
     "torch Adam fused": "dense Adam, one fused kernel",
+}
+#: Semantics of sparseopt's rows where they are not the lazy default.
+WORKLOAD_SEMANTICS = {
+    "sparse rowwise_adagrad": "lazy, one accumulator per row (FBGEMM EXACT_ROWWISE_ADAGRAD)",
+    "sparse adam_exact": "exact: dense Adam's results, idle rows caught up when touched",
 }
 
 
@@ -167,7 +174,7 @@ def dense_bytes(size, nslots, itemsize=4):
 # -------------------------------------------------------------------- workloads
 
 
-SPARSE = {  # name: (sparseopt factory, slots, torch optimizer factory)
+SPARSE = {  # name: (sparseopt factory, element slots, torch optimizer factory or None)
     "adam": (lambda so: so.Adam(learning_rate=1e-3), 2,
              lambda torch, p: ("torch SparseAdam", torch.optim.SparseAdam([p], lr=1e-3))),
     "adagrad": (lambda so: so.Adagrad(learning_rate=1e-3), 1,
@@ -175,12 +182,14 @@ SPARSE = {  # name: (sparseopt factory, slots, torch optimizer factory)
     "sgd_momentum": (lambda so: so.SGD(learning_rate=0.01, momentum=0.9), 1,
                      lambda torch, p: ("torch SGD momentum (sparse)",
                                        torch.optim.SGD([p], lr=0.01, momentum=0.9))),
+    "rowwise_adagrad": (lambda so: so.RowwiseAdagrad(learning_rate=1e-3), 0, None),
+    "adam_exact": (lambda so: so.Adam(learning_rate=1e-3, sparse_mode="exact"), 2, None),
 }
 
 
 def bench_sparse(cuda, torch, timer, size, rows_out):
+    common = _common()  # puts the repository on sys.path first
     import sparseopt as so
-    common = _common()
     host = common.sparse_batches(size["rows"], size["width"], size["lookups"], size["batches"])
     uniques = [common.unique_count(idx) for _, idx in host]
     table0 = common.make_table(size["rows"], size["width"])
@@ -199,7 +208,7 @@ def bench_sparse(cuda, torch, timer, size, rows_out):
         rows_out.append((f"sparse {name}", "sparseopt", times, floor_bytes))
         del opt, table
         timer.sync()
-        if torch is None:
+        if torch is None or make_peer is None:
             continue
         p = torch.nn.Parameter(torch.as_tensor(table0, device="cuda"))
         label, peer = make_peer(torch, p)
@@ -222,8 +231,8 @@ def bench_sparse(cuda, torch, timer, size, rows_out):
 
 
 def bench_dense(cuda, torch, timer, size, rows_out):
+    common = _common()  # puts the repository on sys.path first
     import sparseopt as so
-    common = _common()
     shape = (size["dense"], size["dense"])
     host = common.dense_batches(shape, 2)
     p0 = common.make_table(*shape)
@@ -290,6 +299,8 @@ def render(rows, bandwidth, name, size):
         semantics = SEMANTICS.get(base, "")
         if workload.startswith("dense") and base == "sparseopt":
             semantics = "dense Adam, one elementwise kernel"
+        elif base == "sparseopt":
+            semantics = WORKLOAD_SEMANTICS.get(workload, semantics)
         if not times:
             lines.append(f"| {workload} | {impl} | - | - | - | {floor_ms:.3f} | - | - | {semantics} |")
             continue

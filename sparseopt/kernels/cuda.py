@@ -14,6 +14,12 @@ families; the kernels own memory access, the rule supplies only the element upda
   the CPU kernel sums them: no atomics, every element is written by one thread.
   The price of that order: a hot row's duplicates are one serial chain per column
   (four loads kept in flight), where a tree reduction would round differently.
+* **Row reduction** (row-wise rules such as RowwiseAdagrad, dense or sparse): the
+  same thread groups, one per row; each thread sums the rule's ``row_term`` over its
+  columns, the group adds those partial sums in a shared-memory tree of fixed shape,
+  one thread updates the row slots, a barrier, then the element pass. Deterministic
+  (no atomics), but the row sum's order differs from the CPU kernel's left-to-right
+  loop: the row mean, and what depends on it, agree with the CPU to a few ulps.
 
 Both call ``STEP``, the element step of the CPU kernels (weight decay, load,
 rule, store; :mod:`sparseopt.kernels.cpu`), compiled as a device function with
@@ -51,6 +57,7 @@ from sparseopt.kernels._specialize import rule_key, specialize
 
 STEP = None                          # bound per specialization: the element step
 THREADS = SQUARE = None              # bound per launch configuration
+ROW_TERM = ROW_RULE = V0 = V1 = V2 = DENSE = DTYPE = None  # bound per row-wise specialization
 
 #: ``cuda.jit`` flags of every kernel (no fast-math: NaN must propagate).
 KERNEL_FLAGS = dict(cache=_config.CACHE)
@@ -204,19 +211,25 @@ class _SimulatorMath:
 
 
 @functools.lru_cache(maxsize=None)
-def _rule_function(rule_module):
-    fn = rule_module.update
+def _rule_function(rule_module, name="update"):
+    """The rule's function ``name`` as a device function (``update``; a row-wise rule's
+    ``row_term`` and ``row_update`` too)."""
+    fn = getattr(rule_module, name)
     if _simulator():
         fn = specialize(fn, "sim", math=_SimulatorMath())
     return cuda.jit(device=True)(fn)
 
 
 @functools.lru_cache(maxsize=None)
-def _step(rule_module, used, has_wd):
-    """The CPU kernels' element step (:func:`sparseopt.kernels.cpu._step_template`) as a device function."""
-    suffix = f"{rule_key(rule_module)}_{''.join('1' if u else '0' for u in used)}{'_wd' if has_wd else ''}_cuda"
+def _step(rule_module, used, has_wd, rowwise=False):
+    """The CPU kernels' element step (:func:`sparseopt.kernels.cpu._step_template`) as a device function.
+
+    ``rowwise``: the rule is row-wise, its ``update`` also takes the row slots.
+    """
+    suffix = (f"{rule_key(rule_module)}_{''.join('1' if u else '0' for u in used)}"
+              f"{'_wd' if has_wd else ''}{'_row' if rowwise else ''}_cuda")
     constants = dict(RULE=_rule_function(rule_module), U0=used[0], U1=used[1], U2=used[2],
-                     HAS_WD=bool(has_wd), ROWWISE=False)
+                     HAS_WD=bool(has_wd), ROWWISE=bool(rowwise))
     for name, template in (("LOAD", cpu._load_template), ("STORE", cpu._store_template)):
         constants[name] = cuda.jit(device=True)(specialize(template, suffix, **constants))
     return suffix, cuda.jit(device=True)(specialize(cpu._step_template, suffix, **constants))
@@ -241,6 +254,120 @@ def dense_kernel(rule_module, used, has_wd):
 def sparse_kernel(rule_module, used, has_wd):
     """``kernel[blocks, (lanes, rows), stream](p, s0, s1, s2, rows, offsets, order, values, k, c, wd_lr)``."""
     return _rule_kernel(_sparse_template, rule_module, used, has_wd)
+
+
+# ------------------------------------------------------------- row reduction
+
+
+def _row_template(p, s0, s1, s2, r0, r1, r2, rows, offsets, order, values, k, c, wd_lr, width):
+    """One step of a row-wise rule on ``k`` rows of ``p`` ``(num_rows, d)``: every row
+    (``DENSE``: row ``u`` of the dense gradient ``values``) or the unique ``rows`` of a
+    plan (gradient: the duplicates ``values[order[offsets[u]:offsets[u + 1]]]`` summed
+    in position order, as the CPU kernel sums them). ``r0, r1, r2``: the row slots
+    ``(num_rows,)``; ``width``: ``d`` in the variables' dtype.
+
+    Thread ``(x, y)`` owns columns ``x, x + blockDim.x, ...`` of row
+    ``blockIdx.x * blockDim.y + y`` (then grid-stride). Per row: each thread sums
+    ``ROW_TERM`` over its columns in order; the ``blockDim.x`` partial sums are added
+    in a shared-memory tree of fixed shape (pairs ``(i, i + ceil(n / 2))`` until one is
+    left); thread 0 of the row divides by the width, runs ``ROW_RULE``, writes the row
+    slots and shares the new row values; after a barrier the element pass runs
+    ``STEP`` with them. The rows loop is uniform over the block (inactive rows
+    still meet every barrier), so ``syncthreads`` is never divergent. ``ROW_TERM``
+    reads the parameter before the step's weight decay, as on the CPU.
+    """
+    partial = cuda.shared.array(THREADS, DTYPE)
+    shared_row = cuda.shared.array((THREADS, 3), DTYPE)
+    d = p.shape[1]
+    lanes = cuda.blockDim.x
+    x = cuda.threadIdx.x
+    y = cuda.threadIdx.y
+    slot = y * lanes + x
+    zero = width - width  # a zero of the variables' dtype
+    first = numba.int64(cuda.blockIdx.x) * cuda.blockDim.y
+    stride = numba.int64(cuda.gridDim.x) * cuda.blockDim.y
+    while first < k:
+        u = first + y
+        active = u < k
+        row = u
+        lo = u
+        hi = u
+        acc = zero
+        if active:
+            if DENSE:
+                row = u
+            else:
+                row = rows[u]
+                lo = offsets[u]
+                hi = offsets[u + 1]
+            j = numba.int64(x)
+            while j < d:
+                if DENSE:
+                    gj = values[u, j]
+                else:
+                    gj = _row_sum(values, order, lo, hi, j)
+                acc += ROW_TERM(p[row, j], gj, c)
+                j += lanes
+        partial[slot] = acc
+        cuda.syncthreads()
+        n = lanes
+        while n > 1:
+            half = (n + 1) // 2
+            if x < n - half:
+                partial[slot] += partial[slot + half]
+            cuda.syncthreads()
+            n = half
+        if active and x == 0:
+            mean = partial[slot] / width
+            ra = r0[row] if V0 else mean
+            rb = r1[row] if V1 else mean
+            re = r2[row] if V2 else mean
+            ra, rb, re = ROW_RULE(ra, rb, re, mean, c)
+            if V0:
+                r0[row] = ra
+            if V1:
+                r1[row] = rb
+            if V2:
+                r2[row] = re
+            shared_row[y, 0] = ra
+            shared_row[y, 1] = rb
+            shared_row[y, 2] = re
+        cuda.syncthreads()
+        if active:
+            ra = shared_row[y, 0]
+            rb = shared_row[y, 1]
+            re = shared_row[y, 2]
+            j = numba.int64(x)
+            while j < d:
+                if DENSE:
+                    gj = values[u, j]
+                else:
+                    gj = _row_sum(values, order, lo, hi, j)
+                STEP(p, s0, s1, s2, (row, j), gj, ra, rb, re, c, wd_lr)
+                j += lanes
+        first += stride
+
+
+@functools.lru_cache(maxsize=None)
+def row_kernel(rule_module, used, row_used, has_wd, dense, dtype, threads):
+    """``kernel[blocks, (lanes, rows), stream](p, s0, s1, s2, r0, r1, r2, rows, offsets, order,
+    values, k, c, wd_lr, width)`` for a row-wise rule (see ``_row_template``).
+
+    ``used``, ``row_used``: which of the rule's ``SLOTS`` and ``ROW_SLOTS`` are kept
+    (:func:`sparseopt.kernels.cpu.place`); ``dense``: every row, with the dense gradient
+    as ``values`` (``rows``, ``offsets``, ``order`` are then not read); ``dtype``: the
+    variables' (the shared-memory partial sums are kept in it, as the CPU keeps its row
+    sum); ``threads``: the most threads of a block (``lanes * rows``).
+    """
+    suffix, step = _step(rule_module, tuple(used), has_wd, True)
+    dtype = np.dtype(dtype)
+    suffix += (f"_r{''.join('1' if u else '0' for u in row_used)}{'_dense' if dense else ''}"
+               f"_{dtype.name}_t{threads}")
+    fn = specialize(_row_template, suffix, STEP=step, THREADS=threads, DTYPE=numba.from_dtype(dtype),
+                    DENSE=bool(dense), ROW_TERM=_rule_function(rule_module, "row_term"),
+                    ROW_RULE=_rule_function(rule_module, "row_update"),
+                    V0=row_used[0], V1=row_used[1], V2=row_used[2])
+    return cuda.jit(**KERNEL_FLAGS)(fn)
 
 
 # ---------------------------------------------------- gradient and slot helpers

@@ -8,13 +8,14 @@ slots of a variable in one contiguous ``(len(ROW_SLOTS), rows)`` array whose row
 the variable's element slots, and runs :func:`sparseopt.kernels.cpu.row_dense_kernel`
 / :func:`~sparseopt.kernels.cpu.row_sparse_kernel` in place of the elementwise
 kernels. Everything else (validation, de-duplication, clipping, weight decay,
-constraints, weights and configs) is the base class's. CPU (NumPy) variables only
-for now: the CUDA row-reduction kernels are still to come.
+constraints, weights and configs) is the base class's. A CUDA variable keeps its row
+slots on its device and runs the CUDA row-reduction kernels
+(:func:`sparseopt.kernels.cuda.row_kernel`, through its update's ``run_rowwise``).
 """
 
 import numpy as np
 
-from sparseopt import _cuda, errors
+from sparseopt import _cuda
 from sparseopt.kernels import cpu
 from sparseopt.optimizer import Optimizer, _SparseUpdate
 
@@ -30,23 +31,20 @@ class RowwiseOptimizer(Optimizer):
         """The per-row slots this configuration keeps, in storage order."""
         return self._rule.ROW_SLOTS
 
-    def _check_variable(self, var, name):
-        if _cuda.is_device_array(var):
-            raise errors.DeviceMismatchError(
-                f"{name!r}: {type(self).__name__} runs on NumPy arrays only for now "
-                "(no CUDA row-reduction kernels yet); got a CUDA array")
-        super()._check_variable(var, name)
-
     def _state_for(self, var, name=None):
         new = id(var) not in self._states
         state = super()._state_for(var, name)
         if new:
             row_names = self._row_slot_names()
-            rows = var.shape[0] if var.ndim else 1
-            storage = np.empty((len(row_names), rows), var.dtype)
+            initial = [self._slot_initial_value(slot_name) for slot_name in row_names]
+            if isinstance(var, np.ndarray):
+                storage = np.empty((len(row_names), var.shape[0] if var.ndim else 1), var.dtype)
+                for i, value in enumerate(initial):
+                    storage[i].fill(value)
+            else:  # a CUDA array: its row slots live on its device
+                storage = _cuda.row_slot_storage(var, initial)
             for i, slot_name in enumerate(row_names):
-                storage[i].fill(self._slot_initial_value(slot_name))
-                state.slots[slot_name] = storage[i].reshape(var.shape[:1])  # a view
+                state.slots[slot_name] = storage[i].reshape(tuple(var.shape[:1]))  # a view
                 self._weights.append((state, slot_name))
             self._row_storage[id(var)] = storage
         return state
@@ -71,6 +69,9 @@ class _RowUpdate:
         self.row_slots = row_slots  # {name: (rows,) view} of the kept row slots
 
     def run(self, rule, state, c, wd, has_wd):
+        if getattr(self.update, "on_device", False):  # a CUDA update: the CUDA row-reduction kernels
+            self.update.run_rowwise(rule, state, self.row_slots, c, wd, has_wd)
+            return
         var = state.var
         rows = var.shape[0] if var.ndim else 1
         width = int(np.prod(var.shape[1:], dtype=np.int64))

@@ -69,8 +69,10 @@ def main():
     if problem:
         print(f"nothing compiled: {problem}")
         return 77
+    from sparseopt import _exact
     from sparseopt.kernels import cuda as kc
     from sparseopt.kernels import cuda_dedup as dd
+    from sparseopt.kernels import cuda_exact as ce
     from tests.optimizer_table import CASES, LEGACY_CASES
 
     count = 0
@@ -79,8 +81,6 @@ def main():
     for case in CASES + LEGACY_CASES:
         opt = case.make()
         rule = opt._rule
-        if hasattr(rule, "ROW_SLOTS"):  # row-wise rules: no CUDA kernels yet
-            continue
         hypers = opt._resolved_hypers()
         hypers.update(getattr(opt, "_next_scalar_state", lambda h, s: {})(hypers, 1))
         coefficients = opt._coefficients(hypers, 1)
@@ -96,11 +96,29 @@ def main():
             scal = numba.from_dtype(np.dtype(dtype))
             for has_wd in (False, True):
                 flat, rows2 = arr(dtype, 1), arr(dtype, 2)
+                if hasattr(rule, "ROW_SLOTS"):  # the row-reduction kernels, dense and sparse
+                    row_used = tuple(name in opt._row_slot_names() for name in rule.ROW_SLOTS)
+                    row_used += (False,) * (3 - len(row_used))
+                    for dense in (True, False):
+                        compile_one(kc.row_kernel(rule, used, row_used, has_wd, dense, dtype, 256),
+                                    (rows2, rows2, rows2, rows2, flat, flat, flat, i64, i64, i64, rows2,
+                                     types.int64, ctype, scal, scal))
+                        count += 1
+                    continue
                 compile_one(kc.dense_kernel(rule, used, has_wd),
                             (flat, flat, flat, flat, flat, ctype, scal))
                 compile_one(kc.sparse_kernel(rule, used, has_wd),
                             (rows2, rows2, rows2, rows2, i64, i64, i64, rows2, types.int64, ctype, scal))
-                count += 2
+                # exact mode: the fused catch-up + update, and the catch-up of flush/catch_up
+                hist = types.Array(numba.from_dtype(_exact.record_dtype(rule, dtype)), 1, "C")
+                tab, i8, f8 = arr(np.float64, 2), types.int64, types.float64
+                compile_one(ce.sparse_kernel(rule, used, has_wd),
+                            (rows2, rows2, rows2, rows2, i64, i64, i64, rows2, i8, i64, i8, i8, hist, tab,
+                             ctype, scal, ctype, scal, f8))
+                compile_one(ce.catch_up_kernel(rule, used, has_wd),
+                            (rows2, rows2, rows2, rows2, i64, i8, types.boolean, i64, i8, i8, hist, tab,
+                             ctype, scal, f8))
+                count += 4
     for dtype in (np.float32, np.float64):
         scal = numba.from_dtype(np.dtype(dtype))
         f1 = arr(dtype, 1)
@@ -112,10 +130,13 @@ def main():
         compile_one(kc.gather_rows, (arr(dtype, 2), i64, types.int64, arr(dtype, 2)))
         compile_one(kc.scatter_rows, (arr(dtype, 2), i64, types.int64, arr(dtype, 2)))
         compile_one(kc.sum_kernel(256, True), (f1, arr(np.float64, 1)))
-        count += 8
+        compile_one(ce.decay_rows, (arr(dtype, 2), i64, types.int64, types.boolean, i64, types.int64,
+                                    types.int64, arr(np.float64, 2)))
+        count += 9
     compile_one(kc.sum_kernel(256, False), (arr(np.float64, 1), arr(np.float64, 1)))
     compile_one(kc.fill, (i64, types.int64))
     compile_one(kc.iota, (i64,))
+    compile_one(ce.set_last, (i64, i64, types.int64, types.int64))
     for idx in (np.int32, np.int64, np.uint32, np.int16):
         compile_one(dd._prepare, (arr(idx, 1), types.int64, i64, i64, i64))
         count += 1
@@ -125,7 +146,7 @@ def main():
     compile_one(dd._scan_add, (i64, types.int64, i64))
     compile_one(dd._heads, (i64, i64))
     compile_one(dd._segments, (i64, i64, i64, i64, i64))
-    count += 10
+    count += 11
     print(f"compiled {count} kernels")
     return 0
 

@@ -8,8 +8,9 @@ from tests.cuda.helpers import (InterfaceArray, assert_matches_cpu, assert_state
                                 dev_slices, host, sparse_batch)
 from tests.optimizer_table import CASES
 
-# Row-wise rules (RowwiseAdagrad) have no CUDA kernels yet; every other row of the
-# table runs here, so a new optimizer joins with its table row.
+# Every elementwise row of the table runs here (bit-identical on the simulator), so a new
+# optimizer joins with its table row. Row-wise rules (RowwiseAdagrad) sum each row in a
+# tree on the device, which rounds differently: test_cuda_rowwise.py compares them.
 CUDA_CASES = [c for c in CASES if not hasattr(c.cls._rule, "ROW_SLOTS")]
 CUDA_IDS = [c.id for c in CUDA_CASES]
 FLOAT64_IDS = {"sgd_momentum", "adam", "adagrad"}
