@@ -5,6 +5,8 @@
   (TensorFlow backend), for ``model.compile`` / ``model.fit`` and custom loops;
 * ``sparseopt_tf.legacy.<Name>``: ``tf_keras.optimizers.legacy.Optimizer``
   (Keras 2 ``OptimizerV2``) subclasses;
+* for ``sparse_mode="exact"``: :class:`Embedding` and :func:`embedding_lookup` (lookups
+  that read caught-up rows) and the :class:`ExactFlush` callback.
 
 An ``IndexedSlices`` gradient updates only the touched rows of the variable and its
 slots, in place in the variables' own buffers (see :mod:`sparseopt_tf._handover`), and
@@ -17,11 +19,15 @@ checkpoint of another optimizer or of other shapes.
 """
 
 from sparseopt_tf import optimizers
+from sparseopt_tf._exact import ExactModeNotSupportedError
 from sparseopt_tf._handover import DeviceNotSupportedError, XlaNotSupportedError
+from sparseopt_tf.callbacks import ExactFlush
+from sparseopt_tf.layers import Embedding, embedding_lookup
 from sparseopt_tf.optimizers import *  # noqa: F401,F403  (one class per core optimizer)
 from sparseopt_tf.optimizers import Optimizer
 
-__all__ = ["DeviceNotSupportedError", "Optimizer", "XlaNotSupportedError", "legacy"] + [
+__all__ = ["DeviceNotSupportedError", "Embedding", "ExactFlush", "ExactModeNotSupportedError",
+           "Optimizer", "XlaNotSupportedError", "embedding_lookup", "legacy"] + [
     n for n in optimizers.__all__ if n != "Optimizer"]
 
 

@@ -37,6 +37,8 @@ read alive until the backward pass has used it, and a claim made before would fi
 the buffer shared and copy the whole table.
 
 Eagerly the same ops run one after the other and the kernels are called directly.
+:func:`run_step` hands over a step's variables; exact mode's catch-ups and flushes
+(:mod:`sparseopt_tf._exact`) use the same hand-over, :func:`run_on_host`.
 No step of this allocates or touches the whole table; the claim copies it only when
 the user holds a snapshot, as TensorFlow itself would. Views are made afresh each
 step and dropped at its end, so a view never outlives the buffer it points to (no
@@ -197,62 +199,75 @@ def run_step(host_step, jobs, refs_per_job, grads, scalars, optimizer_name):
     Returns:
         ``None`` eagerly; in a graph, an op that completes after the update.
     """
-    check_traceable(optimizer_name)
-    for refs in refs_per_job:
-        for ref in refs:
-            _check_device(ref, optimizer_name)
-    grads_per_job = []
-    ready = []       # every tensor of the gradients, dense_shape included (see below)
-    for job, g in zip(jobs, grads):
+    inputs = [tf.cast(scalars, tf.float64)]
+    ready = []       # every tensor of the gradients, dense_shape included (see run_on_host)
+    for job, refs, g in zip(jobs, refs_per_job, grads):
         if job.sparse:
-            grads_per_job.append([tf.convert_to_tensor(g.values), tf.convert_to_tensor(g.indices)])
+            job_grads = [tf.convert_to_tensor(g.values), tf.convert_to_tensor(g.indices)]
             if g.dense_shape is not None:
                 ready.append(tf.convert_to_tensor(g.dense_shape))
         else:
-            grads_per_job.append([tf.convert_to_tensor(g)])
-        ready += grads_per_job[-1]
-    scalars = tf.cast(scalars, tf.float64)
+            job_grads = [tf.convert_to_tensor(g)]
+        ready += job_grads
+        inputs += list(refs) + job_grads
+
+    def body(arrays):
+        return host_step(jobs, arrays[0], arrays[1:])
+
+    return run_on_host(body, inputs, optimizer_name, "step", ready=ready)
+
+
+def run_on_host(body, inputs, optimizer_name, what, ready=()):
+    """Run ``body(arrays)`` on the host, with the variables of ``inputs`` handed over.
+
+    Args:
+        body: called with one NumPy array per input: a writable view of the buffer of
+            each :class:`Ref` (claimed, see the module docstring), the values of each
+            tensor. It must validate everything before its first write.
+        inputs: :class:`Ref` and ``tf.Tensor`` objects, in the order ``body`` takes them.
+        optimizer_name: for error messages.
+        what: names the ``numpy_function`` op (``{optimizer_name}_sparseopt_{what}``).
+        ready: tensors the claims wait for in a graph. A step passes every tensor of its
+            gradients: a forward pass's read of a variable (Keras 3's ``Embedding`` gathers
+            from a ``ReadVariableOp``) aliases its buffer until the backward pass has
+            consumed it (the gather's gradient takes its shape), and a claim made while it
+            is alive would copy the whole table, as any TensorFlow write would. Once every
+            gradient tensor exists those reads are done, and the claim is free.
+
+    Returns:
+        ``None`` eagerly (``body`` has run); in a graph, an op that completes after it.
+    """
+    check_traceable(optimizer_name)
+    for x in inputs:
+        if isinstance(x, Ref):
+            _check_device(x, optimizer_name)
 
     if tf.executing_eagerly():
         arrays = []
         keep = []
-        for refs, job_grads in zip(refs_per_job, grads_per_job):
-            for ref in refs:
-                t = _claim(ref)
-                keep.append(t)
-                arrays.append(eager_view(t))
-            for g in job_grads:
-                keep.append(g)
-                arrays.append(np.from_dlpack(g))
+        for x in inputs:
+            t = _claim(x) if isinstance(x, Ref) else x
+            keep.append(t)
+            arrays.append(eager_view(t) if isinstance(x, Ref) else np.from_dlpack(t))
         with _stats_lock:
             stats["eager"] += 1
-        host_step(jobs, scalars.numpy(), arrays)
+        body(arrays)
         del arrays, keep
         return None
 
-    inputs = [scalars]
-    # The claims wait for the gradients. The forward pass's read of a variable (Keras 3's
-    # Embedding gathers from a ReadVariableOp) aliases its buffer until the backward pass
-    # has consumed it (the gather's gradient takes its shape); a claim made while it is
-    # alive would copy the whole table, as any TensorFlow write would. Once every gradient
-    # tensor exists, those reads are done: the claim finds the buffer exclusive, for free.
-    with tf.control_dependencies(ready):
-        for refs, job_grads in zip(refs_per_job, grads_per_job):
-            inputs += [_claim(ref) for ref in refs]
-            inputs += job_grads
+    refs = [x for x in inputs if isinstance(x, Ref)]
+    with tf.control_dependencies(list(ready)):
+        tensors = [_claim(x) if isinstance(x, Ref) else x for x in inputs]
 
-    def body(scalars_np, *arrays):
+    def graph_body(*arrays):
         with _stats_lock:
             stats["graph"] += 1
-        return host_step(jobs, scalars_np, [writable_view(a) for a in arrays])
+        body([writable_view(a) for a in arrays])
+        return np.int32(0)
 
-    token = tf.numpy_function(body, inputs, Tout=tf.int32, stateful=True,
-                              name=f"{optimizer_name}_sparseopt_step")
+    token = tf.numpy_function(graph_body, tensors, Tout=tf.int32, stateful=True,
+                              name=f"{optimizer_name}_sparseopt_{what}")
     token.set_shape([])
-    done = []
     with tf.control_dependencies([token]):
-        for refs in refs_per_job:
-            for ref in refs:
-                done.append(tf.raw_ops.DisableCopyOnRead(resource=ref.handle))
+        done = [tf.raw_ops.DisableCopyOnRead(resource=ref.handle) for ref in refs]
     return tf.group(done)
-

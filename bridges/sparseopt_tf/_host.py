@@ -18,6 +18,7 @@ import numpy as np
 from sparseopt import _validation, errors
 from sparseopt.indexed_slices import IndexedSlices
 from sparseopt.kernels import cpu
+from sparseopt_tf import _exact
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,9 @@ class HostStep:
             rate first). The host state after this step follows them, named by the
             core's ``_scalar_state_names``.
         markers: a dict that keeps de-duplication scratch across steps.
+
+    In exact mode (the core's ``sparse_mode``) the validated step runs through
+    :meth:`sparseopt_tf._exact.ExactBook.step`, the core's own exact-mode step.
     """
 
     def __init__(self, core, rule, hyper_names, markers):
@@ -76,6 +80,8 @@ class HostStep:
         self.markers = markers
         self.rowwise = hasattr(rule, "ROW_SLOTS")
         self._state_lock = threading.Lock()
+        #: ``sparse_mode="exact"``: the exact-mode states (:class:`sparseopt_tf._exact.ExactBook`).
+        self.exact = _exact.ExactBook(core, markers) if core.sparse_mode == "exact" else None
 
     def _hypers(self, scalars, with_state):
         """``(step, weight_decay * lr, {name: value})`` from a scalars vector, checked finite."""
@@ -119,33 +125,44 @@ class HostStep:
         step, wd_lr, hypers = self._hypers(scalars, with_state=True)
         coefficients = self.core._coefficients(hypers, step)
 
-        planned = []
-        pos = 0
-        for job in jobs:
-            group = arrays[pos:pos + job.num_arrays]
-            pos += job.num_arrays
-            planned.append(self._validate(job, group))
-        if pos != len(arrays):
-            raise ValueError(f"{self.core.name}: internal error: {len(arrays)} arrays for {pos} expected")
+        if sum(job.num_arrays for job in jobs) != len(arrays):
+            raise ValueError(f"{self.core.name}: internal error: {len(arrays)} arrays for "
+                             f"{sum(job.num_arrays for job in jobs)} expected")
+        planned = [self._validate(job, group) for job, group in zip(jobs, _groups(jobs, arrays))]
 
         # Every input is valid: from here on the step runs to completion.
+        if self.exact is not None:
+            updates = [(self.exact_variable(job, group), _Update.of(job, plan))
+                       for job, group, plan in zip(jobs, _groups(jobs, arrays), planned)]
+            self.exact.step(updates, coefficients, wd_lr, _SparseUpdate,
+                            lambda _, u, c, wd, has_wd: self._run_job(u.job, u.plan, c, wd))
+            return np.int32(0)
         for job, plan in zip(jobs, planned):
-            var = plan[0]
-            dtype = var.dtype.type
+            dtype = plan[0].dtype.type
             c = type(coefficients)(*(dtype(x) for x in coefficients))
-            wd = dtype(wd_lr if job.has_wd else 0.0)
-            if self.rowwise:
-                self._run_rowwise(job, plan, c, wd)
-            elif job.sparse:
-                _, slots, _, (rows, offsets, order, values) = plan
-                if rows.size:
-                    kernel = cpu.sparse_kernel(self.rule, job.used, job.has_wd)
-                    kernel(var, *_place(slots, job.used, var), rows, offsets, order, values, c, wd)
-            else:
-                _, slots, _, g = plan
-                kernel = cpu.dense_kernel(self.rule, job.used, job.has_wd)
-                kernel(var, g, *_place(slots, job.used, var), c, wd)
+            self._run_job(job, plan, c, dtype(wd_lr if job.has_wd else 0.0))
         return np.int32(0)
+
+    def exact_variable(self, job, group):
+        """The :class:`sparseopt_tf._exact.Variable` of a job's arrays (variable, slots, ...)."""
+        names = [n for n, u in zip(self.rule.SLOTS, job.used) if u]
+        return _exact.Variable(job.marker_key, group[0], job.name,
+                               dict(zip(names, group[1:1 + job.nslots])), job.has_wd)
+
+    def _run_job(self, job, plan, c, wd):
+        """One job's kernel, the lazy way (``c`` and ``wd`` in the variable's dtype)."""
+        var = plan[0]
+        if self.rowwise:
+            self._run_rowwise(job, plan, c, wd)
+        elif job.sparse:
+            _, slots, _, (rows, offsets, order, values) = plan
+            if rows.size:
+                kernel = cpu.sparse_kernel(self.rule, job.used, job.has_wd)
+                kernel(var, *_place(slots, job.used, var), rows, offsets, order, values, c, wd)
+        else:
+            _, slots, _, g = plan
+            kernel = cpu.dense_kernel(self.rule, job.used, job.has_wd)
+            kernel(var, g, *_place(slots, job.used, var), c, wd)
 
     def _validate(self, job, group):
         """Check one job's arrays with the core's checks; returns ``(var, slots, row slots,
@@ -195,6 +212,39 @@ class HostStep:
         else:
             kernel = cpu.row_dense_kernel(self.rule, job.used, job.row_used, job.has_wd)
             kernel(p, gradient, *_place(slots, job.used, p), *rows_args, c, wd, width)
+
+
+def _groups(jobs, arrays):
+    """Each job's arrays: the variable, its slots, its row slots, then its gradient arrays."""
+    pos = 0
+    for job in jobs:
+        yield arrays[pos:pos + job.num_arrays]
+        pos += job.num_arrays
+
+
+class _Update:
+    """A validated job as :func:`sparseopt._exact.run` sees an update (``plan``: ``_validate``'s)."""
+
+    __slots__ = ("job", "plan")
+
+    def __init__(self, job, plan):
+        self.job = job
+        self.plan = plan
+
+    @staticmethod
+    def of(job, plan):
+        return (_SparseUpdate if job.sparse else _Update)(job, plan)
+
+
+class _SparseUpdate(_Update):
+    """A sparse job: the de-duplication plan is the core's ``rows``, ``offsets``, ``order``, ``values``."""
+
+    __slots__ = ()
+
+    rows = property(lambda self: self.plan[3][0])
+    offsets = property(lambda self: self.plan[3][1])
+    order = property(lambda self: self.plan[3][2])
+    values = property(lambda self: self.plan[3][3])
 
 
 def _place(slots, used, placeholder):

@@ -51,11 +51,14 @@ class OptimizerSpec:
         variables of the optimizer, and row-wise rules run the row-reduction kernels)."""
         return None
 
-    def make_core(self, learning_rate, name, values, weight_decay=None, legacy=False):
+    def make_core(self, learning_rate, name, values, weight_decay=None, legacy=False,
+                  sparse_mode="lazy", exact_history=None):
         """A configured core instance; non-float hyperparameters get their defaults.
 
-        The instance is never stepped: it validates the configuration and answers
-        ``_slot_names()``, ``_slot_initial_value(slot)`` and ``_coefficients(hypers, step)``.
+        The instance is never stepped: it validates the configuration (``sparse_mode`` and
+        ``exact_history`` included) and answers ``_slot_names()``,
+        ``_slot_initial_value(slot)``, ``_coefficients(hypers, step)``, ``sparse_mode``
+        and ``exact_history``.
         """
         kwargs = {}
         for arg, default in self.args:
@@ -69,7 +72,8 @@ class OptimizerSpec:
             kwargs["weight_decay"] = weight_decay if _is_plain_number(weight_decay) else self.default_weight_decay
         if legacy and getattr(self.core_class, "_has_legacy_math", False):
             kwargs["_legacy"] = True     # the rule's tf_keras variant (see rule_for)
-        return self.core_class(learning_rate=learning_rate, name=name, **kwargs)
+        return self.core_class(learning_rate=learning_rate, name=name, sparse_mode=sparse_mode,
+                               exact_history=exact_history, **kwargs)
 
 
 def _is_plain_number(value):

@@ -17,6 +17,13 @@ after the step's updates. Row-wise rules (``RowwiseAdagrad``) keep their per-row
 as slot variables of shape ``(rows,)``.
 
 The rule comes from :func:`sparseopt_tf._spec.rule_for` with ``legacy=True``.
+
+``sparse_mode="exact"`` runs the core's exact-mode steps as the Keras 3 classes do (see
+:mod:`sparseopt_tf.optimizers`), with :meth:`Optimizer.catch_up` (which
+:class:`Embedding` and :func:`sparseopt_tf.embedding_lookup` run before their gather) and
+:meth:`Optimizer.flush` (run by ``get_weights``, ``get_config`` (which ``model.save``
+writes before the weights) and before ``tf.train.Checkpoint`` or a SavedModel reads the
+variables). :class:`ExactFlush` is the ``tf_keras`` callback.
 """
 
 import inspect
@@ -24,7 +31,10 @@ import inspect
 import tensorflow as tf
 import tf_keras
 
-from sparseopt_tf import _handover, _host, _spec
+from sparseopt_tf import _exact, _handover, _host, _spec
+from sparseopt_tf.callbacks import FlushMixin
+from sparseopt_tf.layers import _Attached
+from sparseopt_tf.optimizers import _catch_up, _flush
 
 _V2 = tf_keras.optimizers.legacy.Optimizer
 
@@ -37,6 +47,9 @@ class Optimizer(_V2):
     arguments (``name``, ``clipnorm``, ``clipvalue``, ``global_clipnorm``, ``decay``,
     ``gradient_aggregator``, ``gradient_transformers``). Float hyperparameters may be
     tensors, variables, callables or (``learning_rate``) schedules.
+
+    ``sparse_mode="exact"`` and ``exact_history`` as in the core; not under a
+    ``tf.distribute`` strategy (see :class:`sparseopt_tf.optimizers.Optimizer`).
     """
 
     _spec = None
@@ -53,7 +66,9 @@ class Optimizer(_V2):
         if spec.unsupported():
             raise NotImplementedError(f"sparseopt_tf.legacy.{spec.name}: {spec.unsupported()}")
         weight_decay = kwargs.pop("weight_decay", spec.default_weight_decay)
-        core = spec.make_core(learning_rate, name, own, weight_decay=weight_decay, legacy=True)
+        core = spec.make_core(learning_rate, name, own, weight_decay=weight_decay, legacy=True,
+                              sparse_mode=kwargs.pop("sparse_mode", "lazy"),
+                              exact_history=kwargs.pop("exact_history", None))
         super().__init__(name, **kwargs)
         # OptimizerV2 has no weight decay; optimizers whose core class takes one (AdamW)
         # keep it here, decoupled and fused into the kernels as in Keras 3.
@@ -67,9 +82,12 @@ class Optimizer(_V2):
             else:
                 setattr(self, arg, own[arg])
         self._own_args = own
+        self.sparse_mode = core.sparse_mode
+        self.exact_history = core.exact_history
         self._host = _host.HostStep(core, _spec.rule_for(core),
                                     ("learning_rate",) + spec.hyper_names, markers={})
         self._state_variables = None
+        self._slotted = {}      # var key -> variable with slots (a plain dict: not tracked)
 
     def _create_slots(self, var_list):
         if self._state_variables is None:
@@ -82,6 +100,7 @@ class Optimizer(_V2):
                 self._weights.append(weight)
                 self._state_variables.append(weight)
         for var in var_list:
+            self._slotted[_var_key(var)] = var
             for slot_name in _spec.kernel_slots(self._core)[0]:
                 self.add_slot(var, slot_name,
                               tf_keras.initializers.Constant(self._core._slot_initial_value(slot_name)))
@@ -110,6 +129,7 @@ class Optimizer(_V2):
         return state
 
     def _distributed_apply(self, distribution, grads_and_vars, apply_state, name):
+        self._check_exact_mode_can_run()
         result = super()._distributed_apply(distribution, grads_and_vars, apply_state, name)
         if not self._state_variables or not apply_state:
             return result
@@ -166,7 +186,74 @@ class Optimizer(_V2):
                                   [tf.IndexedSlices(grad, indices)],
                                   self._scalars(var, apply_state), self._name)
 
+    # --------------------------------------------------------------- exact mode
+
+    def catch_up(self, variable, indices):
+        """Exact mode: bring rows ``indices`` of ``variable`` (and their slots) current
+        before they are read; as :meth:`sparseopt_tf.optimizers.Optimizer.catch_up`.
+
+        In a ``tf.function`` a variable without slots gets them first (as its first
+        ``apply_gradients`` would), so that the traced catch-up can update them.
+
+        Returns:
+            ``None`` eagerly and in lazy mode; in a ``tf.function``, an op.
+        """
+        if self.sparse_mode != "exact":
+            return None
+        self._check_exact_mode_can_run()
+        if _var_key(variable) not in self._slotted:
+            if not tf.inside_function():
+                return None                 # no step has updated it: every row is current
+            with tf.init_scope():
+                self._create_all_weights([variable])
+        job, refs = self._job(variable, True)
+        if not tf.inside_function() and not self._host.exact.pending(job.marker_key):
+            return None
+        return _catch_up(self._host, job, refs, indices, self._name)
+
+    def flush(self):
+        """Exact mode: bring every row of every variable (and its slots) current.
+
+        Returns:
+            ``None`` eagerly and in lazy mode; in a ``tf.function``, an op.
+        """
+        if self.sparse_mode != "exact":
+            return None
+        return _flush(self._host, [self._job(v, False) for v in self._slotted.values()], self._name)
+
+    def get_weights(self):
+        """``OptimizerV2.get_weights``, after :meth:`flush` in exact mode."""
+        self.flush()
+        return super().get_weights()
+
+    def set_weights(self, weights):
+        """``OptimizerV2.set_weights``; in exact mode every row is current afterwards."""
+        super().set_weights(weights)
+        if self._host.exact is not None:
+            self._host.exact.reset()
+
+    def _trackable_children(self, save_type="checkpoint", **kwargs):
+        # tf.train.Checkpoint and SavedModel list every object before they read any
+        # variable: flushing here saves current tables and slots. A restore, too, lists
+        # every object before it writes any variable: the rows behind are caught up first,
+        # then the restored (flushed) values replace them, and every row is current.
+        if save_type == "checkpoint" and not tf.inside_function():
+            self.flush()
+        return super()._trackable_children(save_type, **kwargs)
+
+    def _check_exact_mode_can_run(self):
+        if self.sparse_mode == "exact" and tf.distribute.has_strategy():
+            raise _exact.ExactModeNotSupportedError(
+                f"{self._name}: sparse_mode='exact' cannot run under a tf.distribute strategy "
+                f"({type(tf.distribute.get_strategy()).__name__}): the record of which rows are "
+                "behind lives in this process's memory, one per variable, not one per replica. "
+                "Use sparse_mode='lazy' under a strategy.")
+
     def get_config(self):
+        # Exact mode, eagerly: flush first. tf_keras' model.save writes the config (with the
+        # optimizer's) before any weight, so the tables it saves are current.
+        if not tf.inside_function():
+            self.flush()
         config = super().get_config()
         config["learning_rate"] = self._serialize_hyperparameter("learning_rate")
         config["decay"] = self._initial_decay
@@ -177,7 +264,57 @@ class Optimizer(_V2):
                 config[arg] = self._serialize_hyperparameter(arg)
             else:
                 config[arg] = getattr(self, arg)
+        config["sparse_mode"] = self.sparse_mode
+        if self.sparse_mode == "exact":
+            config["exact_history"] = self.exact_history
         return config
+
+
+@tf_keras.utils.register_keras_serializable(package="sparseopt_tf.legacy")
+class Embedding(tf_keras.layers.Embedding):
+    """``tf_keras.layers.Embedding`` whose lookups read caught-up rows in exact mode.
+
+    As :class:`sparseopt_tf.Embedding`, for ``tf_keras`` models trained by a
+    ``sparseopt_tf.legacy`` optimizer, which is given here (tf_keras does not tell a
+    layer which model calls it): before its gather the layer runs the optimizer's
+    :meth:`Optimizer.catch_up` on the looked-up rows. Without an exact-mode optimizer it
+    is ``tf_keras.layers.Embedding``.
+
+    Args:
+        input_dim: number of rows.
+        output_dim: width of a row.
+        optimizer: the ``sparseopt_tf.legacy`` optimizer that trains the table (not part
+            of the config; may also be assigned to ``layer.optimizer`` later).
+        **kwargs: ``tf_keras.layers.Embedding``'s other arguments.
+    """
+
+    def __init__(self, input_dim, output_dim, *args, optimizer=None, **kwargs):
+        super().__init__(input_dim, output_dim, *args, **kwargs)
+        self._attached = _Attached(optimizer)
+
+    @property
+    def optimizer(self):
+        return self._attached.optimizer
+
+    def __setattr__(self, name, value):
+        if name == "optimizer":           # not a tracked child of the layer
+            self._attached.optimizer = value
+            return
+        super().__setattr__(name, value)
+
+    def call(self, inputs):
+        optimizer = self._attached.optimizer
+        if getattr(optimizer, "sparse_mode", None) != "exact" or not self.trainable:
+            return super().call(inputs)
+        ids = inputs.values if isinstance(inputs, tf.SparseTensor) else inputs
+        ids = ids.flat_values if isinstance(ids, tf.RaggedTensor) else ids
+        done = optimizer.catch_up(self.embeddings, ids)
+        with tf.control_dependencies([done] if done is not None else []):
+            return super().call(inputs)
+
+
+class ExactFlush(FlushMixin, tf_keras.callbacks.Callback):
+    """:class:`sparseopt_tf.ExactFlush` for ``tf_keras`` models (same hooks and argument)."""
 
 
 def _var_key(var):
@@ -190,7 +327,8 @@ def _var_key(var):
 
 def _make_class(spec):
     doc = (f"{spec.name}, as ``tf_keras.optimizers.legacy.{spec.name}`` (Keras 2 ``OptimizerV2``), "
-           "on sparseopt's Numba kernels.\n\nSparse gradients update the touched rows in place (lazy).\n")
+           "on sparseopt's Numba kernels.\n\nSparse gradients update the touched rows in place: lazily, or\n"
+           "with ``sparse_mode=\"exact\"`` as dense training would (see ``Optimizer``).\n")
     params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
               inspect.Parameter("learning_rate", inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                 default=spec.default_learning_rate)]
@@ -207,7 +345,7 @@ def _make_class(spec):
 
 
 _SPECS = _spec.optimizer_specs()
-__all__ = ["Optimizer"] + list(_SPECS)
+__all__ = ["Embedding", "ExactFlush", "Optimizer"] + list(_SPECS)
 for _name, _s in _SPECS.items():
     globals()[_name] = _make_class(_s)
 del _name, _s

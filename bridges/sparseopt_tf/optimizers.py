@@ -17,18 +17,24 @@ touches the whole table:
 
 Host state of the core optimizer (Nadam's ``u_product``) lives in 0-d float64
 variables of the optimizer, advanced once per step by the core's own function.
+
+``sparse_mode="exact"`` (see :mod:`sparseopt_tf._exact` and the "Exact mode in Keras"
+page of the docs): the steps, :meth:`Optimizer.catch_up` and :meth:`Optimizer.flush` run
+the core's exact-mode functions on the variables' buffers; every path that reads whole
+variables to save or return them (``get_weights``, ``save_own_variables``,
+``tf.train.Checkpoint``, the config written first by ``model.save``, the end of
+``model.fit``) flushes first, and every path that sets them marks every row current.
 """
 
 import inspect
 import json
-import warnings
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from sparseopt import errors
-from sparseopt_tf import _handover, _host, _spec
+from sparseopt_tf import _exact, _handover, _host, _spec
 
 
 class _SlotTable:
@@ -83,6 +89,14 @@ class Optimizer(keras.optimizers.Optimizer):
 
     Not XLA-compilable (the kernels run in ``tf.numpy_function``): compile models
     with ``jit_compile=False``; a step traced under XLA raises a clear error.
+
+    ``sparse_mode="exact"`` (with ``exact_history``, as in the core): the results of
+    dense training at the cost of sparse steps. Rows a step skips are caught up when
+    next updated, by :meth:`catch_up` (which :class:`sparseopt_tf.Embedding` and
+    :func:`sparseopt_tf.embedding_lookup` run before their gather), or by :meth:`flush`.
+    Not with ``use_ema`` (the average reads every row at every step) nor under a
+    ``tf.distribute`` strategy (the record of which rows are behind lives in this
+    process's memory, one per variable, not per replica).
     """
 
     _spec = None
@@ -94,6 +108,8 @@ class Optimizer(keras.optimizers.Optimizer):
         if isinstance(learning_rate, int) and not isinstance(learning_rate, bool):
             learning_rate = float(learning_rate)
         name = kwargs.pop("name", None) or spec.default_name
+        sparse_mode = kwargs.pop("sparse_mode", "lazy")
+        exact_history = kwargs.pop("exact_history", None)
         own = {arg: values.get(arg, default) for arg, default in spec.args}
         if spec.unsupported():
             raise NotImplementedError(f"sparseopt_tf.{spec.name}: {spec.unsupported()}")
@@ -101,7 +117,15 @@ class Optimizer(keras.optimizers.Optimizer):
             kwargs.setdefault("weight_decay", spec.default_weight_decay)
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         # The core validates the configuration (ranges, NaN) and owns slots and coefficients.
-        self._core = spec.make_core(learning_rate, name, own, weight_decay=self.weight_decay)
+        self._core = spec.make_core(learning_rate, name, own, weight_decay=self.weight_decay,
+                                    sparse_mode=sparse_mode, exact_history=exact_history)
+        self.sparse_mode = self._core.sparse_mode
+        self.exact_history = self._core.exact_history
+        if self.sparse_mode == "exact" and self.use_ema:
+            raise _exact.ExactModeNotSupportedError(
+                f"{self.name}: sparse_mode='exact' cannot run with use_ema=True: the moving "
+                "average reads every row at every step, before the rows a step skipped are "
+                "caught up. Use sparse_mode='lazy' with EMA.")
         self._own_args = own
         for arg, _ in spec.args:
             setattr(self, arg, own[arg])
@@ -123,6 +147,7 @@ class Optimizer(keras.optimizers.Optimizer):
     def build(self, variables):
         if self.built:
             return
+        self._check_exact_mode_can_run()
         if self._untracked.restored_layout is not None:   # restored before it was built: check first
             self._check_layout(self._untracked.restored_layout, variables)
         super().build(variables)
@@ -187,17 +212,29 @@ class Optimizer(keras.optimizers.Optimizer):
     # ------------------------------------------------------------------ weights
 
     def get_weights(self):
-        """NumPy copies of :attr:`variables` (``iterations``, ``learning_rate``, then slots)."""
+        """NumPy copies of :attr:`variables` (``iterations``, ``learning_rate``, then slots);
+        in exact mode after :meth:`flush`, so that they are the dense-training values."""
+        self.flush()
         return [np.array(v.numpy(), copy=True) for v in self.variables]
 
     def set_weights(self, weights):
-        """Set every optimizer variable; all are checked (count, shapes) before any is written."""
+        """Set every optimizer variable; all are checked (count, shapes) before any is written.
+
+        In exact mode every row is current afterwards: the weights are taken as flushed
+        state (as :meth:`get_weights` returns it), with the variables set alongside them.
+        """
         if not self.built:
             raise errors.WeightsMismatchError(
                 f"{self.name}: set_weights needs a built optimizer; call build(variables) first")
         self._check_weights(weights, "set_weights")
         for variable, value in zip(self.variables, weights):
             variable.assign(value)
+        self._exact_reset()
+
+    def save_own_variables(self, store):
+        """Save the state (``model.save``, ``save_weights``); in exact mode after :meth:`flush`."""
+        self.flush()
+        super().save_own_variables(store)
 
     def _check_weights(self, weights, what):
         variables = self.variables
@@ -220,6 +257,7 @@ class Optimizer(keras.optimizers.Optimizer):
         self._check_weights(weights, "loading saved optimizer state")
         for variable, value in zip(self.variables, weights):
             variable.assign(value)
+        self._exact_reset()
 
     # -------------------------------------------------------------- checkpoints
     #
@@ -244,6 +282,11 @@ class Optimizer(keras.optimizers.Optimizer):
                 "variables": [[v.path, list(v.shape), _dtype_name(v)] for v in self.variables]}
 
     def _serialize_to_tensors(self):
+        # Exact mode: flush first. TensorFlow reads every variable of the checkpoint (the
+        # tables of the model included) only after it has serialized every object, so the
+        # checkpoint holds the flushed values. In a tf.function the flush is an op that the
+        # later reads of the variables are ordered after (automatic control dependencies).
+        self.flush()
         return {"sparseopt_layout": tf.constant(json.dumps(self._layout()))}
 
     def _restore_from_tensors(self, restored_tensors):
@@ -253,6 +296,7 @@ class Optimizer(keras.optimizers.Optimizer):
         layout = json.loads(layout.numpy().decode())
         if self.built:
             self._check_layout(layout)
+            self._exact_reset()             # the restored state is flushed state
         else:                               # the variables are restored when build creates them
             self._check_identity(layout)
             self._untracked.restored_layout = layout
@@ -372,6 +416,7 @@ class Optimizer(keras.optimizers.Optimizer):
                     del self._untracked.row_constraints[key]
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        self._check_exact_mode_can_run()
         trainable_variables = [_tf_variable(v) for v in trainable_variables]
         grads_and_vars = self._all_reduce_sum_gradients(list(zip(grads, trainable_variables)))
         scalars = self._step_scalars(learning_rate)
@@ -435,32 +480,40 @@ class Optimizer(keras.optimizers.Optimizer):
         hypers = [_resolve_hyper(getattr(self, h), iterations) for h in self._spec.hyper_names]
         return tf.stack([step, wd_lr, lr] + hypers)
 
+    def _job(self, var, sparse):
+        """The host :class:`~sparseopt_tf._host.Job` of ``var`` (a ``tf.Variable``) and the
+        :class:`~sparseopt_tf._handover.Ref` of it and of its slots (element, then row slots)."""
+        slot_names, used = _spec.kernel_slots(self._core)
+        row_names, row_used = _spec.row_slots(self._core)
+        key = self._var_key(var)
+        slots = self._slot_table.slots.get(key, {})
+        missing = [n for n in slot_names + row_names if n not in slots]
+        if missing:
+            raise errors.UnknownSlotError(
+                f"{self.name}: {var.name!r} has no slots {missing}; build the optimizer with it")
+        ref = _handover.Ref(var)
+        has_wd = bool(self.weight_decay) and self._use_weight_decay(var)
+        job = _host.Job(ref.name, sparse, len(slot_names), used, has_wd, (key, ref.device),
+                        len(row_names), row_used)
+        return job, [ref] + [_handover.Ref(slots[n]) for n in slot_names + row_names]
+
     def _run(self, pairs, scalars):
         """Hand ``pairs`` of (gradient, tf.Variable) to the kernels in one call, then run the
         lent constraints (see :meth:`apply`) on the touched rows."""
-        slot_names, used = _spec.kernel_slots(self._core)
-        row_names, row_used = _spec.row_slots(self._core)
         jobs, refs, grads, constrained = [], [], [], []
         for grad, var in pairs:
-            key = self._var_key(var)
-            slots = self._slot_table.slots.get(key, {})
-            missing = [n for n in slot_names + row_names if n not in slots]
-            if missing:
-                raise errors.UnknownSlotError(
-                    f"{self.name}: {var.name!r} has no slots {missing}; build the optimizer with it")
             sparse = isinstance(grad, tf.IndexedSlices)
+            job, job_refs = self._job(var, sparse)
             if sparse:
                 if grad.values.dtype != var.dtype:
                     grad = tf.IndexedSlices(tf.cast(grad.values, var.dtype), grad.indices, grad.dense_shape)
+                key = self._var_key(var)
                 if key in self._untracked.row_constraints:
                     constrained.append((var, grad.indices, self._untracked.row_constraints[key][0]))
             else:
                 grad = tf.cast(tf.convert_to_tensor(grad), var.dtype)
-            ref = _handover.Ref(var)
-            has_wd = bool(self.weight_decay) and self._use_weight_decay(var)
-            jobs.append(_host.Job(ref.name, sparse, len(slot_names), used, has_wd, (key, ref.device),
-                                  len(row_names), row_used))
-            refs.append([ref] + [_handover.Ref(slots[n]) for n in slot_names + row_names])
+            jobs.append(job)
+            refs.append(job_refs)
             grads.append(grad)
         if not jobs:
             return None
@@ -472,10 +525,93 @@ class Optimizer(keras.optimizers.Optimizer):
             return None if tf.executing_eagerly() else done
         return done
 
+    # --------------------------------------------------------------- exact mode
+
+    def catch_up(self, variable, indices):
+        """Exact mode: bring rows ``indices`` of ``variable`` current before they are read.
+
+        The rows (and their slots) get the updates of the steps they skipped, so that a
+        forward pass reads what dense training would have. Indices are checked as a
+        sparse gradient's (type, range; duplicates are fine) before anything is written.
+        :class:`sparseopt_tf.Embedding` and :func:`sparseopt_tf.embedding_lookup` call
+        this before their gather; call it yourself before any other read of some rows.
+
+        Args:
+            variable: a variable this optimizer updates (Keras or ``tf.Variable``).
+            indices: integer tensor of row indices, any shape.
+
+        Returns:
+            ``None`` eagerly (done) and in lazy mode; in a ``tf.function``, an op to
+                order the reads after (``tf.control_dependencies``).
+
+        Raises:
+            sparseopt.errors.UnknownSlotError: ``variable`` is not one this optimizer was
+                built with; or, in a ``tf.function``, the optimizer is not built yet (the
+                slots that the catch-up updates do not exist when the function is traced).
+        """
+        if self.sparse_mode != "exact":
+            return None
+        if not self.built:
+            if tf.inside_function():
+                raise errors.UnknownSlotError(
+                    f"{self.name}: catch_up in a tf.function needs the optimizer built, so that "
+                    "the slots it updates exist when the function is traced: call "
+                    "optimizer.build(model.trainable_variables) first")
+            return None                     # not built: no step has been deferred
+        self._check_exact_mode_can_run()
+        var = _tf_variable(variable)
+        job, refs = self._job(var, True)
+        if not tf.inside_function() and not self._host.exact.pending(job.marker_key):
+            return None                     # every row is current: nothing to hand over
+        return _catch_up(self._host, job, refs, indices, self.name)
+
+    def flush(self):
+        """Exact mode: bring every row of every variable (and its slots) current.
+
+        One pass over each variable that has rows behind. Call it before reading whole
+        tables (``get_weights`` and the save paths call it; :class:`sparseopt_tf.ExactFlush`
+        calls it before evaluation and prediction).
+
+        Returns:
+            ``None`` eagerly (done) and in lazy mode; in a ``tf.function``, an op.
+        """
+        if self.sparse_mode != "exact" or not self.built:
+            return None
+        variables = [_tf_variable(v) for v in self._trainable_variables]
+        return _flush(self._host, [self._job(v, False) for v in variables], self.name)
+
+    def finalize_variable_values(self, var_list):
+        """End of ``model.fit``: Keras' finalization, after :meth:`flush` in exact mode."""
+        self.flush()
+        super().finalize_variable_values(var_list)
+
+    def _exact_reset(self):
+        if self._host.exact is not None:
+            self._host.exact.reset()
+
+    def _check_exact_mode_can_run(self):
+        if self.sparse_mode == "exact" and tf.distribute.has_strategy():
+            raise _exact.ExactModeNotSupportedError(
+                f"{self.name}: sparse_mode='exact' cannot run under a tf.distribute strategy "
+                f"({type(tf.distribute.get_strategy()).__name__}): the record of which rows are "
+                "behind lives in this process's memory, one per variable, not one per replica. "
+                "Use sparse_mode='lazy' under a strategy.")
+
     # ------------------------------------------------------------------- config
 
     def get_config(self):
+        """Keras 3's config plus the optimizer's own arguments (and ``sparse_mode``).
+
+        In exact mode (eagerly) this flushes first: ``model.save`` serializes the config
+        before it writes any weights, so the tables it then saves are current whatever
+        layer holds them.
+        """
+        if not tf.inside_function():
+            self.flush()
         config = super().get_config()
+        config["sparse_mode"] = self.sparse_mode
+        if self.sparse_mode == "exact":
+            config["exact_history"] = self.exact_history
         for arg, _ in self._spec.args:
             value = getattr(self, arg)
             if callable(value) and not isinstance(value, keras.optimizers.schedules.LearningRateSchedule):
@@ -498,6 +634,38 @@ class Optimizer(keras.optimizers.Optimizer):
 
 def _tf_variable(v):
     return v.value if isinstance(v, keras.Variable) else v
+
+
+def _catch_up(host, job, refs, indices, name):
+    """Hand a variable and its element slots to the exact book's catch-up of ``indices``
+    (shared with :mod:`sparseopt_tf.legacy`)."""
+    indices = tf.reshape(tf.convert_to_tensor(indices), [-1])
+
+    def body(arrays):
+        host.exact.catch_up(host.exact_variable(job, arrays[:-1]), arrays[-1])
+
+    return _handover.run_on_host(body, refs[:1 + job.nslots] + [indices], name, "catch_up")
+
+
+def _flush(host, jobs_and_refs, name):
+    """Hand variables and their element slots to the exact book's flush (eagerly only
+    those with rows behind; in a graph every one, as steps traced before it may defer
+    rows of any). Shared with :mod:`sparseopt_tf.legacy`."""
+    if not tf.inside_function():
+        jobs_and_refs = [(job, refs) for job, refs in jobs_and_refs
+                         if host.exact.pending(job.marker_key)]
+    if not jobs_and_refs:
+        return None
+    inputs = [ref for job, refs in jobs_and_refs for ref in refs[:1 + job.nslots]]
+
+    def body(arrays):
+        variables, pos = [], 0
+        for job, _ in jobs_and_refs:
+            variables.append(host.exact_variable(job, arrays[pos:pos + 1 + job.nslots]))
+            pos += 1 + job.nslots
+        host.exact.flush(variables)
+
+    return _handover.run_on_host(body, inputs, name, "flush")
 
 
 def _dtype_name(v):
@@ -523,7 +691,8 @@ def _make_class(spec):
     doc = (f"{spec.name}, as ``keras.optimizers.{spec.name}`` (Keras 3), on sparseopt's Numba kernels.\n\n"
            f"Math: :mod:`{spec.core_class._rule.__name__}`; arguments as ``sparseopt.{spec.name}`` "
            f"({', '.join(f'{a}={d!r}' for a, d in spec.args) or 'none'}), plus Keras 3's.\n"
-           "Sparse (``IndexedSlices``) gradients update the touched rows in place (lazy).\n")
+           "Sparse (``IndexedSlices``) gradients update the touched rows in place: lazily, or\n"
+           "with ``sparse_mode=\"exact\"`` as dense training would (see ``Optimizer``).\n")
     params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
               inspect.Parameter("learning_rate", inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                 default=spec.default_learning_rate)]

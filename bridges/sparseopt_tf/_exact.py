@@ -1,0 +1,152 @@
+"""``sparse_mode="exact"`` in the bridge: the core's bookkeeping, on TensorFlow buffers.
+
+The core (:mod:`sparseopt._exact`) keeps an :class:`~sparseopt._exact.ExactState` per
+variable (its step count, the step through which each row is current, the ring of past
+coefficients) and runs every exact-mode operation: the fused catch-up + update of a
+sparse step, the catch-up of given rows, the flush of every row. Its functions take the
+optimizer (for ``_rule``, ``exact_history``, ``name``, ``_states`` and ``_exact_states``,
+both keyed by ``id`` of the variable's array) and each variable's ``VariableState``
+(``var``, ``name``, ``storage``, ``kernel_arrays``).
+
+The bridge reuses those functions unchanged. What differs is where the arrays come from:
+each hand-over (:func:`sparseopt_tf._handover.run_on_host`) makes fresh NumPy views of
+the variables' buffers, so the states cannot be keyed by the arrays. :class:`ExactBook`
+keeps them by variable instead (the key of the variable's de-duplication scratch: its
+key and device) and, for one hand-over, shows the core a :class:`_Scope`: an optimizer
+holding this hand-over's views, with the book's states filed under them, and files any
+new state back into the book afterwards.
+
+None of this is saved: exact mode saves flushed state (every row current), and a
+restored optimizer starts with every row current (:meth:`ExactBook.reset`).
+"""
+
+import threading
+
+import numpy as np
+
+from sparseopt import _exact, _validation, errors
+from sparseopt.indexed_slices import IndexedSlices
+from sparseopt.kernels import cpu
+
+
+class ExactModeNotSupportedError(errors.SparseoptError, ValueError):
+    """``sparse_mode="exact"`` asked for where it cannot give dense training's results
+    (a ``tf.distribute`` strategy, EMA); raised before anything is written."""
+
+
+class Variable:
+    """One variable of one hand-over, as the core's ``VariableState``.
+
+    Args:
+        key: the book's key of the variable (the de-duplication scratch's).
+        var: the writable view of the variable's buffer, in the variable's shape.
+        name: for error messages.
+        slots: ``{slot name: view}`` of the kept element slots (each of ``var``'s shape).
+        has_wd: whether decoupled weight decay applies to the variable.
+    """
+
+    __slots__ = ("key", "var", "name", "slots", "has_wd")
+
+    def __init__(self, key, var, name, slots, has_wd=False):
+        self.key = key
+        self.var = var
+        self.name = name
+        self.slots = slots
+        self.has_wd = has_wd
+
+    @property
+    def storage(self):
+        """The core reads the slots' dtype here (its slot storage has the variable's)."""
+        return self.var
+
+    def kernel_arrays(self, rule_slots, shape):
+        """``(p, (s0, s1, s2), used)`` reshaped to ``shape``, as ``VariableState.kernel_arrays``."""
+        p = self.var.reshape(shape)
+        slots, used = cpu.place(rule_slots, {n: s.reshape(shape) for n, s in self.slots.items()}, p)
+        return p, slots, used
+
+
+class _Scope:
+    """The optimizer that :mod:`sparseopt._exact` sees during one hand-over."""
+
+    def __init__(self, book, variables):
+        self._book = book
+        self._rule = book.rule
+        self.exact_history = book.history
+        self.name = book.name
+        self._variables = list(variables)
+        self._states = {id(v.var): v for v in self._variables}
+        self._exact_states = {id(v.var): book.states[v.key] for v in self._variables
+                              if v.key in book.states}
+
+    def _uses_weight_decay(self, state):
+        return state.has_wd
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for v in self._variables:          # states the core created during this hand-over
+            ex = self._exact_states.get(id(v.var))
+            if ex is not None:
+                self._book.states[v.key] = ex
+
+
+class ExactBook:
+    """The exact-mode states of one bridge optimizer (host memory, not saved).
+
+    Args:
+        core: the configured core optimizer (its rule, ``exact_history`` and name).
+        markers: the de-duplication scratch dict shared with the optimizer's steps
+            (a catch-up plans its indices with the variable's scratch).
+
+    Every method takes a lock: the kernels release the GIL, and a graph may run the
+    catch-ups of two tables at once.
+    """
+
+    def __init__(self, core, markers):
+        self.rule = core._rule
+        self.history = core.exact_history
+        self.name = core.name
+        self.markers = markers
+        self.states = {}
+        self._lock = threading.Lock()
+
+    def step(self, updates, coefficients, wd_lr, sparse_type, dense_run):
+        """One step, by :func:`sparseopt._exact.run`: ``updates`` are ``(Variable, update)``
+        pairs, validated; a sparse update is a ``sparse_type`` (``rows``, ``offsets``,
+        ``order``, ``values``); ``dense_run(variable, update, c, wd, has_wd)`` runs an
+        update the lazy way (a dense one, or a row-wise rule's rows)."""
+        with self._lock, _Scope(self, [v for v, _ in updates]) as scope:
+            _exact.run(scope, updates, coefficients, wd_lr, sparse_type, dense_run)
+
+    def catch_up(self, variable, indices):
+        """Bring rows ``indices`` of ``variable`` (a :class:`Variable`) current; the indices
+        are checked as a sparse gradient's (type, range) before anything is written."""
+        var = variable.var
+
+        def rows(state, idx):
+            idx = np.asarray(idx).reshape(-1)
+            values = np.empty((idx.shape[0],) + var.shape[1:], var.dtype)
+            _, idx = _validation.sparse_gradient(IndexedSlices(values, idx), var, state.name)
+            marker = _validation.marker(self.markers, variable.key, var.shape[0])
+            return _validation.plan(idx, var.shape[0], marker, state.name)[0]
+
+        with self._lock, _Scope(self, [variable]) as scope:
+            _exact.catch_up(scope, var, indices, rows)
+
+    def flush(self, variables):
+        """Bring every row of ``variables`` (:class:`Variable` objects) current."""
+        with self._lock, _Scope(self, variables) as scope:
+            _exact.flush(scope)
+
+    def pending(self, key=None):
+        """Whether some row (of the variable ``key``, or of any) may be behind."""
+        states = self.states.values() if key is None else [self.states.get(key)]
+        return any(ex is not None and ex.pending() for ex in states)
+
+    def reset(self):
+        """Every row is current: the variables and slots were just set (restored, loaded)."""
+        with self._lock:
+            for ex in self.states.values():
+                ex.mark_current()
