@@ -4,6 +4,13 @@ One command regenerates ``asv_benchmarks/reports/cpu.md`` and ``cpu_ratios.png``
 
     python asv_benchmarks/peers.py            # W1, W2, W3, 30 timed steps per implementation
     python asv_benchmarks/peers.py --quick    # fewer steps, fewer repeats (a few minutes)
+    python asv_benchmarks/peers.py --family   # + the family rows: W1 of every optimizer (merged)
+
+``--family`` times the W1 lazy step of every optimizer (``common.OPTIMIZERS`` and
+:data:`EXTRA_OPTIMIZERS`) against the probe (with that optimizer's slots) and its peers,
+and merges those groups into the ``cpu_results.json`` of ``--out``: ``cpu.md`` then has
+both the W1-W3 rows and a "Family, W1" table (and ``cpu_family_ratios.png``). A later
+plain run keeps the family rows; ``--family --optimizers ftrl,rmsprop`` re-times some.
 
 Every implementation of one (workload, optimizer) group lives in the same process and
 is timed interleaved, step by step, in a rotating order: each step takes the next of
@@ -82,8 +89,8 @@ INDEX_PASSES = 3  # PERF.md: "8 bytes per index, a few passes"
 # ------------------------------------------------------------------ bandwidth and floor
 
 
-def floor_bytes(workload, nslots, unique_rows):
-    """PERF.md's byte count of one step."""
+def floor_bytes(workload, nslots, unique_rows, nrowslots=0):
+    """PERF.md's byte count of one step (``nrowslots``: per-row slots, one value per row)."""
     d, b = workload.width, ITEMSIZE
     if workload.dense:
         n = k = workload.rows
@@ -91,7 +98,56 @@ def floor_bytes(workload, nslots, unique_rows):
     else:
         n, k = workload.lookups, unique_rows
         index = 8 * n * INDEX_PASSES
-    return n * d * b + k * d * b * 2 * (1 + nslots) + index
+    return n * d * b + k * d * b * 2 * (1 + nslots) + k * b * 2 * nrowslots + index
+
+
+# -------------------------------------------------------------------- the optimizers
+
+#: Optimizers of the family rows (``--family``, ``--optimizers all``) besides
+#: ``common.OPTIMIZERS``: configurations with their own TF kernels (RMSprop with momentum,
+#: centered) and RowwiseAdagrad (per-row slots, FBGEMM's EXACT_ROWWISE_ADAGRAD). An entry
+#: that ``common.OPTIMIZERS`` also has is taken from there.
+EXTRA_OPTIMIZERS = {
+    "rmsprop_momentum": lambda **kw: so.RMSprop(learning_rate=1e-3, momentum=0.9, **kw),
+    "rmsprop_centered": lambda **kw: so.RMSprop(learning_rate=1e-3, centered=True, **kw),
+    "rowwise_adagrad": lambda **kw: so.RowwiseAdagrad(**kw),  # FBGEMM's defaults (lr 0.01, eps 1e-8)
+}
+
+#: PERF.md's three: the default ``--optimizers``.
+DEFAULT_OPTIMIZERS = ("sgd_momentum", "adam", "adagrad")
+
+
+def optimizer_names():
+    """Every optimizer of the family: ``common.OPTIMIZERS``, then :data:`EXTRA_OPTIMIZERS`."""
+    return list(common.OPTIMIZERS) + [n for n in EXTRA_OPTIMIZERS if n not in common.OPTIMIZERS]
+
+
+def make_optimizer(name, **kw):
+    """A fresh sparseopt optimizer of the family registry."""
+    if name in common.OPTIMIZERS:
+        return common.make_optimizer(name, **kw)
+    if name in EXTRA_OPTIMIZERS:
+        return EXTRA_OPTIMIZERS[name](**kw)
+    raise KeyError(f"unknown optimizer {name!r}; known: {', '.join(optimizer_names())}")
+
+
+#: Hyperparameters the semantics check also runs with (besides the benchmark's own), where
+#: the benchmark's values would hide a difference below the 2 % tolerance: an epsilon of
+#: 1e-7 hides where a peer puts it (inside or outside a square root), and Ftrl's zero
+#: strengths hide how a peer maps l1, l2, beta, the shrinkage and the power.
+STRESS = {
+    "epsilon": 0.1,
+    "Ftrl": {"l1_regularization_strength": 1.0, "l2_regularization_strength": 0.1,
+             "l2_shrinkage_regularization_strength": 5.0, "beta": 0.1, "learning_rate_power": -0.6},
+}
+
+
+def stress_overrides(config, kind):
+    out = {}
+    if config.get("epsilon") is not None:
+        out["epsilon"] = STRESS["epsilon"]
+    out.update({k: v for k, v in STRESS.get(kind, {}).items() if k in config})
+    return out
 
 
 # ------------------------------------------------------------------------------ probe
@@ -102,11 +158,15 @@ def floor_bytes(workload, nslots, unique_rows):
 class Context:
     """One (workload, optimizer) group: the initial table, the batches, converted once per library."""
 
-    def __init__(self, workload, opt_name, nbatches, seed=0):
+    def __init__(self, workload, opt_name, nbatches, seed=0, overrides=None):
         self.workload = workload
         self.opt_name = opt_name
-        self.config = common.make_optimizer(opt_name).get_config()
-        self.nslots = common.slot_count(opt_name)
+        base = make_optimizer(opt_name)
+        self.cls = type(base)
+        self.kind = self.cls.__name__              # "RMSprop": which peer counterpart
+        self.config = {**base.get_config(), **(overrides or {})}
+        self.overrides = dict(overrides or {})
+        self.nslots, self.nrowslots = _slot_counts(self.new_optimizer())
         w = workload
         self.table = common.make_table(w.rows, w.width, DTYPE, seed)
         if w.dense:
@@ -128,6 +188,21 @@ class Context:
     def hyper(self, key, default=None):
         value = self.config.get(key, default)
         return float(value) if value is not None else default
+
+    def new_optimizer(self, legacy=False):
+        """A fresh sparseopt optimizer of this context's configuration (``legacy``: tf_keras' math)."""
+        config = dict(self.config)
+        if legacy:
+            config["_legacy"] = True
+        return self.cls.from_config(config)
+
+
+def _slot_counts(opt):
+    """(full-shape slots, per-row slots) that ``opt`` keeps for a table."""
+    table = np.zeros((2, 1), np.float32)
+    opt.build([table])
+    shapes = [w.shape for w in opt.variables()[1:]]
+    return sum(1 for sh in shapes if sh == table.shape), sum(1 for sh in shapes if sh == table.shape[:1])
 
 
 class Absent(Exception):
@@ -159,7 +234,7 @@ def make_sparseopt(ctx, share=False):
     parts = ctx.shared.get("sparseopt") if share else None
     if parts is None:
         table = ctx.table.copy()
-        opt = common.make_optimizer(ctx.opt_name)
+        opt = ctx.new_optimizer()
         opt.build([table])
         if ctx.workload.dense:
             grads = ctx.batches
@@ -194,21 +269,48 @@ def make_sparseopt_1thread(ctx):
     return impl
 
 
+def make_sparseopt_legacy(ctx):
+    """sparseopt with tf_keras' legacy math (``_legacy=True``): timed only where a peer matches it alone."""
+    if not getattr(ctx.cls, "_has_legacy_math", False):
+        raise Absent(f"{ctx.kind} has no tf_keras legacy variant")
+    table = ctx.table.copy()
+    opt = ctx.new_optimizer(legacy=True)
+    opt.build([table])
+    if ctx.workload.dense:
+        grads = ctx.batches
+    else:
+        grads = [so.IndexedSlices(v, i, table.shape) for v, i in ctx.batches]
+    mode = "dense" if ctx.workload.dense else opt.sparse_mode
+    return Impl(f"sparseopt {mode}, tf_keras legacy math (_legacy=True)", "sparseopt_legacy",
+                lambda b: opt.apply_gradients([(grads[b], table)]), lambda: table,
+                note="the reference of the peers that match tf_keras' legacy math only")
+
+
 def make_probe(ctx):
-    sparse, dense = probe.probe_kernels(ctx.nslots)
+    sparse, dense = probe.probe_kernels(ctx.nslots, ctx.nrowslots)
     table = ctx.table.copy()
     slots = np.full((ctx.nslots,) + table.shape, 0.1, table.dtype)  # touched: no page faults later
     c = table.dtype.type(1e-3)
-    if ctx.workload.dense:
+    note = "unique rows given (no de-duplication), trivial math"
+    if ctx.nrowslots:  # per-row slots (RowwiseAdagrad): one value per row, not a row of them
+        row_slots = np.full((ctx.nrowslots, table.shape[0]), 0.1, table.dtype)
+        note += f"; {ctx.nslots} full-width slot(s) and {ctx.nrowslots} per-row slot(s) (one value per row)"
+        if ctx.workload.dense:
+            step = lambda b: dense(table, slots, row_slots, ctx.batches[b], c)  # noqa: E731
+        else:
+            plans = ctx.converted("plan", lambda vb: probe.plan(vb[1], table.shape[0]))
+            vals = [v for v, _ in ctx.batches]
+            step = lambda b: sparse(table, slots, row_slots, *plans[b], vals[b], c)  # noqa: E731
+    elif ctx.workload.dense:
         flat_p, flat_s = table.reshape(-1), slots.reshape(ctx.nslots, -1)
         flat_g = [g.reshape(-1) for g in ctx.batches]
         step = lambda b: dense(flat_p, flat_s, flat_g[b], c)  # noqa: E731
     else:
         plans = ctx.converted("plan", lambda vb: probe.plan(vb[1], table.shape[0]))
         vals = [v for v, _ in ctx.batches]
-        step = lambda b: sparse(table, slots, *plans[b], vals[b], c)  # noqa: E731
-    return Impl("memory-touch probe", "probe", step, lambda: table,
-                note="unique rows given (no de-duplication), trivial math", rule_differs=True)
+        no_row_slots = np.empty((0, 0), table.dtype)
+        step = lambda b: sparse(table, slots, no_row_slots, *plans[b], vals[b], c)  # noqa: E731
+    return Impl("memory-touch probe", "probe", step, lambda: table, note=note, rule_differs=True)
 
 
 # ------------------------------------------------------------------------- TensorFlow
@@ -230,18 +332,18 @@ def _tf_batches(ctx):
     return ctx.converted("tf", lambda vb: (tf.constant(vb[0]), tf.constant(vb[1])))
 
 
+#: sparseopt config keys that are not the Keras class's own arguments.
+_NOT_KERAS_ARGS = ("name", "sparse_mode", "exact_history", "_legacy")
+
+
 def _keras_optimizer(module, ctx):
-    """A Keras optimizer (Keras 3 ``tf.keras.optimizers`` or tf_keras legacy) with sparseopt's hyperparameters."""
-    lr = ctx.hyper("learning_rate")
-    if ctx.opt_name == "adam":
-        return module.Adam(learning_rate=lr, beta_1=ctx.hyper("beta_1"), beta_2=ctx.hyper("beta_2"),
-                           epsilon=ctx.hyper("epsilon"))
-    if ctx.opt_name == "adagrad":
-        return module.Adagrad(learning_rate=lr, epsilon=ctx.hyper("epsilon"),
-                              initial_accumulator_value=ctx.hyper("initial_accumulator_value"))
-    if ctx.opt_name == "sgd_momentum":
-        return module.SGD(learning_rate=lr, momentum=ctx.hyper("momentum"))
-    raise Absent(f"no Keras counterpart of {ctx.opt_name!r} in this script")
+    """The Keras optimizer of the same class name (Keras 3 ``tf.keras.optimizers`` or tf_keras
+    legacy), with sparseopt's configuration (its keys are the Keras arguments; unset ones left out)."""
+    cls = getattr(module, ctx.kind, None)
+    if cls is None:
+        raise Absent(f"{module.__name__} has no {ctx.kind}")
+    kw = {k: v for k, v in ctx.config.items() if k not in _NOT_KERAS_ARGS and v is not None}
+    return cls(**kw)
 
 
 def _keras_impl(ctx, module, label, family):
@@ -291,65 +393,104 @@ def _dedup(tf, values, indices):
 
 
 def make_tf_raw(ctx):
-    """TensorFlow's fused C++ kernels through ``tf.raw_ops`` (sparse ones after tf.unique de-duplication)."""
+    """TensorFlow's fused C++ kernels through ``tf.raw_ops`` (sparse ones after tf.unique de-duplication).
+
+    Each op gets sparseopt's configuration, mapped onto the op's arguments (checked by the
+    semantics check, with the benchmark's hyperparameters and with :data:`STRESS`'s).
+    """
     tf = _tf()
     batches = _tf_batches(ctx)
     var = tf.Variable(ctx.table)
-    lr = tf.constant(ctx.hyper("learning_rate"), tf.float32)
+    f32 = tf.float32
+    lr = tf.constant(ctx.hyper("learning_rate"), f32)
     dense = ctx.workload.dense
-    name = ctx.opt_name
-    if name == "adagrad":
-        acc = tf.Variable(tf.fill(ctx.table.shape, tf.constant(ctx.hyper("initial_accumulator_value"), tf.float32)))
-        eps = tf.constant(ctx.hyper("epsilon"), tf.float32)
-        if dense:
-            op = "ResourceApplyAdagradV2"
+    kind, cfg = ctx.kind, ctx.config
+    shape = ctx.table.shape
 
-            @tf.function
-            def fn(g):
-                tf.raw_ops.ResourceApplyAdagradV2(var=var.handle, accum=acc.handle, lr=lr, epsilon=eps, grad=g)
+    def const(key):
+        return tf.constant(ctx.hyper(key), f32)
+
+    def slot(value=0.0):
+        return tf.Variable(tf.fill(shape, tf.constant(value, f32)))
+
+    extra = ""
+    if kind == "Adagrad":
+        acc = slot(ctx.hyper("initial_accumulator_value"))
+        eps = const("epsilon")
+        args = dict(var=var, accum=acc, lr=lr, epsilon=eps)
+        op = "ResourceApplyAdagradV2" if dense else "ResourceSparseApplyAdagradV2"
+    elif kind == "SGD" and ctx.hyper("momentum", 0.0) > 0 and not cfg.get("nesterov"):
+        acc = slot()
+        args = dict(var=var, accum=acc, lr=lr, momentum=const("momentum"))
+        op = "ResourceApplyKerasMomentum" if dense else "ResourceSparseApplyKerasMomentum"
+    elif kind == "RMSprop":
+        # The op's rule: ms = rho ms + (1 - rho) g^2; mom = momentum mom + lr g / sqrt(ms + eps)
+        # (centered: sqrt(ms - mg^2 + eps)); var -= mom. With momentum 0 that is Keras 3's
+        # momentum-free step (the op still keeps and writes a momentum slot).
+        ms, mom = slot(), slot()
+        args = dict(var=var, ms=ms, mom=mom, lr=lr, rho=const("rho"),
+                    momentum=tf.constant(float(cfg.get("momentum") or 0.0), f32), epsilon=const("epsilon"))
+        if cfg.get("centered"):
+            mg = slot()
+            args["mg"] = mg
+            op = "ResourceApplyCenteredRMSProp" if dense else "ResourceSparseApplyCenteredRMSProp"
         else:
-            op = "ResourceSparseApplyAdagradV2"
-
-            @tf.function
-            def fn(values, indices):
-                g, rows = _dedup(tf, values, indices)
-                tf.raw_ops.ResourceSparseApplyAdagradV2(var=var.handle, accum=acc.handle, lr=lr, epsilon=eps,
-                                                        grad=g, indices=rows)
-    elif name == "sgd_momentum":
-        acc = tf.Variable(tf.zeros(ctx.table.shape, tf.float32))
-        mom = tf.constant(ctx.hyper("momentum"), tf.float32)
-        if dense:
-            op = "ResourceApplyKerasMomentum"
-
-            @tf.function
-            def fn(g):
-                tf.raw_ops.ResourceApplyKerasMomentum(var=var.handle, accum=acc.handle, lr=lr, grad=g, momentum=mom)
-        else:
-            op = "ResourceSparseApplyKerasMomentum"
-
-            @tf.function
-            def fn(values, indices):
-                g, rows = _dedup(tf, values, indices)
-                tf.raw_ops.ResourceSparseApplyKerasMomentum(var=var.handle, accum=acc.handle, lr=lr, grad=g,
-                                                            indices=rows, momentum=mom)
-    elif name == "adam" and dense:
+            op = "ResourceApplyRMSProp" if dense else "ResourceSparseApplyRMSProp"
+        if not float(cfg.get("momentum") or 0.0):
+            extra = "momentum=0: the op still reads and writes its momentum slot; "
+    elif kind == "Adadelta":
+        acc, acc_update = slot(), slot()
+        args = dict(var=var, accum=acc, accum_update=acc_update, lr=lr,
+                    rho=const("rho"), epsilon=const("epsilon"))
+        op = "ResourceApplyAdadelta" if dense else "ResourceSparseApplyAdadelta"
+    elif kind == "Ftrl":
+        # Keras' mapping: the op's l2 is l2 + beta / (2 lr); the accumulator starts at
+        # initial_accumulator_value (Keras 3 rounds it to float32, so does this float32 slot).
+        acc, linear = slot(ctx.hyper("initial_accumulator_value")), slot()
+        l2 = ctx.hyper("l2_regularization_strength") + ctx.hyper("beta", 0.0) / (2.0 * ctx.hyper("learning_rate"))
+        args = dict(var=var, accum=acc, linear=linear, lr=lr,
+                    l1=const("l1_regularization_strength"), l2=tf.constant(l2, f32),
+                    l2_shrinkage=const("l2_shrinkage_regularization_strength"),
+                    lr_power=const("learning_rate_power"))
+        op = "ResourceApplyFtrlV2" if dense else "ResourceSparseApplyFtrlV2"
+    elif kind == "Adam" and dense and not cfg.get("amsgrad"):
         op = "ResourceApplyAdam"
-        m = tf.Variable(tf.zeros(ctx.table.shape, tf.float32))
-        v = tf.Variable(tf.zeros(ctx.table.shape, tf.float32))
+        m, v = slot(), slot()
         step = tf.Variable(0.0)
-        b1, b2 = tf.constant(ctx.hyper("beta_1")), tf.constant(ctx.hyper("beta_2"))
-        eps = tf.constant(ctx.hyper("epsilon"), tf.float32)
+        b1, b2 = const("beta_1"), const("beta_2")
+        eps = const("epsilon")
 
         @tf.function
-        def fn(g):
+        def adam(g):
             t = step.assign_add(1.0)
             tf.raw_ops.ResourceApplyAdam(var=var.handle, m=m.handle, v=v.handle, beta1_power=b1 ** t,
                                          beta2_power=b2 ** t, lr=lr, beta1=b1, beta2=b2, epsilon=eps, grad=g)
+        args, fn = None, adam
     else:
-        raise Absent(f"TensorFlow has no fused sparse kernel for {name!r} (see the TF-scatter LazyAdam)")
+        raise Absent(f"TensorFlow has no fused {'dense' if dense else 'sparse'} kernel for {ctx.opt_name!r}"
+                     + (" (see the TF-scatter LazyAdam)" if kind == "Adam" else ""))
+    if args is not None:
+        fn = _raw_op_step(tf, getattr(tf.raw_ops, op), args, dense)
     dedup = "" if dense else "tf.unique + unsorted_segment_sum, then "
     return Impl(f"tf.raw_ops.{op}", "tf_raw", lambda b: fn(*batches[b]), lambda: var.numpy(),
-                note=f"{dedup}the fused C++ kernel, in tf.function", traces=fn.experimental_get_tracing_count)
+                note=f"{extra}{dedup}the fused C++ kernel, in tf.function", traces=fn.experimental_get_tracing_count)
+
+
+def _raw_op_step(tf, raw, args, dense):
+    """A tf.function step calling ``raw(**args, grad=...)`` (sparse: after de-duplication)."""
+    def call(**kw):  # variables passed as their resource handles, read inside the function
+        raw(**{k: (a.handle if isinstance(a, tf.Variable) else a) for k, a in args.items()}, **kw)
+
+    if dense:
+        @tf.function
+        def fn(g):
+            call(grad=g)
+    else:
+        @tf.function
+        def fn(values, indices):
+            g, rows = _dedup(tf, values, indices)
+            call(grad=g, indices=rows)
+    return fn
 
 
 def make_tf_lazy_adam(ctx):
@@ -444,6 +585,10 @@ def make_torch(ctx):
         if not dense:
             note = ("momentum buffer is a sparse tensor that accumulates every row ever touched "
                     "(uncoalesced): its cost grows with the step count")
+    elif not dense:
+        torch_name = {"Nadam": "NAdam", "SGD": "SGD"}.get(ctx.kind, ctx.kind)
+        raise Absent(f"torch.optim.{torch_name} does not take sparse gradients (only SparseAdam, Adagrad "
+                     f"and SGD do)" if hasattr(torch.optim, torch_name) else f"torch.optim has no {ctx.kind}")
     else:
         raise Absent(f"no torch counterpart of {name!r} in this script")
     if not dense:
@@ -475,7 +620,7 @@ def _fbgemm():
     return torch, EmbOptimType, EmbeddingLocation, PoolingMode, ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen
 
 
-def _make_fbgemm(ctx, rule):
+def _make_fbgemm(ctx, rule, rule_differs):
     if ctx.workload.dense:
         raise Absent("FBGEMM table-batched embeddings are sparse only")
     torch, EmbOptimType, Loc, Pool, Dev, TBE = _fbgemm()
@@ -486,7 +631,8 @@ def _make_fbgemm(ctx, rule):
     tbe = TBE([(rows, width, Loc.HOST, Dev.CPU)], optimizer=getattr(EmbOptimType, rule), **kw)
     with torch.no_grad():
         tbe.split_embedding_weights()[0].copy_(torch.from_numpy(ctx.table))
-        if rule == "EXACT_ADAGRAD":
+        if rule in ("EXACT_ADAGRAD", "EXACT_ROWWISE_ADAGRAD") and not rule_differs:
+            # the accumulator (EXACT_ROWWISE_ADAGRAD: one per row, shape (rows,)); FBGEMM starts at 0
             tbe.split_optimizer_states()[0][0].fill_(ctx.hyper("initial_accumulator_value"))
     inputs = ctx.converted("fbgemm", lambda vb: (torch.from_numpy(vb[1]),
                                                  torch.arange(vb[1].size + 1, dtype=torch.int64),
@@ -505,23 +651,23 @@ def _make_fbgemm(ctx, rule):
     return Impl(f"FBGEMM CPU TBE {rule} (fbgemm_gpu {version})", "fbgemm", step,
                 lambda: tbe.split_embedding_weights()[0].detach().numpy().copy(), prepare=prepare,
                 note="timed: backward() of a pooling-NONE lookup (fused de-dup + update); forward untimed",
-                rule_differs=rule in ("EXACT_ROWWISE_ADAGRAD", "EXACT_SGD"))
+                rule_differs=rule_differs)
 
 
 def make_fbgemm(ctx):
-    rule = {"adagrad": "EXACT_ADAGRAD"}.get(ctx.opt_name)
+    rule = {"Adagrad": "EXACT_ADAGRAD", "RowwiseAdagrad": "EXACT_ROWWISE_ADAGRAD"}.get(ctx.kind)
     if rule is None:
         raise Absent(f"FBGEMM CPU has no {ctx.opt_name} (CPU TBE: EXACT_ADAGRAD, "
                      f"EXACT_ROWWISE_ADAGRAD, EXACT_SGD, ...)")
-    return _make_fbgemm(ctx, rule)
+    return _make_fbgemm(ctx, rule, rule_differs=False)
 
 
 def make_fbgemm_reference(ctx):
     """FBGEMM's nearest rule where it has no exact counterpart (a different rule: for scale only)."""
     rule = {"adagrad": "EXACT_ROWWISE_ADAGRAD", "sgd_momentum": "EXACT_SGD"}.get(ctx.opt_name)
     if rule is None:
-        raise Absent("no nearby FBGEMM rule")
-    impl = _make_fbgemm(ctx, rule)
+        raise Absent("no nearby FBGEMM rule" + (" (its own rule is the FBGEMM row)" if ctx.kind == "RowwiseAdagrad" else ""))
+    impl = _make_fbgemm(ctx, rule, rule_differs=True)
     impl.note += ("; different rule: one accumulator per row" if rule == "EXACT_ROWWISE_ADAGRAD"
                   else "; different rule: plain SGD, no momentum")
     return impl
@@ -530,63 +676,117 @@ def make_fbgemm_reference(ctx):
 #: The implementations timed for every (workload, optimizer), in this order. A new
 #: optimizer in ``common.OPTIMIZERS`` gets sparseopt and the probe; peers that know no
 #: counterpart say so and are listed as absent.
-IMPLEMENTATIONS = [make_sparseopt, make_sparseopt_1thread, make_probe, make_keras3, make_tf_keras_legacy, make_tf_raw,
-                   make_tf_lazy_adam, make_torch, make_fbgemm, make_fbgemm_reference]
+IMPLEMENTATIONS = [make_sparseopt, make_sparseopt_1thread, make_sparseopt_legacy, make_probe, make_keras3,
+                   make_tf_keras_legacy, make_tf_raw, make_tf_lazy_adam, make_torch, make_fbgemm,
+                   make_fbgemm_reference]
+
+#: Left out of the family rows (``--family``) unless ``--families`` names them.
+FAMILY_SKIP = ("make_sparseopt_1thread",)
 
 # ------------------------------------------------------------------ semantics check
 
 
-def check_semantics(workload, opt_name, makers, steps=3, keep=False):
+LEGACY_TAG = " (tf_keras legacy math)"
+TOLERANCE = 0.02
+
+
+def check_semantics(workload, opt_name, makers, steps=3, keep=False, stress=True):
     """Label each implementation: which of sparseopt's lazy / dense updates it reproduces.
 
     Every implementation runs ``steps`` steps on a small table with many duplicates
     and untouched rows. ``err = max|p - ref| / max|ref - p0|``; below 2 % it matches.
     An implementation that matches neither is run again on batches without duplicate
-    indices, to tell a different duplicate handling from a different rule.
+    indices, to tell a different duplicate handling from a different rule. Where the
+    optimizer has tf_keras' legacy math (``_legacy=True``), an implementation that matches
+    neither of the current updates is also compared with the legacy lazy and dense ones
+    (label ``... (tf_keras legacy math)``).
 
-    With ``keep``, also returns the small context and the implementations built on it
-    (``--tiny`` times those instead of building everything twice).
+    With ``stress``, the whole check runs a second time with :func:`stress_overrides`
+    (an epsilon of 0.1; Ftrl's strengths and power): where the two labels differ, the
+    label reads ``<stress label> with <overrides>; <label> with the benchmark's hyperparameters``.
+
+    With ``keep``, also returns the small context and the implementations built on it,
+    with the benchmark's hyperparameters (``--tiny`` times those instead of building
+    everything twice).
     """
     if workload.dense:
         small = Workload(workload.name, 48, 8, None)
     else:
         small = Workload(workload.name, 64, 4, 48)
-    labels, ctx, built = _semantics(small, opt_name, makers, steps, unique=False)
+    labels, ctx, built = _semantics_with_retry(small, opt_name, makers, steps, None)
+    overrides = stress_overrides(ctx.config, ctx.kind) if stress else {}
+    if overrides:
+        stressed = _semantics_with_retry(small, opt_name, makers, steps, overrides)[0]
+        what = ", ".join(f"{k}={v:g}" for k, v in overrides.items())
+        for name, label in stressed.items():
+            if name not in labels or label == labels[name]:
+                continue
+            if label == labels[name] + LEGACY_TAG:  # only the stress values tell the two maths apart
+                labels[name] = f"{label}: told apart with {what} (the benchmark's values match both)"
+            else:
+                labels[name] = f"{label} with {what}; {labels[name]} with the benchmark's hyperparameters"
+    return (labels, ctx, built) if keep else labels
+
+
+def _semantics_with_retry(small, opt_name, makers, steps, overrides):
+    labels, ctx, built = _semantics(small, opt_name, makers, steps, unique=False, overrides=overrides)
     if not small.dense:
         retry = [m for m in makers if labels.get(m.__name__, "").startswith("differs")]
         if retry:
-            again = _semantics(small, opt_name, retry, steps, unique=True)[0]
+            again = _semantics(small, opt_name, retry, steps, unique=True, overrides=overrides)[0]
             for name, label in again.items():
                 if not label.startswith("differs"):
                     labels[name] = (f"{label} for unique indices; differs with duplicate indices "
                                     f"({labels[name].split('(')[-1].rstrip(')')})")
-    return (labels, ctx, built) if keep else labels
+    return labels, ctx, built
 
 
-def _semantics(small, opt_name, makers, steps, unique):
-    ctx = Context(small, opt_name, steps, seed=7)
+def _semantics(small, opt_name, makers, steps, unique, overrides=None):
+    ctx = Context(small, opt_name, steps, seed=7, overrides=overrides)
     if unique:
         rng = np.random.default_rng(11)
         ctx.batches = [(v, rng.permutation(small.rows)[:small.lookups].astype(np.int64))
                        for v, _ in ctx.batches]
     p0 = ctx.table.copy()
-    lazy = ctx.table.copy()
-    dense = ctx.table.copy()
-    opt_lazy, opt_dense = common.make_optimizer(opt_name), common.make_optimizer(opt_name)
-    for batch in ctx.batches:
-        if small.dense:
-            opt_lazy.apply_gradients([(batch, lazy)])
-            opt_dense.apply_gradients([(batch, dense)])
-        else:
-            g = so.IndexedSlices(batch[0], batch[1], lazy.shape)
-            opt_lazy.apply_gradients([(g, lazy)])
-            opt_dense.apply_gradients([(g.to_dense(), dense)])
+
+    def reference(legacy):
+        lazy, dense = ctx.table.copy(), ctx.table.copy()
+        opt_lazy, opt_dense = ctx.new_optimizer(legacy), ctx.new_optimizer(legacy)
+        for batch in ctx.batches:
+            if small.dense:
+                opt_lazy.apply_gradients([(batch, lazy)])
+                opt_dense.apply_gradients([(batch, dense)])
+            else:
+                g = so.IndexedSlices(batch[0], batch[1], lazy.shape)
+                opt_lazy.apply_gradients([(g, lazy)])
+                opt_dense.apply_gradients([(g.to_dense(), dense)])
+        return lazy, dense
 
     def err(p, ref):
         scale = np.max(np.abs(ref - p0))
         return float(np.max(np.abs(p - ref)) / scale) if scale > 0 else float(np.max(np.abs(p - ref)))
 
-    same_rule = err(lazy, dense) < 0.02
+    refs = {"": reference(False)}
+    if getattr(ctx.cls, "_has_legacy_math", False):
+        refs[LEGACY_TAG] = reference(True)
+
+    def label(p):
+        for tag, (lazy, dense) in refs.items():  # the current math first
+            e_lazy, e_dense = err(p, lazy), err(p, dense)
+            if small.dense:
+                if e_dense < TOLERANCE:
+                    return "dense" + tag
+            elif e_lazy < TOLERANCE and err(lazy, dense) < TOLERANCE:
+                return "lazy = dense-equivalent (same for this rule)" + tag
+            elif e_lazy < TOLERANCE:
+                return "lazy" + tag
+            elif e_dense < TOLERANCE:
+                return "dense-equivalent" + tag
+        lazy, dense = refs[""]
+        if small.dense:
+            return f"differs (err {err(p, dense):.2g})"
+        return f"differs from both (err {min(err(p, lazy), err(p, dense)):.2g})"
+
     labels, built = {}, {}
     for maker in makers:
         try:
@@ -600,25 +800,23 @@ def _semantics(small, opt_name, makers, steps, unique):
             built[maker.__name__] = e
             continue
         except Exception as e:
-            labels[maker.__name__] = f"check failed ({type(e).__name__}: {str(e)[:120]})"
+            labels[maker.__name__] = f"check failed ({type(e).__name__}: {_error_text(e, 120)})"
             built[maker.__name__] = e
             continue
         built[maker.__name__] = impl
-        e_lazy, e_dense = err(p, lazy), err(p, dense)
-        if small.dense:
-            labels[maker.__name__] = "dense" if e_dense < 0.02 else f"differs (err {e_dense:.2g})"
-        elif e_lazy < 0.02 and same_rule:
-            labels[maker.__name__] = "lazy = dense-equivalent (same for this rule)"
-        elif e_lazy < 0.02:
-            labels[maker.__name__] = "lazy"
-        elif e_dense < 0.02:
-            labels[maker.__name__] = "dense-equivalent"
-        else:
-            labels[maker.__name__] = f"differs from both (err {min(e_lazy, e_dense):.2g})"
+        labels[maker.__name__] = label(p)
     return labels, ctx, built
 
 
 # ----------------------------------------------------------------------- the timing
+
+
+def _error_text(e, limit=200):
+    """One line for a table cell: a TF graph error's own message is its last line, not its first."""
+    lines = [" ".join(line.split()) for line in str(e).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Graph execution error"):
+        lines = [lines[-1]]  # "indices[5961] = 16574 is not in [0, 16385) [[{{node ...}}]]"
+    return " ".join(lines)[:limit].replace("|", "/")
 
 
 def time_group(ctx, impls, steps, warmup, evict_buf, log, collect=True):
@@ -648,7 +846,7 @@ def time_group(ctx, impls, steps, warmup, evict_buf, log, collect=True):
         except Exception as e:
             if impl.family == "sparseopt":
                 raise
-            impl.error = f"failed while running: {type(e).__name__}: {str(e)[:200]}"
+            impl.error = f"failed while running: {type(e).__name__}: {_error_text(e)}"
             live.remove(impl)
 
     for impl in list(live):
@@ -688,8 +886,14 @@ def run_group(workload, opt_name, args, evict_buf, log):
     bw_size, bw_reps = ((4 << 20), 1) if args.tiny else ((256 << 20), 5)
     bandwidths = [probe.measure_bandwidth(bw_size, bw_reps)]
     makers = [m for m in IMPLEMENTATIONS if _family_selected(m, args.families)]
+    if getattr(args, "family", False) and not args.families:
+        makers = [m for m in makers if m.__name__ not in FAMILY_SKIP]
     log(f"  {workload.name} {opt_name}: semantics check")
     semantics, small_ctx, built = check_semantics(workload, opt_name, makers, keep=True)
+    # sparseopt's legacy math is timed only as the reference of a peer that matches it alone
+    if not any(label.startswith("lazy") and LEGACY_TAG in label for name, label in semantics.items()
+               if not name.startswith("make_sparseopt")):
+        makers = [m for m in makers if m is not make_sparseopt_legacy]
     if args.tiny:  # time the small implementations of the check: each peer is built once
         ctx = small_ctx
         workload = small_ctx.workload
@@ -707,10 +911,11 @@ def run_group(workload, opt_name, args, evict_buf, log):
             if isinstance(impl, Exception):
                 raise impl
         except Absent as e:
-            absent.append((maker.__name__, str(e)))
+            if maker is not make_sparseopt_legacy:
+                absent.append((maker.__name__, str(e)))
             continue
         except Exception as e:
-            absent.append((maker.__name__, f"failed to build: {type(e).__name__}: {str(e)[:200]}"))
+            absent.append((maker.__name__, f"failed to build: {type(e).__name__}: {_error_text(e)}"))
             if args.verbose:
                 traceback.print_exc()
             continue
@@ -723,9 +928,11 @@ def run_group(workload, opt_name, args, evict_buf, log):
     bandwidths.append(probe.measure_bandwidth(bw_size, bw_reps))
     failed = [(i.label, i.error) for i in impls if i.error]
     impls = [i for i in impls if not i.error]
-    nbytes = statistics.mean(floor_bytes(workload, ctx.nslots, k) for k in ctx.unique)
+    nbytes = statistics.mean(floor_bytes(workload, ctx.nslots, k, ctx.nrowslots) for k in ctx.unique)
     result = {
-        "workload": workload.name, "optimizer": opt_name, "nslots": ctx.nslots,
+        "workload": workload.name, "optimizer": opt_name, "kind": ctx.kind, "nslots": ctx.nslots,
+        "nrowslots": ctx.nrowslots,
+        "semantics_stress": stress_overrides(ctx.config, ctx.kind),
         "unique_rows": statistics.mean(ctx.unique), "floor_bytes": nbytes,
         "impls": [_summary(i) for i in impls], "absent": absent + failed,
         "load": (load_start, os.getloadavg()[0]),
@@ -782,7 +989,7 @@ def breakdown(workload, opt_name, args, evict_buf):
         return None
     ctx = Context(workload, opt_name, args.batches)
     table = ctx.table.copy()
-    opt = common.make_optimizer(opt_name)
+    opt = make_optimizer(opt_name)
     opt.build([table])
     grads = [so.IndexedSlices(v, i, table.shape) for v, i in ctx.batches]
     plans, kernels = [], []
@@ -959,37 +1166,59 @@ def _version_of(mod):
 
 
 def _same_semantics(impl, sparseopt):
+    """Whether a peer computes what the sparseopt row ``sparseopt`` computes (checked labels).
+
+    A peer that matches tf_keras' legacy math only pairs with sparseopt's legacy row.
+    """
     if impl["rule_differs"] or impl["family"].startswith(("sparseopt", "probe")):
         return False
-    return impl["semantics"] == sparseopt["semantics"] or (
-        impl["semantics"].startswith("lazy") and sparseopt["semantics"].startswith("lazy"))
+    a, b = impl["semantics"], sparseopt["semantics"]
+    if (LEGACY_TAG in a) != (LEGACY_TAG in b):
+        return False
+    return a == b or (a.startswith("lazy") and b.startswith("lazy"))
 
 
 def summarize(group, bandwidth_gbs):
+    """The group's sparseopt, probe, fastest same-semantics peer and the sparseopt row it compares with."""
     impls = group["impls"]
     floor_ms = group["floor_bytes"] / (bandwidth_gbs * 1e9) * 1e3
     ours = next((i for i in impls if i["family"] == "sparseopt"), None)
+    legacy = next((i for i in impls if i["family"] == "sparseopt_legacy"), None)
     probe = next((i for i in impls if i["family"] == "probe"), None)
-    peers = [i for i in impls if ours and _same_semantics(i, ours)]
-    best = min(peers, key=lambda i: i["median"]) if peers else None
-    return {"floor_ms": floor_ms, "ours": ours, "probe": probe, "best_peer": best}
+    pairs = []
+    for i in impls:
+        ref = next((r for r in (ours, legacy) if r and _same_semantics(i, r)), None)
+        if ref:
+            pairs.append((i, ref))
+    best, ref = min(pairs, key=lambda pr: pr[0]["median"]) if pairs else (None, None)
+    others = [i for i in impls if not i["family"].startswith(("sparseopt", "probe")) and not i["rule_differs"]]
+    fastest_any = min(others, key=lambda i: i["median"]) if others else None
+    return {"floor_ms": floor_ms, "ours": ours, "probe": probe, "best_peer": best, "best_ref": ref,
+            "fastest_any": fastest_any}
 
 
-def write_report(out_dir, results, bandwidth, machine, compile_info, breakdowns, args, elapsed):
+def write_report(out_dir, results, bandwidth, machine, compile_info, breakdowns, args, elapsed, family=None):
+    """cpu.md and the charts; ``family``: the family rows (``--family``), a table and sections of their own."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    family_groups = (family or {}).get("results") or []
     bw = max([bandwidth["copyto"]["max"], bandwidth["triad"]["max"]]
-             + [v for g in results for v in g.get("bandwidth", {}).values()])
+             + [v for g in results + family_groups for v in g.get("bandwidth", {}).values()])
     lines = []
     add = lines.append
     add("# sparseopt on the CPU: side by side with its peers")
     add("")
-    add(f"Generated by `python asv_benchmarks/peers.py{' --quick' if args.quick else ''}"
-        f"{' --tiny' if args.tiny else ''}` on {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} "
-        f"({elapsed / 60:.1f} min). Method: PERF.md. {args.steps} timed cold-cache steps per "
-        f"implementation after {args.warmup} warm-up steps, {args.batches} distinct seeded batches "
-        f"cycled, all implementations of a group interleaved step by step in one process (rotating "
-        f"order), an untimed {evict_mib(args)} MiB write before every timed step.")
+    if not results:
+        add("This file holds only the family rows (`--family`): no W1-W3 run of PERF.md's three "
+            "optimizers has written into this folder's cpu_results.json yet.")
+    else:
+        generated = getattr(args, "generated", None) or "a date cpu_results.json does not record"
+        add(f"{'Main rows (W1-W3) g' if family_groups else 'G'}enerated by `python asv_benchmarks/peers.py"
+            f"{' --quick' if args.quick else ''}{' --tiny' if args.tiny else ''}` on {generated} "
+            f"({elapsed / 60:.1f} min). Method: PERF.md. {args.steps} timed cold-cache steps per "
+            f"implementation after {args.warmup} warm-up steps, {args.batches} distinct seeded batches "
+            f"cycled, all implementations of a group interleaved step by step in one process (rotating "
+            f"order), an untimed {evict_mib(args)} MiB write before every timed step.")
     add("")
     add("**Noise.** This is a shared 2-core machine: other processes (test suites) ran at the same "
         "time. A parallel region that needs both cores waits for a scheduler slice (~4 ms) when "
@@ -1017,6 +1246,10 @@ def write_report(out_dir, results, bandwidth, machine, compile_info, breakdowns,
         if g.get("bandwidth"):
             add(f"| best of copyto / triad around group {g['workload']} {g['optimizer']} | | "
                 f"{g['bandwidth']['copyto']:.1f} / {g['bandwidth']['triad']:.1f} |")
+    if family_groups:
+        add(f"| best of copyto / triad around the {len(family_groups)} family groups | | "
+            f"{max(g['bandwidth']['copyto'] for g in family_groups):.1f} / "
+            f"{max(g['bandwidth']['triad'] for g in family_groups):.1f} |")
     add("")
     add("Other processes share the memory bus and the cores, so bandwidth is measured at the start "
         "and around every group and the floor uses the best figure of the run (the lowest floor). "
@@ -1026,16 +1259,19 @@ def write_report(out_dir, results, bandwidth, machine, compile_info, breakdowns,
         f"k*d*4*2*(1+s) (parameter and s slots, read and write) + {8 * INDEX_PASSES}*n (indices), "
         "with k the mean number of unique rows of the batches.")
     add("")
-    add("## Summary")
-    add("")
-    add("Ratios of medians (x > 1: slower than the reference); *(of p10)*: the same ratio of the "
-        "10th percentiles, the steps least disturbed by other processes taking a core. *Fastest "
-        "peer*: the fastest (by median) other library whose semantics (checked) equals sparseopt's.")
-    add("")
-    add("| workload | optimizer | sparseopt ms | probe ms | floor ms | sparseopt / probe | "
-        "(of p10) | sparseopt / floor | fastest peer, same semantics | peer ms | peer / sparseopt | "
-        "(of p10) |")
-    add("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    if results:
+        add("## Summary")
+        add("")
+        add("Ratios of medians (x > 1: slower than the reference); *(of p10)*: the same ratio of the "
+            "10th percentiles, the steps least disturbed by other processes taking a core. *Fastest "
+            "peer*: the fastest (by median) other library whose semantics (checked) equals sparseopt's "
+            "(a peer that matches tf_keras' legacy math only is compared with sparseopt's legacy "
+            "variant, `_legacy=True`, timed in the same group).")
+        add("")
+        add("| workload | optimizer | sparseopt ms | probe ms | floor ms | sparseopt / probe | "
+            "(of p10) | sparseopt / floor | fastest peer, same semantics | peer ms | peer / sparseopt | "
+            "(of p10) |")
+        add("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for g in results:
         s = summarize(g, bw)
         ours, probe, best = s["ours"], s["probe"], s["best_peer"]
@@ -1044,33 +1280,22 @@ def write_report(out_dir, results, bandwidth, machine, compile_info, breakdowns,
         add(f"| {g['workload']} | {g['optimizer']} | {ours['median']:.3g} | "
             f"{_fmt(probe and probe['median'])} | {s['floor_ms']:.3g} | "
             f"{_ratio(ours, probe)} | {_ratio(ours, probe, 'p10')} | {ours['median'] / s['floor_ms']:.2f} | "
-            f"{best['label'] if best else '(none here)'} | {_fmt(best and best['median'])} | "
-            f"{_ratio(best, ours)} | {_ratio(best, ours, 'p10')} |")
+            f"{_peer_name(best, s['best_ref'])} | {_fmt(best and best['median'])} | "
+            f"{_ratio(best, s['best_ref'])} | {_ratio(best, s['best_ref'], 'p10')} |")
     add("")
+    if family and family.get("results"):
+        _family_table(add, family, bw)
     for g in results:
-        s = summarize(g, bw)
-        ours, probe = s["ours"], s["probe"]
-        w = (WORKLOADS if not args.tiny else TINY_WORKLOADS)[g["workload"]]
-        add(f"## {g['workload']} ({w.description}), {g['optimizer']}")
+        _group_section(add, g, bw, args.tiny)
+    if family and family.get("results"):
+        add("## Family rows in detail")
         add("")
-        add(f"Slots: {g['nslots']}; unique rows per step (mean): {g['unique_rows']:.0f}; "
-            f"bytes per step: {g['floor_bytes'] / 1e6:.2f} MB; byte floor {s['floor_ms']:.3g} ms. "
-            f"1-minute load average (2 cores) at the start and end of this group: "
-            f"{g['load'][0]:.2f}, {g['load'][1]:.2f}.")
+        add("Every implementation of each family group, as in the sections above (same columns). "
+            "Semantics were checked with the benchmark's hyperparameters and again with the "
+            "stress values the group names (a wider epsilon; Ftrl's strengths), on a 64-row table.")
         add("")
-        add("| implementation | semantics (checked) | median ms | p10 | min | max | x floor | x probe | "
-            "ratio to sparseopt | notes |")
-        add("|---|---|---|---|---|---|---|---|---|---|")
-        for i in sorted(g["impls"], key=lambda i: i["median"]):
-            note = i["note"]
-            if i["trend"] > 1.5:
-                note = (note + "; " if note else "") + f"last third of the steps {i['trend']:.1f}x the first"
-            add(f"| {i['label']} | {i['semantics']} | {i['median']:.3g} | {i.get('p10', i['min']):.3g} | {i['min']:.3g} | "
-                f"{i['max']:.3g} | {i['median'] / s['floor_ms']:.1f} | {_ratio(i, probe)} | "
-                f"{_ratio(i, ours)} | {note} |")
-        for name, why in g["absent"]:
-            add(f"| {name.replace('make_', '')}: absent | | | | | | | | | {why} |")
-        add("")
+        for g in family["results"]:
+            _group_section(add, g, bw, family.get("args", {}).get("tiny"), level="###")
     if breakdowns:
         add("## Where a sparseopt lazy step goes")
         add("")
@@ -1116,6 +1341,118 @@ def write_report(out_dir, results, bandwidth, machine, compile_info, breakdowns,
     add("")
     (out_dir / "cpu.md").write_text("\n".join(lines))
     plot(out_dir / "cpu_ratios.png", results, bw)
+    if family_groups:
+        plot_family(out_dir / "cpu_family_ratios.png", family, bw)
+
+
+def _group_section(add, g, bw, tiny, level="##"):
+    """One (workload, optimizer) group: every implementation, its checked semantics and times."""
+    s = summarize(g, bw)
+    ours, probe = s["ours"], s["probe"]
+    w = (TINY_WORKLOADS if tiny else WORKLOADS)[g["workload"]]
+    add(f"{level} {g['workload']} ({w.description}), {g['optimizer']}")
+    add("")
+    rows = f" full-width + {g['nrowslots']} per-row (one value per row)" if g.get("nrowslots") else ""
+    stress = g.get("semantics_stress")
+    stress = ("; semantics also checked with " + ", ".join(f"{k}={v:g}" for k, v in stress.items())
+              if stress else "")
+    add(f"Slots: {g['nslots']}{rows}; unique rows per step (mean): {g['unique_rows']:.0f}; "
+        f"bytes per step: {g['floor_bytes'] / 1e6:.2f} MB; byte floor {s['floor_ms']:.3g} ms. "
+        f"1-minute load average (2 cores) at the start and end of this group: "
+        f"{g['load'][0]:.2f}, {g['load'][1]:.2f}{stress}.")
+    add("")
+    add("| implementation | semantics (checked) | median ms | p10 | min | max | x floor | x probe | "
+        "ratio to sparseopt | notes |")
+    add("|---|---|---|---|---|---|---|---|---|---|")
+    for i in sorted(g["impls"], key=lambda i: i["median"]):
+        note = i["note"]
+        if i["trend"] > 1.5:
+            note = (note + "; " if note else "") + f"last third of the steps {i['trend']:.1f}x the first"
+        add(f"| {i['label']} | {i['semantics']} | {i['median']:.3g} | {i.get('p10', i['min']):.3g} | {i['min']:.3g} | "
+            f"{i['max']:.3g} | {i['median'] / s['floor_ms']:.1f} | {_ratio(i, probe)} | "
+            f"{_ratio(i, ours)} | {note} |")
+    for name, why in g["absent"]:
+        add(f"| {name.replace('make_', '')}: absent | | | | | | | | | {' '.join(why.split())} |")
+    add("")
+
+
+#: Issue 3's speed targets for the family rows.
+TARGET_PROBE = 2.0   # sparseopt / probe at most this
+TARGET_PEER = 1.0    # fastest same-semantics peer / sparseopt above this
+
+
+def _peer_name(best, ref):
+    if not best:
+        return "(none here)"
+    vs = " (vs sparseopt's legacy math)" if ref and ref["family"] == "sparseopt_legacy" else ""
+    return f"{best['label']}{vs}"
+
+
+def family_rows(family, bw):
+    """The family table's rows: one dict per group (ratios of medians and of p10s, targets met)."""
+    out = []
+    for g in family["results"]:
+        s = summarize(g, bw)
+        ours, probe, best, ref, anyp = s["ours"], s["probe"], s["best_peer"], s["best_ref"], s["fastest_any"]
+        if ours is None:
+            continue
+        row = {"workload": g["workload"], "optimizer": g["optimizer"], "kind": g.get("kind", ""),
+               "slots": (g["nslots"], g.get("nrowslots", 0)), "ours": ours["median"],
+               "probe": probe and probe["median"], "floor": s["floor_ms"],
+               "over_probe": probe and ours["median"] / probe["median"],
+               "over_probe_p10": probe and ours["p10"] / probe["p10"],
+               "peer": best and best["label"], "peer_name": _peer_name(best, ref), "peer_ms": best and best["median"],
+               "peer_ratio": best and best["median"] / ref["median"],
+               "peer_ratio_p10": best and best["p10"] / ref["p10"],
+               "any": anyp, "any_ratio": anyp and anyp["median"] / ours["median"]}
+        row["probe_met"] = None if row["over_probe"] is None else row["over_probe"] <= TARGET_PROBE
+        row["peer_met"] = None if row["peer_ratio"] is None else row["peer_ratio"] > TARGET_PEER
+        out.append(row)
+    return out
+
+
+def _family_table(add, family, bw):
+    fargs = family.get("args", {})
+    for wname in dict.fromkeys(g["workload"] for g in family["results"]):
+        rows = [r for r in family_rows(family, bw) if r["workload"] == wname]
+        w = (TINY_WORKLOADS if fargs.get("tiny") else WORKLOADS)[wname]
+        add(f"## Family, {wname}: the lazy sparse step of every optimizer")
+        add("")
+        add(f"{w.description}. Generated by `{family.get('command', 'python asv_benchmarks/peers.py --family')}` "
+            f"on {family.get('generated', '?')} ({family.get('elapsed', 0) / 60:.1f} min; "
+            f"{fargs.get('steps', '?')} timed cold-cache steps per implementation, interleaved as above; "
+            f"1-minute load {family.get('load', '?')}). Targets (issue 3): sparseopt within "
+            f"{TARGET_PROBE:g}x of the memory-touch probe (*sparseopt / probe* <= {TARGET_PROBE:g}) and "
+            "faster than the fastest peer that computes the same update (*peer / sparseopt* > 1; "
+            "semantics checked, see the detail sections). The probe touches the optimizer's own slots: "
+            "full-width slot rows, and for per-row slots (RowwiseAdagrad) one value per touched row. "
+            "*Fastest peer, any semantics*: for scale (Keras 3 mostly updates the whole table).")
+        add("")
+        add("| optimizer | slots (full + per-row) | sparseopt ms | probe ms | sparseopt / probe | (of p10) | "
+            f"<= {TARGET_PROBE:g}x probe | fastest peer, same semantics | peer ms | peer / sparseopt | "
+            "(of p10) | faster than the peer | fastest peer, any semantics | its ms | / sparseopt |")
+        add("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+        def yes(x):
+            return "-" if x is None else ("yes" if x else "**no**")
+
+        def num(x, fmt=".2f"):
+            return "-" if x is None else format(x, fmt)
+        for r in rows:
+            anyp = r["any"]
+            add(f"| {r['optimizer']} | {r['slots'][0]} + {r['slots'][1]} | {r['ours']:.3g} | {num(r['probe'], '.3g')} | "
+                f"{num(r['over_probe'])} | {num(r['over_probe_p10'])} | {yes(r['probe_met'])} | "
+                f"{r['peer_name']} | {num(r['peer_ms'], '.3g')} | {num(r['peer_ratio'])} | "
+                f"{num(r['peer_ratio_p10'])} | {yes(r['peer_met'])} | "
+                f"{(anyp['label'] + ' [' + _short(anyp).split('[')[-1]) if anyp else '-'} | "
+                f"{num(anyp and anyp['median'], '.3g')} | {num(r['any_ratio'])} |")
+        add("")
+        met_probe = sum(1 for r in rows if r["probe_met"])
+        with_peer = [r for r in rows if r["peer_met"] is not None]
+        add(f"Within {TARGET_PROBE:g}x of the probe: {met_probe} of {len(rows)}. Faster than the fastest "
+            f"same-semantics peer: {sum(1 for r in with_peer if r['peer_met'])} of the {len(with_peer)} "
+            f"optimizers that have one. Family chart: `cpu_family_ratios.png`.")
+        add("")
 
 
 def evict_mib(args):
@@ -1149,7 +1486,28 @@ PEER_NOTES = [
     "shown for scale as different rules. Timed: the backward of a pooling-NONE lookup (its sort-"
     "based de-duplication and fused row update); the forward runs untimed before the eviction.",
     "The memory-touch probe gets the de-duplication plan precomputed, so sparseopt / probe "
-    "includes sparseopt's de-duplication, its arithmetic and its Python overhead.",
+    "includes sparseopt's de-duplication, its arithmetic and its Python overhead. It touches the "
+    "optimizer's own state: its full-width slots, and for per-row slots (RowwiseAdagrad's "
+    "accumulator) one 4-byte value per touched row.",
+    "Semantics at two settings: with the benchmark's hyperparameters, and again with a wider "
+    "epsilon (0.1) and, for Ftrl, nonzero l1, l2, beta, shrinkage and a power of -0.6 (the "
+    "benchmark's epsilon of 1e-7 hides, under the 2 % tolerance, whether a peer puts it inside or "
+    "outside the square root). Where they disagree the label says so. A peer that matches only "
+    "tf_keras' legacy math (label '(tf_keras legacy math)') is compared with sparseopt's legacy "
+    "variant (`_legacy=True`), timed in the same group: TF's `ResourceSparseApplyAdagradV2`, torch "
+    "and FBGEMM's Adagrad put epsilon outside the root like tf_keras; Keras 3 (sparseopt's "
+    "default) puts it inside.",
+    "Family rows, TF raw ops (after tf.unique + unsorted_segment_sum): RMSprop -> "
+    "`ResourceSparseApplyRMSProp` (rho, momentum, epsilon as in Keras; the op keeps a momentum "
+    "slot even at momentum 0, and puts epsilon inside the root as Keras 3 does), centered -> "
+    "`ResourceSparseApplyCenteredRMSProp`; Adadelta -> `ResourceSparseApplyAdadelta`; Ftrl -> "
+    "`ResourceSparseApplyFtrlV2` with Keras' mapping l2 + beta / (2 lr). TF has no fused sparse "
+    "kernel for AdamW, Adamax, Nadam or Lion, and torch no sparse-gradient AdamW, RMSprop, "
+    "Adadelta, Adamax, NAdam or Lion (torch sparse gradients: SparseAdam, Adagrad, SGD only). "
+    "RowwiseAdagrad's peer is FBGEMM CPU's EXACT_ROWWISE_ADAGRAD (the same rule).",
+    "Keras 3.15.1's centered RMSprop fails on the W1 `IndexedSlices` gradient from its second "
+    "step (`indices[...] = ... is not in [0, 16385)` in keras' `indexed_slices_union_indices_and_values`; "
+    "fine on the 64-row check table and with 1,000 lookups): its row says so, untimed.",
 ]
 
 
@@ -1211,6 +1569,48 @@ def plot(path, results, bw):
     plt.close(fig)
 
 
+def plot_family(path, family, bw):
+    """The family rows: sparseopt / probe (target <= 2) and fastest same-semantics peer / sparseopt (target > 1)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker  # noqa: F401
+    except Exception:
+        Path(path).with_suffix(".txt").write_text("matplotlib is not installed: pip install matplotlib\n")
+        return
+    rows = family_rows(family, bw)
+    if not rows:
+        return
+    labels = [f"{r['workload']} {r['optimizer']}" for r in rows]
+    y = np.arange(len(rows))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 0.8 + 0.36 * len(rows)), sharey=True)
+    probe_ratio = [r["over_probe"] or 0.0 for r in rows]
+    a1.barh(y, probe_ratio, color=["tab:blue" if r["probe_met"] else "tab:red" for r in rows])
+    a1.plot([r["over_probe_p10"] or np.nan for r in rows], y, "k|", markersize=9, label="of p10")
+    a1.axvline(TARGET_PROBE, color="k", ls="--", lw=0.8)
+    for yi, v, r in zip(y, probe_ratio, rows):
+        a1.text(max(v, r["over_probe_p10"] or 0.0), yi, f" {v:.2f}", va="center", fontsize=7)
+    a1.set_xlabel(f"sparseopt / memory-touch probe (target <= {TARGET_PROBE:g})", fontsize=8)
+    a1.set_yticks(y, labels, fontsize=8)
+    a1.invert_yaxis()
+    peer_ratio = [r["peer_ratio"] for r in rows]
+    a2.barh(y, [v or 0.0 for v in peer_ratio],
+            color=["tab:green" if r["peer_met"] else "tab:red" for r in rows])
+    a2.plot([r["peer_ratio_p10"] or np.nan for r in rows], y, "k|", markersize=9)
+    a2.axvline(TARGET_PEER, color="k", ls="--", lw=0.8)
+    a2.set_xscale("log")
+    a2.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    for yi, v, r in zip(y, peer_ratio, rows):
+        text = f" {v:.2f} {(r['peer'] or '').split(' (')[0][:38]}" if v else " no peer with the same semantics"
+        a2.text(max(v or 1.0, r["peer_ratio_p10"] or 0.0), yi, text, va="center", fontsize=7)
+    a2.set_xlabel("fastest same-semantics peer / sparseopt (log; target > 1)", fontsize=8)
+    fig.suptitle("Family rows: medians of interleaved cold-cache steps (| marks: 10th percentiles)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _short(impl):
     label = impl["label"].split(" (")[0]
     sem = impl["semantics"]
@@ -1230,8 +1630,16 @@ def parse_args(argv):
     ap.add_argument("--quick", action="store_true", help="fewer steps and repeats")
     ap.add_argument("--tiny", action="store_true", help="tiny tables (a smoke test of this script)")
     ap.add_argument("--out", default=str(HERE / "reports"), help="folder for cpu.md and cpu_ratios.png")
-    ap.add_argument("--workloads", default="W1,W2,W3")
-    ap.add_argument("--optimizers", default="sgd_momentum,adam,adagrad")
+    ap.add_argument("--workloads", default=None, help="default W1,W2,W3 (with --family: W1)")
+    ap.add_argument("--optimizers", default=None,
+                    help="comma-separated names of common.OPTIMIZERS / EXTRA_OPTIMIZERS, or 'all' "
+                         f"(every one); default {','.join(DEFAULT_OPTIMIZERS)} (with --family: all)")
+    ap.add_argument("--family", action="store_true",
+                    help="the family rows: the W1 lazy step of every optimizer (--optimizers all unless "
+                         "given) against the probe and its peers, merged into the cpu_results.json and "
+                         "cpu.md of --out (the W1-W3 rows there are kept; family groups of the same "
+                         "workload and optimizer are replaced); no compile section, no breakdown, no "
+                         "1-thread sparseopt row")
     ap.add_argument("--families", default="",
                     help="comma-separated implementation prefixes to run (sparseopt,probe,keras3,"
                          "tf_keras_legacy,tf_raw,tf_lazy_adam,torch,fbgemm); default all")
@@ -1249,6 +1657,15 @@ def parse_args(argv):
                     help="rewrite cpu.md and cpu_ratios.png from the cpu_results.json of --out")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
+    args.workloads = args.workloads or ("W1" if args.family else "W1,W2,W3")
+    optimizers = args.optimizers or ("all" if args.family else ",".join(DEFAULT_OPTIMIZERS))
+    args.optimizers = ",".join(optimizer_names() if optimizers == "all" else
+                               [o for o in optimizers.split(",") if o])
+    unknown = [o for o in args.optimizers.split(",") if o not in optimizer_names()]
+    if unknown:
+        ap.error(f"unknown optimizer(s) {', '.join(unknown)}; known: {', '.join(optimizer_names())}, all")
+    if args.family:
+        args.no_compile = args.no_breakdown = True
     quick_or_tiny = args.quick or args.tiny
     args.steps = args.steps or (2 if args.tiny else 10 if args.quick else 40)
     args.warmup = args.warmup or (1 if args.tiny else 3)
@@ -1258,7 +1675,70 @@ def parse_args(argv):
     return args
 
 
+def _now():
+    return datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+
+
+def _load_state(raw):
+    try:
+        return json.loads(Path(raw).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def run_family(args, argv, out, raw, log):
+    """The family rows: every (workload, optimizer) group of ``args``, merged into ``raw``'s ``family``."""
+    t_start = time.perf_counter()
+    state = _load_state(raw)
+    if state is None:  # a fresh folder: the family rows alone
+        log("machine and bandwidth")
+        state = {"args": {k: getattr(args, k) for k in ("quick", "tiny", "steps", "warmup", "batches")},
+                 "machine": machine_description(), "results": [], "breakdowns": [], "compile": None,
+                 "bandwidth": probe.measure_bandwidth(nbytes=(4 << 20) if args.tiny else (256 << 20),
+                                                      repeats=2 if args.tiny else 7), "elapsed": 0.0}
+        state["args"]["generated"] = _now()
+    workloads = TINY_WORKLOADS if args.tiny else WORKLOADS
+    names = [w for w in args.workloads.split(",") if w]
+    opt_names = [o for o in args.optimizers.split(",") if o]
+    old = (state.get("family") or {}).get("results") or []
+    if old and bool((state.get("family") or {}).get("args", {}).get("tiny")) != bool(args.tiny):
+        old = []  # tiny and full-size rows do not mix
+    groups = {(g["workload"], g["optimizer"]): g for g in old}
+    order = {n: i for i, n in enumerate(optimizer_names())}
+    load_start = os.getloadavg()[0]
+    family = {"args": {k: getattr(args, k) for k in ("quick", "tiny", "steps", "warmup", "batches")},
+              "command": " ".join(["python asv_benchmarks/peers.py"] + list(argv)),
+              "generated": _now(), "load": f"{load_start:.2f}"}
+    state["family"] = family
+    evict_buf = common.evict_buffer(1 << 20 if args.tiny else None)
+
+    def save():
+        family["elapsed"] = time.perf_counter() - t_start
+        family["load"] = f"{load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end"
+        family["results"] = sorted(groups.values(), key=lambda g: (g["workload"], order.get(g["optimizer"], 99)))
+        raw.write_text(json.dumps(state, indent=1))
+
+    for wname in names:
+        for opt_name in opt_names:
+            group = run_group(workloads[wname], opt_name, args, evict_buf, log)
+            group["generated"] = family["generated"]
+            groups[(wname, opt_name)] = group
+            save()
+    save()
+    saved = argparse.Namespace(**state["args"])
+    write_report(out, state["results"], state["bandwidth"], state["machine"], state["compile"],
+                 state["breakdowns"], saved, state.get("elapsed", 0.0), family=family)
+    for r in family_rows(family, max([state["bandwidth"]["copyto"]["max"], state["bandwidth"]["triad"]["max"]]
+                                     + [v for g in family["results"] for v in g["bandwidth"].values()])):
+        log(f"  {r['workload']} {r['optimizer']}: sparseopt / probe "
+            f"{'-' if r['over_probe'] is None else format(r['over_probe'], '.2f')}, fastest same-semantics peer "
+            f"{r['peer'] or '(none)'} / sparseopt {'-' if r['peer_ratio'] is None else format(r['peer_ratio'], '.2f')}")
+    log(f"wrote the family rows into {out / 'cpu.md'}, {out / 'cpu_family_ratios.png'} and {raw}")
+    return 0
+
+
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     log = (lambda msg: print(msg, flush=True))
     out = Path(args.out)
@@ -1275,9 +1755,12 @@ def main(argv=None):
         state = json.loads(raw.read_text())
         saved = argparse.Namespace(**state["args"])
         write_report(out, state["results"], state["bandwidth"], state["machine"], state["compile"],
-                     state["breakdowns"], saved, state["elapsed"])
+                     state["breakdowns"], saved, state["elapsed"], family=state.get("family"))
         log(f"wrote {out / 'cpu.md'} and {out / 'cpu_ratios.png'} from {raw}")
         return 0
+    if args.family:
+        return run_family(args, argv, out, raw, log)
+    previous = _load_state(raw)  # its family rows (--family) stay in the report
     t_start = time.perf_counter()
     workloads = TINY_WORKLOADS if args.tiny else WORKLOADS
     names = [w for w in args.workloads.split(",") if w]
@@ -1287,6 +1770,9 @@ def main(argv=None):
              "machine": machine_description(), "results": [], "breakdowns": [], "compile": None,
              "bandwidth": probe.measure_bandwidth(nbytes=(4 << 20) if args.tiny else (256 << 20),
                                                   repeats=2 if args.tiny else 7)}
+    state["args"]["generated"] = _now()
+    if previous and previous.get("family") and bool(previous["family"].get("args", {}).get("tiny")) == bool(args.tiny):
+        state["family"] = previous["family"]  # tiny and full-size rows do not mix
 
     def save():
         state["elapsed"] = time.perf_counter() - t_start
@@ -1304,7 +1790,8 @@ def main(argv=None):
             save()
     if not args.no_compile:
         log("compile times")
-        state["compile"] = compile_times(opt_names if not args.quick else opt_names[:1],
+        in_common = [o for o in opt_names if o in common.OPTIMIZERS]  # fresh interpreters build from common
+        state["compile"] = compile_times(in_common if not args.quick else in_common[:1],
                                          args.compile_repeats, log)
     machine = state["machine"]
     machine["numba threading layer"] = _threading_layer()
@@ -1313,8 +1800,9 @@ def main(argv=None):
     except OSError:  # pragma: no cover
         pass
     save()
+    args.generated = state["args"]["generated"]
     write_report(out, state["results"], state["bandwidth"], machine, state["compile"],
-                 state["breakdowns"], args, state["elapsed"])
+                 state["breakdowns"], args, state["elapsed"], family=state.get("family"))
     log(f"wrote {out / 'cpu.md'}, {out / 'cpu_ratios.png'} and {raw}")
     return 0
 

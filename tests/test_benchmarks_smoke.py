@@ -164,3 +164,43 @@ def test_peers_tiny_every_peer(tmp_path):
                           ("torch", "torch.optim.SparseAdam"), ("fbgemm_gpu", "EXACT_ADAGRAD")):
         if importlib.util.find_spec(module) is not None:
             assert label in report, label
+
+
+def test_peers_tiny_family_rows(tmp_path):
+    """``--family``: the W1 rows of the whole family, with the probe of each optimizer's slots
+    (per-row for RowwiseAdagrad) and the peers that exist (TF raw ops, FBGEMM row-wise),
+    merged into the report of a plain run, and kept by the next plain run."""
+    import json
+
+    peers = _peers()
+    names = peers.optimizer_names()
+    assert set(peers.common.OPTIMIZERS) <= set(names) and "rowwise_adagrad" in names
+    assert peers.parse_args(["--optimizers", "all"]).optimizers.split(",") == names
+    plain = ["--tiny", "--no-compile", "--no-breakdown", "--families", "sparseopt,probe", "--workloads", "W1",
+             "--optimizers", "adam", "--out", str(tmp_path)]
+    assert peers.main(plain) == 0
+    family = ["--tiny", "--family", "--optimizers", "rmsprop_centered,ftrl,adadelta,rowwise_adagrad",
+              "--families", "sparseopt,probe,tf_raw,fbgemm", "--out", str(tmp_path)]
+    assert peers.main(family) == 0
+    assert peers.main(plain) == 0  # a plain run keeps the family rows
+    report = (tmp_path / "cpu.md").read_text()
+    assert "failed" not in report, [line for line in report.splitlines() if "failed" in line]
+    for needle in ("## Summary", "## Family, W1", "sparseopt / probe", "## Family rows in detail"):
+        assert needle in report, needle
+    state = json.loads((tmp_path / "cpu_results.json").read_text())
+    groups = {g["optimizer"]: g for g in state["family"]["results"]}
+    assert list(groups) == ["adadelta", "ftrl", "rmsprop_centered", "rowwise_adagrad"]  # registry order
+    assert (groups["rowwise_adagrad"]["nslots"], groups["rowwise_adagrad"]["nrowslots"]) == (0, 1)
+    assert any(i["family"] == "probe" for i in groups["rowwise_adagrad"]["impls"])
+    expected = [("tensorflow", "adadelta", "tf.raw_ops.ResourceSparseApplyAdadelta"),
+                ("tensorflow", "ftrl", "tf.raw_ops.ResourceSparseApplyFtrlV2"),
+                ("tensorflow", "rmsprop_centered", "tf.raw_ops.ResourceSparseApplyCenteredRMSProp"),
+                ("fbgemm_gpu", "rowwise_adagrad", "EXACT_ROWWISE_ADAGRAD")]
+    for module, opt, label in expected:
+        if importlib.util.find_spec(module) is None:
+            continue
+        impl = next((i for i in groups[opt]["impls"] if label in i["label"]), None)
+        assert impl is not None, (opt, label, groups[opt]["absent"])
+        # the same update as sparseopt's (Keras 3) rule, also with the stress hyperparameters
+        assert impl["semantics"].startswith("lazy") and "legacy" not in impl["semantics"], impl["semantics"]
+
