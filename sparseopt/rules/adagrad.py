@@ -22,22 +22,21 @@ SLOTS = ("accumulator",)
 
 class Coefficients(NamedTuple):
     learning_rate: float
-    epsilon: float
-    legacy: float         # 1: epsilon outside the square root (tf_keras)
+    epsilon_inside: float   # added under the square root (Keras 3), else 0
+    epsilon_outside: float  # added to the square root (tf_keras), else 0
 
 
 def coefficients(learning_rate, epsilon, legacy=False):
-    return Coefficients(learning_rate, epsilon, 1.0 if legacy else 0.0)
+    return Coefficients(learning_rate, 0.0 if legacy else epsilon, epsilon if legacy else 0.0)
 
 
 def update(p, g, acc, s1, s2, c):
+    # One square root and one division for both placements of epsilon: adding the
+    # other placement's 0 changes no bits (the accumulator is never -0), where a branch
+    # on a flag would be if-converted into both square roots and both divisions.
     acc = acc + g * g
-    if c.legacy != 0:
-        p = p - c.learning_rate * g / (math.sqrt(acc) + c.epsilon)
-    else:
-        p = p - c.learning_rate * g / math.sqrt(acc + c.epsilon)
+    p = p - c.learning_rate * g / (math.sqrt(acc + c.epsilon_inside) + c.epsilon_outside)
     return p, acc, s1, s2
-
 
 # --- exact mode (sparse_mode="exact"): idle steps, see sparseopt.rules._idle ---------------
 #

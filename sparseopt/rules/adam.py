@@ -51,11 +51,11 @@ def coefficients(learning_rate, beta_1, beta_2, epsilon, step, amsgrad=False, le
 def update(p, g, m, v, vhat, c):
     m = m + (g - m) * c.one_minus_beta_1
     v = v + (g * g - v) * c.one_minus_beta_2
-    if c.amsgrad != 0:
+    second = v
+    if c.amsgrad != 0:  # the branch picks an operand: one square root and one division
         vhat = max(vhat, v)
-        p = p - c.alpha * m / (math.sqrt(vhat) + c.epsilon)
-    else:
-        p = p - c.alpha * m / (math.sqrt(v) + c.epsilon)
+        second = vhat
+    p = p - c.alpha * m / (math.sqrt(second) + c.epsilon)
     return p, m, v, vhat
 
 

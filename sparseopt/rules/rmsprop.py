@@ -33,7 +33,8 @@ class Coefficients(NamedTuple):
     rho: float
     one_minus_rho: float
     momentum: float
-    epsilon: float
+    epsilon_inside: float   # added under the square root, else 0
+    epsilon_outside: float  # added to the square root (tf_keras' momentum-free path), else 0
     use_momentum: float   # 1 when momentum > 0 (then the "momentum" slot exists)
     centered: float       # 1 when centered (then the "mg" slot exists)
     legacy_plain: float   # 1 for tf_keras' momentum-free path: epsilon outside the root
@@ -44,9 +45,11 @@ def coefficients(learning_rate, rho, momentum, epsilon, centered, legacy=False):
     if legacy:
         rho, momentum = f32(rho), f32(momentum)
     use_momentum = momentum > 0
-    return Coefficients(learning_rate, rho, 1.0 - rho, momentum, epsilon,
+    plain = legacy and not use_momentum
+    return Coefficients(learning_rate, rho, 1.0 - rho, momentum,
+                        0.0 if plain else epsilon, epsilon if plain else 0.0,
                         1.0 if use_momentum else 0.0, 1.0 if centered else 0.0,
-                        1.0 if legacy and not use_momentum else 0.0)
+                        1.0 if plain else 0.0)
 
 
 def update(p, g, rms, mom, mg, c):
@@ -55,9 +58,9 @@ def update(p, g, rms, mom, mg, c):
     if c.centered != 0:
         mg = c.rho * mg + c.one_minus_rho * g
         denominator = rms - mg * mg
-    if c.legacy_plain != 0:
-        return p - c.learning_rate * g / (math.sqrt(denominator) + c.epsilon), rms, mom, mg
-    increment = c.learning_rate * g / math.sqrt(denominator + c.epsilon)
+    # Both placements of epsilon in one expression (the other's is 0, which changes no
+    # bits): one square root and one division, where a branch would be if-converted into two.
+    increment = c.learning_rate * g / (math.sqrt(denominator + c.epsilon_inside) + c.epsilon_outside)
     if c.use_momentum != 0:
         mom = c.momentum * mom + increment
         p = p - mom
