@@ -74,8 +74,28 @@ class _Attached:
         self.last = None
 
 
+class _AttachedOptimizer:
+    """The ``optimizer=`` argument and attribute of the Embedding layers (Keras 3 and
+    legacy): kept in an :class:`_Attached`, out of the layer's tracking."""
+
+    def __init__(self, input_dim, output_dim, *args, optimizer=None, **kwargs):
+        super().__init__(input_dim, output_dim, *args, **kwargs)
+        self._attached = _Attached(optimizer)
+
+    @property
+    def optimizer(self):
+        """The optimizer given to the layer (``None``: for the Keras 3 layer, the calling model's)."""
+        return self._attached.optimizer
+
+    def __setattr__(self, name, value):
+        if name == "optimizer":           # not a tracked child of the layer (see _Attached)
+            self._attached.optimizer = value
+            return
+        super().__setattr__(name, value)
+
+
 @keras.saving.register_keras_serializable(package="sparseopt_tf")
-class Embedding(keras.layers.Embedding):
+class Embedding(_AttachedOptimizer, keras.layers.Embedding):
     """``keras.layers.Embedding`` whose lookups read caught-up rows in exact mode.
 
     A drop-in: same arguments, weights and config. Before its gather, the layer has its
@@ -105,21 +125,6 @@ class Embedding(keras.layers.Embedding):
             part of the config).
         **kwargs: ``keras.layers.Embedding``'s other arguments.
     """
-
-    def __init__(self, input_dim, output_dim, *args, optimizer=None, **kwargs):
-        super().__init__(input_dim, output_dim, *args, **kwargs)
-        self._attached = _Attached(optimizer)
-
-    @property
-    def optimizer(self):
-        """The optimizer given to the layer (``None``: the calling model's)."""
-        return self._attached.optimizer
-
-    def __setattr__(self, name, value):
-        if name == "optimizer":           # not a tracked child of the layer (see _Attached)
-            self._attached.optimizer = value
-            return
-        super().__setattr__(name, value)
 
     def call(self, inputs):
         table = getattr(self, "_embeddings", None)     # absent when quantized to integers

@@ -33,7 +33,7 @@ import tf_keras
 
 from sparseopt_tf import _exact, _handover, _host, _spec
 from sparseopt_tf.callbacks import FlushMixin
-from sparseopt_tf.layers import _Attached
+from sparseopt_tf.layers import _AttachedOptimizer
 from sparseopt_tf.optimizers import _catch_up, _flush
 
 _V2 = tf_keras.optimizers.legacy.Optimizer
@@ -271,7 +271,7 @@ class Optimizer(_V2):
 
 
 @tf_keras.utils.register_keras_serializable(package="sparseopt_tf.legacy")
-class Embedding(tf_keras.layers.Embedding):
+class Embedding(_AttachedOptimizer, tf_keras.layers.Embedding):
     """``tf_keras.layers.Embedding`` whose lookups read caught-up rows in exact mode.
 
     As :class:`sparseopt_tf.Embedding`, for ``tf_keras`` models trained by a
@@ -287,20 +287,6 @@ class Embedding(tf_keras.layers.Embedding):
             of the config; may also be assigned to ``layer.optimizer`` later).
         **kwargs: ``tf_keras.layers.Embedding``'s other arguments.
     """
-
-    def __init__(self, input_dim, output_dim, *args, optimizer=None, **kwargs):
-        super().__init__(input_dim, output_dim, *args, **kwargs)
-        self._attached = _Attached(optimizer)
-
-    @property
-    def optimizer(self):
-        return self._attached.optimizer
-
-    def __setattr__(self, name, value):
-        if name == "optimizer":           # not a tracked child of the layer
-            self._attached.optimizer = value
-            return
-        super().__setattr__(name, value)
 
     def call(self, inputs):
         optimizer = self._attached.optimizer

@@ -33,7 +33,7 @@ from sparseopt import _config
 from sparseopt.kernels._specialize import rule_key, specialize
 
 RULE = STEP = LOAD = STORE = ROW_STEP = U0 = U1 = U2 = HAS_WD = ROW_COST = None  # bound per specialization
-ROWWISE = ROW = ROW_TERM = ROW_RULE = V0 = V1 = V2 = None  # bound per row-wise specialization
+ROWWISE = ROW = ROW_TERM = ROW_RULE = ROW_SLOTS = V0 = V1 = V2 = None  # bound per row-wise specialization
 
 #: Runs of :func:`balanced_parts` per sparse step. A fixed number, not the thread
 #: count: ``numba.get_num_threads()`` inside a kernel would stop it from being cached.
@@ -163,13 +163,9 @@ def _sparse_template(p, s0, s1, s2, rows, offsets, order, values, c, wd_lr):
                 ROW_STEP(p, s0, s1, s2, rows[u], buf, 0, c, wd_lr)
 
 
-def _row_reduce_and_update(p, s0, s1, s2, r0, r1, r2, row, grad, src, c, wd_lr, width):
-    """One row of a row-wise rule, with the (de-duplicated) gradient row ``grad[src]``."""
-    d = p.shape[1]
-    total = width - width  # a zero of the variables' dtype
-    for j in range(d):
-        total += ROW_TERM(p[row, j], grad[src, j], c)
-    mean = total / width
+def _row_slots_template(r0, r1, r2, row, mean, c):
+    """``ROW_RULE`` on row ``row`` of the kept row slots (``mean``: the row's mean
+    ``ROW_TERM``); writes and returns the new row values (also for the CUDA kernels)."""
     ra = r0[row] if V0 else mean
     rb = r1[row] if V1 else mean
     re = r2[row] if V2 else mean
@@ -180,6 +176,16 @@ def _row_reduce_and_update(p, s0, s1, s2, r0, r1, r2, row, grad, src, c, wd_lr, 
         r1[row] = rb
     if V2:
         r2[row] = re
+    return ra, rb, re
+
+
+def _row_reduce_and_update(p, s0, s1, s2, r0, r1, r2, row, grad, src, c, wd_lr, width):
+    """One row of a row-wise rule, with the (de-duplicated) gradient row ``grad[src]``."""
+    d = p.shape[1]
+    total = width - width  # a zero of the variables' dtype
+    for j in range(d):
+        total += ROW_TERM(p[row, j], grad[src, j], c)
+    ra, rb, re = ROW_SLOTS(r0, r1, r2, row, total / width, c)
     for j in range(d):
         STEP(p, s0, s1, s2, (row, j), grad[src, j], ra, rb, re, c, wd_lr)
 
@@ -241,6 +247,7 @@ def _helpers(rule_module, used, row_used, has_wd):
         constants.update(ROW_TERM=_rule_function(rule_module, "row_term"),
                          ROW_RULE=_rule_function(rule_module, "row_update"),
                          V0=row_used[0], V1=row_used[1], V2=row_used[2])
+        constants["ROW_SLOTS"] = inline(specialize(_row_slots_template, suffix, **constants))
         constants["ROW"] = inline(specialize(_row_reduce_and_update, suffix, **constants))
     return suffix, constants
 

@@ -57,7 +57,7 @@ from sparseopt.kernels._specialize import rule_key, specialize
 
 STEP = None                          # bound per specialization: the element step
 THREADS = SQUARE = None              # bound per launch configuration
-ROW_TERM = ROW_RULE = V0 = V1 = V2 = DENSE = DTYPE = None  # bound per row-wise specialization
+ROW_TERM = ROW_SLOTS = DENSE = DTYPE = None  # bound per row-wise specialization
 
 #: ``cuda.jit`` flags of every kernel (no fast-math: NaN must propagate).
 KERNEL_FLAGS = dict(cache=_config.CACHE)
@@ -318,17 +318,7 @@ def _row_template(p, s0, s1, s2, r0, r1, r2, rows, offsets, order, values, k, c,
             cuda.syncthreads()
             n = half
         if active and x == 0:
-            mean = partial[slot] / width
-            ra = r0[row] if V0 else mean
-            rb = r1[row] if V1 else mean
-            re = r2[row] if V2 else mean
-            ra, rb, re = ROW_RULE(ra, rb, re, mean, c)
-            if V0:
-                r0[row] = ra
-            if V1:
-                r1[row] = rb
-            if V2:
-                r2[row] = re
+            ra, rb, re = ROW_SLOTS(r0, r1, r2, row, partial[slot] / width, c)
             shared_row[y, 0] = ra
             shared_row[y, 1] = rb
             shared_row[y, 2] = re
@@ -363,10 +353,12 @@ def row_kernel(rule_module, used, row_used, has_wd, dense, dtype, threads):
     dtype = np.dtype(dtype)
     suffix += (f"_r{''.join('1' if u else '0' for u in row_used)}{'_dense' if dense else ''}"
                f"_{dtype.name}_t{threads}")
+    row_constants = dict(ROW_RULE=_rule_function(rule_module, "row_update"),
+                         V0=row_used[0], V1=row_used[1], V2=row_used[2])
+    row_slots = cuda.jit(device=True)(specialize(cpu._row_slots_template, suffix, **row_constants))
     fn = specialize(_row_template, suffix, STEP=step, THREADS=threads, DTYPE=numba.from_dtype(dtype),
                     DENSE=bool(dense), ROW_TERM=_rule_function(rule_module, "row_term"),
-                    ROW_RULE=_rule_function(rule_module, "row_update"),
-                    V0=row_used[0], V1=row_used[1], V2=row_used[2])
+                    ROW_SLOTS=row_slots)
     return cuda.jit(**KERNEL_FLAGS)(fn)
 
 
