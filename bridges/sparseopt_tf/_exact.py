@@ -23,6 +23,7 @@ restored optimizer starts with every row current (:meth:`ExactBook.reset`).
 import threading
 
 import numpy as np
+import tensorflow as tf
 
 from sparseopt import _exact, _validation, errors
 from sparseopt.indexed_slices import IndexedSlices
@@ -32,6 +33,17 @@ from sparseopt.kernels import cpu
 class ExactModeNotSupportedError(errors.SparseoptError, ValueError):
     """``sparse_mode="exact"`` asked for where it cannot give dense training's results
     (a ``tf.distribute`` strategy, EMA); raised before anything is written."""
+
+
+def check_can_run(name, sparse_mode):
+    """Exact mode under a ``tf.distribute`` strategy: raise, before anything is written
+    (both bridge families call this before a step, a catch-up or a flush)."""
+    if sparse_mode == "exact" and tf.distribute.has_strategy():
+        raise ExactModeNotSupportedError(
+            f"{name}: sparse_mode='exact' cannot run under a tf.distribute strategy "
+            f"({type(tf.distribute.get_strategy()).__name__}): the record of which rows are "
+            "behind lives in this process's memory, one per variable, not one per replica. "
+            "Use sparse_mode='lazy' under a strategy.")
 
 
 class Variable:

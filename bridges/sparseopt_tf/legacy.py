@@ -242,12 +242,7 @@ class Optimizer(_V2):
         return super()._trackable_children(save_type, **kwargs)
 
     def _check_exact_mode_can_run(self):
-        if self.sparse_mode == "exact" and tf.distribute.has_strategy():
-            raise _exact.ExactModeNotSupportedError(
-                f"{self._name}: sparse_mode='exact' cannot run under a tf.distribute strategy "
-                f"({type(tf.distribute.get_strategy()).__name__}): the record of which rows are "
-                "behind lives in this process's memory, one per variable, not one per replica. "
-                "Use sparse_mode='lazy' under a strategy.")
+        _exact.check_can_run(self._name, self.sparse_mode)
 
     def get_config(self):
         # Exact mode, eagerly: flush first. tf_keras' model.save writes the config (with the

@@ -590,12 +590,7 @@ class Optimizer(keras.optimizers.Optimizer):
             self._host.exact.reset()
 
     def _check_exact_mode_can_run(self):
-        if self.sparse_mode == "exact" and tf.distribute.has_strategy():
-            raise _exact.ExactModeNotSupportedError(
-                f"{self.name}: sparse_mode='exact' cannot run under a tf.distribute strategy "
-                f"({type(tf.distribute.get_strategy()).__name__}): the record of which rows are "
-                "behind lives in this process's memory, one per variable, not one per replica. "
-                "Use sparse_mode='lazy' under a strategy.")
+        _exact.check_can_run(self.name, self.sparse_mode)
 
     # ------------------------------------------------------------------- config
 
