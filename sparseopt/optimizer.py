@@ -22,6 +22,7 @@ import numbers
 import numpy as np
 
 from sparseopt import _cuda, _exact, _validation, errors, schedules
+from sparseopt.rules import _variant
 from sparseopt.indexed_slices import IndexedSlices
 from sparseopt.kernels import cpu, dedup
 from sparseopt.rules._floatx import f32
@@ -479,13 +480,14 @@ class Optimizer:
         rule = self._rule
         if self.sparse_mode == "exact":
             _exact.run(self, updates, coefficients, wd, _SparseUpdate,
-                       lambda state, update, c, wd_v, has_wd: update.run(rule, state, c, wd_v, has_wd))
+                       lambda state, update, c, wd_v, has_wd: update.run(
+                           _variant.for_step(rule, c), state, c, wd_v, has_wd))
             return
         for state, update in updates:
             has_wd = wd != 0.0 and self._uses_weight_decay(state)
             dtype = state.storage.dtype.type  # the variable's (a CUDA array's may not be NumPy's)
             c = type(coefficients)(*(dtype(x) for x in coefficients))
-            update.run(rule, state, c, dtype(wd if has_wd else 0.0), has_wd)
+            update.run(_variant.for_step(rule, c), state, c, dtype(wd if has_wd else 0.0), has_wd)
 
     def _apply_constraints(self, updates, constraints):
         items = constraints.items() if isinstance(constraints, dict) else constraints

@@ -205,22 +205,20 @@ def test_import_touches_neither_tensorflow_nor_cuda():
     assert out.stdout.strip() == "[]"
 
 
-def test_ftrl_compiles_the_sqrt_variant_only_for_a_power_of_minus_half(rng):
-    """The rule follows ``learning_rate_power``, also when it is reassigned mid-training
-    or given as a callable, and every choice matches the float64 reference."""
+def test_ftrl_compiles_the_sqrt_variant_only_for_steps_with_a_power_of_minus_half(rng):
+    """The rule is chosen per step from its coefficients, so it follows
+    ``learning_rate_power`` also when it is reassigned mid-training or given as a
+    callable, and every step matches the float64 reference."""
+    from sparseopt.rules import _variant
     from sparseopt.rules import ftrl as rule
+    assert _variant.for_step(rule, rule.coefficients(0.1, -0.5, 0, 0, 0, 0)) is rule.SQRT
+    assert _variant.for_step(rule, rule.coefficients(0.1, -0.7, 0, 0, 0, 0)) is rule
     opt = so.Ftrl(learning_rate=0.1)
-    assert opt._rule is rule.SQRT and so.Ftrl._rule is rule
     var = rng.normal(size=(6, 3))
     p, slots = var.copy(), {}
-    powers = [-0.5, -0.5, -0.7, -0.7, -0.5]
+    powers = [-0.5, -0.5, -0.7, -0.7, -0.5, -0.7]
     for t, power in enumerate(powers, start=1):
-        if t == 5:
-            opt.learning_rate_power = lambda: -0.5
-            assert opt._rule is rule  # a callable: the general rule, use_sqrt per step
-        else:
-            opt.learning_rate_power = power
-            assert opt._rule is (rule.SQRT if power == -0.5 else rule)
+        opt.learning_rate_power = (lambda power=power: power) if t >= 5 else power
         g = rng.normal(size=var.shape)
         opt.apply_gradients([(g, var)])
         p = ref.ftrl(p, g, slots, t, learning_rate=float(np.float32(0.1)),  # Keras' float32 rate

@@ -18,6 +18,7 @@ import numpy as np
 from sparseopt import _validation, errors
 from sparseopt.indexed_slices import IndexedSlices
 from sparseopt.kernels import cpu
+from sparseopt.rules import _variant
 from sparseopt_tf import _exact
 
 
@@ -157,11 +158,11 @@ class HostStep:
         elif job.sparse:
             _, slots, _, (rows, offsets, order, values) = plan
             if rows.size:
-                kernel = cpu.sparse_kernel(self.rule, job.used, job.has_wd)
+                kernel = cpu.sparse_kernel(_variant.for_step(self.rule, c), job.used, job.has_wd)
                 kernel(var, *_place(slots, job.used, var), rows, offsets, order, values, c, wd)
         else:
             _, slots, _, g = plan
-            kernel = cpu.dense_kernel(self.rule, job.used, job.has_wd)
+            kernel = cpu.dense_kernel(_variant.for_step(self.rule, c), job.used, job.has_wd)
             kernel(var, g, *_place(slots, job.used, var), c, wd)
 
     def _validate(self, job, group):
@@ -200,17 +201,18 @@ class HostStep:
         """The core's row-reduction kernels (as ``sparseopt.optimizers._rowwise`` runs them)."""
         p, slots, row_slots, gradient = plan
         num_rows, width = p.shape
+        rule = _variant.for_step(self.rule, c)
         placeholder = p[:, 0] if width else p.reshape(num_rows)
         rows_args = _place(row_slots, job.row_used, placeholder)
         width = type(wd)(width)
         if job.sparse:
             rows, offsets, order, values = gradient
             if rows.size:
-                kernel = cpu.row_sparse_kernel(self.rule, job.used, job.row_used, job.has_wd)
+                kernel = cpu.row_sparse_kernel(rule, job.used, job.row_used, job.has_wd)
                 kernel(p, *_place(slots, job.used, p), *rows_args, rows, offsets, order, values,
                        c, wd, width)
         else:
-            kernel = cpu.row_dense_kernel(self.rule, job.used, job.row_used, job.has_wd)
+            kernel = cpu.row_dense_kernel(rule, job.used, job.row_used, job.has_wd)
             kernel(p, gradient, *_place(slots, job.used, p), *rows_args, c, wd, width)
 
 

@@ -7,17 +7,6 @@ from sparseopt.optimizers._checks import check_range
 from sparseopt.rules import ftrl as rule
 
 
-class _RuleForPower:
-    """``Ftrl._rule``: the rule module on the class; on an optimizer, the compile-time
-    variant for its current ``learning_rate_power`` (:func:`sparseopt.rules.ftrl.for_power`)."""
-
-    def __get__(self, opt, owner=None):
-        if opt is None:
-            return rule
-        # a callable or schedule gets the general rule (its value is known only per step)
-        return rule.for_power(opt.__dict__.get("_hyper", {}).get("learning_rate_power"))
-
-
 class Ftrl(Optimizer):
     """FTRL-Proximal, as ``keras.optimizers.Ftrl`` (math: :mod:`sparseopt.rules.ftrl`).
 
@@ -45,7 +34,7 @@ class Ftrl(Optimizer):
         [False, True, True]
     """
 
-    _rule = _RuleForPower()
+    _rule = rule
     _hyper_names = ("learning_rate", "learning_rate_power", "l1_regularization_strength",
                     "l2_regularization_strength", "l2_shrinkage_regularization_strength", "beta")
     _has_legacy_math = True

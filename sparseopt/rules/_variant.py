@@ -6,8 +6,13 @@ branch is speculated by the vectorizer, so every element pays for a scalar ``pow
 even when the flag picks ``sqrt``. A variant re-binds the rule module's functions
 (:func:`sparseopt.kernels._specialize.specialize`) with a module constant fixed, so
 the compiler drops the other side. It is a module object like the rule itself, with
-its own ``__rule_key__``, so every kernel family (CPU, exact, CUDA, the bridge)
-compiles and caches it as a rule of its own.
+its own ``__rule_key__``, so every kernel family compiles and caches it as a rule of
+its own.
+
+The variant is chosen per step, from that step's coefficients (:func:`for_step`), where
+a kernel runs one step: so it always agrees with the flag it fixes, also when a
+hyperparameter changes between steps. Exact mode's catch-up replays past steps with
+their own coefficients and runs the rule itself.
 """
 
 import types
@@ -29,3 +34,10 @@ def variant(rule_module, name, **constants):
         setattr(out, key, value)
     out.__rule_key__ = f"{rule_key(rule_module)}_{name}"
     return out
+
+
+def for_step(rule_module, c):
+    """The rule to compile for one step with coefficients ``c``: the rule's
+    ``variant_for(c)`` where it has one, else the rule."""
+    choose = getattr(rule_module, "variant_for", None)
+    return rule_module if choose is None else choose(c)

@@ -56,9 +56,10 @@ def coefficients(learning_rate, learning_rate_power, l1_regularization_strength,
                         2.0 * l2, 2.0 * shrinkage)
 
 
-#: True in :data:`SQRT`, the variant for ``learning_rate_power == -0.5`` (the default):
-#: there ``use_sqrt`` is known to be 1 at compile time, and the ``pow`` branch, which the
-#: vectorizer would otherwise run for every element, is dropped (3-4x faster kernels).
+#: True in :data:`SQRT`, the variant for steps with ``use_sqrt`` (``learning_rate_power ==
+#: -0.5``, the default; see :func:`variant_for`): there the flag is known at compile time,
+#: and the ``pow`` branch, which the vectorizer would otherwise run for every element, is
+#: dropped (3-4x faster kernels).
 SQRT_ONLY = False
 
 
@@ -112,6 +113,7 @@ from sparseopt.rules._variant import variant  # noqa: E402
 SQRT = variant(sys.modules[__name__], "sqrt", SQRT_ONLY=True)
 
 
-def for_power(learning_rate_power):
-    """The rule to compile for ``learning_rate_power``: :data:`SQRT` for -0.5, else this one."""
-    return SQRT if learning_rate_power == -0.5 else sys.modules[__name__]
+def variant_for(c):
+    """The rule to compile for a step with coefficients ``c`` (:func:`sparseopt.rules._variant.for_step`):
+    :data:`SQRT` when ``c.use_sqrt`` (``learning_rate_power == -0.5``), else this one."""
+    return SQRT if c.use_sqrt != 0 else sys.modules[__name__]

@@ -299,3 +299,19 @@ def test_rejected_graph_step_leaves_iterations_and_host_state(legacy):
         step(tf.constant([1, 9]))
     for a, b in zip(before, opt.get_weights() + [var.numpy()]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_ftrl_learning_rate_power_reassigned_after_build_matches_keras():
+    """The kernels' rule follows each step's coefficients (Ftrl's sqrt variant for a
+    power of -0.5 only), also when the power is changed on a built optimizer."""
+    results = []
+    for make in (lambda: sparseopt_tf.Ftrl(0.1), lambda: keras.optimizers.Ftrl(0.1)):
+        var = tf.Variable(np.linspace(-1, 1, 12).reshape(4, 3).astype(np.float32))
+        opt = make()
+        opt.build([var])
+        rng = np.random.default_rng(3)
+        for power in (-0.5, -0.7, -0.7, -0.5):
+            opt.learning_rate_power = power
+            opt.apply_gradients([(tf.constant(rng.normal(size=(4, 3)).astype(np.float32)), var)])
+        results.append(var.numpy())
+    rel_close(results[0], results[1], np.float32)
