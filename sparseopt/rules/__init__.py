@@ -20,7 +20,7 @@ on a loop-invariant flag between cheap expressions costs nothing measurable (the
 compiler selects) and keeps one kernel per rule. Where one side is expensive (Ftrl's
 ``math.pow``, which the vectorizer would run for every element), the rule also offers
 a compile-time variant with a module constant fixed (:mod:`sparseopt.rules._variant`),
-and the optimizer picks it.
+chosen per step from that step's coefficients (``variant_for(c)``).
 
 **Legacy math.** Where ``tf_keras.optimizers.legacy.<Name>`` (Keras 2's
 ``OptimizerV2``) computes differently from Keras 3 (epsilon inside or outside the
