@@ -294,7 +294,7 @@ def slot_storage(var, initial_values):
     nslots = len(initial_values)
     with _on_device(rt, w.device):
         storage = rt.cuda.device_array((nslots,) + shape, dtype)
-        size = int(np.prod(shape, dtype=np.int64))
+        size = math.prod(shape)
         if nslots and size:
             flat = storage.reshape((nslots, size))
             k = rt.kernels
@@ -581,7 +581,7 @@ class SparseUpdate:
         values, indices, v = values_w.array, indices_w.array, vw.array
         _validation.check_sparse_layout(name, v, values, indices, g.dense_shape)
         row_shape = tuple(v.shape[1:])
-        width = int(np.prod(row_shape, dtype=np.int64))
+        width = math.prod(row_shape)
         with _on_device(rt, vw.device):
             stream = _launch_stream(rt, values_w.stream, indices_w.stream, vw.stream)
         return cls(v.reshape((v.shape[0], width)), values.reshape((values.shape[0], width)), indices,

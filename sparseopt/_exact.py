@@ -26,6 +26,8 @@ compiled for the device. Nothing is read back from the device except a ``catch_u
 index range check, as for a sparse gradient.
 """
 
+import math
+
 import numpy as np
 
 from sparseopt import _cuda, errors
@@ -104,7 +106,7 @@ def _tables(rule, ex):
 
 
 def _arrays(rule, state, ex):
-    width = int(np.prod(state.var.shape[1:], dtype=np.int64))
+    width = math.prod(state.var.shape[1:])
     return state.kernel_arrays(rule.SLOTS, (ex.rows, width))
 
 

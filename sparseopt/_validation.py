@@ -4,12 +4,13 @@ The one implementation of these checks: the core optimizer
 (:meth:`sparseopt.Optimizer.apply_gradients`, through ``optimizer._DenseUpdate`` and
 ``optimizer._SparseUpdate``) and the TensorFlow bridge's host step
 (``sparseopt_tf._host``) both call these functions, so a bad input gets the same
-exception and the same message whichever way it came. They write nothing but the
-de-duplication scratch (``marker``), which they leave as they found it.
+exception and the same message whichever way it came. They write nothing.
 
 Each returns the arrays the kernels take: C-contiguous, without a copy where the
 input already is.
 """
+
+import math
 
 import numpy as np
 
@@ -68,7 +69,7 @@ def sparse_gradient(g, var, name):
     check_sparse_layout(name, var, values, indices, getattr(g, "dense_shape", None))
     if indices.dtype.itemsize < 4 or indices.dtype == np.uint32:
         indices = indices.astype(np.int64)
-    width = int(np.prod(var.shape[1:], dtype=np.int64))
+    width = math.prod(var.shape[1:])
     values = np.ascontiguousarray(values).reshape(values.shape[0], width)
     return values, np.ascontiguousarray(indices)
 
@@ -100,24 +101,14 @@ def check_sparse_layout(name, var, values, indices, dense_shape):
             f"{name!r}: dense_shape {tuple(dense_shape)} differs from the variable's shape {var_shape}")
 
 
-def marker(markers, key, num_rows):
-    """The de-duplication scratch of ``key`` in the dict ``markers``: one int32 per row,
-    -1 between steps (made, or remade for a new row count, on first use)."""
-    found = markers.get(key)
-    if found is None or found.shape[0] != num_rows:
-        found = np.full(num_rows, -1, np.int32)
-        markers[key] = found
-    return found
-
-
-def plan(indices, num_rows, marker, name):
+def plan(indices, num_rows, name):
     """Range-check ``indices`` and group their duplicates (:func:`sparseopt.kernels.dedup.plan_rows`).
 
     Returns:
-        ``(rows, offsets, order)``: the positions of unique row ``rows[u]`` are
+        ``(rows, offsets, order)``: the unique rows, increasing; the positions of ``rows[u]`` are
         ``order[offsets[u]:offsets[u + 1]]``, in increasing order.
     """
-    rows, offsets, order, bad = dedup.plan_rows(indices, num_rows, marker)
+    rows, offsets, order, bad = dedup.plan_rows(indices, num_rows)
     if bad >= 0:
         raise errors.IndexOutOfRangeError(
             f"{name!r}: indices must lie in [0, {num_rows}); got {int(indices[bad])} at position {bad}")

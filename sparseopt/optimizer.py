@@ -112,7 +112,7 @@ class Optimizer:
         self.gradient_transformers = list(gradient_transformers or [])
         self._iterations = np.zeros((), np.int64)
         self._states = {}          # id(var) -> VariableState, in build order
-        self._markers = {}         # id(var) -> de-duplication scratch
+        self._markers = {}         # id(var) -> de-duplication scratch of a CUDA variable
         self._weights = []         # (state, slot name), in creation order
         self._exclude_ids = set()
         self._exclude_names = ()
@@ -422,17 +422,13 @@ class Optimizer:
                 on_device = True
             elif isinstance(g, IndexedSlices):
                 update = _SparseUpdate.validate(g, var, name)
-                update.plan(var, self._marker_for(var))
+                update.plan(var)
             else:
                 update = _DenseUpdate.validate(g, var, name)
             checked.append((name, var, update))
         if on_device:  # the device range checks: one small read per sparse CUDA gradient
             _cuda.finish_validation([update for _, _, update in checked])
         return checked
-
-    def _marker_for(self, var):
-        """Scratch for de-duplication: one int32 per row, -1 between steps."""
-        return _validation.marker(self._markers, id(var), var.shape[0])
 
     def _check_variable(self, var, name):
         if not isinstance(var, np.ndarray):
@@ -473,7 +469,7 @@ class Optimizer:
             _, idx = _validation.sparse_gradient(
                 IndexedSlices(np.empty((np.shape(idx)[0] if np.ndim(idx) else 0,) + var.shape[1:],
                                        var.dtype), idx), var, state.name)
-            return _validation.plan(idx, var.shape[0], self._marker_for(var), state.name)[0]
+            return _validation.plan(idx, var.shape[0], state.name)[0]
         _exact.catch_up(self, var, indices, rows)
 
     def _run(self, updates, coefficients, wd):
@@ -539,8 +535,8 @@ class _SparseUpdate:
         values, indices = _validation.sparse_gradient(g, var, name)
         return cls(values, indices, name)
 
-    def plan(self, var, marker):
-        self.rows, self.offsets, self.order = _validation.plan(self.indices, var.shape[0], marker, self.name)
+    def plan(self, var):
+        self.rows, self.offsets, self.order = _validation.plan(self.indices, var.shape[0], self.name)
 
     def _sum_duplicates(self):
         if not self.summed:

@@ -168,3 +168,42 @@ def test_balanced_parts_cover_the_rows_in_runs_of_equal_cost(counts, parts, row_
     largest = cost.max(initial=0)
     for t in range(parts):
         assert cost[bounds[t]:bounds[t + 1]].sum() <= share + largest
+
+
+def reference_plan(idx):
+    """The plan from NumPy: unique rows (increasing) and a stable sort of the positions."""
+    order = np.argsort(idx, kind="stable")
+    rows, counts = np.unique(idx, return_counts=True)
+    return rows, np.concatenate([[0], np.cumsum(counts)]), order
+
+
+@given(bits=st.integers(0, 36), n=st.integers(0, 400), hot=st.floats(0, 0.9),
+       dtype=st.sampled_from([np.int32, np.int64]), seed=st.integers(0, 2**31))
+@settings(max_examples=150, deadline=None)
+def test_plan_rows_groups_the_positions_of_each_row_in_order(bits, n, hot, dtype, seed):
+    """The de-duplication plan (one, two or three radix passes; the merge sort of tables
+    of 2**31 rows or more) equals NumPy's: unique rows increasing, positions increasing."""
+    from sparseopt.kernels import dedup
+    num_rows = int(np.random.default_rng(seed).integers(1, 2**bits + 1)) if bits else 1
+    if dtype is np.int32:
+        num_rows = min(num_rows, 2**31 - 1)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, num_rows, n).astype(dtype)
+    idx[rng.random(n) < hot] = num_rows - 1  # a hot row with many duplicates
+    rows, offsets, order, bad = dedup.plan_rows(idx, num_rows)
+    assert bad == -1
+    for got, want in zip((rows, offsets, order), reference_plan(idx)):
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("num_rows", [10, 5000, 2**31 + 7])
+@pytest.mark.parametrize("bad_value", [-1, "num_rows"])
+def test_plan_rows_reports_the_first_index_out_of_range(num_rows, bad_value):
+    from sparseopt.kernels import dedup
+    idx = np.array([3, 9, 1, 4, 9], np.int64)
+    idx[2] = num_rows if bad_value == "num_rows" else bad_value
+    idx[4] = -5
+    rows, offsets, order, bad = dedup.plan_rows(idx, num_rows)
+    assert bad == 2
+    assert rows.size == 0 and order.size == 0 and offsets.tolist() == [0]

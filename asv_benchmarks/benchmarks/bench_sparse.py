@@ -43,14 +43,13 @@ class DedupPlan:
     param_names = ["lookups"]
 
     def setup(self, lookups):
-        self.marker = np.full(TABLE_ROWS, -1, np.int32)
         self.indices = [i for _, i in sparse_batches(TABLE_ROWS, 1, lookups, BATCHES)]
         self.step = 0
-        dedup.plan_rows(self.indices[0], TABLE_ROWS, self.marker)
+        dedup.plan_rows(self.indices[0], TABLE_ROWS)
 
     def time_plan_rows(self, lookups):
         self.step += 1
-        dedup.plan_rows(self.indices[self.step % BATCHES], TABLE_ROWS, self.marker)
+        dedup.plan_rows(self.indices[self.step % BATCHES], TABLE_ROWS)
 
 
 class SlotMemory:

@@ -109,18 +109,15 @@ class ExactBook:
 
     Args:
         core: the configured core optimizer (its rule, ``exact_history`` and name).
-        markers: the de-duplication scratch dict shared with the optimizer's steps
-            (a catch-up plans its indices with the variable's scratch).
 
     Every method takes a lock: the kernels release the GIL, and a graph may run the
     catch-ups of two tables at once.
     """
 
-    def __init__(self, core, markers):
+    def __init__(self, core):
         self.rule = core._rule
         self.history = core.exact_history
         self.name = core.name
-        self.markers = markers
         self.states = {}
         self._lock = threading.Lock()
 
@@ -141,8 +138,7 @@ class ExactBook:
             idx = np.asarray(idx).reshape(-1)
             values = np.empty((idx.shape[0],) + var.shape[1:], var.dtype)
             _, idx = _validation.sparse_gradient(IndexedSlices(values, idx), var, state.name)
-            marker = _validation.marker(self.markers, variable.key, var.shape[0])
-            return _validation.plan(idx, var.shape[0], marker, state.name)[0]
+            return _validation.plan(idx, var.shape[0], state.name)[0]
 
         with self._lock, _Scope(self, [variable]) as scope:
             _exact.catch_up(scope, var, indices, rows)

@@ -34,7 +34,7 @@ class Job:
             ``SLOTS`` order; each of the variable's shape).
         used: three booleans: which of the rule's ``SLOTS`` those are.
         has_wd: whether decoupled weight decay applies to this variable.
-        marker_key: key of the variable's de-duplication scratch (one per variable and device).
+        key: the variable's key in the exact-mode states (one per variable and device).
         nrowslots: for a row-wise rule, how many row slot arrays (shape ``(rows,)``,
             in ``ROW_SLOTS`` order) follow the element slots.
         row_used: for a row-wise rule, three booleans: which of the rule's
@@ -46,7 +46,7 @@ class Job:
     nslots: int
     used: tuple
     has_wd: bool
-    marker_key: object
+    key: object
     nrowslots: int = 0
     row_used: tuple = None
 
@@ -67,22 +67,20 @@ class HostStep:
         hyper_names: names of the hyperparameters in the scalars vector (the learning
             rate first). The host state after this step follows them, named by the
             core's ``_scalar_state_names``.
-        markers: a dict that keeps de-duplication scratch across steps.
 
     In exact mode (the core's ``sparse_mode``) the validated step runs through
     :meth:`sparseopt_tf._exact.ExactBook.step`, the core's own exact-mode step.
     """
 
-    def __init__(self, core, rule, hyper_names, markers):
+    def __init__(self, core, rule, hyper_names):
         self.core = core
         self.rule = rule
         self.hyper_names = tuple(hyper_names)
         self.state_names = tuple(type(core)._scalar_state_names)
-        self.markers = markers
         self.rowwise = hasattr(rule, "ROW_SLOTS")
         self._state_lock = threading.Lock()
         #: ``sparse_mode="exact"``: the exact-mode states (:class:`sparseopt_tf._exact.ExactBook`).
-        self.exact = _exact.ExactBook(core, markers) if core.sparse_mode == "exact" else None
+        self.exact = _exact.ExactBook(core) if core.sparse_mode == "exact" else None
 
     def _hypers(self, scalars, with_state):
         """``(step, weight_decay * lr, {name: value})`` from a scalars vector, checked finite."""
@@ -147,7 +145,7 @@ class HostStep:
     def exact_variable(self, job, group):
         """The :class:`sparseopt_tf._exact.Variable` of a job's arrays (variable, slots, ...)."""
         names = [n for n, u in zip(self.rule.SLOTS, job.used) if u]
-        return _exact.Variable(job.marker_key, group[0], job.name,
+        return _exact.Variable(job.key, group[0], job.name,
                                dict(zip(names, group[1:1 + job.nslots])), job.has_wd)
 
     def _run_job(self, job, plan, c, wd):
@@ -183,11 +181,10 @@ class HostStep:
                     f"{job.name!r}: a row slot has shape {s.shape} and dtype {s.dtype}; expected "
                     f"{var.shape[:1]} and {var.dtype}")
         num_rows = var.shape[0] if var.ndim else 1
-        width = int(np.prod(var.shape[1:], dtype=np.int64))
+        width = math.prod(var.shape[1:])
         if job.sparse:
             values, indices = _validation.sparse_gradient(IndexedSlices(group[-2], group[-1]), var, job.name)
-            marker = _validation.marker(self.markers, job.marker_key, num_rows)
-            rows, offsets, order = _validation.plan(indices, num_rows, marker, job.name)
+            rows, offsets, order = _validation.plan(indices, num_rows, job.name)
             gradient = (rows, offsets, order, values)
         else:
             gradient = _validation.dense_gradient(group[-1], var, job.name)

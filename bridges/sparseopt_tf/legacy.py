@@ -85,7 +85,7 @@ class Optimizer(_V2):
         self.sparse_mode = core.sparse_mode
         self.exact_history = core.exact_history
         self._host = _host.HostStep(core, _spec.rule_for(core),
-                                    ("learning_rate",) + spec.hyper_names, markers={})
+                                    ("learning_rate",) + spec.hyper_names)
         self._state_variables = None
         self._slotted = {}      # var key -> variable with slots (a plain dict: not tracked)
 
@@ -207,7 +207,7 @@ class Optimizer(_V2):
             with tf.init_scope():
                 self._create_all_weights([variable])
         job, refs = self._job(variable, True)
-        if not tf.inside_function() and not self._host.exact.pending(job.marker_key):
+        if not tf.inside_function() and not self._host.exact.pending(job.key):
             return None
         return _catch_up(self._host, job, refs, indices, self._name)
 

@@ -131,7 +131,7 @@ class Optimizer(keras.optimizers.Optimizer):
             setattr(self, arg, own[arg])
         self._slot_table = _SlotTable()
         self._host = _host.HostStep(self._core, _spec.rule_for(self._core),
-                                    ("learning_rate",) + spec.hyper_names, markers={})
+                                    ("learning_rate",) + spec.hyper_names)
         self._state_variables = []
         self._untracked = _Untracked()
 
@@ -561,7 +561,7 @@ class Optimizer(keras.optimizers.Optimizer):
         self._check_exact_mode_can_run()
         var = _tf_variable(variable)
         job, refs = self._job(var, True)
-        if not tf.inside_function() and not self._host.exact.pending(job.marker_key):
+        if not tf.inside_function() and not self._host.exact.pending(job.key):
             return None                     # every row is current: nothing to hand over
         return _catch_up(self._host, job, refs, indices, self.name)
 
@@ -648,7 +648,7 @@ def _flush(host, jobs_and_refs, name):
     rows of any). Shared with :mod:`sparseopt_tf.legacy`."""
     if not tf.inside_function():
         jobs_and_refs = [(job, refs) for job, refs in jobs_and_refs
-                         if host.exact.pending(job.marker_key)]
+                         if host.exact.pending(job.key)]
     if not jobs_and_refs:
         return None
     inputs = [ref for job, refs in jobs_and_refs for ref in refs[:1 + job.nslots]]

@@ -103,9 +103,9 @@ def balanced_parts(offsets, parts, row_cost):
 
     A row costs its gradient rows (``offsets[u + 1] - offsets[u]``) plus ``row_cost``
     (the rows of the parameter and slots it reads and writes, in gradient rows).
-    ``plan_rows`` lists rows in order of first appearance, so under a Zipf batch the
-    hot rows, with hundreds of duplicates each, come first: an even split of the
-    unique rows (plain ``prange``) gives the first thread most of the work. Returns
+    Under a Zipf batch a few hot rows have hundreds of duplicates each, so the
+    cost of a run of unique rows varies widely: an even split of the rows (plain
+    ``prange``) can give one thread most of the work. Returns
     ``bounds``: run ``t`` is ``bounds[t]:bounds[t + 1]``. Which thread updates a row
     never changes its bits, so any split gives the same results.
     """

@@ -18,8 +18,7 @@ does, and results do not depend on scheduling. It is built in device memory:
 
 No float atomics anywhere; integer counts are exact, so the plan, and the update
 that follows it, are bit-identical from run to run. The unique rows come out in
-increasing row order (the CPU plan lists them by first appearance), which changes
-nothing: each row is updated independently.
+increasing row order, as the CPU plan's do.
 
 ``info`` (two int64) is the only thing the host reads back, once per step, before
 the update kernel is launched. Scratch arrays are kept per variable and grow by

@@ -13,6 +13,8 @@ slots on its device and runs the CUDA row-reduction kernels
 (:func:`sparseopt.kernels.cuda.row_kernel`, through its update's ``run_rowwise``).
 """
 
+import math
+
 import numpy as np
 
 from sparseopt import _cuda
@@ -74,7 +76,7 @@ class _RowUpdate:
             return
         var = state.var
         rows = var.shape[0] if var.ndim else 1
-        width = int(np.prod(var.shape[1:], dtype=np.int64))
+        width = math.prod(var.shape[1:])
         p, slots, used = state.kernel_arrays(rule.SLOTS, (rows, width))
         row_slots, row_used = cpu.place(rule.ROW_SLOTS, {n: v.reshape(rows) for n, v in self.row_slots.items()},
                                         p[:, 0] if width else p.reshape(rows))

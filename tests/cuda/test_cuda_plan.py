@@ -41,8 +41,7 @@ def test_plan_matches_cpu(num_rows, n, seed):
     assert offsets[0] == 0 and offsets[-1] == n
     for u in range(rows.size):                # positions of a row in increasing order
         assert np.all(np.diff(order[offsets[u]:offsets[u + 1]]) > 0)
-    marker = np.full(num_rows, -1, np.int32)
-    crows, coffsets, corder, cbad = dedup.plan_rows(idx.astype(np.int64), num_rows, marker)
+    crows, coffsets, corder, cbad = dedup.plan_rows(idx.astype(np.int64), num_rows)
     assert cbad == -1
     assert groups(rows, offsets, order) == groups(crows, coffsets, corder)
 
@@ -106,7 +105,6 @@ def test_plan_survives_thread_switches_in_shared_memory_allocation(monkeypatch):
             m.setattr(np, "empty", switching_empty)
             bad, plan = device_plan(idx, num_rows)
         assert bad == -1
-        marker = np.full(num_rows, -1, np.int32)
-        crows, coffsets, corder, _ = dedup.plan_rows(idx.astype(np.int64), num_rows, marker)
+        crows, coffsets, corder, _ = dedup.plan_rows(idx.astype(np.int64), num_rows)
         assert np.array_equal(plan[0], np.unique(idx))
         assert groups(*plan) == groups(crows, coffsets, corder)
