@@ -65,7 +65,8 @@ def _catch(rule_module, used, has_wd):
     constants = dict(RULE=ck._rule_function(rule_module), U0=used[0], U1=used[1], U2=used[2],
                      HAS_WD=bool(has_wd),
                      IDLE_APPLY=_device(idle_apply, f"{rule_key(rule_module)}_cuda", _idle=_idle_module()))
-    for name, template in (("LOAD", ck.cpu._load_template), ("STORE", ck.cpu._store_template)):
+    for name, template in (("LOAD", ck.cpu._load_template), ("STORE", ck.cpu._store_template),
+                           ("REPLAY", cpu_exact._replay_template)):
         constants[name] = cuda.jit(device=True)(specialize(template, "x" + suffix, **constants))
     catch = cuda.jit(device=True)(specialize(cpu_exact._catch_up_template, "x" + suffix, **constants))
     return f"x{_SHARED_KEY}_{suffix}", step, catch

@@ -13,13 +13,15 @@ A variable in exact mode keeps (see :mod:`sparseopt._exact`)
   describes the idle window ``(L, hi]`` (:func:`idle_tables`, recomputed per step).
 
 Per unique row with effective ``L < hi``, every element is first caught up over the
-window (the rule's ``idle_apply`` closed form or truncated series, else a replay of
-``RULE`` with a zero gradient, always bounded by ``H``), then the ordinary element
-step (``cpu._step_template``) runs in the same pass; ``last[r]`` becomes ``hi + 1``.
+window (the rule's ``idle_apply`` closed form or truncated series, in a vectorized pass
+over the row, then a replay of ``RULE`` with a zero gradient for the elements where it
+failed, always bounded by ``H``), then the ordinary element step
+(``cpu._step_template``) runs in the same pass; ``last[r]`` becomes ``hi + 1``.
 Each row is owned by one thread, as in the lazy kernels.
 """
 
 import functools
+import types
 
 import numba
 import numpy as np
@@ -30,24 +32,64 @@ from sparseopt.kernels import cpu
 from sparseopt.kernels._specialize import rule_key, specialize
 from sparseopt.rules import _idle
 
-RULE = STEP = LOAD = STORE = CATCH = IDLE_APPLY = TABLE_INIT = TABLE_STEP = None  # bound per specialization
+RULE = STEP = LOAD = STORE = CATCH = CATCH_ROW = REPLAY = IDLE_APPLY = IDLE_APPLY_FAST = None  # bound per specialization
+TABLE_INIT = TABLE_STEP = None
+
+#: Terms of the eps-series in the first, vectorized pass of the CPU catch-up (the tables
+#: keep ``_idle.SERIES_TERMS``): enough for float32 and float64 when ``eps / sqrt(v)`` is
+#: small, as it is in practice; an element where they are not is retried with all terms.
+FAST_SERIES_TERMS = 6
 U0 = U1 = U2 = HAS_WD = ROW_STEP = ROW_COST = None
 
 
-def _catch_up_template(p, s0, s1, s2, at, hist, lo, hi, trow, c_idle, zero, tol):
-    """Bring element ``at`` of ``p`` and its slots from step ``lo`` to step ``hi``."""
+def _replay_template(p, s0, s1, s2, at, hist, lo, hi, zero):
+    """Bring element ``at`` from step ``lo`` to step ``hi`` by replaying ``RULE`` with a
+    zero gradient and each step's own coefficients (bit for bit the dense rule)."""
     x, a, b, e = LOAD(p, s0, s1, s2, at)
     n = hist.shape[0]
-    x2, a2, b2, e2, ok = IDLE_APPLY(x, a, b, e, trow, c_idle, tol, zero)
-    if ok:
-        STORE(p, s0, s1, s2, at, x2, a2, b2, e2)
-        return
     for tau in range(lo + 1, hi + 1):
         rec = hist[tau % n]
         if HAS_WD:
             x = x - x * rec.wd
         x, a, b, e = RULE(x, zero, a, b, e, rec)
     STORE(p, s0, s1, s2, at, x, a, b, e)
+
+
+def _catch_up_template(p, s0, s1, s2, at, hist, lo, hi, trow, c_idle, zero, tol):
+    """Bring element ``at`` of ``p`` and its slots from step ``lo`` to step ``hi``
+    (the CUDA kernels' catch-up: one thread per element)."""
+    x, a, b, e = LOAD(p, s0, s1, s2, at)
+    x2, a2, b2, e2, ok = IDLE_APPLY(x, a, b, e, trow, c_idle, tol, zero)
+    if ok:
+        STORE(p, s0, s1, s2, at, x2, a2, b2, e2)
+    else:
+        REPLAY(p, s0, s1, s2, at, hist, lo, hi, zero)
+
+
+def _catch_up_row_template(p, s0, s1, s2, r, hist, lo, hi, trow, c_idle, zero, tol, redo):
+    """Bring row ``r`` from step ``lo`` to step ``hi`` (the CPU kernels' catch-up).
+
+    A first pass applies the rule's ``idle_apply`` with a short series
+    (``IDLE_APPLY_FAST``: :data:`FAST_SERIES_TERMS` terms) to every element. The rules
+    write ``idle_apply`` branch-free (every case computed, then selected), so the pass
+    vectorizes. It stores the result where that succeeded and the unchanged element
+    elsewhere, and marks those in ``redo`` (a row of scratch). A second pass retries
+    the marked elements with the full series, then replays those where that fails too;
+    both are rare (a series that converges slowly, a moment that underflowed).
+    """
+    d = p.shape[1]
+    again = 0
+    for j in range(d):
+        x, a, b, e = LOAD(p, s0, s1, s2, (r, j))
+        x2, a2, b2, e2, ok = IDLE_APPLY_FAST(x, a, b, e, trow, c_idle, tol, zero)
+        redo[j] = not ok
+        again += 0 if ok else 1
+        STORE(p, s0, s1, s2, (r, j), x2 if ok else x, a2 if ok else a, b2 if ok else b,
+              e2 if ok else e)
+    if again:
+        for j in range(d):
+            if redo[j]:
+                CATCH(p, s0, s1, s2, (r, j), hist, lo, hi, trow, c_idle, zero, tol)
 
 
 def _exact_sparse_template(p, s0, s1, s2, rows, offsets, order, values, last, floor, hi, hist,
@@ -60,6 +102,7 @@ def _exact_sparse_template(p, s0, s1, s2, rows, offsets, order, values, last, fl
     d = p.shape[1]
     bounds = cpu.balanced_parts(offsets, cpu.PARTS, ROW_COST)
     scratch = np.empty((cpu.PARTS, d), values.dtype)
+    redo = np.empty((cpu.PARTS, d), np.bool_)
     for t in prange(cpu.PARTS):
         buf = scratch[t:t + 1]
         for u in range(bounds[t], bounds[t + 1]):
@@ -68,9 +111,7 @@ def _exact_sparse_template(p, s0, s1, s2, rows, offsets, order, values, last, fl
             first = offsets[u]
             end = offsets[u + 1]
             if lo < hi:
-                trow = tab[lo % n]
-                for j in range(d):
-                    CATCH(p, s0, s1, s2, (r, j), hist, lo, hi, trow, c_idle, zero, tol)
+                CATCH_ROW(p, s0, s1, s2, r, hist, lo, hi, tab[lo % n], c_idle, zero, tol, redo[t])
             if end - first == 1:
                 ROW_STEP(p, s0, s1, s2, r, values, order[first], c, wd_lr)
             else:
@@ -82,19 +123,20 @@ def _exact_sparse_template(p, s0, s1, s2, rows, offsets, order, values, last, fl
 def _exact_catch_up_template(p, s0, s1, s2, rows, every_row, last, floor, hi, hist, tab, c_idle,
                              zero, tol):
     """Catch up ``rows`` (or every row, ``every_row``) to step ``hi``; ``last[r] = hi``
-    for the listed rows (a full pass leaves ``last`` alone: the caller raises ``floor``)."""
+    for the listed rows (a full pass leaves ``last`` alone: the caller raises ``floor``).
+    The rows are split into ``cpu.PARTS`` equal runs, each with its row of scratch."""
     n = hist.shape[0]
     d = p.shape[1]
     count = p.shape[0] if every_row else rows.size
-    for u in prange(count):
-        r = np.int64(u) if every_row else rows[u]
-        lo = max(last[r], floor)
-        if lo < hi:
-            trow = tab[lo % n]
-            for j in range(d):
-                CATCH(p, s0, s1, s2, (r, j), hist, lo, hi, trow, c_idle, zero, tol)
-            if not every_row:
-                last[r] = hi
+    redo = np.empty((cpu.PARTS, d), np.bool_)
+    for t in prange(cpu.PARTS):
+        for u in range(t * count // cpu.PARTS, (t + 1) * count // cpu.PARTS):
+            r = np.int64(u) if every_row else rows[u]
+            lo = max(last[r], floor)
+            if lo < hi:
+                CATCH_ROW(p, s0, s1, s2, r, hist, lo, hi, tab[lo % n], c_idle, zero, tol, redo[t])
+                if not every_row:
+                    last[r] = hi
 
 
 def _decay_rows_template(p, rows, every_row, last, floor, hi, tab, set_last):
@@ -133,18 +175,38 @@ def _table_template(hist, tab, lo, hi, nxt):
         TABLE_STEP(t, t_next, rec)
 
 
-def _rule_part(rule_module, name, default):
+def _rule_part(rule_module, name, default, **constants):
     fn = getattr(rule_module, name, None)
-    return numba.njit(**_config.CPU_RULE_FLAGS)(fn if fn is not None else default)
+    if fn is None:
+        fn = default
+    elif constants:
+        fn = specialize(fn, f"{rule_key(rule_module)}_fast", **constants)
+    return numba.njit(**_config.CPU_RULE_FLAGS)(fn)
+
+
+@functools.lru_cache(maxsize=None)
+def _fast_idle_module():
+    """:mod:`sparseopt.rules._idle` as ``IDLE_APPLY_FAST`` sees it: ``series`` sums
+    :data:`FAST_SERIES_TERMS` terms (a rule's ``_idle`` global is re-bound to this)."""
+    module = types.ModuleType("sparseopt.rules._idle_fast")
+    module.SERIES_TERMS = FAST_SERIES_TERMS
+    module.SERIES_LIMIT = _idle.SERIES_LIMIT
+    module.series = numba.njit(**_config.CPU_RULE_FLAGS)(
+        specialize(_idle.series.py_func, "fast", SERIES_TERMS=FAST_SERIES_TERMS))
+    return module
 
 
 @functools.lru_cache(maxsize=None)
 def _exact_helpers(rule_module, used, has_wd):
     suffix, constants = cpu._helpers(rule_module, tuple(used), None, has_wd)
     constants = dict(constants,
-                     IDLE_APPLY=_rule_part(rule_module, "idle_apply", _idle.no_idle_apply))
-    constants["CATCH"] = numba.njit(**_config.CPU_RULE_FLAGS)(
-        specialize(_catch_up_template, "x" + suffix, **constants))
+                     IDLE_APPLY=_rule_part(rule_module, "idle_apply", _idle.no_idle_apply),
+                     IDLE_APPLY_FAST=_rule_part(rule_module, "idle_apply", _idle.no_idle_apply,
+                                                _idle=_fast_idle_module()))
+    inline = numba.njit(**_config.CPU_RULE_FLAGS)
+    constants["REPLAY"] = inline(specialize(_replay_template, "x" + suffix, **constants))
+    constants["CATCH"] = inline(specialize(_catch_up_template, "x" + suffix, **constants))
+    constants["CATCH_ROW"] = inline(specialize(_catch_up_row_template, "x" + suffix, **constants))
     return "x" + suffix, constants
 
 

@@ -88,17 +88,20 @@ def idle_table_step(t, t_next, rec):
 
 
 def idle_apply(p, m, v, vhat, t, c, tol, zero):
+    # Branch-free (every case computed, then selected; every table read unconditional),
+    # so the CPU catch-up pass over a row vectorizes.
     m_new = m * t[1]
     v_new = v * t[2]
-    if m == 0:
-        return p * t[0], m_new, v_new, vhat, True
-    if c.amsgrad != 0:
-        return p * t[0] - m / (math.sqrt(vhat) + c.epsilon) * t[3], m_new, v_new, vhat, True
-    s = math.sqrt(v)
-    if not s > 0:
-        return p * t[0], m_new, v_new, vhat, False
-    x = c.epsilon / s
-    if not x <= _idle.SERIES_LIMIT * math.sqrt(t[2]):
-        return p * t[0], m_new, v_new, vhat, False
-    acc, ok = _idle.series(x, t, 4, tol)
-    return p * t[0] - m / s * acc, m_new, v_new, vhat, ok
+    decay = p * t[0]
+    amsgrad_sum = t[3]
+    limit = _idle.SERIES_LIMIT * math.sqrt(t[2])
+    amsgrad = c.amsgrad != 0
+    s = math.sqrt(vhat if amsgrad else v)
+    positive = s > 0
+    divisor = s if positive else c.epsilon  # s = 0 fails below; this keeps the unused quotients finite
+    x = c.epsilon / divisor
+    acc, converged = _idle.series(x, t, 4, tol)
+    # AMSGrad: the denominator is fixed over the window; Adam: the eps-series
+    moved = decay - (m / (s + c.epsilon) * amsgrad_sum if amsgrad else m / divisor * acc)
+    ok = (m == 0) | amsgrad | (positive & (x <= limit) & converged)
+    return (decay if m == 0 else moved), m_new, v_new, vhat, ok

@@ -68,7 +68,13 @@ def idle_table_step(t, t_next, rec):
 
 
 def idle_apply(p, b, s1, s2, t, c, tol, zero):
-    if c.use_momentum == 0:
-        return p * t[0], b * t[0], s1, s2, True
+    # Branch-free (both cases computed, then selected; the table read unconditionally),
+    # so the CPU catch-up pass over a row vectorizes.
+    decay = t[0]
+    b_decay = t[1]
+    b_sum = t[2]
     scale = c.momentum if c.nesterov != 0 else c.use_momentum
-    return p * t[0] + b * scale * t[2], b * t[1], s1, s2, True
+    moved = p * decay + b * scale * b_sum
+    if c.use_momentum == 0:
+        return p * decay, b * decay, s1, s2, True
+    return moved, b * b_decay, s1, s2, True
