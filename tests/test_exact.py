@@ -117,6 +117,28 @@ def test_long_idle_rows_use_the_fast_path_correctly(case, rng):
         rel_close(opt.get_slot(p, name), value, dtype)
 
 
+SERIES_CASES = [c for c in CASES if c.id in ("adam", "adamw", "adamax", "nadam")]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", SERIES_CASES, ids=[c.id for c in SERIES_CASES])
+def test_every_tier_of_the_series_catch_up(case, dtype, rng):
+    """The eps-series rules with ``eps / sqrt(v)`` spread over three decades per row (the
+    columns' gradients scale from 1 to 1000 with a large epsilon): the vectorized short
+    series suffices for the small ratios, the full series is needed for the middle ones
+    and the replay for the large ones; all must equal the dense rule."""
+    rows, width = 30, 24
+    p0 = rng.normal(size=(rows, width)).astype(dtype)
+    scale = np.logspace(0, 3, width)
+    grads = [((v * scale).astype(dtype), i) for v, i in random_sparse(rng, dtype, 40, rows, width)]
+    opt, p = run_exact(case, p0, grads, dtype, epsilon=0.05)
+    expected, slots = ref.run_dense(case.reference, p0, [densify(v, i, rows) for v, i in grads],
+                                    **dict(case.hp(), epsilon=0.05))
+    rel_close(p, expected, dtype)
+    for name, value in slots.items():
+        rel_close(opt.get_slot(p, name), value, dtype)
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_dense_gradient_catches_up_pending_rows_first(case, rng):
     dtype = np.float64
