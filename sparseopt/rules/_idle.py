@@ -22,6 +22,13 @@ that can do this faster than replaying ``update`` step by step defines, besides 
 
 These functions (and the two helpers here, compiled for inlining) read arrays (the window's table row); ``update`` stays pure scalar math.
 A rule without them is caught up by the replay, which equals the dense rule bit for bit.
+
+Write ``idle_apply`` branch-free: compute every case, then select (``a if cond else b`` of
+computed values, ``&``/``|`` of comparisons), and read the table row unconditionally. The
+CPU catch-up runs it over a whole row in one loop, which then vectorizes; a conditional
+table read or an early return keeps it scalar. The CPU's first pass compiles it with a
+short :func:`series` (``sparseopt.kernels.exact.FAST_SERIES_TERMS`` terms, by re-binding
+the rule's ``_idle`` global), and retries with all terms where that one fails.
 """
 
 import math

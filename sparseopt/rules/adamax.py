@@ -69,14 +69,14 @@ def idle_table_step(t, t_next, rec):
 
 
 def idle_apply(p, m, u, s2, t, c, tol, zero):
+    # Branch-free, as adam.idle_apply (the CPU catch-up pass over a row vectorizes).
     m_new = m * t[1]
     u_new = u * t[2]
-    if m == 0:
-        return p * t[0], m_new, u_new, s2, True
-    if not u > 0:
-        return p * t[0], m_new, u_new, s2, False
-    x = c.epsilon / u
-    if not x <= _idle.SERIES_LIMIT * t[2]:
-        return p * t[0], m_new, u_new, s2, False
-    acc, ok = _idle.series(x, t, 3, tol)
-    return p * t[0] - m / u * acc, m_new, u_new, s2, ok
+    decay = p * t[0]
+    limit = _idle.SERIES_LIMIT * t[2]
+    positive = u > 0
+    divisor = u if positive else c.epsilon  # u = 0 fails below; this keeps the unused quotients finite
+    x = c.epsilon / divisor
+    acc, converged = _idle.series(x, t, 3, tol)
+    ok = (m == 0) | (positive & (x <= limit) & converged)
+    return (decay if m == 0 else decay - m / divisor * acc), m_new, u_new, s2, ok

@@ -66,10 +66,11 @@ def idle_table_step(t, t_next, rec):
 
 
 def idle_apply(p, m, s1, s2, t, c, tol, zero):
-    if m == 0:
-        return p * t[0], m * t[1], s1, s2, True
-    if not abs(m) * t[1] * c.beta_1 > _SAFE_MAGNITUDE:
-        return p * t[0], m * t[1], s1, s2, False
-    if m > 0:
-        return p * t[0] - t[2], m * t[1], s1, s2, True
-    return p * t[0] + t[2], m * t[1], s1, s2, True
+    # Branch-free (every case computed, then selected; the table read unconditionally),
+    # so the CPU catch-up pass over a row vectorizes.
+    decay = p * t[0]
+    m_new = m * t[1]
+    lr_sum = t[2]
+    moved = decay - lr_sum if m > 0 else decay + lr_sum
+    ok = (m == 0) | (abs(m) * t[1] * c.beta_1 > _SAFE_MAGNITUDE)
+    return (decay if m == 0 else moved), m_new, s1, s2, ok

@@ -104,15 +104,15 @@ def idle_table_step(t, t_next, rec):
 
 
 def idle_apply(p, m, v, s2, t, c, tol, zero):
+    # Branch-free, as adam.idle_apply (the CPU catch-up pass over a row vectorizes).
     m_new = m * t[1]
     v_new = v * t[2]
-    if m == 0:
-        return p * t[0], m_new, v_new, s2, True
+    decay = p * t[0]
+    limit = _idle.SERIES_LIMIT * math.sqrt(t[2])
     s = math.sqrt(v)
-    if not s > 0:
-        return p * t[0], m_new, v_new, s2, False
-    x = c.epsilon / s
-    if not x <= _idle.SERIES_LIMIT * math.sqrt(t[2]):
-        return p * t[0], m_new, v_new, s2, False
-    acc, ok = _idle.series(x, t, 3, tol)
-    return p * t[0] - m / s * acc, m_new, v_new, s2, ok
+    positive = s > 0
+    divisor = s if positive else c.epsilon  # s = 0 fails below; this keeps the unused quotients finite
+    x = c.epsilon / divisor
+    acc, converged = _idle.series(x, t, 3, tol)
+    ok = (m == 0) | (positive & (x <= limit) & converged)
+    return (decay if m == 0 else decay - m / divisor * acc), m_new, v_new, s2, ok

@@ -91,6 +91,9 @@ def idle_table_step(t, t_next, rec):
 
 
 def idle_apply(p, rms, mom, mg, t, c, tol, zero):
-    if c.legacy_plain == 0 and c.use_momentum != 0:
-        return p * t[0] - mom * t[3], rms * t[1], mom * t[2], mg * t[1], True
-    return p * t[0], rms * t[1], mom * t[2], mg * t[1], True
+    # Branch-free (the table read unconditionally), so the CPU catch-up pass vectorizes.
+    decay = p * t[0]
+    moving = t[3]
+    moved = decay - mom * moving
+    p_new = moved if (c.legacy_plain == 0) & (c.use_momentum != 0) else decay
+    return p_new, rms * t[1], mom * t[2], mg * t[1], True
