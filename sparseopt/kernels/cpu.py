@@ -27,7 +27,10 @@ import functools
 
 import numba
 import numpy as np
-from numba import prange
+from llvmlite import ir
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from sparseopt import _config
 from sparseopt.kernels._specialize import rule_key, specialize
@@ -179,9 +182,59 @@ def _row_slots_template(r0, r1, r2, row, mean, c):
     return ra, rb, re
 
 
+@intrinsic
+def prefetch(typingctx, arr, index):
+    """Ask the CPU to fetch row ``index`` of a C-contiguous 2-D array (every 64-byte
+    line of it), or element ``index`` of a 1-D one, into the cache for writing
+    (LLVM's ``prefetch``: a hint, which never faults and changes no value)."""
+    if not isinstance(arr, types.Array) or arr.ndim not in (1, 2) or not isinstance(index, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        intp = context.get_value_type(types.intp)
+        at = context.cast(builder, args[1], signature.args[1], types.intp)
+        zero = ir.Constant(intp, 0)
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [at, zero][:aryty.ndim],
+                                       wraparound=False)
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8")
+        base = builder.bitcast(ptr, i8p)
+        itemsize = context.get_abi_sizeof(context.get_data_type(aryty.dtype))
+        if aryty.ndim == 1:
+            nbytes = ir.Constant(intp, 1)
+        else:
+            nbytes = builder.mul(cgutils.unpack_tuple(builder, ary.shape, 2)[1], ir.Constant(intp, itemsize))
+        with cgutils.for_range_slice(builder, zero, nbytes, ir.Constant(intp, 64), intp=intp) as (off, _):
+            builder.call(fn, [builder.gep(base, [off]), i32(1), i32(3), i32(1)])
+        return context.get_dummy_value()
+    return types.void(arr, index), codegen
+
+
 def _row_reduce_and_update(p, s0, s1, s2, r0, r1, r2, row, grad, src, c, wd_lr, width):
-    """One row of a row-wise rule, with the (de-duplicated) gradient row ``grad[src]``."""
+    """One row of a row-wise rule, with the (de-duplicated) gradient row ``grad[src]``.
+
+    The row's parameter, slot rows and row slots are prefetched first: the element
+    pass needs the row sum, so without the hint their cache misses would only start
+    after the gradient row's (a chain of two memory latencies per row, which cost
+    RowwiseAdagrad's W1 step about a quarter).
+    """
     d = p.shape[1]
+    prefetch(p, row)
+    if U0:
+        prefetch(s0, row)
+    if U1:
+        prefetch(s1, row)
+    if U2:
+        prefetch(s2, row)
+    if V0:
+        prefetch(r0, row)
+    if V1:
+        prefetch(r1, row)
+    if V2:
+        prefetch(r2, row)
     total = width - width  # a zero of the variables' dtype
     for j in range(d):
         total += ROW_TERM(p[row, j], grad[src, j], c)
