@@ -25,12 +25,13 @@ MAX_DIGIT = 12
 _INT32_LIMIT = 2**31 - 1
 
 
-@numba.njit(inline="always")
+@numba.njit(**_config.CPU_SERIAL_FLAGS)
 def _radix_pass(keys, positions, first, shift, mask, starts, out_keys, out_positions):
     """One stable counting-sort pass on the key bits ``shift .. shift + digit``.
 
     ``starts[b]``: where bucket ``b`` begins in the output (advanced as it fills).
-    ``first``: the positions are ``0..n-1`` (``positions`` is not read).
+    ``first``: the positions are ``0..n-1`` (``positions`` is not read). One
+    signature for every pass (int32 keys and positions): one compilation.
     """
     for i in range(keys.size):
         r = keys[i]
@@ -41,16 +42,35 @@ def _radix_pass(keys, positions, first, shift, mask, starts, out_keys, out_posit
         out_positions[at] = i if first else positions[i]
 
 
-@numba.njit(**_config.CPU_SERIAL_FLAGS)
 def plan_rows(indices, num_rows):
-    """Group duplicate indices.
+    """Group duplicate indices (a 1-D int32 or int64 array).
 
     Returns ``(unique_rows, offsets, order, bad)``: the unique rows in increasing
     order, and the positions of unique row ``u`` are ``order[offsets[u]:offsets[u + 1]]``,
     increasing. When an index is out of range, nothing is grouped and ``bad`` is the
     position of the first bad index (else -1). Tables or batches of 2**31 rows or more
-    are grouped by a merge sort instead (int64 keys and positions).
+    are grouped by NumPy's stable sort instead (int64 keys and positions).
     """
+    if num_rows > _INT32_LIMIT or indices.size > _INT32_LIMIT:
+        return _plan_rows_numpy(indices, num_rows)
+    return _plan_rows_radix(indices, num_rows)
+
+
+def _plan_rows_numpy(indices, num_rows):
+    """:func:`plan_rows` by ``numpy.argsort(kind="stable")``."""
+    bad = np.flatnonzero((indices < 0) | (indices >= num_rows))
+    if bad.size:
+        return np.empty(0, np.int64), np.zeros(1, np.int64), np.empty(0, np.int64), int(bad[0])
+    order = np.argsort(indices, kind="stable").astype(np.int64, copy=False)
+    rows, counts = np.unique(indices[order], return_counts=True)
+    offsets = np.zeros(rows.size + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return rows.astype(np.int64), offsets, order, -1
+
+
+@numba.njit(**_config.CPU_SERIAL_FLAGS)
+def _plan_rows_radix(indices, num_rows):
+    """:func:`plan_rows` for fewer than 2**31 rows and indices: int32 keys and positions."""
     n = indices.size
     bits = 1
     while (1 << bits) < num_rows:
@@ -58,45 +78,29 @@ def plan_rows(indices, num_rows):
     passes = (bits + MAX_DIGIT - 1) // MAX_DIGIT
     digit = (bits + passes - 1) // passes
     mask = (1 << digit) - 1
-    # counts[q, b + 1]: the indices whose digit q is b (the range check in the same pass)
-    counts = np.zeros((passes, mask + 2), np.int64)
+    # counts[q * size + b + 1]: the indices whose digit q is b (the range check in the same pass)
+    size = mask + 2
+    counts = np.zeros(passes * size, np.int64)
+    spare_keys = np.empty(n, np.int32)  # the indices as int32 keys, the first pass's input
     for i in range(n):
         r = indices[i]
         if r < 0 or r >= num_rows:
             return np.empty(0, np.int64), np.zeros(1, np.int64), np.empty(0, np.int64), i
+        spare_keys[i] = r
         for q in range(passes):
-            counts[q, ((r >> (q * digit)) & mask) + 1] += 1
-    if num_rows > _INT32_LIMIT or n > _INT32_LIMIT:
-        order = np.argsort(indices, kind="mergesort")  # stable
-        return _grouped(indices[order], order)
+            counts[q * size + ((r >> (q * digit)) & mask) + 1] += 1
     keys = np.empty(n, np.int32)
-    spare_keys = np.empty(n, np.int32)
-    order = np.empty(n, np.int64)
-    spare = np.empty(n if passes > 1 else 0, np.int32)
+    positions = np.empty(n, np.int32)
+    spare = np.empty(n, np.int32)
     for q in range(passes):
-        starts = counts[q]
+        starts = counts[q * size:(q + 1) * size]
         for b in range(mask + 1):
             starts[b + 1] += starts[b]
-        # the positions alternate between ``order`` and ``spare`` so that the last pass writes ``order``
-        into_order = (passes - 1 - q) % 2 == 0
-        if q == 0:
-            if into_order:
-                _radix_pass(indices, spare, True, 0, mask, starts, keys, order)
-            else:
-                _radix_pass(indices, spare, True, 0, mask, starts, keys, spare)
-        else:
-            if into_order:
-                _radix_pass(keys, spare, False, q * digit, mask, starts, spare_keys, order)
-            else:
-                _radix_pass(keys, order, False, q * digit, mask, starts, spare_keys, spare)
-            keys, spare_keys = spare_keys, keys
-    return _grouped(keys, order)
-
-
-@numba.njit(inline="always")
-def _grouped(keys, order):
-    """The plan of sorted ``keys`` and their positions ``order``."""
-    n = keys.size
+        _radix_pass(spare_keys, spare, q == 0, q * digit, mask, starts, keys, positions)
+        keys, spare_keys = spare_keys, keys
+        positions, spare = spare, positions
+    keys = spare_keys  # the last pass's output (as are its positions, ``spare``)
+    order = spare.astype(np.int64)
     k = 0
     for i in range(n):
         if i == 0 or keys[i] != keys[i - 1]:

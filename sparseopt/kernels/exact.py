@@ -14,8 +14,8 @@ A variable in exact mode keeps (see :mod:`sparseopt._exact`)
 
 Per unique row with effective ``L < hi``, every element is first caught up over the
 window (the rule's ``idle_apply`` closed form or truncated series, in a vectorized pass
-over the row, then a replay of ``RULE`` with a zero gradient for the elements where it
-failed, always bounded by ``H``), then the ordinary element step
+over the row; the elements where that fails are retried with the full series, then by a
+replay of ``RULE`` with a zero gradient, always bounded by ``H``), then the ordinary element step
 (``cpu._step_template``) runs in the same pass; ``last[r]`` becomes ``hi + 1``.
 Each row is owned by one thread, as in the lazy kernels.
 """
@@ -56,8 +56,9 @@ def _replay_template(p, s0, s1, s2, at, hist, lo, hi, zero):
 
 
 def _catch_up_template(p, s0, s1, s2, at, hist, lo, hi, trow, c_idle, zero, tol):
-    """Bring element ``at`` of ``p`` and its slots from step ``lo`` to step ``hi``
-    (the CUDA kernels' catch-up: one thread per element)."""
+    """Bring element ``at`` of ``p`` and its slots from step ``lo`` to step ``hi``: the
+    CUDA kernels' catch-up (one thread per element), and the CPU's retry of an element
+    whose short series failed (:func:`_catch_up_row_template`)."""
     x, a, b, e = LOAD(p, s0, s1, s2, at)
     x2, a2, b2, e2, ok = IDLE_APPLY(x, a, b, e, trow, c_idle, tol, zero)
     if ok:
