@@ -13,7 +13,7 @@ both the W1-W3 rows and a "Family, W1" table (and ``cpu_family_ratios.png``). A 
 plain run keeps the family rows; ``--family --optimizers ftrl,rmsprop`` re-times some.
 
 Every implementation of one (workload, optimizer) group lives in the same process and
-is timed interleaved, step by step, in a rotating order: each step takes the next of
+is timed interleaved, step by step, in a fresh random order: each step takes the next of
 several distinct seeded batches, and an untimed write of a buffer three times the
 last-level cache comes before each timed step, so every step starts with a cold cache
 as in training. Reported: median, min and max over the timed steps; multiples of the
@@ -820,9 +820,13 @@ def _error_text(e, limit=200):
 
 
 def time_group(ctx, impls, steps, warmup, evict_buf, log, collect=True):
-    """Interleaved cold-cache timing: each step, every implementation in a rotating order.
+    """Interleaved cold-cache timing: each step, every implementation, in a fresh seeded
+    random order. (A rotation would give every implementation the same predecessor at
+    almost every step; what one leaves behind, such as another library's thread pool
+    still spinning or Numba's workers put to sleep by the 1-thread variant, then biases
+    its successor the same way each time.)
 
-    An implementation (other than sparseopt) that raises is dropped from the rotation and
+    An implementation (other than sparseopt) that raises is dropped from the group and
     gets ``impl.error``; the others go on.
     """
     nb = len(ctx.batches)
@@ -856,11 +860,12 @@ def time_group(ctx, impls, steps, warmup, evict_buf, log, collect=True):
     if collect:
         gc.collect()
     traced = {id(i): i.traces() for i in live if i.traces}
+    order_rng = np.random.default_rng(12345)
     for s in range(steps):
         b = (warmup + s) % nb
-        k = s % max(1, len(live))
-        for impl in live[k:] + live[:k]:
-            call(impl, b, True)
+        for impl in [live[i] for i in order_rng.permutation(len(live))]:
+            if impl in live:  # an implementation that failed has left
+                call(impl, b, True)
         if log and (s + 1) % 10 == 0:
             log(f"    step {s + 1}/{steps}")
     for impl in live:
@@ -1221,8 +1226,8 @@ def write_report(out_dir, results, bandwidth, machine, compile_info, breakdowns,
             f"{' --quick' if args.quick else ''}{' --tiny' if args.tiny else ''}` on {generated} "
             f"({elapsed / 60:.1f} min). Method: PERF.md. {args.steps} timed cold-cache steps per "
             f"implementation after {args.warmup} warm-up steps, {args.batches} distinct seeded batches "
-            f"cycled, all implementations of a group interleaved step by step in one process (rotating "
-            f"order), an untimed {evict_mib(args)} MiB write before every timed step.")
+            f"cycled, all implementations of a group interleaved step by step in one process (a fresh "
+            f"seeded random order each step), an untimed {evict_mib(args)} MiB write before every timed step.")
     add("")
     add("**Noise.** This is a shared 2-core machine: other processes (test suites) ran at the same "
         "time. A parallel region that needs both cores waits for a scheduler slice (~4 ms) when "
