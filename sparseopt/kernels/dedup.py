@@ -25,7 +25,7 @@ MAX_DIGIT = 12
 _INT32_LIMIT = 2**31 - 1
 
 
-@numba.njit(**_config.CPU_SERIAL_FLAGS)
+@numba.njit(inline="always")
 def _radix_pass(keys, positions, first, shift, mask, starts, out_keys, out_positions):
     """One stable counting-sort pass on the key bits ``shift .. shift + digit``.
 
