@@ -9,8 +9,9 @@ not depend on the CPU's contraction choices.
 
 ``error_model="numpy"``: a float division by zero gives Inf or NaN as in IEEE
 arithmetic (and in Keras), where Numba's default (Python's rules) raises
-``ZeroDivisionError``; that check is a branch in every division, which kept the
-element loops from vectorizing.
+``ZeroDivisionError`` and puts a branch in every division. Numba compiles the body of
+a ``prange`` loop this way already; the flag makes the serial helpers and the code
+around the loops agree with it.
 """
 
 import os
