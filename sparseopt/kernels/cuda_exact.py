@@ -54,6 +54,7 @@ def _idle_module():
     module.SERIES_TERMS = _idle.SERIES_TERMS
     module.SERIES_LIMIT = _idle.SERIES_LIMIT
     module.series = _device(_idle.series.py_func, "cuda")
+    module.series_apply = _device(_idle.series_apply.py_func, "cuda", series=module.series)
     return module
 
 

@@ -192,8 +192,9 @@ def _fast_idle_module():
     module = types.ModuleType("sparseopt.rules._idle_fast")
     module.SERIES_TERMS = FAST_SERIES_TERMS
     module.SERIES_LIMIT = _idle.SERIES_LIMIT
-    module.series = numba.njit(**_config.CPU_RULE_FLAGS)(
-        specialize(_idle.series.py_func, "fast", SERIES_TERMS=FAST_SERIES_TERMS))
+    inline = numba.njit(**_config.CPU_RULE_FLAGS)
+    module.series = inline(specialize(_idle.series.py_func, "fast", SERIES_TERMS=FAST_SERIES_TERMS))
+    module.series_apply = inline(specialize(_idle.series_apply.py_func, "fast", series=module.series))
     return module
 
 

@@ -29,6 +29,7 @@ CPU catch-up runs it over a whole row in one loop, which then vectorizes; a cond
 table read or an early return keeps it scalar. The CPU's first pass compiles it with a
 short :func:`series` (``sparseopt.kernels.exact.FAST_SERIES_TERMS`` terms, by re-binding
 the rule's ``_idle`` global), and retries with all terms where that one fails.
+:func:`series_apply` is the series part of the Adam family's ``idle_apply``.
 """
 
 import math
@@ -57,6 +58,21 @@ def series(x, t, first, tol):
         acc = t[first + n] - x * acc
         xn *= x
     return acc, abs(xn * t[first + SERIES_TERMS - 1]) <= tol * abs(acc)
+
+
+@numba.njit(**_config.CPU_RULE_FLAGS)
+def series_apply(decay, m, s, epsilon, t, first, limit, tol):
+    r"""The weight after the window for the Adam family: ``decay - m / s * sum_n (-x)^n W_n``
+    with ``x = epsilon / s`` (:func:`series` from column ``first``), and whether that holds:
+    ``m == 0``, or ``s > 0``, ``x <= limit`` and the series converged. Branch-free; ``s = 0``
+    divides by ``epsilon`` instead, which keeps the unused quotients finite.
+    """
+    positive = s > 0
+    divisor = s if positive else epsilon
+    x = epsilon / divisor
+    acc, converged = series(x, t, first, tol)
+    ok = (m == 0) | (positive & (x <= limit) & converged)
+    return (decay if m == 0 else decay - m / divisor * acc), ok
 
 
 @numba.njit(**_config.CPU_RULE_FLAGS)

@@ -97,11 +97,8 @@ def idle_apply(p, m, v, vhat, t, c, tol, zero):
     limit = _idle.SERIES_LIMIT * math.sqrt(t[2])
     amsgrad = c.amsgrad != 0
     s = math.sqrt(vhat if amsgrad else v)
-    positive = s > 0
-    divisor = s if positive else c.epsilon  # s = 0 fails below; this keeps the unused quotients finite
-    x = c.epsilon / divisor
-    acc, converged = _idle.series(x, t, 4, tol)
+    moved, ok = _idle.series_apply(decay, m, s, c.epsilon, t, 4, limit, tol)
     # AMSGrad: the denominator is fixed over the window; Adam: the eps-series
-    moved = decay - (m / (s + c.epsilon) * amsgrad_sum if amsgrad else m / divisor * acc)
-    ok = (m == 0) | amsgrad | (positive & (x <= limit) & converged)
-    return (decay if m == 0 else moved), m_new, v_new, vhat, ok
+    if amsgrad:
+        moved = decay if m == 0 else decay - m / (s + c.epsilon) * amsgrad_sum
+    return moved, m_new, v_new, vhat, amsgrad | ok

@@ -48,8 +48,6 @@ def update(p, g, m, u, s2, c):
 # alpha_t m_t / (u_t + eps): Adam's eps-series with the norm in place of the root.
 # Exact to rounding.
 
-import math  # noqa: E402
-
 from sparseopt.rules import _idle  # noqa: E402
 
 IDLE_COLUMNS = 3 + _idle.SERIES_TERMS    # D, prod beta_1, prod beta_2, W_0..
@@ -74,9 +72,5 @@ def idle_apply(p, m, u, s2, t, c, tol, zero):
     u_new = u * t[2]
     decay = p * t[0]
     limit = _idle.SERIES_LIMIT * t[2]
-    positive = u > 0
-    divisor = u if positive else c.epsilon  # u = 0 fails below; this keeps the unused quotients finite
-    x = c.epsilon / divisor
-    acc, converged = _idle.series(x, t, 3, tol)
-    ok = (m == 0) | (positive & (x <= limit) & converged)
-    return (decay if m == 0 else decay - m / divisor * acc), m_new, u_new, s2, ok
+    p_new, ok = _idle.series_apply(decay, m, u, c.epsilon, t, 3, limit, tol)
+    return p_new, m_new, u_new, s2, ok

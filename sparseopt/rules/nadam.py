@@ -109,10 +109,5 @@ def idle_apply(p, m, v, s2, t, c, tol, zero):
     v_new = v * t[2]
     decay = p * t[0]
     limit = _idle.SERIES_LIMIT * math.sqrt(t[2])
-    s = math.sqrt(v)
-    positive = s > 0
-    divisor = s if positive else c.epsilon  # s = 0 fails below; this keeps the unused quotients finite
-    x = c.epsilon / divisor
-    acc, converged = _idle.series(x, t, 3, tol)
-    ok = (m == 0) | (positive & (x <= limit) & converged)
-    return (decay if m == 0 else decay - m / divisor * acc), m_new, v_new, s2, ok
+    p_new, ok = _idle.series_apply(decay, m, math.sqrt(v), c.epsilon, t, 3, limit, tol)
+    return p_new, m_new, v_new, s2, ok
