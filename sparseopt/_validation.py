@@ -26,11 +26,12 @@ def check_host_variable(var, name):
     if var.dtype not in FLOAT_DTYPES:
         raise errors.DtypeMismatchError(
             f"{name!r}: variables must be float32 or float64; got {var.dtype}")
-    if not var.flags.c_contiguous:
+    flags = var.flags
+    if not flags.c_contiguous:
         raise errors.ArrayLayoutError(
             f"{name!r}: variables must be C-contiguous (they are updated in place); "
             f"got strides {var.strides}")
-    if not var.flags.writeable:
+    if not flags.writeable:
         raise errors.ArrayLayoutError(f"{name!r}: the variable is read-only")
 
 
@@ -61,17 +62,20 @@ def sparse_gradient(g, var, name):
         range-checked: :func:`plan` does that).
     """
     values, indices = g.values, g.indices
-    if _cuda.is_device_array(values) or _cuda.is_device_array(indices):
-        raise errors.DeviceMismatchError(
-            f"{name!r}: the gradient values are a CUDA array but the variable is a NumPy array")
-    values = np.asarray(values)
-    indices = np.asarray(indices)
+    if type(values) is not np.ndarray or type(indices) is not np.ndarray:
+        if _cuda.is_device_array(values) or _cuda.is_device_array(indices):
+            raise errors.DeviceMismatchError(
+                f"{name!r}: the gradient values are a CUDA array but the variable is a NumPy array")
+        values = np.asarray(values)
+        indices = np.asarray(indices)
     check_sparse_layout(name, var, values, indices, getattr(g, "dense_shape", None))
-    if indices.dtype.itemsize < 4 or indices.dtype == np.uint32:
+    if indices.dtype.itemsize < 4 or indices.dtype.kind == "u":  # int8/16, uint8/16/32 (uint64 refused)
         indices = indices.astype(np.int64)
-    width = math.prod(var.shape[1:])
-    values = np.ascontiguousarray(values).reshape(values.shape[0], width)
-    return values, np.ascontiguousarray(indices)
+    elif not indices.flags.c_contiguous:
+        indices = np.ascontiguousarray(indices)
+    if values.ndim != 2 or not values.flags.c_contiguous:  # else already (k, row size)
+        values = np.ascontiguousarray(values).reshape(values.shape[0], math.prod(var.shape[1:]))
+    return values, indices
 
 
 def check_sparse_layout(name, var, values, indices, dense_shape):

@@ -15,7 +15,8 @@ from sparseopt.kernels import cpu
 class VariableState:
     """What the optimizer keeps for one variable."""
 
-    __slots__ = ("var", "name", "storage", "nslots", "slots", "slot_rows", "kernel_slot_names")
+    __slots__ = ("var", "name", "storage", "nslots", "slots", "slot_rows", "kernel_slot_names",
+                 "_kernel_views")
 
     def __init__(self, var, name, kernel_slots, initial_value, rule_slots):
         self.var = var
@@ -24,6 +25,7 @@ class VariableState:
         self.slot_rows = cpu.slot_rows(tuple(rule_slots), tuple(kernel_slots))
         self.kernel_slot_names = tuple(kernel_slots)
         self.slots = {}
+        self._kernel_views = {}  # (rule slots, shape) -> kernel_arrays(...)
         if not isinstance(var, np.ndarray):  # a CUDA array: its slots live on its device
             from sparseopt import _cuda
             self.storage = _cuda.slot_storage(var, [initial_value(n) for n in kernel_slots])
@@ -38,11 +40,26 @@ class VariableState:
 
     def kernel_arrays(self, rule_slots, shape):
         """``(p, (s0, s1, s2), used)``: the variable and its kernel slots reshaped to
-        ``shape`` (views), in ``rule_slots`` order (see :func:`sparseopt.kernels.cpu.place`)."""
-        p = self.var.reshape(shape)
-        kept = {name: self.slots[name].reshape(shape) for name in self.kernel_slot_names}
-        slots, used = cpu.place(rule_slots, kept, p)
-        return p, slots, used
+        ``shape`` (views), in ``rule_slots`` order (see :func:`sparseopt.kernels.cpu.place`).
+
+        Kept per ``(rule_slots, shape)``: the views stay valid (the variable and the slot
+        storage are never reallocated), and making them costs more than the step's other
+        Python work with cold caches.
+        """
+        def make():
+            p = self.var.reshape(shape)
+            kept = {name: self.slots[name].reshape(shape) for name in self.kernel_slot_names}
+            slots, used = cpu.place(rule_slots, kept, p)
+            return p, slots, used
+        return self.kernel_views((rule_slots, shape), make)
+
+    def kernel_views(self, key, make):
+        """``make()``, kept per ``key``: for views of the variable and its slots, which
+        stay valid for the state's life."""
+        views = self._kernel_views.get(key)
+        if views is None:
+            views = self._kernel_views[key] = make()
+        return views
 
     def add_extra_slot(self, slot_name, initializer="zeros", shape=None):
         shape = tuple(self.var.shape) if shape is None else tuple(shape)

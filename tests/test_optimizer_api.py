@@ -64,6 +64,29 @@ def test_hyperparameters_float_callable_schedule_and_reassignment():
     assert var[0] == pytest.approx(-0.75 - 1.0 - 0.125)
 
 
+def test_coefficients_kept_between_steps_follow_changes_and_dtypes():
+    """The kernels' coefficients are converted once per dtype and kept while they stay
+    the same: a float32 and a float64 variable in one step each get their own, and a
+    reassigned learning rate is used from the next step on (float64 reference: Keras
+    rounds the learning rate to float32 for both dtypes)."""
+    rng = np.random.default_rng(3)
+    v32 = rng.standard_normal((4, 3)).astype(np.float32)
+    v64 = rng.standard_normal((4, 3))
+    want32, want64 = v32.astype(np.float64), v64.copy()
+    opt = so.SGD(learning_rate=0.5)
+    for lr in (0.5, 0.5, 0.1, 0.1, 0.5, 0.3):
+        opt.learning_rate = lr
+        g32 = rng.standard_normal((4, 3)).astype(np.float32)
+        g64 = rng.standard_normal((4, 3))
+        opt.apply_gradients([(g32, v32), (g64, v64)])
+        lr32 = float(np.float32(lr))
+        want32 = (want32 - np.float64(np.float32(lr32) * g32)).astype(np.float32).astype(np.float64)
+        want64 = want64 - lr32 * g64
+        np.testing.assert_array_equal(v32, want32.astype(np.float32))
+        np.testing.assert_allclose(v64, want64, rtol=1e-15, atol=1e-15)
+    assert opt.iterations == 6
+
+
 def test_config_round_trip_with_schedule_is_json():
     sched = so.schedules.CosineDecay(0.1, decay_steps=100, alpha=0.1)
     opt = so.Adam(learning_rate=sched, beta_1=0.8, amsgrad=True, clipnorm=2.0, weight_decay=0.01, name="mine")

@@ -207,3 +207,16 @@ def test_plan_rows_reports_the_first_index_out_of_range(num_rows, bad_value):
     rows, offsets, order, bad = dedup.plan_rows(idx, num_rows)
     assert bad == 2
     assert rows.size == 0 and order.size == 0 and offsets.tolist() == [0]
+
+
+@given(x=st.one_of(st.floats(width=64), st.floats(3.4e38, 3.5e38), st.floats(-3.5e38, -3.4e38),
+                   st.floats(-1e-44, 1e-44), st.integers(-2**80, 2**80)))
+@settings(max_examples=500, deadline=None)
+def test_f32_rounds_as_numpy(x):
+    """``f32`` (through ``struct``) gives the bits of ``float(np.float32(x))``: rounding to
+    nearest, subnormals, the values that round past float32's range (infinity), NaN."""
+    from sparseopt.rules._floatx import f32
+    with np.errstate(over="ignore"):
+        want = float(np.float32(x))
+    got = f32(x)
+    assert np.float64(got).tobytes() == np.float64(want).tobytes()

@@ -78,8 +78,10 @@ class _RowUpdate:
         rows = var.shape[0] if var.ndim else 1
         width = math.prod(var.shape[1:])
         p, slots, used = state.kernel_arrays(rule.SLOTS, (rows, width))
-        row_slots, row_used = cpu.place(rule.ROW_SLOTS, {n: v.reshape(rows) for n, v in self.row_slots.items()},
-                                        p[:, 0] if width else p.reshape(rows))
+        row_slots, row_used = state.kernel_views(
+            ("rows", rule.ROW_SLOTS, rows),
+            lambda: cpu.place(rule.ROW_SLOTS, {n: v.reshape(rows) for n, v in self.row_slots.items()},
+                              p[:, 0] if width else p.reshape(rows)))
         u = self.update
         if isinstance(u, _SparseUpdate):
             if u.rows.size == 0:

@@ -8,9 +8,22 @@ keeps full precision. The rules' ``coefficients`` functions apply :func:`f32` ex
 where Keras does, so float64 results agree with Keras to 1e-10, not just 1e-7.
 """
 
+import struct
+
 import numpy as np
+
+_FLOAT32 = struct.Struct("f")
 
 
 def f32(x):
-    """``x`` rounded to float32, as a Python float."""
-    return float(np.float32(x))
+    """``x`` rounded to float32 (to nearest, ties to even), as a Python float.
+
+    Through ``struct``, which rounds as a C cast does: the same bits as
+    ``float(np.float32(x))`` at a third of its cost with cold caches (it runs a few
+    times per step). ``struct`` refuses a finite value that rounds past float32's
+    range; NumPy rounds that to infinity, as Keras' cast does.
+    """
+    try:
+        return _FLOAT32.unpack(_FLOAT32.pack(x))[0]
+    except (OverflowError, TypeError, struct.error):
+        return float(np.float32(x))
