@@ -19,7 +19,7 @@ def f32(x):
     """``x`` rounded to float32 (to nearest, ties to even), as a Python float.
 
     Through ``struct``, which rounds as a C cast does: the same bits as
-    ``float(np.float32(x))`` at a third of its cost with cold caches (it runs a few
+    ``float(np.float32(x))`` at less than half its cost with cold caches (it runs a few
     times per step). ``struct`` refuses a finite value that rounds past float32's
     range; NumPy rounds that to infinity, as Keras' cast does.
     """
