@@ -36,13 +36,17 @@ from sparseopt import _config
 from sparseopt.kernels._specialize import rule_key, specialize
 
 RULE = STEP = LOAD = STORE = ROW_STEP = U0 = U1 = U2 = HAS_WD = ROW_COST = None  # bound per specialization
-ROWWISE = ROW = ROW_TERM = ROW_RULE = ROW_SLOTS = V0 = V1 = V2 = None  # bound per row-wise specialization
+PREFETCH = AHEAD = V0 = V1 = V2 = None  # bound per specialization (V*: False unless row-wise)
+ROWWISE = ROW = ROW_TERM = ROW_RULE = ROW_SLOTS = None  # bound per row-wise specialization
 
 #: Runs of :func:`balanced_parts` per sparse step. A fixed number, not the thread
 #: count: ``numba.get_num_threads()`` inside a kernel would stop it from being cached.
 #: ``prange`` hands each thread a contiguous block of runs, so a thread gets its share
 #: of the work plus at most about one run (1/256 of it, or one very hot row).
 PARTS = 256
+
+#: How many unique rows ahead a sparse kernel prefetches (:func:`_ahead_template`).
+PREFETCH_DISTANCE = 2
 
 
 def _load_template(p, s0, s1, s2, at):
@@ -156,7 +160,9 @@ def _sparse_template(p, s0, s1, s2, rows, offsets, order, values, c, wd_lr):
     scratch = np.empty((PARTS, d), values.dtype)
     for t in prange(PARTS):
         buf = scratch[t:t + 1]
-        for u in range(bounds[t], bounds[t + 1]):
+        end = bounds[t + 1]
+        for u in range(bounds[t], end):
+            AHEAD(p, s0, s1, s2, p, p, p, rows, offsets, order, values, u, end)
             lo = offsets[u]
             hi = offsets[u + 1]
             if hi - lo == 1:
@@ -213,15 +219,8 @@ def prefetch(typingctx, arr, index):
     return types.void(arr, index), codegen
 
 
-def _row_reduce_and_update(p, s0, s1, s2, r0, r1, r2, row, grad, src, c, wd_lr, width):
-    """One row of a row-wise rule, with the (de-duplicated) gradient row ``grad[src]``.
-
-    The row's parameter, slot rows and row slots are prefetched first: the element
-    pass needs the row sum, so without the hint their cache misses would only start
-    after the gradient row's (a chain of two memory latencies per row, which cost
-    RowwiseAdagrad's W1 step about a quarter).
-    """
-    d = p.shape[1]
+def _prefetch_template(p, s0, s1, s2, r0, r1, r2, row):
+    """Prefetch row ``row`` of ``p``, of the kept slots and of the kept row slots."""
     prefetch(p, row)
     if U0:
         prefetch(s0, row)
@@ -235,6 +234,34 @@ def _row_reduce_and_update(p, s0, s1, s2, r0, r1, r2, row, grad, src, c, wd_lr, 
         prefetch(r1, row)
     if V2:
         prefetch(r2, row)
+
+
+def _ahead_template(p, s0, s1, s2, r0, r1, r2, rows, offsets, order, values, u, end):
+    """Prefetch what unique row ``u + PREFETCH_DISTANCE`` (if before ``end``) will read
+    and write: its rows of ``p``, the slots and row slots, and its first gradient row.
+
+    The rows of a sparse step are random, so no hardware prefetcher finds them, and
+    a row's update is too long for the CPU to start the next row's loads on its own:
+    without this hint each row waits for its misses in turn. With it the kernels of
+    the W2 Adam step went from 1.2x the memory-touch probe to 0.96x, W1 SGD-momentum's
+    from 1.05x to 0.95x.
+    """
+    ahead = u + PREFETCH_DISTANCE
+    if ahead < end:
+        PREFETCH(p, s0, s1, s2, r0, r1, r2, rows[ahead])
+        prefetch(values, order[offsets[ahead]])
+
+
+def _row_reduce_and_update(p, s0, s1, s2, r0, r1, r2, row, grad, src, c, wd_lr, width):
+    """One row of a row-wise rule, with the (de-duplicated) gradient row ``grad[src]``.
+
+    The row's parameter, slot rows and row slots are prefetched first: the element
+    pass needs the row sum, so without the hint their cache misses would only start
+    after the gradient row's (a chain of two memory latencies per row, which cost
+    RowwiseAdagrad's W1 step about a quarter).
+    """
+    d = p.shape[1]
+    PREFETCH(p, s0, s1, s2, r0, r1, r2, row)
     total = width - width  # a zero of the variables' dtype
     for j in range(d):
         total += ROW_TERM(p[row, j], grad[src, j], c)
@@ -261,7 +288,9 @@ def _row_sparse_template(p, s0, s1, s2, r0, r1, r2, rows, offsets, order, values
     scratch = np.empty((PARTS, d), values.dtype)
     for t in prange(PARTS):
         buf = scratch[t:t + 1]
-        for u in range(bounds[t], bounds[t + 1]):
+        end = bounds[t + 1]
+        for u in range(bounds[t], end):
+            AHEAD(p, s0, s1, s2, r0, r1, r2, rows, offsets, order, values, u, end)
             lo = offsets[u]
             hi = offsets[u + 1]
             if hi - lo == 1:
@@ -284,7 +313,9 @@ def _flags(used):
 def _helpers(rule_module, used, row_used, has_wd):
     """The inline element step (and row step) of one rule and slot configuration."""
     rowwise = row_used is not None
+    row_used = row_used if rowwise else (False, False, False)
     constants = dict(RULE=_rule_function(rule_module), U0=used[0], U1=used[1], U2=used[2],
+                     V0=row_used[0], V1=row_used[1], V2=row_used[2],
                      HAS_WD=bool(has_wd), ROWWISE=rowwise)
     suffix = f"{rule_key(rule_module)}_{_flags(used)}{'_wd' if has_wd else ''}"
     inline = numba.njit(**_config.CPU_RULE_FLAGS)
@@ -292,14 +323,16 @@ def _helpers(rule_module, used, row_used, has_wd):
     constants["STORE"] = inline(specialize(_store_template, suffix, **constants))
     constants["STEP"] = inline(specialize(_step_template, suffix, **constants))
     constants["ROW_STEP"] = inline(specialize(_row_step_template, suffix, **constants))
+    suffix_rows = suffix + (f"_r{_flags(row_used)}" if rowwise else "")
+    constants["PREFETCH"] = inline(specialize(_prefetch_template, suffix_rows, **constants))
+    constants["AHEAD"] = inline(specialize(_ahead_template, suffix_rows, **constants))
     # A unique row's cost in gradient rows (balanced_parts): read and write the
     # parameter row and each kept slot row.
     constants["ROW_COST"] = 2 * (1 + sum(used))
     if rowwise:
-        suffix += f"_r{_flags(row_used)}"
+        suffix = suffix_rows
         constants.update(ROW_TERM=_rule_function(rule_module, "row_term"),
-                         ROW_RULE=_rule_function(rule_module, "row_update"),
-                         V0=row_used[0], V1=row_used[1], V2=row_used[2])
+                         ROW_RULE=_rule_function(rule_module, "row_update"))
         constants["ROW_SLOTS"] = inline(specialize(_row_slots_template, suffix, **constants))
         constants["ROW"] = inline(specialize(_row_reduce_and_update, suffix, **constants))
     return suffix, constants

@@ -32,7 +32,7 @@ from sparseopt.kernels import cpu
 from sparseopt.kernels._specialize import rule_key, specialize
 from sparseopt.rules import _idle
 
-RULE = STEP = LOAD = STORE = CATCH = CATCH_ROW = REPLAY = IDLE_APPLY = IDLE_APPLY_FAST = None  # bound per specialization
+RULE = STEP = LOAD = STORE = CATCH = CATCH_ROW = REPLAY = AHEAD = IDLE_APPLY = IDLE_APPLY_FAST = None  # bound per specialization
 TABLE_INIT = TABLE_STEP = None
 
 #: Terms of the eps-series in the first, vectorized pass of the CPU catch-up (the tables
@@ -106,7 +106,9 @@ def _exact_sparse_template(p, s0, s1, s2, rows, offsets, order, values, last, fl
     redo = np.empty((cpu.PARTS, d), np.bool_)
     for t in prange(cpu.PARTS):
         buf = scratch[t:t + 1]
-        for u in range(bounds[t], bounds[t + 1]):
+        stop = bounds[t + 1]
+        for u in range(bounds[t], stop):
+            AHEAD(p, s0, s1, s2, p, p, p, rows, offsets, order, values, u, stop)
             r = rows[u]
             lo = max(last[r], floor)
             first = offsets[u]
