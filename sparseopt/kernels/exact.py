@@ -115,11 +115,8 @@ def _exact_sparse_template(p, s0, s1, s2, rows, offsets, order, values, last, fl
             end = offsets[u + 1]
             if lo < hi:
                 CATCH_ROW(p, s0, s1, s2, r, hist, lo, hi, tab[lo % n], c_idle, zero, tol, redo[t])
-            if end - first == 1:
-                ROW_STEP(p, s0, s1, s2, r, values, order[first], c, wd_lr)
-            else:
-                cpu._sum_rows(buf, values, order, first, end)
-                ROW_STEP(p, s0, s1, s2, r, buf, 0, c, wd_lr)
+            grad, src = cpu._gradient_row(buf, values, order, first, end)
+            ROW_STEP(p, s0, s1, s2, r, grad, src, c, wd_lr)
             last[r] = hi + 1
 
 
