@@ -112,8 +112,8 @@ def _gradient_row(buf, values, order, lo, hi):
     its duplicates summed into ``buf[0]`` (:func:`_sum_rows`).
 
     The sparse kernels call their row step once, on whichever this returns: one
-    inlined copy of the rule per kernel instead of two compiles each kernel 0.5-0.7 s
-    faster (SGD-momentum 1.5 instead of 2.0 s, RowwiseAdagrad 1.6 instead of 2.3 s).
+    inlined copy of the rule per kernel instead of two, which compiles each kernel
+    0.5-0.7 s faster (SGD-momentum 1.5 instead of 2.0 s, RowwiseAdagrad 1.6 instead of 2.3 s).
     The kernels' speed is the same within 6 % (W1 SGD-momentum equal, Adam 4-6 % slower,
     RowwiseAdagrad 5 % faster).
     """
@@ -273,8 +273,8 @@ def _row_reduce_and_update(p, s0, s1, s2, r0, r1, r2, row, grad, src, c, wd_lr, 
     pass needs the row sum, so without the hint their cache misses would only start
     after the gradient row's (a chain of two memory latencies per row, which cost
     RowwiseAdagrad's W1 step about a quarter). The sparse kernel has asked for them
-    two rows earlier as well (:func:`_ahead_template`), which took its W2 step from
-    1.68x to 1.38x the probe; the hint here then finds them in cache.
+    two rows earlier as well (:func:`_ahead_template`), which took its W2 kernel
+    from 1.68x to 1.38x the probe; the hint here then finds them in cache.
     """
     d = p.shape[1]
     PREFETCH(p, s0, s1, s2, r0, r1, r2, row)
