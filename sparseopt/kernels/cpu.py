@@ -221,14 +221,18 @@ def prefetch(typingctx, arr, index):
         i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
         fn = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0i8")
-        base = builder.bitcast(ptr, i8p)
         itemsize = context.get_abi_sizeof(context.get_data_type(aryty.dtype))
         if aryty.ndim == 1:
-            nbytes = ir.Constant(intp, 1)
+            nbytes = ir.Constant(intp, itemsize)
         else:
             nbytes = builder.mul(cgutils.unpack_tuple(builder, ary.shape, 2)[1], ir.Constant(intp, itemsize))
-        with cgutils.for_range_slice(builder, zero, nbytes, ir.Constant(intp, 64), intp=intp) as (off, _):
-            builder.call(fn, [builder.gep(base, [off]), i32(1), i32(3), i32(1)])
+        # Every line the bytes [start, start + nbytes) touch: a row need not begin on a
+        # line (NumPy aligns its data to 16 bytes), and then it spans one line more.
+        start = builder.ptrtoint(ptr, intp)
+        first = builder.and_(start, ir.Constant(intp, -64))
+        with cgutils.for_range_slice(builder, first, builder.add(start, nbytes), ir.Constant(intp, 64),
+                                     intp=intp) as (line, _):
+            builder.call(fn, [builder.inttoptr(line, i8p), i32(1), i32(3), i32(1)])
         return context.get_dummy_value()
     return types.void(arr, index), codegen
 
