@@ -12,6 +12,11 @@ variables, the slots and ``iterations`` are exactly as they were.
 class SparseoptError(Exception):
     """Base class of every error sparseopt raises."""
 
+    # The builtin initializer, by identity: TensorFlow's autograph re-raises an error raised
+    # while it traces a function as its own type only when the type's ``__init__`` is
+    # ``Exception.__init__`` (or a builtin's); otherwise as a StagingError.
+    __init__ = Exception.__init__
+
 
 class IndexOutOfRangeError(SparseoptError, IndexError):
     """A sparse gradient names a row outside the variable."""
@@ -51,6 +56,23 @@ class WeightsMismatchError(SparseoptError, ValueError):
 
 class ConfigError(SparseoptError, ValueError):
     """A configuration or saved state that cannot be loaded."""
+
+
+class GradientsError(SparseoptError, ValueError, TypeError):
+    """A malformed ``grads_and_vars``: empty, every gradient ``None``, an item that is not a
+    ``(gradient, variable)`` pair, or a variable listed twice. It is a ``ValueError``
+    and a ``TypeError``, the builtins these cases raised before it existed."""
+
+
+class ConstraintError(SparseoptError, ValueError, TypeError):
+    """A constraint returned something that cannot replace the rows it was given (``None``,
+    another shape, a non-float dtype); the step is undone."""
+
+
+class ConstraintNotRowWiseError(SparseoptError, ValueError):
+    """A variable updated sparsely whose constraint is not row-wise (a norm over the rows,
+    such as ``keras.constraints.MaxNorm()``'s default ``axis=0``): the sparse step
+    constrains only the touched rows, so it cannot apply it as the dense step would."""
 
 
 class CudaUnavailableError(SparseoptError, RuntimeError):

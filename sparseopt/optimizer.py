@@ -22,7 +22,7 @@ import struct
 
 import numpy as np
 
-from sparseopt import _cuda, _exact, _validation, errors, schedules
+from sparseopt import _cuda, _exact, _hyperparameters, _rollback, _validation, errors, schedules
 from sparseopt.rules import _variant
 from sparseopt.indexed_slices import IndexedSlices
 from sparseopt.kernels import cpu, dedup
@@ -76,6 +76,20 @@ class Optimizer:
     _rule = None
     #: Names of the float hyperparameters that may be callables or schedules.
     _hyper_names = ("learning_rate",)
+    #: Other settings checked whenever they are set (construction and reassignment):
+    #: ``{name: kind}``, kind ``"number"`` (a float in its range), ``"flag"`` (a bool),
+    #: ``"optional_positive"`` or ``"optional_nonnegative"`` (None or such a float).
+    _settings = {"weight_decay": "optional_nonnegative", "clipnorm": "optional_positive",
+                 "clipvalue": "optional_positive", "global_clipnorm": "optional_positive"}
+    #: Ranges that differ from :data:`sparseopt._hyperparameters.DEFAULT_RANGES`.
+    _ranges = {}
+    #: Settings that decide which slots exist (SGD's ``momentum``, Adam's ``amsgrad``):
+    #: once slots are built, a reassignment that would change the slot set is refused.
+    _structural = ()
+    #: Whether a step whose learning rate is 0 changes nothing (Ftrl, whose rule divides
+    #: by the learning rate): the variables and slots stay as they are, ``iterations``
+    #: advances.
+    _zero_learning_rate_is_no_step = False
     #: Whether the rule carries tf_keras' legacy math (``_legacy=True`` is accepted).
     _has_legacy_math = False
     #: Names of 0-d float64 host state advanced once per step (Nadam's ``u_product``),
@@ -95,10 +109,10 @@ class Optimizer:
         if clipnorm is not None and global_clipnorm is not None:
             raise errors.HyperparameterError(
                 f"{name}: cannot set both clipnorm ({clipnorm}) and global_clipnorm ({global_clipnorm})")
-        self.clipnorm = _check_optional_positive(name, "clipnorm", clipnorm)
-        self.clipvalue = _check_optional_positive(name, "clipvalue", clipvalue)
-        self.global_clipnorm = _check_optional_positive(name, "global_clipnorm", global_clipnorm)
-        self.weight_decay = _check_optional_nonnegative(name, "weight_decay", weight_decay)
+        self.clipnorm = clipnorm
+        self.clipvalue = clipvalue
+        self.global_clipnorm = global_clipnorm
+        self.weight_decay = weight_decay
         if sparse_mode not in _SPARSE_MODES:
             raise errors.HyperparameterError(
                 f"{name}: sparse_mode must be one of {_SPARSE_MODES}; got {sparse_mode!r}")
@@ -124,10 +138,42 @@ class Optimizer:
     # ----------------------------------------------------------------- hyperparameters
 
     def __setattr__(self, key, value):
-        if key in type(self)._hyper_names:
-            self._hyper[key] = _check_hyper(self.name, key, value)
+        cls = type(self)
+        if key in cls._hyper_names:
+            self._hyper[key] = _check_hyper(self.name, key, value, self._range(key))
+        elif key in cls._settings:
+            self._set_setting(key, cls._settings[key], value)
         else:
             object.__setattr__(self, key, value)
+
+    def _range(self, key):
+        """The range hyperparameter ``key`` must lie in (None: any finite float)."""
+        return type(self)._ranges.get(key) or _hyperparameters.DEFAULT_RANGES.get(key)
+
+    def _set_setting(self, key, kind, value):
+        name = self.__dict__.get("name", type(self).__name__)
+        if kind == "flag":
+            value = bool(value)
+        elif kind == "number":
+            value = _hyperparameters.check_number(name, key, value, self._range(key))
+        elif kind == "optional_positive":
+            value = _check_optional_positive(name, key, value)
+        else:
+            value = _check_optional_nonnegative(name, key, value)
+        if key in type(self)._structural and self.__dict__.get("_states"):
+            missing = object()
+            old = self.__dict__.get(key, missing)
+            before = tuple(self._slot_names())
+            object.__setattr__(self, key, value)
+            after = tuple(self._slot_names())
+            if after != before:
+                object.__setattr__(self, key, old)
+                raise errors.HyperparameterError(
+                    f"{name}: {key} decides which slots exist ({list(before)} with {key}={old!r}, "
+                    f"{list(after)} with {key}={value!r}); it cannot change once slots are built. "
+                    f"Create a new optimizer with {key}={value!r} (or set it before the first step)")
+            return
+        object.__setattr__(self, key, value)
 
     def __getattr__(self, key):
         hyper = self.__dict__.get("_hyper")
@@ -149,15 +195,14 @@ class Optimizer:
         except (TypeError, ValueError):
             raise errors.HyperparameterError(
                 f"{self.name}: hyperparameter {key!r} must give a number; got {value!r}") from None
-        if not math.isfinite(value):
-            raise errors.HyperparameterError(
-                f"{self.name}: hyperparameter {key!r} is {value}; it must be finite")
-        return value
+        # This step's value, checked as a constant is when it is set (range, float32).
+        return _hyperparameters.check_value(self.name, key, value, self._range(key))
 
     def _resolved_hypers(self):
         hypers = {k: self._resolve(k) for k in type(self)._hyper_names}
         # Keras 3 holds the learning rate in a float32 variable (floatx), whatever the
-        # variables' dtype; rounding it the same way reproduces Keras in float64 too.
+        # variables' dtype; rounding it the same way reproduces Keras in float64 too
+        # (checked to stay finite when it was set or resolved).
         hypers["learning_rate"] = f32(hypers["learning_rate"])
         return hypers
 
@@ -168,7 +213,10 @@ class Optimizer:
 
     @iterations.setter
     def iterations(self, value):
-        self._iterations[()] = int(value)
+        value = int(value)
+        if value < 0:
+            raise errors.HyperparameterError(f"{self.name}: iterations must be >= 0; got {value}")
+        self._iterations[()] = value
 
     # ---------------------------------------------------------- subclass interface
 
@@ -312,6 +360,9 @@ class Optimizer:
                 raise errors.WeightsMismatchError(
                     f"{self.name}: {label} must have dtype {cur.dtype}; got {new.dtype}")
             arrays.append(new)
+        if arrays[0].dtype.kind not in "iub" or int(arrays[0]) < 0:
+            raise errors.WeightsMismatchError(
+                f"{self.name}: iterations must be an integer >= 0; got {arrays[0]!r}")
         for cur, new in zip(current, arrays):
             if isinstance(cur, np.ndarray):
                 np.copyto(cur, new, casting="same_kind")
@@ -378,22 +429,39 @@ class Optimizer:
                 its variable.
             constraints: optional ``{id(variable): fn}`` or a list of ``(variable, fn)``
                 pairs (NumPy arrays are not hashable); ``fn(array) -> array`` runs
-                after the update, on the touched rows of a sparse one.
+                after the update, on the touched rows of a sparse one, and must return
+                an array of the shape it got (NaN is fine: it propagates, as in Keras).
+
+        A step is all or nothing. Every input is checked before anything is written;
+        a constraint, which can only run on the updated values, runs on a step whose
+        writes are kept (:mod:`sparseopt._rollback`): if it raises, or returns ``None``
+        or another shape (:class:`~sparseopt.errors.ConstraintError`,
+        :class:`~sparseopt.errors.ShapeMismatchError`), the step is undone, so the
+        variables, every slot, ``iterations`` and the exact-mode state are as they were.
+
+        Raises:
+            GradientsError: ``grads_and_vars`` is empty, every gradient is ``None``, an
+                item is not a ``(gradient, variable)`` pair, or a variable is listed twice.
         """
-        pairs = [(g, v) for g, v in grads_and_vars]
+        pairs = _pairs(self.name, grads_and_vars)
         if not pairs:
-            raise ValueError(f"{self.name}: apply_gradients got no (gradient, variable) pairs")
+            raise errors.GradientsError(f"{self.name}: apply_gradients got no (gradient, variable) pairs")
         if self.gradient_aggregator is not None:
-            pairs = list(self.gradient_aggregator(pairs))
+            pairs = _pairs(self.name, self.gradient_aggregator(pairs))
         for transform in self.gradient_transformers:
-            pairs = list(transform(pairs))
+            pairs = _pairs(self.name, transform(pairs))
         pairs = [(g, v) for g, v in pairs if g is not None]
         if not pairs:
-            raise ValueError(f"{self.name}: every gradient is None")
+            raise errors.GradientsError(f"{self.name}: every gradient is None")
 
         checked = self._validate(pairs)
         step = self.iterations + 1
         hypers = self._resolved_hypers()
+        if self._zero_learning_rate_is_no_step and hypers["learning_rate"] == 0.0:
+            for name, var, _ in checked:    # the slots exist after a step, as always
+                self._state_for(var, name)
+            self._iterations[()] = step
+            return step
         scalar_state = self._next_scalar_state(hypers, step)
         coefficients = self._coefficients({**hypers, **scalar_state}, step)
         # Keras casts weight_decay through float32 (sparseopt.rules._floatx).
@@ -403,9 +471,10 @@ class Optimizer:
         # Every input is valid: from here on the step runs to completion.
         updates = [(self._state_for(var, name), update) for name, var, update in checked]
         self._clip(updates)
-        self._run(updates, coefficients, wd)
         if constraints:
-            self._apply_constraints(updates, constraints)
+            self._run_constrained(updates, coefficients, wd, constraints)
+        else:
+            self._run(updates, coefficients, wd)
         for key, value in scalar_state.items():
             self._scalar_state[key][()] = value
         # An item assignment: a 0-d in-place ``+= 1`` goes through NumPy's ufunc machinery,
@@ -422,7 +491,7 @@ class Optimizer:
             name = self._default_name(var, sum(id(v) not in self._states for _, v, _ in checked))
             self._check_variable(var, name)
             if id(var) in seen:
-                raise ValueError(f"{self.name}: {name!r} appears twice in grads_and_vars")
+                raise errors.GradientsError(f"{self.name}: {name!r} appears twice in grads_and_vars")
             seen.add(id(var))
             if not isinstance(var, np.ndarray):  # a CUDA variable (checked above)
                 update = _cuda.validate(g, var, name, self._markers)
@@ -509,13 +578,24 @@ class Optimizer:
         self._converted_last[dtype] = (key, c)
         return c
 
-    def _apply_constraints(self, updates, constraints):
+    def _run_constrained(self, updates, coefficients, wd, constraints):
+        """``_run``, then the constraints; undone if a constraint fails (see apply_gradients)."""
         items = constraints.items() if isinstance(constraints, dict) else constraints
         by_id = {(k if isinstance(k, int) else id(k)): fn for k, fn in items}
-        for state, update in updates:
-            fn = by_id.get(id(state.var))
-            if fn is not None:
-                update.constrain(state.var, fn)
+        snapshot = _rollback.Snapshot(
+            self, updates, lambda u: isinstance(getattr(u, "update", u), _SparseUpdate))
+        try:
+            self._run(updates, coefficients, wd)
+            for state, update in updates:
+                fn = by_id.get(id(state.var))
+                if fn is not None:
+                    try:
+                        update.constrain(state.var, fn)
+                    except (errors.ConstraintError, errors.ShapeMismatchError) as exc:
+                        raise type(exc)(f"{self.name}: {state.name!r}: {exc}") from None
+        except BaseException:
+            snapshot.restore()
+            raise
 
     def __repr__(self):
         return f"<sparseopt.{type(self).__name__} name={self.name!r} iterations={self.iterations}>"
@@ -542,7 +622,7 @@ class _DenseUpdate:
         cpu.dense_kernel(rule, used, has_wd)(p, self.values.reshape(-1), *slots, c, wd)
 
     def constrain(self, var, fn):
-        np.copyto(var, fn(var), casting="same_kind")
+        np.copyto(var, _constrained(fn(var), var.shape, var.dtype), casting="same_kind")
 
 
 class _SparseUpdate:
@@ -584,7 +664,9 @@ class _SparseUpdate:
                                               self.values, c, wd)
 
     def constrain(self, var, fn):
-        var[self.rows] = fn(var[self.rows])
+        if self.rows.size:
+            var[self.rows] = _constrained(fn(var[self.rows]), (self.rows.size,) + var.shape[1:],
+                                          var.dtype)
 
 
 class _Elementwise:
@@ -606,11 +688,37 @@ class _Elementwise:
         return x * x.dtype.type(self.arg)
 
 
+def _pairs(opt_name, grads_and_vars):
+    """``grads_and_vars`` as a list of pairs, or a :class:`~sparseopt.errors.GradientsError`."""
+    try:
+        return [(g, v) for g, v in grads_and_vars]
+    except (TypeError, ValueError) as exc:
+        raise errors.GradientsError(
+            f"{opt_name}: grads_and_vars must be an iterable of (gradient, variable) pairs "
+            f"({type(exc).__name__}: {exc})") from None
+
+
+def _constrained(out, shape, dtype):
+    """A constraint's result, checked to replace an array of ``shape`` and ``dtype``."""
+    if out is None:
+        raise errors.ConstraintError(f"constraint returned None; expected an array of shape {shape}")
+    out = np.asarray(out)
+    if out.shape != tuple(shape):
+        raise errors.ShapeMismatchError(
+            f"constraint returned shape {out.shape}; expected the shape it was given, {tuple(shape)}")
+    if not np.can_cast(out.dtype, dtype, casting="same_kind"):
+        raise errors.ConstraintError(
+            f"constraint returned dtype {out.dtype}; expected a float array ({np.dtype(dtype)})")
+    return out
+
+
 def _is_number(value):
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _check_hyper(opt_name, key, value):
+def _check_hyper(opt_name, key, value, rng=None):
+    """A constant hyperparameter as a float, checked (finite, in ``rng``, also in float32);
+    a callable or a schedule unchanged (its value is checked at each step)."""
     if isinstance(value, schedules.LearningRateSchedule) or callable(value):
         return value
     if isinstance(value, np.ndarray) and value.ndim == 0:
@@ -619,9 +727,7 @@ def _check_hyper(opt_name, key, value):
         raise errors.HyperparameterError(
             f"{opt_name}: hyperparameter {key!r} must be a float, a callable or a schedule; "
             f"got {value!r}")
-    if not math.isfinite(value):
-        raise errors.HyperparameterError(f"{opt_name}: hyperparameter {key!r} is {value}; it must be finite")
-    return float(value)
+    return _hyperparameters.check_value(opt_name, key, float(value), rng)
 
 
 def _check_optional_positive(opt_name, key, value):

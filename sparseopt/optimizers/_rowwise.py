@@ -71,6 +71,8 @@ class _RowUpdate:
         self.row_slots = row_slots  # {name: (rows,) view} of the kept row slots
 
     def run(self, rule, state, c, wd, has_wd):
+        if 0 in state.var.shape[1:]:
+            return  # rows without elements (an (N, 0) table): nothing to update, not even the row slots
         if getattr(self.update, "on_device", False):  # a CUDA update: the CUDA row-reduction kernels
             self.update.run_rowwise(rule, state, self.row_slots, c, wd, has_wd)
             return

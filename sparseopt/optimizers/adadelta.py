@@ -1,7 +1,6 @@
 """``Adadelta``: steps scaled by the ratio of running update and gradient magnitudes."""
 
 from sparseopt.optimizer import Optimizer
-from sparseopt.optimizers._checks import check_range
 from sparseopt.rules import adadelta as rule
 
 
@@ -32,7 +31,7 @@ class Adadelta(Optimizer):
 
     def __init__(self, learning_rate=0.001, rho=0.95, epsilon=1e-7, name="adadelta", **kwargs):
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
-        self.rho = check_range(name, "rho", rho, 0.0, 1.0)
+        self.rho = rho
         self.epsilon = epsilon
 
     def _coefficients(self, hypers, step):

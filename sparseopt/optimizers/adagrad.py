@@ -2,7 +2,6 @@
 
 import numpy as np
 
-from sparseopt import errors
 from sparseopt.optimizer import Optimizer
 from sparseopt.rules import adagrad as rule
 
@@ -31,15 +30,12 @@ class Adagrad(Optimizer):
     _rule = rule
     _hyper_names = ("learning_rate", "epsilon")
     _has_legacy_math = True
+    _settings = {**Optimizer._settings, "initial_accumulator_value": "number"}
 
     def __init__(self, learning_rate=0.001, initial_accumulator_value=0.1, epsilon=1e-7,
                  name="adagrad", **kwargs):
-        if isinstance(initial_accumulator_value, bool) or not isinstance(
-                initial_accumulator_value, (int, float)) or not initial_accumulator_value >= 0:
-            raise errors.HyperparameterError(
-                f"{name}: initial_accumulator_value must be a float >= 0; got {initial_accumulator_value!r}")
-        self.initial_accumulator_value = float(initial_accumulator_value)
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        self.initial_accumulator_value = initial_accumulator_value
         self.epsilon = epsilon
 
     def _slot_initial_value(self, slot_name):

@@ -15,7 +15,9 @@ class Adam(Optimizer):
         amsgrad: keep the running maximum of the second moment. Defaults to False.
         **kwargs: see :class:`~sparseopt.Optimizer`.
 
-    Slots: ``"m"``, ``"v"``, and ``"vhat"`` with AMSGrad.
+    Slots: ``"m"``, ``"v"``, and ``"vhat"`` with AMSGrad. ``amsgrad`` cannot change once
+    slots are built (it adds or drops ``"vhat"``): a
+    :class:`~sparseopt.errors.HyperparameterError` says so.
 
     Example:
         >>> import numpy as np, sparseopt as so
@@ -31,11 +33,13 @@ class Adam(Optimizer):
     _rule = rule
     _hyper_names = ("learning_rate", "beta_1", "beta_2", "epsilon")
     _has_legacy_math = True
+    _settings = {**Optimizer._settings, "amsgrad": "flag"}
+    _structural = ("amsgrad",)
 
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
                  amsgrad=False, name="adam", **kwargs):
-        self.amsgrad = bool(amsgrad)
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        self.amsgrad = amsgrad
         self.beta_1 = beta_1
         self.beta_2 = beta_2
         self.epsilon = epsilon

@@ -3,7 +3,6 @@
 import numpy as np
 
 from sparseopt.optimizer import Optimizer
-from sparseopt.optimizers._checks import check_range
 from sparseopt.rules import ftrl as rule
 
 
@@ -19,10 +18,15 @@ class Ftrl(Optimizer):
         l2_regularization_strength: >= 0; the stabilizing L2 of the paper. Defaults to 0.0.
         l2_shrinkage_regularization_strength: >= 0; an L2 penalty on the weights added
             to the gradient (on the touched rows only for a sparse gradient). Defaults to 0.0.
-        beta: the paper's beta, added to the L2 strength as ``beta / (2 lr)``. Defaults to 0.0.
+        beta: >= 0; the paper's beta, added to the L2 strength as ``beta / (2 lr)``. Defaults to 0.0.
         **kwargs: see :class:`~sparseopt.Optimizer`.
 
     Slots: ``"accumulator"`` (starts at ``initial_accumulator_value``), ``"linear"``.
+
+    A step whose learning rate is 0 (a schedule that reaches or starts at 0) changes
+    nothing: the rule divides by the learning rate, so instead of Keras' NaN the
+    variables, the accumulators and the linear terms stay as they are; ``iterations``
+    advances (so the schedule moves on).
 
     Example:
         >>> import numpy as np, sparseopt as so
@@ -38,21 +42,18 @@ class Ftrl(Optimizer):
     _hyper_names = ("learning_rate", "learning_rate_power", "l1_regularization_strength",
                     "l2_regularization_strength", "l2_shrinkage_regularization_strength", "beta")
     _has_legacy_math = True
+    _settings = {**Optimizer._settings, "initial_accumulator_value": "number"}
+    _zero_learning_rate_is_no_step = True
 
     def __init__(self, learning_rate=0.001, learning_rate_power=-0.5, initial_accumulator_value=0.1,
                  l1_regularization_strength=0.0, l2_regularization_strength=0.0,
                  l2_shrinkage_regularization_strength=0.0, beta=0.0, name="ftrl", **kwargs):
-        self.initial_accumulator_value = check_range(
-            name, "initial_accumulator_value", initial_accumulator_value, 0.0, required=True)
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
-        self.learning_rate_power = check_range(name, "learning_rate_power", learning_rate_power,
-                                               high=0.0)
-        self.l1_regularization_strength = check_range(
-            name, "l1_regularization_strength", l1_regularization_strength, 0.0)
-        self.l2_regularization_strength = check_range(
-            name, "l2_regularization_strength", l2_regularization_strength, 0.0)
-        self.l2_shrinkage_regularization_strength = check_range(
-            name, "l2_shrinkage_regularization_strength", l2_shrinkage_regularization_strength, 0.0)
+        self.initial_accumulator_value = initial_accumulator_value
+        self.learning_rate_power = learning_rate_power
+        self.l1_regularization_strength = l1_regularization_strength
+        self.l2_regularization_strength = l2_regularization_strength
+        self.l2_shrinkage_regularization_strength = l2_shrinkage_regularization_strength
         self.beta = beta
 
     def _slot_initial_value(self, slot_name):

@@ -1,7 +1,7 @@
 """``Lion``: sign of an interpolated momentum, one step size for every coordinate."""
 
 from sparseopt.optimizer import Optimizer
-from sparseopt.optimizers._checks import check_range
+from sparseopt._hyperparameters import Range
 from sparseopt.rules import lion as rule
 
 
@@ -14,7 +14,7 @@ class Lion(Optimizer):
         learning_rate: float, callable or schedule. Defaults to 0.001.
         beta_1: in (0, 1]; interpolation of momentum and gradient for the step's sign.
             Defaults to 0.9.
-        beta_2: decay of the momentum. Defaults to 0.99.
+        beta_2: in [0, 1]; decay of the momentum. Defaults to 0.99.
         **kwargs: see :class:`~sparseopt.Optimizer`.
 
     Slots: ``"momentum"``.
@@ -31,11 +31,13 @@ class Lion(Optimizer):
 
     _rule = rule
     _hyper_names = ("learning_rate", "beta_1", "beta_2")
+    # Keras: beta_1 in (0, 1] (with beta_1 == 0 Lion degenerates to signSGD); the
+    # momentum's decay beta_2 may be 1 (a constant momentum).
+    _ranges = {"beta_1": Range(0.0, 1.0, low_open=True), "beta_2": Range(0.0, 1.0)}
 
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.99, name="lion", **kwargs):
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
-        # Keras: with beta_1 == 0 Lion degenerates to signSGD.
-        self.beta_1 = check_range(name, "beta_1", beta_1, 0.0, 1.0, low_open=True)
+        self.beta_1 = beta_1
         self.beta_2 = beta_2
 
     def _coefficients(self, hypers, step):

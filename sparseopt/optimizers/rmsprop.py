@@ -1,7 +1,6 @@
 """``RMSprop``: gradients scaled by a running root mean square, with momentum and centering."""
 
 from sparseopt.optimizer import Optimizer
-from sparseopt.optimizers._checks import check_range
 from sparseopt.rules import rmsprop as rule
 
 
@@ -17,6 +16,8 @@ class RMSprop(Optimizer):
         **kwargs: see :class:`~sparseopt.Optimizer`.
 
     Slots: ``"rms"``, ``"momentum"`` (when ``momentum > 0``), ``"mg"`` (when centered).
+    Once slots are built, ``momentum`` cannot cross 0 and ``centered`` cannot change (that
+    would add or drop a slot): a :class:`~sparseopt.errors.HyperparameterError` says so.
 
     Example:
         >>> import numpy as np, sparseopt as so
@@ -31,13 +32,15 @@ class RMSprop(Optimizer):
     _rule = rule
     _hyper_names = ("learning_rate", "rho", "epsilon")
     _has_legacy_math = True
+    _settings = {**Optimizer._settings, "momentum": "number", "centered": "flag"}
+    _structural = ("momentum", "centered")
 
     def __init__(self, learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7, centered=False,
                  name="rmsprop", **kwargs):
-        self.momentum = check_range(name, "momentum", momentum, 0.0, 1.0, required=True)
-        self.centered = bool(centered)
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
-        self.rho = check_range(name, "rho", rho, 0.0, 1.0)
+        self.momentum = momentum
+        self.centered = centered
+        self.rho = rho
         self.epsilon = epsilon
 
     def _slot_names(self):

@@ -2,7 +2,6 @@
 
 import numpy as np
 
-from sparseopt.optimizers._checks import check_range
 from sparseopt.optimizers._rowwise import RowwiseOptimizer
 from sparseopt.rules import rowwise_adagrad as rule
 
@@ -19,6 +18,8 @@ class RowwiseAdagrad(RowwiseOptimizer):
     which is why it is the usual choice for large embedding tables. Rows are the
     first axis: a ``(rows, d)`` table, a ``(rows, a, b)`` one (rows of ``a * b``), or a
     vector (rows of one element, where it equals Adagrad with epsilon outside the root).
+    A table whose rows have no elements (shape ``(N, 0)``) is left as it is, accumulators
+    included (the mean over an empty row is undefined).
 
     Args:
         learning_rate: float, callable or schedule. Defaults to 0.01 (FBGEMM's default).
@@ -43,12 +44,12 @@ class RowwiseAdagrad(RowwiseOptimizer):
 
     _rule = rule
     _hyper_names = ("learning_rate", "epsilon")
+    _settings = {**RowwiseOptimizer._settings, "initial_accumulator_value": "number"}
 
     def __init__(self, learning_rate=0.01, initial_accumulator_value=0.0, epsilon=1e-8,
                  name="rowwise_adagrad", **kwargs):
-        self.initial_accumulator_value = check_range(
-            name, "initial_accumulator_value", initial_accumulator_value, 0.0, required=True)
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        self.initial_accumulator_value = initial_accumulator_value
         self.epsilon = epsilon
 
     def _slot_initial_value(self, slot_name):

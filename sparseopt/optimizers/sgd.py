@@ -1,6 +1,5 @@
 """``SGD``: gradient descent with optional (Nesterov) momentum."""
 
-from sparseopt import errors
 from sparseopt.optimizer import Optimizer
 from sparseopt.rules import sgd as rule
 
@@ -14,7 +13,9 @@ class SGD(Optimizer):
         nesterov: use Nesterov momentum. Defaults to False.
         **kwargs: see :class:`~sparseopt.Optimizer`.
 
-    Slots: ``"momentum"`` (when ``momentum > 0``).
+    Slots: ``"momentum"`` (when ``momentum > 0``). ``momentum`` can be reassigned, but not
+    across 0 once slots are built (that would add or drop the slot: a
+    :class:`~sparseopt.errors.HyperparameterError` says so; build a new optimizer).
 
     Example:
         >>> import numpy as np, sparseopt as so
@@ -29,13 +30,13 @@ class SGD(Optimizer):
     _rule = rule
     _hyper_names = ("learning_rate",)
     _has_legacy_math = True
+    _settings = {**Optimizer._settings, "momentum": "number", "nesterov": "flag"}
+    _structural = ("momentum",)
 
     def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False, name="SGD", **kwargs):
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1:
-            raise errors.HyperparameterError(f"{name}: momentum must be a float in [0, 1]; got {momentum!r}")
-        self.momentum = float(momentum)
-        self.nesterov = bool(nesterov)
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        self.momentum = momentum
+        self.nesterov = nesterov
 
     def _slot_names(self):
         return rule.SLOTS if self.momentum != 0 else ()
