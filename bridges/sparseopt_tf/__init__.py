@@ -20,14 +20,16 @@ checkpoint of another optimizer or of other shapes.
 
 from sparseopt_tf import optimizers
 from sparseopt_tf._exact import ExactModeNotSupportedError
-from sparseopt_tf._handover import DeviceNotSupportedError, XlaNotSupportedError
+from sparseopt_tf._handover import (DeviceNotSupportedError, NotAVariableError, StrategyNotSupportedError,
+                                   XlaNotSupportedError)
 from sparseopt_tf.callbacks import ExactFlush
 from sparseopt_tf.layers import Embedding, embedding_lookup
 from sparseopt_tf.optimizers import *  # noqa: F401,F403  (one class per core optimizer)
 from sparseopt_tf.optimizers import Optimizer
 
 __all__ = ["DeviceNotSupportedError", "Embedding", "ExactFlush", "ExactModeNotSupportedError",
-           "Optimizer", "XlaNotSupportedError", "embedding_lookup", "legacy"] + [
+           "NotAVariableError", "Optimizer", "StrategyNotSupportedError", "XlaNotSupportedError",
+           "embedding_lookup", "legacy"] + [
     n for n in optimizers.__all__ if n != "Optimizer"]
 
 

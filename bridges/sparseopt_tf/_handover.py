@@ -67,6 +67,52 @@ class DeviceNotSupportedError(errors.SparseoptError, ValueError):
     """A variable on a device whose memory the CPU kernels cannot address."""
 
 
+class NotAVariableError(errors.SparseoptError, TypeError, NotImplementedError):
+    """A tensor (or anything else) given where a variable belongs: only variables can be
+    updated. (A ``NotImplementedError`` too, as ``tf_keras``' optimizers raise one.)"""
+
+
+class StrategyNotSupportedError(errors.SparseoptError, ValueError):
+    """A ``tf.distribute`` strategy under which the kernels cannot run (parameter servers)."""
+
+
+def check_variables(optimizer_name, variables):
+    """Raise :class:`NotAVariableError` unless every entry of ``variables`` is a variable
+    (a ``tf.Variable``, a distributed one, or a Keras 3 variable); before anything is written."""
+    for i, v in enumerate(variables):
+        if _is_keras_variable(v) or isinstance(v, tf.Variable) or hasattr(v, "_distributed_container"):
+            continue
+        what = getattr(v, "name", None) if isinstance(v, tf.Tensor) and not tf.executing_eagerly() else None
+        raise NotAVariableError(
+            f"{optimizer_name}: entry {i} of the variables is not a variable but a {type(v).__name__}"
+            + (f" ({what!r})" if what else "")
+            + "; an optimizer updates variables in place. Pass the tf.Variable "
+            "(or Keras variable) itself, not a tensor read from it.")
+
+
+def check_strategy(optimizer_name):
+    """Raise :class:`StrategyNotSupportedError` under a ``ParameterServerStrategy``.
+
+    The kernels run in a ``tf.numpy_function``, whose Python callback exists only in the
+    process that traced it (the coordinator), while a parameter-server strategy places
+    the variables, and so the update ops, on the parameter servers' processes.
+    """
+    if not tf.distribute.has_strategy():
+        return
+    strategy = tf.distribute.get_strategy()
+    if isinstance(strategy, _PARAMETER_SERVER_STRATEGIES):
+        raise StrategyNotSupportedError(
+            f"{optimizer_name}: {type(strategy).__name__} is not supported: the variables live "
+            "on the parameter servers, which cannot run sparseopt's kernels (a "
+            "tf.numpy_function runs only in the process that traced it). Use "
+            "MirroredStrategy or MultiWorkerMirroredStrategy (each worker keeps every table "
+            "and updates it in place), or no strategy.")
+
+
+_PARAMETER_SERVER_STRATEGIES = (tf.distribute.experimental.ParameterServerStrategy,
+                                tf.compat.v1.distribute.experimental.ParameterServerStrategy)
+
+
 class Ref:
     """A variable as the hand-over sees it: handle, dtype, shape, name, device.
 
@@ -125,17 +171,25 @@ def _check_device(ref, optimizer_name):
 
 
 def _claim(ref):
-    """The claim ops (see the module docstring); returns a tensor aliasing the exclusive buffer."""
+    """The claim ops (see the module docstring); returns a tensor aliasing the exclusive buffer.
+
+    The three ops are chained by explicit control dependencies: a ``tf.function`` would
+    order them by its automatic control dependencies, but a TF1 graph
+    (``tf.compat.v1.Session``, ``get_updates``) has none, and there a read that ran
+    before the claim would alias a buffer that another tensor still shares.
+    """
     if ref.shape.rank == 0:
         # A scatter needs a row axis; a scalar is claimed by assigning it a fresh copy.
         fresh = tf.raw_ops.DeepCopy(x=tf.raw_ops.ReadVariableOp(resource=ref.handle, dtype=ref.dtype))
-        tf.raw_ops.AssignVariableOp(resource=ref.handle, value=fresh)
+        claim = tf.raw_ops.AssignVariableOp(resource=ref.handle, value=fresh)
     else:
-        tf.raw_ops.ResourceScatterUpdate(
+        claim = tf.raw_ops.ResourceScatterUpdate(
             resource=ref.handle, indices=tf.zeros([0], tf.int32),
             updates=tf.zeros([0] + ref.shape.as_list()[1:], ref.dtype))
-    tf.raw_ops.DisableCopyOnRead(resource=ref.handle)
-    return tf.raw_ops.ReadVariableOp(resource=ref.handle, dtype=ref.dtype)
+    with tf.control_dependencies([claim]):
+        exclusive = tf.raw_ops.DisableCopyOnRead(resource=ref.handle)
+    with tf.control_dependencies([exclusive]):
+        return tf.raw_ops.ReadVariableOp(resource=ref.handle, dtype=ref.dtype)
 
 
 class _Buffer:
@@ -238,6 +292,7 @@ def run_on_host(body, inputs, optimizer_name, what, ready=()):
         ``None`` eagerly (``body`` has run); in a graph, an op that completes after it.
     """
     check_traceable(optimizer_name)
+    check_strategy(optimizer_name)
     for x in inputs:
         if isinstance(x, Ref):
             _check_device(x, optimizer_name)
@@ -256,13 +311,19 @@ def run_on_host(body, inputs, optimizer_name, what, ready=()):
         return None
 
     refs = [x for x in inputs if isinstance(x, Ref)]
+    # A 0-d tensor reaches numpy_function as a copy, never as a view of its buffer: a
+    # scalar variable travels as a (1,)-shaped reshape, which aliases the buffer, and
+    # the body gets a 0-d view of that.
+    scalar = [isinstance(x, Ref) and x.shape.rank == 0 for x in inputs]
     with tf.control_dependencies(list(ready)):
         tensors = [_claim(x) if isinstance(x, Ref) else x for x in inputs]
+    tensors = [tf.reshape(t, [1]) if s else t for t, s in zip(tensors, scalar)]
 
     def graph_body(*arrays):
         with _stats_lock:
             stats["graph"] += 1
-        body([writable_view(a) for a in arrays])
+        body([writable_view(a).reshape(()) if s else writable_view(a)
+              for a, s in zip(arrays, scalar)])
         return np.int32(0)
 
     token = tf.numpy_function(graph_body, tensors, Tout=tf.int32, stateful=True,

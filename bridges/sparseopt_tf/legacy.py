@@ -90,6 +90,8 @@ class Optimizer(_V2):
         self._slotted = {}      # var key -> variable with slots (a plain dict: not tracked)
 
     def _create_slots(self, var_list):
+        _handover.check_variables(self._name, var_list)
+        _handover.check_strategy(self._name)
         if self._state_variables is None:
             self._state_variables = []
             for name, value in _spec.scalar_state(self._core):

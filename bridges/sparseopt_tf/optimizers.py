@@ -147,6 +147,8 @@ class Optimizer(keras.optimizers.Optimizer):
     def build(self, variables):
         if self.built:
             return
+        _handover.check_variables(self.name, variables)
+        _handover.check_strategy(self.name)
         self._check_exact_mode_can_run()
         if self._untracked.restored_layout is not None:   # restored before it was built: check first
             self._check_layout(self._untracked.restored_layout, variables)
@@ -391,6 +393,7 @@ class Optimizer(keras.optimizers.Optimizer):
         grads = list(grads)
         if trainable_variables is not None:
             trainable_variables = list(trainable_variables)
+            _handover.check_variables(self.name, trainable_variables)
         variables = trainable_variables if trainable_variables is not None else (
             list(self._trainable_variables) if self.built else [])
         lent = []
