@@ -13,7 +13,9 @@ touches the whole table:
   rows (duplicates summed first, as the dense gradient has them; Keras would clip the
   raw rows), so a sparse gradient is clipped as its dense equivalent;
 * a variable's ``constraint`` runs on the touched rows only (Keras would run it on
-  the whole variable after every step); it must therefore act row by row.
+  the whole variable after every step); it must therefore act row by row. Keras' norm
+  constraints taken across rows (``MaxNorm()``'s default ``axis=0`` on a table) are
+  refused before anything is written (see :meth:`Optimizer.apply`).
 
 Host state of the core optimizer (Nadam's ``u_product``) lives in 0-d float64
 variables of the optimizer, advanced once per step by the core's own function.
@@ -28,6 +30,7 @@ variables to save or return them (``get_weights``, ``save_own_variables``,
 
 import inspect
 import json
+import math
 
 import keras
 import numpy as np
@@ -81,7 +84,14 @@ class Optimizer(keras.optimizers.Optimizer):
     ``clipvalue``, ``global_clipnorm``, ``use_ema``, ``ema_momentum``,
     ``ema_overwrite_frequency``, ``loss_scale_factor``, ``gradient_accumulation_steps``,
     ``name``). Hyperparameters other than ``learning_rate`` may be floats, tensors,
-    variables, no-argument callables or schedules (called with ``iterations``).
+    variables, no-argument callables or schedules (called with ``iterations``);
+    ``weight_decay`` is a float (or ``None``). Without a ``name``, Keras' unique automatic
+    name (``adam``, ``adam_1``, ...; ``adam_w`` for AdamW). Arguments that Keras rejects
+    raise a ``ValueError`` with Keras' message.
+
+    A sparsely updated variable's ``constraint`` is applied to the touched rows only, so
+    it must be row-wise; Keras' norm constraints across rows (``MaxNorm()`` on a table:
+    use ``axis=1``) are refused, other callables are trusted (see :meth:`apply`).
 
     Besides Keras 3's interface it has the seed's ``add_slot``, ``get_slot``,
     ``get_slot_names``, ``get_weights``, ``set_weights`` and
@@ -107,7 +117,7 @@ class Optimizer(keras.optimizers.Optimizer):
         learning_rate = values.pop("learning_rate", spec.default_learning_rate)
         if isinstance(learning_rate, int) and not isinstance(learning_rate, bool):
             learning_rate = float(learning_rate)
-        name = kwargs.pop("name", None) or spec.default_name
+        name = kwargs.pop("name", None)     # None: Keras' unique automatic name (adam, adam_1, ...)
         sparse_mode = kwargs.pop("sparse_mode", "lazy")
         exact_history = kwargs.pop("exact_history", None)
         own = {arg: values.get(arg, default) for arg, default in spec.args}
@@ -116,9 +126,11 @@ class Optimizer(keras.optimizers.Optimizer):
         if spec.explicit_weight_decay:
             kwargs.setdefault("weight_decay", spec.default_weight_decay)
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        _check_arguments_as_keras(spec.name, own)
         # The core validates the configuration (ranges, NaN) and owns slots and coefficients.
-        self._core = spec.make_core(learning_rate, name, own, weight_decay=self.weight_decay,
+        self._core = spec.make_core(learning_rate, self.name, own, weight_decay=self.weight_decay,
                                     sparse_mode=sparse_mode, exact_history=exact_history)
+        self._core.weight_decay = self.weight_decay        # the same value on both sides, always
         self.sparse_mode = self._core.sparse_mode
         self.exact_history = self._core.exact_history
         if self.sparse_mode == "exact" and self.use_ema:
@@ -135,6 +147,27 @@ class Optimizer(keras.optimizers.Optimizer):
         self._state_variables = []
         self._untracked = _Untracked()
 
+    @property
+    def weight_decay(self):
+        """Decoupled weight decay: a float, or ``None`` (none; AdamW needs a float).
+
+        Setting it (in the constructor or later) checks it and sets the core optimizer's
+        too, so that both sides always hold the same value. It must be a number: the
+        kernels' coefficient is computed from it when a step is traced.
+        """
+        try:
+            return self.__dict__["_sparseopt_weight_decay"]
+        except KeyError:    # not set yet: Keras' __setattr__ must not skip the first setting
+            raise AttributeError("weight_decay") from None
+
+    @weight_decay.setter
+    def weight_decay(self, value):
+        value = _checked_weight_decay(self, value)
+        core = self.__dict__.get("_core")
+        if core is not None:
+            core.weight_decay = value
+        self.__dict__["_sparseopt_weight_decay"] = value
+
     # ------------------------------------------------------------------- slots
 
     def __dir__(self):
@@ -142,7 +175,10 @@ class Optimizer(keras.optimizers.Optimizer):
         # Keras 2 optimizer and saves its slots a second time as "slot variables", which
         # fails: Keras 3 already tracks them (in ``variables``, by position). The method
         # stays callable; it is only hidden from that duck-typing check.
-        return [n for n in super().__dir__() if n != "get_slot_names"]
+        # The aliases of the host state (Nadam's ``_u_product``) are hidden too: the
+        # variables are tracked once, in ``variables``.
+        hidden = {"get_slot_names"} | {f"_{n}" for n in self._spec.core_class._scalar_state_names}
+        return [n for n in super().__dir__() if n not in hidden]
 
     def build(self, variables):
         if self.built:
@@ -225,9 +261,11 @@ class Optimizer(keras.optimizers.Optimizer):
         In exact mode every row is current afterwards: the weights are taken as flushed
         state (as :meth:`get_weights` returns it), with the variables set alongside them.
         """
-        if not self.built:
+        if not self.built:                  # Keras' message
             raise errors.WeightsMismatchError(
-                f"{self.name}: set_weights needs a built optimizer; call build(variables) first")
+                "You are calling `set_weights()` on an optimizer that has not yet been built. "
+                "Please call `optimizer.build(trainable_variables)` to create the optimizer "
+                f"weights before calling `set_weights()`. (Optimizer {self.name!r}.)")
         self._check_weights(weights, "set_weights")
         for variable, value in zip(self.variables, weights):
             variable.assign(value)
@@ -389,6 +427,20 @@ class Optimizer(keras.optimizers.Optimizer):
         this method lends the constraint to :meth:`_run` and hides it from Keras for
         the duration of the call (with gradient accumulation the update is dense, and
         Keras' own handling stays).
+
+        That equals Keras' result only for a row-wise constraint, one that maps each row
+        by itself: ``keras.constraints.NonNeg``, and ``MaxNorm``, ``UnitNorm`` and
+        ``MinMaxNorm`` with an ``axis`` that leaves out axis 0 (``axis=1`` on a 2-D table).
+        Those norm constraints with axis 0 in their ``axis`` (``MaxNorm()``'s default)
+        take norms across rows: they raise
+        :class:`~sparseopt.errors.ConstraintNotRowWiseError` before anything is written.
+        Any other callable is applied to the touched rows (a 2-D tensor of rows for a
+        table) and is trusted to be row-wise; one that is not gives other results than
+        Keras, silently.
+
+        Raises:
+            sparseopt.errors.ConstraintNotRowWiseError: a variable with a sparse gradient
+                has a Keras norm constraint taken across rows.
         """
         grads = list(grads)
         if trainable_variables is not None:
@@ -403,6 +455,9 @@ class Optimizer(keras.optimizers.Optimizer):
                 if isinstance(g, tf.IndexedSlices) and (getattr(v, "_constraint", None) is not None
                                                         or lent_already):
                     lent.append(v)
+        for v in lent:                      # all checked before any is lent or anything written
+            if v._constraint is not None:
+                _check_row_wise(self.name, v, v._constraint)
         for v in lent:                      # re-entrant: MirroredStrategy interleaves replicas
             entry = self._untracked.row_constraints.setdefault(self._var_key(v), [v._constraint, 0])
             entry[1] += 1
@@ -630,6 +685,98 @@ class Optimizer(keras.optimizers.Optimizer):
         return super().from_config(config, custom_objects=custom_objects)
 
 
+#: Keras' norm constraints: row-wise exactly when their ``axis`` leaves out axis 0.
+_NORM_CONSTRAINTS = (keras.constraints.MaxNorm, keras.constraints.UnitNorm,
+                     keras.constraints.MinMaxNorm)
+
+
+def _check_row_wise(name, variable, constraint):
+    """Raise :class:`~sparseopt.errors.ConstraintNotRowWiseError` if ``constraint`` (of a
+    variable with a sparse gradient) is one of Keras' norm constraints taken across rows.
+
+    A norm constraint is row-wise when its ``axis`` leaves out axis 0: each row's norm is
+    taken over the row's own axes, so constraining the touched rows is what Keras'
+    whole-variable pass does to them (and it leaves the other rows, which the step did not
+    change and which already satisfy it, as they are). ``NonNeg`` is elementwise. Any other
+    callable is trusted to be row-wise (see :meth:`Optimizer.apply`).
+    """
+    if not isinstance(constraint, _NORM_CONSTRAINTS):
+        return
+    rank = len(variable.shape)
+    axes = constraint.axis if isinstance(constraint.axis, (list, tuple)) else [constraint.axis]
+    if rank > 1 and all(int(a) % rank != 0 for a in axes):
+        return
+    path = getattr(variable, "path", None) or variable.name
+    kind = f"keras.constraints.{type(constraint).__name__}(axis={constraint.axis!r})"
+    fix = (f"use a row-wise constraint, e.g. {type(constraint).__name__}(axis="
+           f"{1 if rank == 2 else list(range(1, rank))}), the norm of each row" if rank > 1 else
+           "a 1-D variable has no row-wise norm: use a dense gradient, or no norm constraint")
+    raise errors.ConstraintNotRowWiseError(
+        f"{name}: the constraint of {path!r} (shape {tuple(variable.shape)}), {kind}, takes "
+        "norms across rows (over axis 0), but a sparse (IndexedSlices) gradient updates and "
+        "constrains only the touched rows, so the result would differ from Keras' whole-variable "
+        f"constraint: {fix}. Nothing was written.")
+
+
+def _checked_weight_decay(opt, value):
+    """``value`` as the weight decay of ``opt`` (a float or None), or raise as Keras would."""
+    if value is None:
+        if opt._spec.explicit_weight_decay:         # AdamW, with keras.optimizers.AdamW's message
+            raise errors.HyperparameterError(
+                "Argument `weight_decay` must be a float. Received: weight_decay=None")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise errors.HyperparameterError(
+            f"{opt.name}: weight_decay must be a float or None (the kernels' coefficient is "
+            f"computed from it when a step is traced); got {type(value).__name__}")
+    value = float(value)
+    if not (math.isfinite(value) and value >= 0.0):
+        raise errors.HyperparameterError(f"{opt.name}: weight_decay must be a finite float >= 0; "
+                                         f"got {value}")
+    return value
+
+
+#: Keras 3's own argument checks, with Keras' messages (its tests match them): ``{class:
+#: ((argument, is invalid, message), ...)}``, run on plain numbers before the core's checks
+#: (which cover the same ranges and NaN, with sparseopt's messages).
+_KERAS_ARGUMENT_CHECKS = {
+    "Ftrl": (
+        ("initial_accumulator_value", lambda v: v < 0.0,
+         "`initial_accumulator_value` needs to be positive or zero. Received: "
+         "initial_accumulator_value={v}."),
+        ("learning_rate_power", lambda v: v > 0.0,
+         "`learning_rate_power` needs to be negative or zero. Received: learning_rate_power={v}."),
+        ("l1_regularization_strength", lambda v: v < 0.0,
+         "`l1_regularization_strength` needs to be positive or zero. Received: "
+         "l1_regularization_strength={v}."),
+        ("l2_regularization_strength", lambda v: v < 0.0,
+         "`l2_regularization_strength` needs to be positive or zero. Received: "
+         "l2_regularization_strength={v}."),
+        ("l2_shrinkage_regularization_strength", lambda v: v < 0.0,
+         "`l2_shrinkage_regularization_strength` needs to be positive or zero. Received: "
+         "l2_shrinkage_regularization_strength={v}."),
+    ),
+    "Lion": (
+        ("beta_1", lambda v: v <= 0 or v > 1,
+         "Argument `beta_1` must be in the [0, 1] range. Otherwise, the optimizer degenerates "
+         "to SignSGD. Received: beta_1={v}."),
+    ),
+    "SGD": (
+        ("momentum", lambda v: v < 0 or v > 1,
+         "`momentum` must be a float between [0, 1]. Received: momentum={v}."),
+    ),
+}
+
+
+def _check_arguments_as_keras(class_name, values):
+    """Raise :class:`~sparseopt.errors.HyperparameterError` (a ``ValueError``) with Keras'
+    message for an argument that ``keras.optimizers.<class_name>`` rejects."""
+    for arg, invalid, message in _KERAS_ARGUMENT_CHECKS.get(class_name, ()):
+        value = values.get(arg)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and invalid(value):
+            raise errors.HyperparameterError(message.format(v=value))
+
+
 def _tf_variable(v):
     return v.value if isinstance(v, keras.Variable) else v
 
@@ -696,9 +843,20 @@ def _make_class(spec):
                                 default=spec.default_learning_rate)]
     params += [inspect.Parameter(a, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d) for a, d in spec.args]
     params += [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
-    cls = type(spec.name, (Optimizer,), {"_spec": spec, "__doc__": doc, "__module__": __name__})
+    namespace = {"_spec": spec, "__doc__": doc, "__module__": __name__}
+    for index, state in enumerate(spec.core_class._scalar_state_names):
+        namespace[f"_{state}"] = _state_alias(index, state)    # as Keras names it (Nadam's _u_product)
+    cls = type(spec.name, (Optimizer,), namespace)
     cls.__init__ = _with_signature(Optimizer.__init__, inspect.Signature(params), spec.name)
     return keras.saving.register_keras_serializable(package="sparseopt_tf")(cls)
+
+
+def _state_alias(index, state):
+    def get(self):
+        if index >= len(self._state_variables):
+            raise AttributeError(f"{self.name}: {state!r} exists once the optimizer is built")
+        return self._state_variables[index]
+    return property(get, doc=f"The host state variable {state!r} (0-d, float64), once built.")
 
 
 def _with_signature(init, signature, name):

@@ -8,6 +8,7 @@ keras = pytest.importorskip("keras")
 import numpy as np  # noqa: E402
 
 import sparseopt_tf  # noqa: E402
+from sparseopt import errors  # noqa: E402
 from tests.tf.helpers import BRIDGED, bridge_class, core_dense_run, rel_close, sparse_batches  # noqa: E402
 
 STEPS = 20
@@ -315,3 +316,232 @@ def test_ftrl_learning_rate_power_reassigned_after_build_matches_keras():
             opt.apply_gradients([(tf.constant(rng.normal(size=(4, 3)).astype(np.float32)), var)])
         results.append(var.numpy())
     rel_close(results[0], results[1], np.float32)
+
+
+# ------------------------------------------- drop-in fidelity (issue 15, items 4, 8 and 10)
+
+#: Our classes that Keras 3 has too.
+KERAS_NAMED = [n for n in sparseopt_tf.optimizers.__all__ if hasattr(keras.optimizers, n) and n != "Optimizer"]
+
+
+@pytest.mark.parametrize("name", KERAS_NAMED)
+def test_automatic_names_are_keras_names(name):
+    """Without a ``name``, Keras' unique automatic names (``adam``, ``adam_1``; ``adam_w``)."""
+    keras.backend.clear_session()                       # restarts Keras' name counters
+    theirs = [getattr(keras.optimizers, name)().name for _ in range(2)]
+    keras.backend.clear_session()
+    ours = [getattr(sparseopt_tf, name)() for _ in range(2)]
+    assert [o.name for o in ours] == theirs
+    assert [o._core.name for o in ours] == theirs       # the core's messages name it the same
+    reloaded = type(ours[1]).from_config(ours[1].get_config())
+    assert reloaded.name == theirs[1]
+    assert getattr(sparseopt_tf, name)(name="mine").name == "mine"
+    if name == "AdamW":
+        assert theirs[0] == "adam_w"
+
+
+# (class, arguments Keras rejects): the type and message must be Keras' own.
+KERAS_ARGUMENT_ERRORS = [
+    ("SGD", dict(momentum=-1.0)), ("SGD", dict(momentum=1.5)),
+    ("Lion", dict(beta_1=-0.1)), ("Lion", dict(beta_1=1.1)), ("Lion", dict(beta_1=0.0)),
+    ("Ftrl", dict(initial_accumulator_value=-0.1)), ("Ftrl", dict(learning_rate_power=0.1)),
+    ("Ftrl", dict(l1_regularization_strength=-0.1)), ("Ftrl", dict(l2_regularization_strength=-0.1)),
+    ("Ftrl", dict(l2_shrinkage_regularization_strength=-0.1)),
+    ("AdamW", dict(weight_decay=None)),
+]
+
+
+@pytest.mark.parametrize("name, kwargs", KERAS_ARGUMENT_ERRORS)
+def test_argument_errors_are_keras_errors(name, kwargs):
+    with pytest.raises(ValueError) as theirs:
+        getattr(keras.optimizers, name)(**kwargs)
+    with pytest.raises(ValueError) as ours:
+        getattr(sparseopt_tf, name)(**kwargs)
+    assert str(ours.value).startswith(str(theirs.value))
+    assert isinstance(ours.value, errors.HyperparameterError)
+
+
+def test_adamw_weight_decay_is_the_same_on_both_sides():
+    """The core always holds the Keras side's weight decay (constructed, defaulted, or set
+    later), and training follows a reassignment as keras.optimizers.AdamW does."""
+    assert sparseopt_tf.AdamW()._core.weight_decay == sparseopt_tf.AdamW().weight_decay == 0.004
+    for opt in (sparseopt_tf.AdamW(weight_decay=0.1), sparseopt_tf.Adam(weight_decay=0.1)):
+        assert opt.weight_decay == opt._core.weight_decay == 0.1
+        opt.weight_decay = 0.25
+        assert opt.weight_decay == opt._core.weight_decay == 0.25
+    adam = sparseopt_tf.Adam()
+    assert adam.weight_decay is None and adam._core.weight_decay is None
+    adamw = sparseopt_tf.AdamW()
+    with pytest.raises(ValueError, match=r"^Argument `weight_decay` must be a float. Received: weight_decay=None$"):
+        adamw.weight_decay = None
+    with pytest.raises(errors.HyperparameterError, match=r"weight_decay must be a finite float >= 0; got -1.0"):
+        adamw.weight_decay = -1.0
+    with pytest.raises(errors.HyperparameterError, match=r"weight_decay must be a float or None"):
+        adamw.weight_decay = tf.constant(0.1)
+    assert adamw.weight_decay == adamw._core.weight_decay == 0.004        # rejected: unchanged
+    rng = np.random.default_rng(11)
+    init = rng.normal(size=(4, 3)).astype(np.float32)
+    results = []
+    for opt in (sparseopt_tf.AdamW(0.1, weight_decay=0.01), keras.optimizers.AdamW(0.1, weight_decay=0.01)):
+        var = tf.Variable(init)
+        grads = np.random.default_rng(12).normal(size=(4, 4, 3)).astype(np.float32)
+        for i, g in enumerate(grads):
+            if i == 2:
+                opt.weight_decay = 0.5
+            opt.apply_gradients([(tf.constant(g), var)])
+        results.append(var.numpy())
+    rel_close(results[0], results[1], np.float32)
+
+
+def test_nadam_builds_without_variables_and_names_its_host_state_as_keras():
+    """``Nadam().build([])`` works; ``_u_product`` (Keras' name) is the host state, a 0-d
+    float64 variable (Keras keeps it in the variables' dtype: a deliberate difference, for
+    the precision of the product over every step)."""
+    opt = sparseopt_tf.Nadam()
+    with pytest.raises(AttributeError):
+        opt._u_product                                  # noqa: B018  (not built: none yet)
+    opt.build([])
+    assert opt._u_product.dtype == "float64" and tuple(opt._u_product.shape) == ()
+    assert any(v is opt._u_product for v in opt.variables)
+    assert "_u_product" not in dir(opt)                 # tracked once, in ``variables``
+    products = []
+    for module in (sparseopt_tf, keras.optimizers):     # Keras' in float64 with a float64 variable
+        var = tf.Variable(tf.ones((3, 2), tf.float64))
+        nadam = module.Nadam(0.1)
+        for _ in range(3):
+            nadam.apply_gradients([(tf.ones((3, 2), tf.float64), var)])
+        products.append(float(nadam._u_product.numpy()))
+    np.testing.assert_allclose(products[0], products[1], rtol=1e-12)
+
+
+def test_set_weights_before_build_raises_keras_message():
+    with pytest.raises(ValueError, match=r"^You are calling `set_weights\(\)` on an optimizer that has not yet been built"):
+        sparseopt_tf.Adam().set_weights([np.zeros(())])
+
+
+@pytest.mark.parametrize("name, kwargs", [("Adadelta", {}), ("Adagrad", {}), ("RMSprop", {}),
+                                          ("SGD", {}), ("SGD", dict(momentum=0.5)), ("LossScale", {})])
+def test_sparse_step_writes_in_place_and_never_calls_assign(name, kwargs):
+    """What Keras' ``test_sparse_gradients_*`` look for by mocking ``assign`` (a sparse
+    update through the optimizer's ``assign``) does not happen here: the kernels write the
+    touched rows in place, and no ``assign`` of the optimizer or of the variable runs.
+    The result equals Keras' with the dense gradient."""
+    from unittest import mock
+
+    def make(module):
+        if name == "LossScale":
+            return keras.optimizers.LossScaleOptimizer(module.SGD(learning_rate=0.5))
+        return getattr(module, name)(**kwargs)
+
+    results = []
+    for module in (sparseopt_tf, keras.optimizers):
+        var = keras.Variable(np.ones((5, 10), np.float32))
+        opt = make(module)
+        grad = tf.IndexedSlices(0.5 * tf.ones((3, 10)), tf.constant([0, 2, 4]), tf.constant([5, 10]))
+        if module is keras.optimizers:
+            opt.apply([tf.convert_to_tensor(grad)], [var])
+            results.append(var.numpy())
+            continue
+        inner = opt.inner_optimizer if name == "LossScale" else opt
+        inner.build([var])
+        address = var.value.handle
+        calls = []
+
+        def record(variable, value):
+            calls.append(tuple(variable.shape))
+
+        patches = [mock.patch.object(inner, m, autospec=True, side_effect=record)
+                   for m in ("assign", "assign_add", "assign_sub")]
+        patches += [mock.patch.object(type(var.value), m, autospec=True, side_effect=record)
+                    for m in ("assign", "assign_add", "assign_sub")]
+        for p in patches:
+            p.start()
+        try:
+            opt.apply([grad], [var])
+        finally:
+            for p in patches:
+                p.stop()
+        assert [shape for shape in calls if shape] == []   # scalars (iterations) only, as Keras allows
+        assert var.value.handle is address
+        results.append(var.numpy())
+    np.testing.assert_array_equal(results[0][[1, 3]], 1.0)
+    rel_close(results[0], results[1], np.float32)
+
+
+def _stepper(opt, var, mode):
+    def step(g):
+        opt.apply_gradients([(g, var)])
+    return tf.function(step) if mode == "function" else step
+
+
+# Keras' norm constraints: (constraint, row-wise on a (6, 3) table). The table's rows have
+# norm 0.4 (1 for UnitNorm): untouched rows satisfy the constraint, so Keras' whole-table
+# pass leaves them as they are.
+NORM_CONSTRAINTS = [pytest.param(make, row_wise, id=id_) for id_, make, row_wise in [
+    ("MaxNorm()", lambda: keras.constraints.MaxNorm(), False),
+    ("UnitNorm()", lambda: keras.constraints.UnitNorm(), False),
+    ("MinMaxNorm()", lambda: keras.constraints.MinMaxNorm(), False),
+    ("MaxNorm(axis=[0,1])", lambda: keras.constraints.MaxNorm(axis=[0, 1]), False),
+    ("UnitNorm(axis=-2)", lambda: keras.constraints.UnitNorm(axis=-2), False),
+    ("MaxNorm(axis=1)", lambda: keras.constraints.MaxNorm(0.5, axis=1), True),
+    ("UnitNorm(axis=-1)", lambda: keras.constraints.UnitNorm(axis=-1), True),
+    ("MinMaxNorm(axis=1)", lambda: keras.constraints.MinMaxNorm(0.2, 0.6, axis=1), True),
+    ("NonNeg()", lambda: keras.constraints.NonNeg(), True),
+]]
+
+
+@pytest.mark.parametrize("mode", ["eager", "function"])
+@pytest.mark.parametrize("make, row_wise", NORM_CONSTRAINTS)
+def test_norm_constraints_across_rows_are_refused_row_wise_ones_match_keras(make, row_wise, mode):
+    rng = np.random.default_rng(5)
+    init = np.abs(rng.normal(size=(6, 3))).astype(np.float32)
+    unit = isinstance(make(), keras.constraints.UnitNorm)
+    init /= np.linalg.norm(init, axis=1, keepdims=True) * (1.0 if unit else 2.5)
+    grads = [tf.IndexedSlices(tf.constant(rng.normal(size=(2, 3)).astype(np.float32)),
+                              tf.constant([1, 4]), tf.constant([6, 3])) for _ in range(3)]
+    results = []
+    for module in (sparseopt_tf, keras.optimizers):
+        var = keras.Variable(init, name="table")
+        var.constraint = make()
+        opt = module.SGD(0.2)
+        step = _stepper(opt, var, mode)
+        if module is sparseopt_tf and not row_wise:
+            with pytest.raises(errors.ConstraintNotRowWiseError,
+                               match=rf"sgd\w*: the constraint of 'table' \(shape \(6, 3\)\), "
+                                     rf"keras.constraints.{type(var.constraint).__name__}\(axis=.*\), "
+                                     r"takes norms across rows .* row-wise constraint, e\.g\. "
+                                     rf"{type(var.constraint).__name__}\(axis=1\)"):
+                step(grads[0])
+            assert isinstance(errors.ConstraintNotRowWiseError("x"), ValueError)
+            np.testing.assert_array_equal(var.numpy(), init)             # nothing written
+            assert int(opt.iterations.numpy()) == 0
+            return
+        for g in grads:
+            step(g)
+        results.append(var.numpy())
+    rel_close(results[0], results[1], np.float32)
+
+
+def test_model_fit_refuses_an_embedding_with_a_column_wise_max_norm():
+    x, y = _data()
+    ids = keras.Input(shape=(3,), dtype="int32")
+    e = keras.layers.Embedding(50, 4, embeddings_constraint=keras.constraints.MaxNorm())(ids)
+    model = keras.Model(ids, keras.layers.Dense(1)(keras.layers.Flatten()(e)))
+    model.compile(optimizer=sparseopt_tf.Adam(0.01), loss="mse")
+    with pytest.raises(errors.ConstraintNotRowWiseError, match=r"MaxNorm\(axis=0\).*MaxNorm\(axis=1\)"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+
+
+def test_a_callable_constraint_is_applied_to_the_touched_rows_as_documented():
+    """An unknown callable is trusted to be row-wise: it gets the touched rows (a 2-D
+    tensor for a table), not the whole variable."""
+    seen = []
+
+    def constraint(w):
+        seen.append(tuple(w.shape))
+        return w
+
+    var = tf.Variable(tf.ones((7, 2)), constraint=constraint)
+    sparseopt_tf.SGD(0.1).apply_gradients(
+        [(tf.IndexedSlices(tf.ones((2, 2)), tf.constant([3, 5]), tf.constant([7, 2])), var)])
+    assert seen == [(2, 2)]
