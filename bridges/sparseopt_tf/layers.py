@@ -157,10 +157,13 @@ class Embedding(_AttachedOptimizer, keras.layers.Embedding):
         if _in_symbolic_call():
             return None                     # Keras computing shapes: nothing runs
         model = _calling_model(self)
-        optimizer = self._attached.optimizer
+        optimizer = builder = self._attached.optimizer
         if optimizer is None and model is not None:
             optimizer = getattr(model, "optimizer", None)
-            optimizer = getattr(optimizer, "inner_optimizer", optimizer)   # LossScaleOptimizer
+            optimizer = builder = getattr(optimizer, "inner_optimizer", optimizer)   # LossScaleOptimizer
+            if isinstance(optimizer, _MULTI_OPTIMIZER):
+                # Keras' MultiOptimizer: the sub-optimizer of this table (built by the outer one).
+                optimizer = optimizer._optimizer_map(self._embeddings)
         if getattr(optimizer, "sparse_mode", None) != "exact":
             return None
         if (isinstance(optimizer, keras.optimizers.Optimizer) and not optimizer.built
@@ -171,9 +174,13 @@ class Embedding(_AttachedOptimizer, keras.layers.Embedding):
                     "built, and no built model calls the layer, so the rows cannot be caught up "
                     "in this tf.function: call optimizer.build(model.trainable_variables) first")
             with tf.init_scope():
-                optimizer.build(model.trainable_variables)
+                builder.build(model.trainable_variables)
         self._attached.last = optimizer
         return optimizer
+
+
+#: Keras' ``MultiOptimizer`` (Keras 3.15 and later), or nothing to match.
+_MULTI_OPTIMIZER = getattr(keras.optimizers, "MultiOptimizer", ())
 
 
 def _calling_model(layer):

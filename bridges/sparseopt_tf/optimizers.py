@@ -37,7 +37,7 @@ import numpy as np
 import tensorflow as tf
 
 from sparseopt import errors
-from sparseopt_tf import _exact, _handover, _host, _spec
+from sparseopt_tf import _accumulate, _exact, _handover, _host, _spec
 
 
 class _SlotTable:
@@ -56,11 +56,14 @@ class _Untracked:
         row_constraints: ``{var key: [constraint, count]}``: constraints lent by :meth:`Optimizer.apply`
             to the kernels' step, to run on the touched rows.
         restored_layout: a checkpoint's layout, restored before the optimizer was built.
+        row_records: with ``gradient_accumulation_steps``, the rows each variable's
+            accumulator holds (:class:`sparseopt_tf._accumulate.RowRecords`).
     """
 
     def __init__(self):
         self.row_constraints = {}
         self.restored_layout = None
+        self.row_records = None
 
 
 def _resolve_hyper(value, iterations):
@@ -104,9 +107,10 @@ class Optimizer(keras.optimizers.Optimizer):
     dense training at the cost of sparse steps. Rows a step skips are caught up when
     next updated, by :meth:`catch_up` (which :class:`sparseopt_tf.Embedding` and
     :func:`sparseopt_tf.embedding_lookup` run before their gather), or by :meth:`flush`.
-    Not with ``use_ema`` (the average reads every row at every step) nor under a
-    ``tf.distribute`` strategy (the record of which rows are behind lives in this
-    process's memory, one per variable, not per replica).
+    With ``use_ema`` every step flushes before the moving average reads every row (a
+    full pass, as the average's own). Not under a ``tf.distribute`` strategy (the record
+    of which rows are behind lives in this process's memory, one per variable, not per
+    replica).
     """
 
     _spec = None
@@ -133,11 +137,6 @@ class Optimizer(keras.optimizers.Optimizer):
         self._core.weight_decay = self.weight_decay        # the same value on both sides, always
         self.sparse_mode = self._core.sparse_mode
         self.exact_history = self._core.exact_history
-        if self.sparse_mode == "exact" and self.use_ema:
-            raise _exact.ExactModeNotSupportedError(
-                f"{self.name}: sparse_mode='exact' cannot run with use_ema=True: the moving "
-                "average reads every row at every step, before the rows a step skipped are "
-                "caught up. Use sparse_mode='lazy' with EMA.")
         self._own_args = own
         for arg, _ in spec.args:
             setattr(self, arg, own[arg])
@@ -189,6 +188,10 @@ class Optimizer(keras.optimizers.Optimizer):
         if self._untracked.restored_layout is not None:   # restored before it was built: check first
             self._check_layout(self._untracked.restored_layout, variables)
         super().build(variables)
+        if self.gradient_accumulation_steps:
+            self._untracked.row_records = _accumulate.RowRecords(variables)
+            if self._untracked.restored_layout is not None:   # accumulators about to be restored
+                self._untracked.row_records.forget()
         # The core's host state (Nadam's u_product): 0-d float64 variables, listed right
         # after iterations and learning_rate, advanced once per step (see _advance_state).
         self._state_variables = [
@@ -443,6 +446,9 @@ class Optimizer(keras.optimizers.Optimizer):
                 has a Keras norm constraint taken across rows.
         """
         grads = list(grads)
+        if self.loss_scale_factor is not None:      # Keras divides every gradient by it
+            grads = [_Unscalable(g.values, g.indices, g.dense_shape) if isinstance(g, tf.IndexedSlices)
+                     else g for g in grads]
         if trainable_variables is not None:
             trainable_variables = list(trainable_variables)
             _handover.check_variables(self.name, trainable_variables)
@@ -472,6 +478,30 @@ class Optimizer(keras.optimizers.Optimizer):
                 if entry[1] == 0:
                     v._constraint = entry[0]
                     del self._untracked.row_constraints[key]
+
+    def _update_model_variables_moving_average(self, trainable_variables):
+        """Keras' EMA update, which reads every row: in exact mode after :meth:`flush`."""
+        done = self.flush()
+        with tf.control_dependencies([done] if done is not None else []):
+            super()._update_model_variables_moving_average(trainable_variables)
+
+    def _backend_apply_gradients(self, grads, trainable_variables):
+        """Keras' step; with ``gradient_accumulation_steps``, ``IndexedSlices`` gradients
+        are accumulated row by row (:mod:`sparseopt_tf._accumulate`), never densified.
+
+        Under a ``tf.distribute`` strategy accumulation keeps Keras' dense accumulators.
+        """
+        if not (self.gradient_accumulation_steps and not tf.distribute.has_strategy()
+                and any(isinstance(g, tf.IndexedSlices) for g in grads)):
+            return super()._backend_apply_gradients(grads, trainable_variables)
+        _accumulate.apply(self, grads, trainable_variables)
+        if self.use_ema:                                # as Keras' own step continues
+            self._update_model_variables_moving_average(self._trainable_variables)
+            if self.ema_overwrite_frequency:
+                keras.ops.cond((self.iterations + 1) % self.ema_overwrite_frequency == 0,
+                               lambda: self._overwrite_model_variables_with_average_value(
+                                   self._trainable_variables),
+                               lambda: None)
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         self._check_exact_mode_can_run()
@@ -644,8 +674,12 @@ class Optimizer(keras.optimizers.Optimizer):
         super().finalize_variable_values(var_list)
 
     def _exact_reset(self):
+        """After the state was set (restored, loaded, ``set_weights``): in exact mode every
+        row is current; with gradient accumulation the accumulators' rows are unknown."""
         if self._host.exact is not None:
             self._host.exact.reset()
+        if self._untracked.row_records is not None:
+            self._untracked.row_records.forget()
 
     def _check_exact_mode_can_run(self):
         _exact.check_can_run(self.name, self.sparse_mode)
@@ -823,6 +857,15 @@ def _describe(identity):
             + (", EMA" if identity["use_ema"] else "")
             + (f", gradient accumulation over {identity['gradient_accumulation_steps']} steps"
                if identity["gradient_accumulation_steps"] else ""))
+
+
+class _Unscalable(tf.IndexedSlices):
+    """An ``IndexedSlices`` that Keras' ``apply`` can divide by ``loss_scale_factor``
+    (``tf.IndexedSlices`` has no ``/``): the values are divided, the rows stay sparse."""
+
+    def __truediv__(self, scale):
+        return tf.IndexedSlices(self.values / tf.cast(scale, self.values.dtype), self.indices,
+                                self.dense_shape)
 
 
 def _deduplicated(g):
