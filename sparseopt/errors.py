@@ -17,11 +17,6 @@ class SparseoptError(Exception):
     # ``Exception.__init__`` (or a builtin's); otherwise as a StagingError.
     __init__ = Exception.__init__
 
-    # The builtin initializer, by identity: TensorFlow's autograph re-raises an error raised
-    # while it traces a function as its own type only when the type's ``__init__`` is
-    # ``Exception.__init__`` (or a builtin's); otherwise as a StagingError.
-    __init__ = Exception.__init__
-
 
 class IndexOutOfRangeError(SparseoptError, IndexError):
     """A sparse gradient names a row outside the variable."""
@@ -72,12 +67,6 @@ class GradientsError(SparseoptError, ValueError, TypeError):
 class ConstraintError(SparseoptError, ValueError, TypeError):
     """A constraint returned something that cannot replace the rows it was given (``None``,
     another shape, a non-float dtype); the step is undone."""
-
-
-class ConstraintNotRowWiseError(SparseoptError, ValueError):
-    """A variable updated sparsely whose constraint is not row-wise (a norm over the rows,
-    such as ``keras.constraints.MaxNorm()``'s default ``axis=0``): the sparse step
-    constrains only the touched rows, so it cannot apply it as the dense step would."""
 
 
 class ConstraintNotRowWiseError(SparseoptError, ValueError):
