@@ -13,7 +13,11 @@
 
 The file is replaced atomically: it is written to a temporary file in the same
 directory, flushed to disk (``fsync``), then renamed over the old one, so a crash
-or an error mid-write leaves the previous file intact (and no temporary file behind).
+or an error mid-write leaves the previous file intact (and, after an error, no
+temporary file behind). A process killed mid-write cannot remove its temporary file
+(``.<name>.sparseopt-<pid>-<random>.tmp``): the next save to the same file removes
+those whose process is gone. A path that is a symbolic link is written through: the
+link's target is replaced (in the target's directory), the link stays.
 
 :func:`load` reads it back: it checks everything (the file's integrity, the optimizer
 class, the number, shapes and dtypes of the slots and variables) before it writes
@@ -57,7 +61,7 @@ def save(path, optimizer, variables=None):
 
     Args:
         path: the file to write (any name; ``.npz`` is customary). An existing file
-            is replaced atomically.
+            is replaced atomically; a symbolic link is written through to its target.
         optimizer: a :class:`sparseopt.Optimizer`.
         variables: optional arrays to save with it: a list, or a dict from names to
             arrays (NumPy or CUDA arrays; CUDA arrays are copied to the host). Saving
@@ -111,9 +115,15 @@ def _write_npz(file, arrays):
     np.savez(file, **arrays)
 
 
+_TMP_TAG = ".sparseopt-"
+
+
 def _atomic_write(path, arrays):
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    path = os.path.realpath(path)  # a symbolic link: replace its target, keep the link
+    directory = os.path.dirname(path)
+    base = os.path.basename(path)
+    _remove_stale_temporaries(directory, base)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{base}{_TMP_TAG}{os.getpid()}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             _write_npz(f, arrays)
@@ -128,6 +138,36 @@ def _atomic_write(path, arrays):
             pass
         raise
     _fsync_directory(directory)
+
+
+def _remove_stale_temporaries(directory, base):
+    """Remove the temporary files of earlier saves to ``base`` whose process is gone
+    (killed mid-write). POSIX only: elsewhere a process cannot be probed safely."""
+    if os.name != "posix":
+        return
+    prefix = f".{base}{_TMP_TAG}"
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(prefix) and n.endswith(".tmp")]
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid() or _process_exists(int(pid)):
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+        except OSError:
+            pass
+
+
+def _process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process, or an unexpected answer: keep its file
+        return True
+    return True
 
 
 def _file_mode(path):
@@ -179,7 +219,7 @@ def load(path, optimizer=None, variables=None, custom_objects=None):
 
     Raises:
         ConfigError: the file is not a readable sparseopt save (corrupted, truncated,
-            another format or version), names another optimizer class than the given
+            another format or version, a header edited into another structure), names another optimizer class than the given
             one, or its config cannot be loaded; or the optimizer cannot be built
             because a variable it kept state for was not saved.
         WeightsMismatchError: the number, shapes or dtypes of the saved slots or
@@ -263,10 +303,12 @@ def _read(path):
                 raise errors.ConfigError(f"{path}: not a sparseopt save (no header; it holds {data.files[:5]})")
             header = json.loads(data[_HEADER].tobytes().decode("utf-8"))
             if not isinstance(header, dict) or header.get("format") != FORMAT:
-                raise errors.ConfigError(f"{path}: not a sparseopt save (format {header.get('format')!r})")
+                found = header.get("format") if isinstance(header, dict) else type(header).__name__
+                raise errors.ConfigError(f"{path}: not a sparseopt save (format {found!r})")
             if header.get("version") != VERSION:
                 raise errors.ConfigError(f"{path}: saved in format version {header.get('version')}; "
                                          f"this sparseopt reads version {VERSION}")
+            _check_header(path, header)
             weights = [data[f"weight_{i}"] for i in range(len(header["weights"]))]
             info = header["variables"]
             saved_vars = [data[f"variable_{i}"] for i in range(len(info["arrays"]))] if info else []
@@ -278,6 +320,9 @@ def _read(path):
             UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise errors.ConfigError(f"{path}: not a readable sparseopt save (corrupted or truncated?): "
                                  f"{type(exc).__name__}: {exc}") from None
+    if weights[0].shape != () or weights[0].dtype.kind not in "iu" or int(weights[0]) < 0:
+        raise errors.ConfigError(f"{path}: corrupted: iterations is {weights[0]!r}; "
+                                 "expected an integer >= 0")
     for label, described, array in (
             [("weight", d, w) for d, w in zip(header["weights"], weights)]
             + [("variable", d, v) for d, v in zip((info or {}).get("arrays", []), saved_vars)]):
@@ -285,6 +330,56 @@ def _read(path):
             raise errors.ConfigError(f"{path}: corrupted: {label} {described['name']!r} is {array.dtype} "
                                      f"{array.shape}; the header says {described['dtype']} {described['shape']}")
     return header, weights, saved_vars
+
+
+def _check_header(path, header):
+    """Every field :func:`load` reads, of the type it expects (a hand-edited header with a
+    valid checksum gets a ``ConfigError``, never an AttributeError or KeyError)."""
+    def bad(what):
+        raise errors.ConfigError(f"{path}: corrupted header: {what}")
+
+    def described(d, label):
+        if not (isinstance(d, dict) and isinstance(d.get("name"), str) and isinstance(d.get("dtype"), str)
+                and isinstance(d.get("shape"), list)
+                and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in d["shape"])):
+            bad(f"{label} must be {{'name': str, 'shape': [int >= 0, ...], 'dtype': str}}; got {d!r:.200}")
+
+    if not isinstance(header.get("class_name"), str):
+        bad(f"class_name must be a string; got {header.get('class_name')!r:.100}")
+    if not isinstance(header.get("config"), dict):
+        bad(f"config must be a dict; got {type(header.get('config')).__name__}")
+    weights = header.get("weights")
+    if not isinstance(weights, list) or not weights:
+        bad("weights must be a non-empty list (iterations first)")
+    for i, d in enumerate(weights):
+        described(d, f"weights[{i}]")
+    info = header.get("variables")
+    count = 0
+    if info is not None:
+        if not isinstance(info, dict) or info.get("kind") not in ("list", "dict"):
+            bad("variables must be None or {'kind': 'list' or 'dict', 'names': [...], 'arrays': [...]}")
+        names, arrays = info.get("names"), info.get("arrays")
+        if not (isinstance(names, list) and isinstance(arrays, list) and len(names) == len(arrays)
+                and all(isinstance(n, str) for n in names)):
+            bad("variables' names and arrays must be lists of the same length (names: strings)")
+        if info["kind"] == "dict" and len(set(names)) != len(names):
+            bad("variables' names repeat")
+        for i, d in enumerate(arrays):
+            described(d, f"variables' arrays[{i}]")
+        count = len(arrays)
+    states = header.get("states")
+    if not isinstance(states, list):
+        bad("states must be a list")
+    seen = set()
+    for i, st in enumerate(states):
+        if not (isinstance(st, dict) and isinstance(st.get("name"), str)):
+            bad(f"states[{i}] must be a dict with a string name; got {st!r:.200}")
+        v = st.get("variable")
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < count
+                              or v in seen):
+            bad(f"states[{i}]['variable'] must be None or the index of a saved variable "
+                f"(0 to {count - 1}, each once); got {v!r:.100}")
+        seen.add(v)
 
 
 def _from_config(header, custom_objects, source):
@@ -296,9 +391,9 @@ def _from_config(header, custom_objects, source):
                                  f"pass it with custom_objects={{{name!r}: cls}}")
     try:
         return cls.from_config(header["config"], custom_objects=custom_objects)
-    except errors.SparseoptError:
+    except errors.ConfigError:
         raise
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:
         raise errors.ConfigError(f"{source}: cannot rebuild the {name} optimizer from its saved config: "
                                  f"{exc}") from exc
 

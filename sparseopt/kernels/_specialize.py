@@ -11,21 +11,42 @@ hash of the rule's source: a changed rule gets a fresh cache entry, never a stal
 
 import hashlib
 import inspect
+import sys
 import types
 
 
 def rule_key(rule_module):
-    """A short name for a rule module, with a hash of its source (a variant,
-    :mod:`sparseopt.rules._variant`, carries its own)."""
+    """A short name for a rule module, with a hash of its source and of the sources of
+    the helper modules it inlines (a variant, :mod:`sparseopt.rules._variant`, carries
+    its own)."""
     key = getattr(rule_module, "__rule_key__", None)
     if key is not None:
         return key
-    try:
-        source = inspect.getsource(rule_module).encode()
-    except (OSError, TypeError):  # pragma: no cover - rules defined interactively
-        source = repr(rule_module).encode()
+    digest = hashlib.sha1()
+    for module in [rule_module] + _helper_modules(rule_module):
+        try:
+            digest.update(inspect.getsource(module).encode())
+        except (OSError, TypeError):  # pragma: no cover - rules defined interactively
+            digest.update(repr(module).encode())
     name = rule_module.__name__.rsplit(".", 1)[-1]
-    return f"{name}_{hashlib.sha1(source).hexdigest()[:10]}"
+    return f"{name}_{digest.hexdigest()[:10]}"
+
+
+def _helper_modules(rule_module):
+    """The other modules whose code a rule's kernels inline: every module, or module of a
+    function, that the rule's namespace holds from the package it lives in (the exact-mode
+    helpers of ``sparseopt.rules._idle``, ...). A change there must change the cache key:
+    a kernel cached with old helper code would compute the old math, silently."""
+    package = rule_module.__name__.rsplit(".", 1)[0]
+    names = set()
+    for value in vars(rule_module).values():
+        if isinstance(value, types.ModuleType):
+            name = value.__name__
+        else:
+            name = getattr(getattr(value, "py_func", value), "__module__", None)
+        if isinstance(name, str) and name.startswith(package + ".") and name != rule_module.__name__:
+            names.add(name)
+    return [sys.modules[n] for n in sorted(names) if n in sys.modules]
 
 
 def specialize(template, suffix, **constants):

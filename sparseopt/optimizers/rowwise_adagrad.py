@@ -21,6 +21,10 @@ class RowwiseAdagrad(RowwiseOptimizer):
     A table whose rows have no elements (shape ``(N, 0)``) is left as it is, accumulators
     included (the mean over an empty row is undefined).
 
+    Exact mode (``sparse_mode="exact"``) with ``epsilon=0``: a dense step moves a row whose
+    accumulator is 0 by ``0 / 0`` (NaN); exact mode leaves such idle rows as they are (the
+    one exception to "exact mode gives the dense result"; keep ``epsilon > 0``).
+
     Args:
         learning_rate: float, callable or schedule. Defaults to 0.01 (FBGEMM's default).
         initial_accumulator_value: starting value of the accumulators (>= 0); held in

@@ -43,6 +43,14 @@ SERIES_TERMS = 12
 #: The series is used only while ``eps / (s q)`` stays below this (else: replay).
 SERIES_LIMIT = 0.25
 
+#: How the closed forms treat ``epsilon == 0``: they do not apply (``ok`` is False), and
+#: the idle steps are replayed with the dense rule, bit for bit. A dense step with a zero
+#: gradient divides 0 by 0 where the state is zero (Adagrad's accumulator, Adam's ``v``,
+#: RMSprop's ``rms``, ...) and writes NaN, as Keras does; exact mode must do the same
+#: (and a decaying state may underflow to zero inside a window). Every rule whose update
+#: divides by a root or norm plus epsilon follows this rule in its ``idle_apply``.
+EPSILON_ZERO = "replay"
+
 
 @numba.njit(**_config.CPU_RULE_FLAGS)
 def series(x, t, first, tol):
@@ -64,14 +72,17 @@ def series(x, t, first, tol):
 def series_apply(decay, m, s, epsilon, t, first, limit, tol):
     r"""The weight after the window for the Adam family: ``decay - m / s * sum_n (-x)^n W_n``
     with ``x = epsilon / s`` (:func:`series` from column ``first``), and whether that holds:
-    ``m == 0``, or ``s > 0``, ``x <= limit`` and the series converged. Branch-free; ``s = 0``
-    divides by ``epsilon`` instead, which keeps the unused quotients finite.
+    ``epsilon > 0``, and ``m == 0`` or (``s > 0``, ``x <= limit`` and the series converged).
+    Branch-free; ``s = 0`` divides by ``epsilon`` instead, which keeps the unused quotients
+    finite. With ``epsilon == 0`` a zero state divides 0 by 0 in the dense rule (NaN, as in
+    Keras), and a decaying one may underflow to that inside the window: the replay (see
+    :data:`EPSILON_ZERO`) reproduces it bit for bit.
     """
     positive = s > 0
     divisor = s if positive else epsilon
     x = epsilon / divisor
     acc, converged = series(x, t, first, tol)
-    ok = (m == 0) | (positive & (x <= limit) & converged)
+    ok = ((m == 0) | (positive & (x <= limit) & converged)) & (epsilon > 0)
     return (decay if m == 0 else decay - m / divisor * acc), ok
 
 

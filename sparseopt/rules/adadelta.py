@@ -61,4 +61,5 @@ def idle_table_step(t, t_next, rec):
 
 
 def idle_apply(p, acc_grad, acc_delta, s2, t, c, tol, zero):
-    return p * t[0], acc_grad * t[1], acc_delta * t[1], s2, True
+    # epsilon == 0: replay (0/0 is NaN in the dense rule; see _idle.EPSILON_ZERO)
+    return p * t[0], acc_grad * t[1], acc_delta * t[1], s2, c.epsilon > 0

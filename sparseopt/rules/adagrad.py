@@ -41,9 +41,9 @@ def update(p, g, acc, s1, s2, c):
 # --- exact mode (sparse_mode="exact"): idle steps, see sparseopt.rules._idle ---------------
 #
 # A zero gradient leaves p and the accumulator unchanged: only the decoupled weight decay
-# of the idle steps applies. Exact (bit-exact without weight decay).
-
-from sparseopt.rules._idle import identity_idle_apply as idle_apply  # noqa: E402,F401
+# of the idle steps applies. Exact (bit-exact without weight decay). Where the denominator
+# is zero (epsilon 0 and a zero accumulator) or NaN, the dense rule writes 0/0 = NaN: replay
+# (see sparseopt.rules._idle.EPSILON_ZERO).
 
 IDLE_COLUMNS = 1
 IDLE_CONSTANT = ()
@@ -55,3 +55,8 @@ def idle_table_init(t):
 
 def idle_table_step(t, t_next, rec):
     return
+
+
+def idle_apply(p, acc, s1, s2, t, c, tol, zero):
+    ok = math.sqrt(acc + c.epsilon_inside) + c.epsilon_outside > 0   # False for 0 and NaN
+    return p * t[0], acc, s1, s2, ok

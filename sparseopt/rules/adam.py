@@ -101,4 +101,5 @@ def idle_apply(p, m, v, vhat, t, c, tol, zero):
     # AMSGrad: the denominator is fixed over the window; Adam: the eps-series
     if amsgrad:
         moved = decay if m == 0 else decay - m / (s + c.epsilon) * amsgrad_sum
-    return moved, m_new, v_new, vhat, amsgrad | ok
+    # epsilon == 0: replay (0/0 is NaN in the dense rule; see _idle.EPSILON_ZERO)
+    return moved, m_new, v_new, vhat, (amsgrad | ok) & (c.epsilon > 0)

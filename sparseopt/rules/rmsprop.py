@@ -96,4 +96,6 @@ def idle_apply(p, rms, mom, mg, t, c, tol, zero):
     moving = t[3]
     moved = decay - mom * moving
     p_new = moved if (c.legacy_plain == 0) & (c.use_momentum != 0) else decay
-    return p_new, rms * t[1], mom * t[2], mg * t[1], True
+    # epsilon == 0: replay (0/0 is NaN in the dense rule; see _idle.EPSILON_ZERO)
+    ok = c.epsilon_inside + c.epsilon_outside > 0
+    return p_new, rms * t[1], mom * t[2], mg * t[1], ok
