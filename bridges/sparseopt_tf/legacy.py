@@ -26,6 +26,8 @@ writes before the weights) and before ``tf.train.Checkpoint`` or a SavedModel re
 variables). :class:`ExactFlush` is the ``tf_keras`` callback.
 """
 
+import copy
+import functools
 import inspect
 
 import tensorflow as tf
@@ -37,6 +39,25 @@ from sparseopt_tf.layers import _AttachedOptimizer
 from sparseopt_tf.optimizers import _catch_up, _flush
 
 _V2 = tf_keras.optimizers.legacy.Optimizer
+
+#: tf_keras' names of the core's slots and host state, where they differ (so that a
+#: ``tf.train.Checkpoint`` written by the tf_keras optimizer restores into ours).
+_TF_KERAS_NAMES = {"accumulated_grad": "accum_grad", "accumulated_delta": "accum_var",
+                   "u_product": "momentum_cache"}
+_CORE_NAMES = {v: k for k, v in _TF_KERAS_NAMES.items()}
+
+#: Arguments that tf_keras treats as hyperparameters (tensors, callables) but that decide
+#: the core's slots: the slot exists when the value is a tensor, a callable or > 0, as in
+#: tf_keras, and the step reads the value (0 when there is no slot).
+_STRUCTURAL_HYPERS = ("momentum",)
+
+#: Hyperparameters that tf_keras keeps as plain attributes (floats or tensors), not as
+#: hyperparameter variables: ours neither, so that a checkpoint's objects match tf_keras'.
+_ATTRIBUTE_HYPERS = ("epsilon", "l2_shrinkage_regularization_strength")
+
+#: tf_keras optimizers that create a variable's slots together (the others create each
+#: slot for every variable in turn, which fixes the order of ``weights``).
+_VAR_MAJOR_SLOTS = ("Ftrl",)
 
 
 class Optimizer(_V2):
@@ -65,47 +86,93 @@ class Optimizer(_V2):
         own = {arg: values.get(arg, default) for arg, default in spec.args}
         if spec.unsupported():
             raise NotImplementedError(f"sparseopt_tf.legacy.{spec.name}: {spec.unsupported()}")
+        if "epsilon" in own and (own["epsilon"] is None or (_spec._is_plain_number(own["epsilon"])
+                                                            and not own["epsilon"])):
+            # tf_keras: ``epsilon or backend.epsilon()`` (None and 0 mean the backend's 1e-7).
+            own["epsilon"] = tf_keras.backend.epsilon()
+        structural = {}         # core's value of _STRUCTURAL_HYPERS: it decides the slots
+        for arg in self._structural_hypers():
+            value = own[arg]
+            if _spec._is_plain_number(value):
+                structural[arg] = value
+            else:
+                has_slot = isinstance(value, tf.Tensor) or callable(value) or bool(value > 0)
+                structural[arg] = 0.5 if has_slot else 0.0
+        schedule_decay = None
+        if getattr(spec.core_class, "_legacy_schedule_decay", None) is not None:
+            # tf_keras' Nadam: ``decay`` (alias ``schedule_decay``) is the momentum
+            # schedule's constant, and the learning rate does not decay.
+            schedule_decay = kwargs.pop("schedule_decay", None)
+            decay = kwargs.pop("decay", None)
+            if schedule_decay is None:
+                schedule_decay = spec.core_class._legacy_schedule_decay if decay is None else decay
+            if not _spec._is_plain_number(schedule_decay) or schedule_decay < 0:
+                raise ValueError(f"{spec.name}: decay (schedule_decay) must be a float >= 0; "
+                                 f"got {schedule_decay!r}")
+            schedule_decay = float(schedule_decay)
         weight_decay = kwargs.pop("weight_decay", spec.default_weight_decay)
-        core = spec.make_core(learning_rate, name, own, weight_decay=weight_decay, legacy=True,
-                              sparse_mode=kwargs.pop("sparse_mode", "lazy"),
+        core = spec.make_core(learning_rate, name, {**own, **structural}, weight_decay=weight_decay,
+                              legacy=True, sparse_mode=kwargs.pop("sparse_mode", "lazy"),
                               exact_history=kwargs.pop("exact_history", None))
+        if schedule_decay is not None:
+            core._schedule_decay = schedule_decay
+        if structural:
+            # The step's value of a structural hyperparameter comes with the others.
+            core._coefficients = functools.partial(_structural_coefficients, core)
         super().__init__(name, **kwargs)
         # OptimizerV2 has no weight decay; optimizers whose core class takes one (AdamW)
         # keep it here, decoupled and fused into the kernels as in Keras 3.
         self.weight_decay = core.weight_decay
         self._core = core
+        self._schedule_decay = schedule_decay
         self._set_hyper("learning_rate", learning_rate)
-        self._set_hyper("decay", self._initial_decay)
+        self._set_hyper("decay", self._initial_decay if schedule_decay is None else schedule_decay)
         for arg, _ in spec.args:
-            if arg in spec.hyper_names:
+            if arg in self._hyper_names() and arg not in _ATTRIBUTE_HYPERS:
                 self._set_hyper(arg, own[arg])
             else:
                 setattr(self, arg, own[arg])
         self._own_args = own
         self.sparse_mode = core.sparse_mode
         self.exact_history = core.exact_history
-        self._host = _host.HostStep(core, _spec.rule_for(core),
-                                    ("learning_rate",) + spec.hyper_names)
+        self._host = _host.HostStep(core, _spec.rule_for(core), ("learning_rate",) + self._hyper_names())
         self._state_variables = None
         self._slotted = {}      # var key -> variable with slots (a plain dict: not tracked)
+
+    @classmethod
+    def _structural_hypers(cls):
+        return tuple(a for a in _STRUCTURAL_HYPERS
+                     if a in dict(cls._spec.args) and a not in cls._spec.hyper_names)
+
+    @classmethod
+    def _hyper_names(cls):
+        """The core's float hyperparameters and :data:`_STRUCTURAL_HYPERS` (as tf_keras)."""
+        return cls._spec.hyper_names + cls._structural_hypers()
 
     def _create_slots(self, var_list):
         _handover.check_variables(self._name, var_list)
         _handover.check_strategy(self._name)
         if self._state_variables is None:
             self._state_variables = []
+            # tf_keras keeps its state (Nadam's momentum_cache) in the first variable's dtype.
+            dtype = var_list[0].dtype.base_dtype if var_list else tf.float32
+            dtype = dtype if dtype in (tf.float32, tf.float64) else tf.float32
             for name, value in _spec.scalar_state(self._core):
-                weight = self.add_weight(name, shape=[], dtype=tf.float64,
+                weight = self.add_weight(_TF_KERAS_NAMES.get(name, name), shape=[], dtype=dtype,
                                          initializer=tf_keras.initializers.Constant(value),
                                          trainable=False,
                                          aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
                 self._weights.append(weight)
                 self._state_variables.append(weight)
+        slot_names = _spec.kernel_slots(self._core)[0]
+        # In tf_keras' order (which fixes that of ``weights``) and under its names.
+        order = ([(var, n) for var in var_list for n in slot_names] if self._spec.name in _VAR_MAJOR_SLOTS
+                 else [(var, n) for n in slot_names for var in var_list])
+        for var, slot_name in order:
+            self.add_slot(var, _TF_KERAS_NAMES.get(slot_name, slot_name),
+                          tf_keras.initializers.Constant(self._core._slot_initial_value(slot_name)))
         for var in var_list:
             self._slotted[_var_key(var)] = var
-            for slot_name in _spec.kernel_slots(self._core)[0]:
-                self.add_slot(var, slot_name,
-                              tf_keras.initializers.Constant(self._core._slot_initial_value(slot_name)))
             for slot_name in _spec.row_slots(self._core)[0]:
                 self.add_slot(var, slot_name,
                               tf_keras.initializers.Constant(self._core._slot_initial_value(slot_name)),
@@ -140,19 +207,29 @@ class Optimizer(_V2):
         next_state = next(iter(apply_state.values()))["sparseopt_next_state"]
         if tf.executing_eagerly() and not isinstance(result, tf.Operation):
             for i, var in enumerate(self._state_variables):
-                var.assign(next_state[i])
+                var.assign(tf.cast(next_state[i], var.dtype))
             return result
         with tf.control_dependencies([result]):
-            return tf.group([var.assign(next_state[i], read_value=False)
+            return tf.group([var.assign(tf.cast(next_state[i], var.dtype), read_value=False)
                              for i, var in enumerate(self._state_variables)])
 
     def _prepare_local(self, var_device, var_dtype, apply_state):
         super()._prepare_local(var_device, var_dtype, apply_state)
         step = tf.cast(self.iterations + 1, tf.float64)
         lr = tf.cast(apply_state[(var_device, var_dtype)]["lr_t"], tf.float64)
-        hypers = [tf.cast(self._get_hyper(h, var_dtype), tf.float64) for h in self._spec.hyper_names]
+        hypers = [tf.cast(self._hyper_value(h, var_dtype), tf.float64) for h in self._hyper_names()]
         wd_lr = lr * float(self.weight_decay) if self.weight_decay else tf.zeros([], tf.float64)
         apply_state[(var_device, var_dtype)]["sparseopt_scalars"] = tf.stack([step, wd_lr, lr] + hypers)
+
+    def _hyper_value(self, name, var_dtype):
+        if name not in _ATTRIBUTE_HYPERS:
+            return self._get_hyper(name, var_dtype)
+        value = getattr(self, name)
+        value = value() if callable(value) else value
+        # As tf_keras: the attribute converted to the variable's dtype.
+        if isinstance(value, (int, float)):
+            return tf.constant(value, var_dtype)
+        return tf.cast(value, var_dtype)
 
     def _scalars(self, var, apply_state):
         key = (var.device, var.dtype.base_dtype)
@@ -172,6 +249,29 @@ class Optimizer(_V2):
                         (_var_key(var), ref.device), len(row_names), row_used)
         refs = [ref] + [_handover.Ref(self.get_slot(var, n)) for n in slot_names + row_names]
         return job, refs
+
+    def get_slot(self, var, slot_name):
+        """``OptimizerV2.get_slot``; tf_keras' slot names, or the core's where they differ
+        (Adadelta's ``accum_grad`` / ``accum_var`` are the core's ``accumulated_grad`` /
+        ``accumulated_delta``)."""
+        return super().get_slot(var, _TF_KERAS_NAMES.get(slot_name, slot_name))
+
+    def __deepcopy__(self, memo):
+        # The host step holds the rule module (which cannot be copied); the copy gets its
+        # own, over a copy of the core. Exact mode: the rows behind are caught up first,
+        # so that the copy (whose book of pending rows starts empty) is current.
+        if not tf.inside_function():
+            self.flush()
+        cls = type(self)
+        new = cls.__new__(cls)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key == "_host":
+                continue
+            # The variables trained stay the user's (their keys name the copied slots).
+            new.__dict__[key] = dict(value) if key == "_slotted" else copy.deepcopy(value, memo)
+        new.__dict__["_host"] = _host.HostStep(new._core, self._host.rule, self._host.hyper_names)
+        return new
 
     def _resource_apply_dense(self, grad, var, apply_state=None):
         job, refs = self._job(var, False)
@@ -208,10 +308,14 @@ class Optimizer(_V2):
                 return None                 # no step has updated it: every row is current
             with tf.init_scope():
                 self._create_all_weights([variable])
-        job, refs = self._job(variable, True)
-        if not tf.inside_function() and not self._host.exact.pending(job.key):
-            return None
-        return _catch_up(self._host, job, refs, indices, self._name)
+
+        def catch_up(var):                  # one copy (of each, under a strategy)
+            job, refs = self._job(var, True)
+            if not tf.inside_function() and not self._host.exact.pending(job.key):
+                return None
+            return _catch_up(self._host, job, refs, indices, self._name)
+
+        return _exact.group(_exact.on_each_copy(variable, catch_up))
 
     def flush(self):
         """Exact mode: bring every row of every variable (and its slots) current.
@@ -221,6 +325,10 @@ class Optimizer(_V2):
         """
         if self.sparse_mode != "exact":
             return None
+        self._check_exact_mode_can_run()
+        if any(isinstance(v, tf.distribute.DistributedValues) for v in self._slotted.values()):
+            return _exact.group([op for v in self._slotted.values() for op in _exact.on_each_copy(  # each copy
+                v, lambda local: _flush(self._host, [self._job(local, False)], self._name))])
         return _flush(self._host, [self._job(v, False) for v in self._slotted.values()], self._name)
 
     def get_weights(self):
@@ -253,12 +361,16 @@ class Optimizer(_V2):
             self.flush()
         config = super().get_config()
         config["learning_rate"] = self._serialize_hyperparameter("learning_rate")
-        config["decay"] = self._initial_decay
+        config["decay"] = self._initial_decay if self._schedule_decay is None else self._schedule_decay
         if self._spec.explicit_weight_decay:
             config["weight_decay"] = self.weight_decay
         for arg, _ in self._spec.args:
-            if arg in self._spec.hyper_names:
+            if arg in self._hyper_names() and arg not in _ATTRIBUTE_HYPERS:
                 config[arg] = self._serialize_hyperparameter(arg)
+            elif arg in _ATTRIBUTE_HYPERS:
+                value = getattr(self, arg)
+                value = value() if callable(value) else value
+                config[arg] = float(value) if tf.is_tensor(value) else value
             else:
                 config[arg] = getattr(self, arg)
         config["sparse_mode"] = self.sparse_mode
@@ -291,6 +403,8 @@ class Embedding(_AttachedOptimizer, tf_keras.layers.Embedding):
             return super().call(inputs)
         ids = inputs.values if isinstance(inputs, tf.SparseTensor) else inputs
         ids = ids.flat_values if isinstance(ids, tf.RaggedTensor) else ids
+        if ids.dtype not in (tf.int32, tf.int64):      # tf_keras' Embedding casts its ids too
+            ids = tf.cast(ids, tf.int32)
         done = optimizer.catch_up(self.embeddings, ids)
         with tf.control_dependencies([done] if done is not None else []):
             return super().call(inputs)
@@ -300,8 +414,20 @@ class ExactFlush(FlushMixin, tf_keras.callbacks.Callback):
     """:class:`sparseopt_tf.ExactFlush` for ``tf_keras`` models (same hooks and argument)."""
 
 
+def _structural_coefficients(core, hypers, step):
+    """``core._coefficients`` with the step's value of :data:`_STRUCTURAL_HYPERS`
+    (``momentum``), 0 where the core keeps no slot for it (as tf_keras ignores it)."""
+    shadow = copy.copy(core)
+    for arg in _STRUCTURAL_HYPERS:
+        if arg in hypers:
+            setattr(shadow, arg, hypers[arg] if getattr(core, arg) else 0.0)
+    return type(core)._coefficients(shadow, hypers, step)
+
+
 def _var_key(var):
-    if hasattr(var, "_distributed_container"):
+    if isinstance(var, tf.distribute.DistributedValues):
+        pass                        # the container itself (its handle exists only per replica)
+    elif hasattr(var, "_distributed_container"):
         var = var._distributed_container()
     elif hasattr(var, "handle") and hasattr(var.handle, "_distributed_container"):
         var = var.handle._distributed_container()

@@ -35,6 +35,10 @@ class Nadam(Optimizer):
     _hyper_names = ("learning_rate", "beta_1", "beta_2", "epsilon")
     _has_legacy_math = True
     _scalar_state_names = ("u_product",)
+    #: The legacy schedule decay's default (tf_keras' ``decay``/``schedule_decay``); the
+    #: legacy bridge sets ``_schedule_decay`` from those arguments.
+    _legacy_schedule_decay = rule.LEGACY_SCHEDULE_DECAY
+    _schedule_decay = rule.LEGACY_SCHEDULE_DECAY
 
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, name="nadam",
                  **kwargs):
@@ -48,8 +52,10 @@ class Nadam(Optimizer):
 
     def _next_scalar_state(self, hypers, step):
         u_product = float(self._scalar_state["u_product"])
-        return {"u_product": rule.next_u_product(u_product, hypers["beta_1"], step, legacy=self._legacy)}
+        return {"u_product": rule.next_u_product(u_product, hypers["beta_1"], step, legacy=self._legacy,
+                                                 schedule_decay=self._schedule_decay)}
 
     def _coefficients(self, hypers, step):
         return rule.coefficients(hypers["learning_rate"], hypers["beta_1"], hypers["beta_2"],
-                                 hypers["epsilon"], step, hypers["u_product"], legacy=self._legacy)
+                                 hypers["epsilon"], step, hypers["u_product"], legacy=self._legacy,
+                                 schedule_decay=self._schedule_decay)

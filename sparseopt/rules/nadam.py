@@ -17,10 +17,12 @@ Keras 3 advances :math:`\Pi` with the unrounded ``beta_1`` and 0.96, but casts
 ``1 - beta``); :func:`coefficients` does the same, so float64 agrees to 1e-10.
 
 Legacy (``tf_keras.optimizers.legacy.Nadam``, ``legacy=True``): the schedule of the
-paper with ``schedule_decay`` 0.004, :math:`\mu_t = \beta_1 (1 - \tfrac12\, 0.96^{0.004\,t})`,
-whose product is kept in the ``momentum_cache`` weight (the same state as
-``u_product``); the betas and 0.96 are float32 everywhere. The element update is
-the same formula (``g' = g / (1 - \Pi_t)``, ``m' = m / (1 - \Pi_{t+1})``).
+paper, :math:`\mu_t = \beta_1 (1 - \tfrac12\, 0.96^{d\,t})` with the schedule decay
+:math:`d` (tf_keras' ``decay`` argument, alias ``schedule_decay``, default 0.004; it does
+not decay the learning rate there), whose product is kept in the ``momentum_cache``
+weight (the same state as ``u_product``); the betas and 0.96 are float32 everywhere.
+The element update is the same formula (``g' = g / (1 - \Pi_t)``,
+``m' = m / (1 - \Pi_{t+1})``).
 """
 
 import math
@@ -44,26 +46,28 @@ class Coefficients(NamedTuple):
     epsilon: float
 
 
-def _mu(beta_1, decay, step, legacy):
-    exponent = LEGACY_SCHEDULE_DECAY * step if legacy else step
+def _mu(beta_1, decay, step, legacy, schedule_decay):
+    exponent = schedule_decay * step if legacy else step
     return beta_1 * (1.0 - 0.5 * decay ** exponent)
 
 
-def next_u_product(u_product, beta_1, step, legacy=False):
+def next_u_product(u_product, beta_1, step, legacy=False, schedule_decay=LEGACY_SCHEDULE_DECAY):
     """The momentum-schedule product after step ``step`` (``iterations + 1``), from the one before.
 
     Keras 3 uses the unrounded ``beta_1`` and 0.96 here; tf_keras rounds both to float32.
+    ``schedule_decay`` is the legacy schedule's (Keras 3 has none).
     """
     if legacy:
-        return u_product * _mu(f32(beta_1), f32(0.96), step, True)
+        return u_product * _mu(f32(beta_1), f32(0.96), step, True, schedule_decay)
     return u_product * beta_1 * (1.0 - 0.5 * 0.96 ** step)
 
 
-def coefficients(learning_rate, beta_1, beta_2, epsilon, step, u_product, legacy=False):
+def coefficients(learning_rate, beta_1, beta_2, epsilon, step, u_product, legacy=False,
+                 schedule_decay=LEGACY_SCHEDULE_DECAY):
     """Per-step scalars for ``update``; ``u_product`` is :func:`next_u_product` of this step."""
     beta_1, beta_2, decay = f32(beta_1), f32(beta_2), f32(0.96)
-    mu_t = _mu(beta_1, decay, step, legacy)
-    mu_next = _mu(beta_1, decay, step + 1, legacy)
+    mu_t = _mu(beta_1, decay, step, legacy, schedule_decay)
+    mu_next = _mu(beta_1, decay, step + 1, legacy, schedule_decay)
     return Coefficients(learning_rate, 1.0 - beta_1, 1.0 - beta_2,
                         mu_next / (1.0 - u_product * mu_next), (1.0 - mu_t) / (1.0 - u_product),
                         1.0 - beta_2 ** step, epsilon)
