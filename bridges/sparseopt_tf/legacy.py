@@ -67,7 +67,12 @@ class Optimizer(_V2):
     or by name; ``lr`` is accepted for ``learning_rate``) and ``OptimizerV2``'s keyword
     arguments (``name``, ``clipnorm``, ``clipvalue``, ``global_clipnorm``, ``decay``,
     ``gradient_aggregator``, ``gradient_transformers``). Float hyperparameters may be
-    tensors, variables, callables or (``learning_rate``) schedules.
+    tensors, variables, callables or (``learning_rate``) schedules; ``momentum`` (SGD,
+    RMSprop) too, as in tf_keras, and ``epsilon=None`` is the backend's epsilon. Nadam's
+    ``decay`` (alias ``schedule_decay``) is its momentum schedule's constant, as in tf_keras.
+    Slots and weights carry tf_keras' names and order, so tf_keras' checkpoints restore
+    (``docs/src/legacy_tf.md``, with which ``sparse_mode`` reproduces each tf_keras optimizer
+    on sparse gradients).
 
     ``sparse_mode="exact"`` and ``exact_history`` as in the core; not under a
     ``tf.distribute`` strategy (see :class:`sparseopt_tf.optimizers.Optimizer`).
