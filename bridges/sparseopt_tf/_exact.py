@@ -35,15 +35,47 @@ class ExactModeNotSupportedError(errors.SparseoptError, ValueError):
     (a ``tf.distribute`` strategy, EMA); raised before anything is written."""
 
 
+#: Strategies whose replicas each keep a whole copy of every variable and apply the same
+#: all-reduced update to it: each copy keeps its own record of rows behind (the book's key
+#: holds the copy's device), advanced identically on every replica.
+_MIRRORING_STRATEGIES = (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy,
+                         tf.distribute.OneDeviceStrategy)
+
+
 def check_can_run(name, sparse_mode):
-    """Exact mode under a ``tf.distribute`` strategy: raise, before anything is written
-    (both bridge families call this before a step, a catch-up or a flush)."""
+    """Exact mode under a ``tf.distribute`` strategy other than the mirroring ones: raise,
+    before anything is written (both bridge families call this before a step, a catch-up
+    or a flush)."""
     if sparse_mode == "exact" and tf.distribute.has_strategy():
-        raise ExactModeNotSupportedError(
-            f"{name}: sparse_mode='exact' cannot run under a tf.distribute strategy "
-            f"({type(tf.distribute.get_strategy()).__name__}): the record of which rows are "
-            "behind lives in this process's memory, one per variable, not one per replica. "
-            "Use sparse_mode='lazy' under a strategy.")
+        strategy = tf.distribute.get_strategy()
+        if not isinstance(strategy, _MIRRORING_STRATEGIES):
+            raise ExactModeNotSupportedError(
+                f"{name}: sparse_mode='exact' cannot run under {type(strategy).__name__}: it "
+                "runs under MirroredStrategy, MultiWorkerMirroredStrategy and OneDeviceStrategy, "
+                "whose replicas each keep a whole copy of every table. Use sparse_mode='lazy'.")
+
+
+def on_each_copy(variable, fn):
+    """``fn(copy)`` for each local copy of ``variable``: for a distributed variable, in
+    cross-replica context (its strategy's scope is entered if none is), once per component
+    (in its update context, so that its slots resolve to the same device); otherwise
+    (in a replica's context: its own copy) once, for ``variable``. Returns the results that are not ``None``.
+    """
+    if isinstance(variable, tf.distribute.DistributedValues):
+        strategy = variable.distribute_strategy
+        if not tf.distribute.has_strategy():        # e.g. the end of model.fit, outside the scope
+            with strategy.scope():
+                return on_each_copy(variable, fn)
+        if tf.distribute.in_cross_replica_context():
+            results = strategy.extended.update(variable, fn, group=False)
+            return [r for r in strategy.experimental_local_results(results) if r is not None]
+    result = fn(variable)
+    return [] if result is None else [result]
+
+
+def group(ops):
+    """``None`` for no ops (eagerly, or nothing to do), else one op."""
+    return tf.group(ops) if ops else None
 
 
 class Variable:

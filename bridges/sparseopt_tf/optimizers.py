@@ -108,9 +108,10 @@ class Optimizer(keras.optimizers.Optimizer):
     next updated, by :meth:`catch_up` (which :class:`sparseopt_tf.Embedding` and
     :func:`sparseopt_tf.embedding_lookup` run before their gather), or by :meth:`flush`.
     With ``use_ema`` every step flushes before the moving average reads every row (a
-    full pass, as the average's own). Not under a ``tf.distribute`` strategy (the record
-    of which rows are behind lives in this process's memory, one per variable, not per
-    replica).
+    full pass, as the average's own).
+    Under ``MirroredStrategy`` and ``MultiWorkerMirroredStrategy`` each replica's copy of a
+    variable keeps its own record of rows behind, advanced identically by the same
+    all-reduced steps, so the copies stay equal.
     """
 
     _spec = None
@@ -647,11 +648,14 @@ class Optimizer(keras.optimizers.Optimizer):
                     "optimizer.build(model.trainable_variables) first")
             return None                     # not built: no step has been deferred
         self._check_exact_mode_can_run()
-        var = _tf_variable(variable)
-        job, refs = self._job(var, True)
-        if not tf.inside_function() and not self._host.exact.pending(job.key):
-            return None                     # every row is current: nothing to hand over
-        return _catch_up(self._host, job, refs, indices, self.name)
+
+        def catch_up(var):                  # one copy (of each, under a strategy)
+            job, refs = self._job(var, True)
+            if not tf.inside_function() and not self._host.exact.pending(job.key):
+                return None                 # every row is current: nothing to hand over
+            return _catch_up(self._host, job, refs, indices, self.name)
+
+        return _exact.group(_exact.on_each_copy(_tf_variable(variable), catch_up))
 
     def flush(self):
         """Exact mode: bring every row of every variable (and its slots) current.
@@ -665,7 +669,11 @@ class Optimizer(keras.optimizers.Optimizer):
         """
         if self.sparse_mode != "exact" or not self.built:
             return None
+        self._check_exact_mode_can_run()
         variables = [_tf_variable(v) for v in self._trainable_variables]
+        if any(isinstance(v, tf.distribute.DistributedValues) for v in variables):
+            return _exact.group([op for v in variables for op in _exact.on_each_copy(  # each copy
+                v, lambda local: _flush(self._host, [self._job(local, False)], self.name))])
         return _flush(self._host, [self._job(v, False) for v in variables], self.name)
 
     def finalize_variable_values(self, var_list):

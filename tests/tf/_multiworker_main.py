@@ -7,7 +7,9 @@ workers on 127.0.0.1 and this process's index. The worker
    the test can tell "the collective runtime cannot start here" from a real failure);
 2. trains a small embedding model with a custom loop (``strategy.run``), each worker on
    its half of every global batch, with ``sparseopt_tf.Adam``, ``sparseopt_tf.Nadam``
-   (host state under the strategy) and ``sparseopt_tf.legacy.Adam``;
+   (host state under the strategy) and ``sparseopt_tf.legacy.Adam``, and the Adams again
+   with ``sparse_mode="exact"`` (lookups through ``sparseopt_tf.embedding_lookup``, a
+   flush at the end);
 3. trains the same model on one device, without a strategy, on the whole global batches;
 4. writes both results to ``OUT_DIR/worker<index>.npz`` and prints ``DONE``.
 """
@@ -33,23 +35,32 @@ def data():
     return ids, y, table, w
 
 
+NAMES = ("Adam", "Nadam", "legacy.Adam", "exact.Adam", "exact.legacy.Adam")
+
+
 def make_optimizer(name):
     import sparseopt_tf
+    kwargs = {"sparse_mode": "exact"} if name.startswith("exact.") else {}
+    name = name.removeprefix("exact.")
     if name == "legacy.Adam":
-        return sparseopt_tf.legacy.Adam(0.05)
-    return getattr(sparseopt_tf, name)(0.05)
+        return sparseopt_tf.legacy.Adam(0.05, **kwargs)
+    return getattr(sparseopt_tf, name)(0.05, **kwargs)
 
 
 def train(name, strategy, shard):
     """Trained (table, w) after STEPS steps; ``shard`` selects this replica's rows of each batch."""
+    import sparseopt_tf
     ids, y, table0, w0 = data()
     with strategy.scope():
         table, w = tf.Variable(table0), tf.Variable(w0)
         opt = make_optimizer(name)
+        if isinstance(opt, sparseopt_tf.Optimizer):
+            opt.build([table, w])              # the catch-up's slots exist before tracing
 
     def replica_step(ids, y):
         with tf.GradientTape() as tape:
-            emb = tf.reduce_sum(tf.gather(table, ids), axis=1)             # IndexedSlices gradient
+            rows = sparseopt_tf.embedding_lookup(table, ids, opt)           # exact: caught up first
+            emb = tf.reduce_sum(rows, axis=1)                             # IndexedSlices gradient
             loss = tf.reduce_sum(tf.square(tf.linalg.matvec(emb, w) - y)) / GLOBAL_BATCH
         grads = tape.gradient(loss, [table, w])
         assert isinstance(grads[0], tf.IndexedSlices)
@@ -61,6 +72,7 @@ def train(name, strategy, shard):
 
     for s in range(STEPS):
         step(tf.constant(ids[s][shard]), tf.constant(y[s][shard]))
+    opt.flush() if hasattr(opt, "flush") else None
     return table.numpy(), w.numpy()
 
 
@@ -74,7 +86,7 @@ def main():
     print("READY", flush=True)
     half = GLOBAL_BATCH // 2
     results = {}
-    for name in ("Adam", "Nadam", "legacy.Adam"):
+    for name in NAMES:
         table, w = train(name, strategy, slice(index * half, (index + 1) * half))
         ref_table, ref_w = train(name, tf.distribute.get_strategy(), slice(None))
         results.update({f"{name}/table": table, f"{name}/w": w,

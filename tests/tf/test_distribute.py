@@ -31,6 +31,21 @@ def test_mirrored_strategy_matches_one_device():
     assert float(lines[-1].split()[1]) < 1e-5
 
 
+def test_mirrored_strategy_in_exact_mode_matches_one_device_and_dense_training():
+    """Exact mode under MirroredStrategy: the replicas' copies of every variable stay
+    bit-identical (checked in the subprocess), training matches one device, and it ends
+    where the Keras / tf_keras optimizer given densified gradients does (dense training)."""
+    proc = subprocess.run([sys.executable, "-m", "tests.tf._distributed_main", "exact", "Adam", "SGD",
+                           "RMSprop", "Nadam"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=400)
+    lines = proc.stdout.splitlines()
+    ok = [line for line in lines if line.startswith("OK")]
+    dense = [line for line in lines if line.startswith("DENSE")]
+    assert proc.returncode == 0 and ok and dense, proc.stderr[-3000:]
+    assert float(ok[-1].split()[1]) < 1e-5
+    assert float(dense[-1].split()[1]) < 1e-5
+
+
 def _free_ports(n):
     import socket
     socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
@@ -81,8 +96,9 @@ def _run_workers(out_dir, timeout):
 def test_multi_worker_mirrored_strategy_matches_one_device(tmp_path):
     """Two worker processes on loopback, one replica each, half of every global batch each:
     gradients are summed across workers (sparse ones by all-gather), both replicas end
-    identical, and training matches one device on the whole global batches."""
-    outputs = _run_workers(tmp_path, timeout=85)
+    identical, and training matches one device on the whole global batches; in lazy and
+    in exact mode."""
+    outputs = _run_workers(tmp_path, timeout=150)
     ok = all(rc == 0 and "DONE" in out for rc, out, _ in outputs)
     if not ok:
         ready = all("READY" in out for _, out, _ in outputs)
@@ -92,7 +108,7 @@ def test_multi_worker_mirrored_strategy_matches_one_device(tmp_path):
                         f"gRPC between two processes failed):\n{errs[-1500:]}")
         pytest.fail(f"workers failed (exit codes {[rc for rc, _, _ in outputs]}):\n{errs}")
     results = [np.load(tmp_path / f"worker{i}.npz") for i in range(2)]
-    for name in ("Adam", "Nadam", "legacy.Adam"):
+    for name in ("Adam", "Nadam", "legacy.Adam", "exact.Adam", "exact.legacy.Adam"):
         for part in ("table", "w"):
             mine, other = results[0][f"{name}/{part}"], results[1][f"{name}/{part}"]
             np.testing.assert_array_equal(mine, other)                 # the replicas agree bit for bit
