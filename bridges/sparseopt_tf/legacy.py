@@ -33,6 +33,7 @@ import inspect
 import tensorflow as tf
 import tf_keras
 
+from sparseopt import errors
 from sparseopt_tf import _exact, _handover, _host, _spec
 from sparseopt_tf.callbacks import FlushMixin
 from sparseopt_tf.layers import _AttachedOptimizer
@@ -99,6 +100,10 @@ class Optimizer(_V2):
         for arg in self._structural_hypers():
             value = own[arg]
             if _spec._is_plain_number(value):
+                if not 0 <= value <= 1:           # tf_keras' check and wording
+                    raise errors.HyperparameterError(
+                        f"{name}: `{arg}` must be between [0, 1]. Received: {arg}={value} "
+                        f"(of type {type(value)}).")
                 structural[arg] = value
             else:
                 has_slot = isinstance(value, tf.Tensor) or callable(value) or bool(value > 0)

@@ -18,6 +18,7 @@ tf_keras = pytest.importorskip("tf_keras")
 import numpy as np  # noqa: E402
 
 import sparseopt_tf  # noqa: E402
+from sparseopt.errors import HyperparameterError  # noqa: E402
 from tests.tf.helpers import rel_close  # noqa: E402
 
 L = tf_keras.optimizers.legacy
@@ -273,3 +274,16 @@ def test_which_sparse_mode_matches_tf_keras_legacy(name, kwargs):
         for slot, value in out["tf_keras"][1].items():
             rel_close(out["exact"][1][slot], value, np.float32)
         np.testing.assert_array_equal(expected[6:], init[6:])
+
+
+@pytest.mark.parametrize("name", ["SGD", "RMSprop"])
+@pytest.mark.parametrize("momentum", [-0.1, 2.5])
+def test_momentum_out_of_range_is_refused_in_tf_keras_words(name, momentum):
+    """tf_keras' constructors check a number ``momentum`` against [0, 1]; its tests match the
+    message (``must be between [0, 1]. Received: momentum=2.5 (of type <class 'float'>).``)."""
+    with pytest.raises(HyperparameterError, match=r"`momentum` must be between \[0, 1\]\. Received: "
+                       rf"momentum={momentum} \(of type <class 'float'>\)\.") as ours:
+        getattr(sparseopt_tf.legacy, name)(1.0, momentum=momentum)
+    with pytest.raises(ValueError, match=r"`momentum` must be between \[0, 1\]") as theirs:
+        getattr(tf_keras.optimizers.legacy, name)(1.0, momentum=momentum)
+    assert str(ours.value).endswith(str(theirs.value))
