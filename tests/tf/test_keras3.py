@@ -46,6 +46,24 @@ def test_dense_matches_keras(case, mode):
     rel_close(ours.numpy(), theirs.numpy(), np.float32)
 
 
+@pytest.mark.parametrize("case", [c for c in BRIDGED if c.values[0].keras is not None])
+def test_config_written_by_keras_loads_into_ours(case):
+    """``sparseopt_tf.<Name>.from_config(keras.optimizers.<Name>(...).get_config())``: the same
+    optimizer (name, Keras' base settings, hyperparameters), training as Keras' does."""
+    theirs = getattr(keras.optimizers, case.keras)(**case.kwargs, clipnorm=1.5, name=f"{case.id}_opt")
+    ours = bridge_class(case).from_config(theirs.get_config())
+    assert ours.name == theirs.name and ours.clipnorm == 1.5 and ours.sparse_mode == "lazy"
+    mine = {k: v for k, v in ours.get_config().items() if k not in ("sparse_mode", "exact_history")}
+    assert mine == theirs.get_config()
+    rng = np.random.default_rng(4)
+    init = rng.normal(size=(9, 3)).astype(np.float32)
+    grads = [tf.constant(rng.normal(size=init.shape).astype(np.float32)) for _ in range(STEPS)]
+    a, b = tf.Variable(init), tf.Variable(init)
+    _run(ours, a, grads, "function")
+    _run(theirs, b, grads, "function")
+    rel_close(a.numpy(), b.numpy(), np.float32)
+
+
 @pytest.mark.parametrize("mode", ["eager", "function"])
 @pytest.mark.parametrize("case", BRIDGED)
 def test_sparse_touching_every_row_matches_keras_dense(case, mode):
