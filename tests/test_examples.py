@@ -157,6 +157,10 @@ def test_recommender_keras_trains_compares_and_plots(tmp_path, capsys):
     assert result["held_out_loss"] < result["held_out_loss_before"]
     assert abs(result["auc_before"] - 0.5) < 0.05 and result["auc"] > 0.6
     assert result["step_seconds"] > 0 and result["keras_step_seconds"] > 0
+    compared = result["compared"]
+    assert list(compared) == ["keras.optimizers.Adam", "sparseopt_tf.Adam exact", "sparseopt_tf.Adam lazy"]
+    keras_, exact, lazy = (compared[k]["train_loss"] for k in compared)
+    assert abs(exact - keras_) < 0.01 and abs(lazy - keras_) < 0.01    # 8 steps: all close to the start
     out = capsys.readouterr().out
     if importlib.util.find_spec("matplotlib") is None:      # the bench extra brings it
         assert "no plot: matplotlib is not installed" in out and not plot.exists()
@@ -164,7 +168,8 @@ def test_recommender_keras_trains_compares_and_plots(tmp_path, capsys):
         assert result["plot"] == str(plot)
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
     assert "val_auc" in out                                       # Keras' progress lines
-    assert "keras.optimizers.Adam" in out and "x the time of sparseopt_tf.Adam" in out
+    assert 'sparseopt_tf.Adam(sparse_mode="exact")' in out
+    assert "x lazy)" in out and "Pick lazy mode" in out and "TF-Addons' LazyAdam" in out
 
 
 def test_recommender_keras_on_movielens(ratings_csv, tmp_path):
