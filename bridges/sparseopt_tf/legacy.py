@@ -26,6 +26,7 @@ writes before the weights) and before ``tf.train.Checkpoint`` or a SavedModel re
 variables). :class:`ExactFlush` is the ``tf_keras`` callback.
 """
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -209,7 +210,10 @@ class Optimizer(_V2):
 
     def _distributed_apply(self, distribution, grads_and_vars, apply_state, name):
         self._check_exact_mode_can_run()
-        result = super()._distributed_apply(distribution, grads_and_vars, apply_state, name)
+        if self._batches_steps():
+            result = self._batched_apply(grads_and_vars, apply_state, name)
+        else:
+            result = super()._distributed_apply(distribution, grads_and_vars, apply_state, name)
         if not self._state_variables or not apply_state:
             return result
         # The host state is written once the updates (and iterations) are done, so a
@@ -222,6 +226,53 @@ class Optimizer(_V2):
         with tf.control_dependencies([result]):
             return tf.group([var.assign(tf.cast(next_state[i], var.dtype), read_value=False)
                              for i, var in enumerate(self._state_variables)])
+
+    def _batches_steps(self):
+        """Whether a step's variables go to the kernels in one hand-over per device and dtype
+        (:meth:`_batched_apply`): without a ``tf.distribute`` strategy, and unless a subclass
+        overrides ``_resource_apply_dense`` / ``_resource_apply_sparse`` (OptimizerV2's hooks,
+        then called per variable as tf_keras does)."""
+        cls = type(self)
+        return (not tf.distribute.has_strategy()
+                and cls._resource_apply_dense is Optimizer._resource_apply_dense
+                and cls._resource_apply_sparse is Optimizer._resource_apply_sparse
+                and (cls._resource_apply_sparse_duplicate_indices
+                     is Optimizer._resource_apply_sparse_duplicate_indices))
+
+    def _batched_apply(self, grads_and_vars, apply_state, name):
+        """``OptimizerV2._distributed_apply`` with one kernel hand-over for all the variables of
+        a device and dtype (tf_keras makes one update op per variable: here one
+        ``numpy_function`` per step instead of one per variable). Constraints and
+        ``iterations`` as tf_keras: a dense variable's constraint runs after the update, a
+        sparse one's is refused, and ``iterations`` advances once the updates are done."""
+        groups = {}                 # (device, dtype) -> (jobs, refs, grads, a variable of them)
+        constrained = []
+        for grad, var in grads_and_vars:
+            sparse = isinstance(grad, tf.IndexedSlices)
+            if sparse and var.constraint is not None:
+                raise RuntimeError(
+                    "Cannot use a constraint function on a sparse variable. "
+                    f"Received: grad={grad}, var.constraint={var.constraint}.")
+            job, refs = self._job(var, sparse)
+            group = groups.setdefault((var.device, var.dtype.base_dtype), ([], [], [], var))
+            group[0].append(job)
+            group[1].append(refs)
+            group[2].append(tf.IndexedSlices(grad.values, grad.indices) if sparse else grad)
+            if not sparse and var.constraint is not None:
+                constrained.append(var)
+        update_ops = []
+        with tf.name_scope(name or self._name) if not tf.executing_eagerly() else _no_scope():
+            for jobs, refs, grads, var in groups.values():
+                done = _handover.run_step(self._host, jobs, refs, grads, self._scalars(var, apply_state),
+                                          self._name)
+                if done is not None:
+                    update_ops.append(done)
+            with tf.control_dependencies(update_ops):
+                update_ops += [var.assign(var.constraint(var)) for var in constrained]
+        if not tf.executing_eagerly():
+            with tf.control_dependencies([tf.group(update_ops)]):
+                return self.iterations.assign_add(1, read_value=False)
+        return self.iterations.assign_add(1)
 
     def _prepare_local(self, var_device, var_dtype, apply_state):
         super()._prepare_local(var_device, var_dtype, apply_state)
@@ -422,6 +473,11 @@ class Embedding(_AttachedOptimizer, tf_keras.layers.Embedding):
 
 class ExactFlush(FlushMixin, tf_keras.callbacks.Callback):
     """:class:`sparseopt_tf.ExactFlush` for ``tf_keras`` models (same hooks and argument)."""
+
+
+@contextlib.contextmanager
+def _no_scope():
+    yield
 
 
 def _structural_coefficients(core, hypers, step):

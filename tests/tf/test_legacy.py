@@ -176,3 +176,46 @@ def test_adagrad_epsilon_placement_differs_between_legacy_and_keras3(mode):
         opt.apply_gradients([(tf.IndexedSlices(tf.constant(g), tf.range(7), [7, 3]), var)])
         ref.apply_gradients([(tf.constant(g), theirs)])
     rel_close(var.numpy(), theirs.numpy(), np.float32)
+
+
+@pytest.mark.parametrize("mode", ["eager", "function"])
+@pytest.mark.parametrize("case", BRIDGED)
+def test_one_hand_over_per_step_bit_identical_to_one_per_variable(case, mode):
+    """The legacy classes hand all of a step's variables to the kernels in one
+    ``numpy_function`` (one per device and dtype); a subclass that overrides
+    ``_resource_apply_dense`` (an OptimizerV2 hook) gets tf_keras' per-variable calls.
+    Both give the same bits."""
+    from sparseopt_tf import _handover
+    rng = np.random.default_rng(5)
+    init = [rng.normal(size=(8, 3)).astype(np.float32), rng.normal(size=(4,)).astype(np.float32)]
+    batches = sparse_batches(rng, 8, 3, 4, k=5)
+    dense = [rng.normal(size=(4,)).astype(np.float32) for _ in range(4)]
+    base = bridge_class(case, legacy=True)
+    calls = []
+
+    class PerVariable(base):
+        def _resource_apply_dense(self, grad, var, apply_state=None):
+            calls.append(var.name)
+            return super()._resource_apply_dense(grad, var, apply_state)
+
+    results, hand_overs = [], []
+    for cls in (base, PerVariable):
+        variables = [tf.Variable(x) for x in init]
+        opt = cls(**case.kwargs)
+
+        def step(values, indices, g):
+            opt.apply_gradients([(tf.IndexedSlices(values, indices, tf.constant([8, 3], tf.int64)),
+                                  variables[0]), (g, variables[1])])
+
+        if mode == "function":
+            step = tf.function(step)
+        before = sum(_handover.stats.values())
+        for (values, idx), g in zip(batches, dense):
+            step(tf.constant(values), tf.constant(idx), tf.constant(g))
+        hand_overs.append(sum(_handover.stats.values()) - before)
+        assert int(opt.iterations.numpy()) == 4
+        results.append([v.numpy() for v in variables])
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+    assert hand_overs == [4, 8]
+    assert len(calls) == 4 if mode == "eager" else calls     # in a tf.function: when traced
