@@ -429,8 +429,8 @@ class Optimizer(keras.optimizers.Optimizer):
         Keras runs ``variable.assign(variable.constraint(variable))`` after every step,
         a full-table pass. For the variables whose gradient is an ``IndexedSlices``
         this method lends the constraint to :meth:`_run` and hides it from Keras for
-        the duration of the call (with gradient accumulation the update is dense, and
-        Keras' own handling stays).
+        the duration of the call (with ``gradient_accumulation_steps`` Keras' own
+        whole-variable handling stays: it runs at every micro-step).
 
         That equals Keras' result only for a row-wise constraint, one that maps each row
         by itself: ``keras.constraints.NonNeg``, and ``MaxNorm``, ``UnitNorm`` and
