@@ -15,7 +15,10 @@ rules keep moving it, decoupled weight decay shrinks it). Exact mode defers that
 * before the ring would overwrite a step that some row may still need (every ``H``
   steps at most), and before a dense gradient, the variable is flushed (one parallel
   pass over its rows): the amortized cost is ``1/H`` of a full pass per step;
-* :func:`flush` catches every row of every variable up; :func:`catch_up` given rows.
+* :func:`flush` catches every row of every variable up; :func:`catch_up` given rows;
+* where the rule declares a step's idle step the identity (``idle_is_identity``: Adagrad
+  with ``epsilon > 0``, plain SGD, RowwiseAdagrad, each without weight decay) and no row
+  is behind, none of this is needed: the sparse step runs as a lazy one (:func:`run`).
 
 A CUDA variable keeps the same bookkeeping on the host (step counts, ``hist``, and
 ``tab``, computed by the same host kernel) and its device half in
@@ -178,10 +181,18 @@ def _write_record(ex, step, rec):
 def run(opt, updates, coefficients, wd, sparse_type, dense_run):
     """One exact-mode step: ``updates`` are the base class's ``(state, update)`` pairs.
 
+    Where the rule declares this step's idle step the identity (``idle_is_identity(c, wd)``,
+    see :mod:`sparseopt.rules._idle`) and no row of the variable is behind, a sparse
+    update runs as a lazy one: no :class:`ExactState` is made (an existing one only counts
+    the step, every row current), so exact mode costs what lazy mode costs. Otherwise
+    (weight decay, momentum, ``epsilon == 0``, or rows still behind from earlier steps)
+    the full path runs.
+
     ``sparse_type``: the class of a sparse update (``optimizer._SparseUpdate``);
     ``dense_run(state, update, c, wd, has_wd)`` runs an update the ordinary way.
     """
     rule = opt._rule
+    identity = getattr(rule, "idle_is_identity", None)
     for state, update in updates:
         has_wd = wd != 0.0 and opt._uses_weight_decay(state)
         dtype = state.storage.dtype.type
@@ -200,7 +211,17 @@ def run(opt, updates, coefficients, wd, sparse_type, dense_run):
                 ex.mark_current()
             dense_run(state, update, c, wd_v, has_wd)
             continue
-        ex = _exact_state(opt, state)
+        ex = opt._exact_states.get(id(state.var))
+        if identity is not None and (ex is None or not ex.pending()) and identity(c, wd_v):
+            # The idle step is the identity and no row is behind: every row stays current
+            # without bookkeeping, and the step is a lazy one.
+            dense_run(state, update, c, wd_v, has_wd)
+            if ex is not None:
+                ex.steps += 1
+                ex.mark_current()
+            continue
+        if ex is None:
+            ex = _exact_state(opt, state)
         if on_device:
             ex.device.stream = inner.stream
         _push(opt, state, ex, c, wd_v)

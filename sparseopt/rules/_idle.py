@@ -20,6 +20,16 @@ that can do this faster than replaying ``update`` step by step defines, besides 
   variable dtype's machine epsilon). ``ok=False`` makes the kernel replay ``update``
   with a zero gradient over the window instead (always correct, bounded by the history).
 
+* ``idle_is_identity(c, wd) -> bool`` (optional; absent means ``False``): whether a step
+  with a zero gradient, coefficients ``c`` and decoupled weight decay factor ``wd`` (both
+  in the variable's dtype) leaves every element and slot unchanged, bit for bit, where
+  exact mode's catch-up over that step would leave it unchanged too (``idle_apply``
+  succeeds and returns its inputs for a window of that step alone). Plain host Python,
+  called once per step and variable. Where it holds and no row of the variable is behind,
+  a sparse exact-mode step is a lazy step: no history record, no idle tables, no per-row
+  bookkeeping, no catch-up (:func:`sparseopt._exact.run`). It must be ``False`` wherever
+  the closed form would fail (``ok`` False, e.g. ``epsilon == 0``, see :data:`EPSILON_ZERO`).
+
 These functions (and the two helpers here, compiled for inlining) read arrays (the window's table row); ``update`` stays pure scalar math.
 A rule without them is caught up by the replay, which equals the dense rule bit for bit.
 

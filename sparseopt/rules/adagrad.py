@@ -60,3 +60,10 @@ def idle_table_step(t, t_next, rec):
 def idle_apply(p, acc, s1, s2, t, c, tol, zero):
     ok = math.sqrt(acc + c.epsilon_inside) + c.epsilon_outside > 0   # False for 0 and NaN
     return p * t[0], acc, s1, s2, ok
+
+
+def idle_is_identity(c, wd):
+    """Without weight decay and with ``epsilon > 0`` (in the variable's dtype) the idle step
+    is ``p - lr * 0 / d`` with ``d >= epsilon > 0``: ``p`` bit for bit (the accumulator is
+    never negative, and NaN only where a NaN gradient made ``p`` NaN too). With ``epsilon == 0`` a zero accumulator gives 0/0: not the identity."""
+    return wd == 0 and (c.epsilon_inside > 0 or c.epsilon_outside > 0)

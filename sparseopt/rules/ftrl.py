@@ -84,6 +84,14 @@ def update(p, g, n, z, s2, c):
 # decay is overwritten by that recomputation). With shrinkage z keeps moving with p: replay
 # (bounded by the history), bit-exact.
 
+#
+# No ``idle_is_identity``: the idle step is not the identity even without shrinkage. It
+# recomputes p from z and n with the step's coefficients, so it moves every row that no
+# step has computed yet (dense Ftrl sets an untouched row with z = 0 to 0 at its first
+# step, l1 and l2 or not) and every row when the learning rate, l1 or l2 changes. It is
+# the identity only on rows last computed with the same coefficients, a per-row fact
+# that needs the bookkeeping this shortcut exists to skip.
+
 IDLE_COLUMNS = 1
 IDLE_CONSTANT = ("two_shrinkage",)
 

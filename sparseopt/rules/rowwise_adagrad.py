@@ -57,3 +57,9 @@ def update(p, g, s0, s1, s2, acc, r1, r2, c):
 
 IDLE_COLUMNS = 1
 IDLE_CONSTANT = ()
+
+
+def idle_is_identity(c, wd):
+    """Without weight decay exact mode leaves an idle row as it is (with ``epsilon == 0`` too:
+    the documented exception, see :class:`sparseopt.RowwiseAdagrad`)."""
+    return wd == 0

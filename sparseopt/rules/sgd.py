@@ -78,3 +78,8 @@ def idle_apply(p, b, s1, s2, t, c, tol, zero):
     if c.use_momentum == 0:
         return p * decay, b * decay, s1, s2, True
     return moved, b * b_decay, s1, s2, True
+
+
+def idle_is_identity(c, wd):
+    """Without momentum and weight decay the idle step is ``p - 0 * lr = p``, bit for bit."""
+    return wd == 0 and c.use_momentum == 0
