@@ -148,3 +148,39 @@ def test_catch_up_checks_indices_before_writing(rng):
     with pytest.raises(so.errors.IndicesTypeError, match="indices must be a signed or 32-bit integer array"):
         opt.catch_up(var, dev(np.array([1.0])))
     assert np.array_equal(host(var), before)
+
+
+IDENTITY_CASES = [c for c in CASES if c.id in ("sgd", "adagrad", "rowwise_adagrad")]
+
+
+@pytest.mark.parametrize("case", IDENTITY_CASES, ids=[c.id for c in IDENTITY_CASES])
+def test_idle_identity_shortcut_on_the_device(case, rng):
+    """Where the idle step is the identity (no weight decay) the device's exact step is its
+    lazy step: no bookkeeping, lazy mode's bits, the CPU's results. With weight decay on for
+    the first steps (rows behind), the full path runs until a flush, then the shortcut."""
+    p0 = rng.normal(size=(ROWS, WIDTH)).astype(np.float32)
+    grads = random_sparse(rng, np.float32, steps=12)
+    (gpu_opt, gpu_var), cpu = run_exact(case, p0, grads, True), run_exact(case, p0, grads, False)
+    assert gpu_opt._exact_states == {}
+    lazy_var = dev(p0)
+    lazy = case.make()
+    for values, idx in grads:
+        lazy.apply_gradients([(dev_slices(values, idx, p0.shape), lazy_var)])
+    assert np.array_equal(host(gpu_var), host(lazy_var))
+    assert_same_state(case, (gpu_opt, gpu_var), cpu, tolerance(case, np.float32, steps=12))
+
+    def decayed_then_not(device):
+        var = dev(p0) if device else p0.copy()
+        opt = case.make(sparse_mode="exact", weight_decay=0.05)
+        for t, (values, idx) in enumerate(grads):
+            if t == 4:
+                opt.weight_decay = 0.0
+            if t == 8:
+                opt.flush()
+            g = dev_slices(values, idx, p0.shape) if device else so.IndexedSlices(values, idx, p0.shape)
+            opt.apply_gradients([(g, var)])
+        ex = opt._exact_states[id(var)]
+        assert ex.floor == ex.steps == len(grads)     # the last steps took the shortcut
+        return opt, var
+    assert_same_state(case, decayed_then_not(True), decayed_then_not(False),
+                      tolerance(case, np.float32, steps=12))
