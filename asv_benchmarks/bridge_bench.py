@@ -1,7 +1,7 @@
 """Peer comparison of the TensorFlow bridge: model.fit train-step time, side by side.
 
 Run: ``python asv_benchmarks/bridge_bench.py [--steps N] [--rounds R] [--small]
-[--quiet-load X] [--report PATH]``. Prints (and with ``--report`` writes as Markdown)
+[--quiet-load X] [--only peers|issue16] [--report PATH]``. Prints (and with ``--report`` writes as Markdown)
 the median train-step time of each optimizer and the ratios the issues set targets for.
 
 Models:
@@ -19,6 +19,11 @@ JIT compilation, first touch of the tables). Then ``--rounds`` rounds each time
 (the machine may be shared) falls on every optimizer alike; the median over all timed
 steps is reported, with the load average seen. ``--quiet-load X`` waits (up to 5 min)
 before each round until the 1-minute load average is below X.
+
+Issue 16's section (``--only issue16`` runs it alone) times ``train_on_batch`` on the
+recommender with ``sparseopt_tf.Embedding`` tables: exact vs lazy mode (Adam; Adagrad, whose
+idle step is the identity) and ``gradient_accumulation_steps=4`` vs none, all configurations
+alternating in one process, with the time spent in the host step and in exact-mode catch-ups.
 
 A second section times the optimizer step alone on the dense MLP's 14 variables
 (``apply_gradients`` in a ``tf.function``, fixed gradients) and splits sparseopt_tf's into
@@ -62,10 +67,12 @@ def clicks(n_items, n_users, batch, steps, seed=0):
     return np.stack([users, items], 1), y
 
 
-def recommender(k, n_items, n_users, dim):
+def recommender(k, n_items, n_users, dim, embedding=None):
+    """``embedding``: the layer class of both tables (``k.layers.Embedding`` if ``None``)."""
+    embedding = embedding or k.layers.Embedding
     ids = k.Input(shape=(2,), dtype="int32")
-    user = k.layers.Embedding(n_users, dim)(ids[:, 0])
-    item = k.layers.Embedding(n_items, dim)(ids[:, 1])
+    user = embedding(n_users, dim)(ids[:, 0])
+    item = embedding(n_items, dim)(ids[:, 1])
     dot = k.layers.Dot(axes=1)([user, item])
     h = k.layers.Dense(64, activation="relu")(k.layers.Concatenate()([user, item]))
     out = k.layers.Add()([dot, k.layers.Dense(1)(h)])
@@ -163,6 +170,130 @@ def profile_dense_optimizer(repeats=60):
     return out
 
 
+class HostTimes:
+    """Seconds spent in the bridge's host step and in its exact-mode catch-ups (lookups
+    of ``sparseopt_tf.Embedding``), per optimizer, by wrapping both methods."""
+
+    def __init__(self):
+        from sparseopt_tf import _exact, _host
+        self.step, self.catch_up = {}, {}
+        self._patched = [(_host.HostStep, "__call__", self.step, lambda obj: id(obj.core)),
+                         (_exact.ExactBook, "catch_up", self.catch_up, lambda obj: obj.owner)]
+        self._originals = []
+        for cls, name, store, key in self._patched:
+            original = getattr(cls, name)
+            self._originals.append((cls, name, original))
+            setattr(cls, name, self._wrap(original, store, key))
+
+    @staticmethod
+    def _wrap(original, store, key):
+        def timed(obj, *args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return original(obj, *args, **kwargs)
+            finally:
+                k = key(obj)
+                store[k] = store.get(k, 0.0) + time.perf_counter() - t
+        return timed
+
+    def restore(self):
+        for cls, name, original in self._originals:
+            setattr(cls, name, original)
+
+
+def time_issue16(args, n_items, n_users, dim, batch):
+    """Issue 16's ratios: exact vs lazy mode (Adam, Adagrad) and gradient accumulation
+    (k = 4) vs none, on the recommender with ``sparseopt_tf.Embedding`` tables (lookups
+    catch rows up in exact mode), timed per ``train_on_batch`` call, all configurations
+    alternating in one process. With accumulation, a call applies the optimizer every
+    4th time: the figure per call is the mean over each group of 4 calls (median over groups)."""
+    import keras
+
+    import sparseopt_tf
+    from sparseopt_tf import _exact
+    configs = [
+        ("Adam lazy", lambda: sparseopt_tf.Adam(1e-3)),
+        ("Adam exact", lambda: sparseopt_tf.Adam(1e-3, sparse_mode="exact")),
+        ("Adagrad lazy", lambda: sparseopt_tf.Adagrad(0.05)),
+        ("Adagrad exact", lambda: sparseopt_tf.Adagrad(0.05, sparse_mode="exact")),
+        ("Adam lazy, accumulation 4", lambda: sparseopt_tf.Adam(1e-3, gradient_accumulation_steps=4)),
+        ("Adam exact, accumulation 4",
+         lambda: sparseopt_tf.Adam(1e-3, sparse_mode="exact", gradient_accumulation_steps=4)),
+    ]
+    steps = max(4, args.steps - args.steps % 4)
+    x, y = clicks(n_items, n_users, batch, 8 * steps, seed=3)
+    batches = [(x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch]) for i in range(8 * steps)]
+    # ExactBook.catch_up gets no optimizer: file each book under its optimizer's name.
+    original_init = _exact.ExactBook.__init__
+
+    def init(book, core):
+        original_init(book, core)
+        book.owner = id(core)
+    _exact.ExactBook.__init__ = init
+    made, cursor = {}, 0
+    try:
+        for name, make in configs:
+            keras.utils.set_random_seed(0)
+            model = recommender(keras, n_items, n_users, dim, sparseopt_tf.Embedding)
+            opt = make()
+            model.compile(optimizer=opt, loss=keras.losses.BinaryCrossentropy(from_logits=True))
+            for xb, yb in batches[:8]:                       # trace, compile, touch the tables
+                model.train_on_batch(xb, yb)
+            made[name] = (model, opt, [])
+    finally:
+        _exact.ExactBook.__init__ = original_init
+    host = HostTimes()
+    loads = []
+    try:
+        for r in range(args.rounds):
+            wait_for_quiet(args.quiet_load)
+            order = list(made) if r % 2 == 0 else list(reversed(made))
+            start = cursor
+            for name in order:
+                model, opt, times = made[name]
+                loads.append(os.getloadavg()[0])
+                for i in range(steps):
+                    xb, yb = batches[8 + (start + i) % (len(batches) - 8)]
+                    t = time.perf_counter()
+                    model.train_on_batch(xb, yb)
+                    times.append(time.perf_counter() - t)
+            cursor += steps
+    finally:
+        host.restore()
+    out = {}
+    for name, (model, opt, times) in made.items():
+        core = id(opt._host.core) if getattr(opt, "_host", None) is not None else None
+        groups = np.asarray(times).reshape(-1, 4).mean(axis=1)
+        out[name] = dict(median=float(np.median(times)), per_call=float(np.median(groups)),
+                         host=host.step.get(core, 0.0) / len(times),
+                         catch_up=host.catch_up.get(core, 0.0) / len(times), count=len(times))
+    del made
+    return {"configs": out, "load": (min(loads), max(loads))}
+
+
+def issue16_report(sec):
+    c = sec["configs"]
+    lines = ["### Exact mode and gradient accumulation (issue 16): recommender, train_on_batch", "",
+             f"{min(v['count'] for v in c.values())} timed calls per configuration; 1-minute load "
+             f"average {sec['load'][0]:.2f} to {sec['load'][1]:.2f} during the runs.", "",
+             "| configuration | median call | per call, groups of 4 | host step per call | "
+             "exact catch-ups per call |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {n} | {v['median'] * 1e3:.1f} ms | {v['per_call'] * 1e3:.1f} ms | "
+              f"{v['host'] * 1e3:.2f} ms | {v['catch_up'] * 1e3:.2f} ms |" for n, v in c.items()]
+    per = {n: v["per_call"] for n, v in c.items()}
+    ratios = [
+        ("exact Adagrad / lazy Adagrad (target <= 1.05)", per["Adagrad exact"] / per["Adagrad lazy"]),
+        ("exact Adam / lazy Adam (target <= 1.4)", per["Adam exact"] / per["Adam lazy"]),
+        ("lazy Adam, accumulation 4 / none (target <= 1.1)",
+         per["Adam lazy, accumulation 4"] / per["Adam lazy"]),
+        ("exact Adam, accumulation 4 / none (target <= 1.1)",
+         per["Adam exact, accumulation 4"] / per["Adam exact"]),
+    ]
+    lines += ["", "| ratio (per call, groups of 4) | value |", "|---|---:|"]
+    lines += [f"| {n} | {v:.3f} |" for n, v in ratios]
+    return "\n".join(lines) + "\n", ratios
+
+
 def machine():
     import keras
     import numba
@@ -206,6 +337,9 @@ def main():
                         help="before each round, wait until the 1-minute load average is below this")
     parser.add_argument("--no-profile", action="store_true", help="skip the optimizer-only section")
     parser.add_argument("--report", help="also write the results as Markdown to this path")
+    parser.add_argument("--only", choices=("peers", "issue16"),
+                        help="run one part: the peer comparison, or issue 16's exact-mode and "
+                             "gradient-accumulation ratios (default: both)")
     args = parser.parse_args()
     import keras
     import tf_keras
@@ -213,6 +347,15 @@ def main():
     import sparseopt_tf
     n_items, n_users = (100_000, 10_000) if args.small else (1_000_000, 100_000)
     batch, dim = 8192, 64
+    issue16 = ""
+    if args.only != "peers":
+        issue16, _ = issue16_report(time_issue16(args, n_items, n_users, dim, batch))
+        print(f"{machine()}\n\n{issue16}", flush=True)
+        if args.only == "issue16":
+            if args.report:
+                with open(args.report, "w") as f:
+                    f.write(f"{machine()}\n\n{issue16}")
+            return
     x, y = clicks(n_items, n_users, batch, args.steps)
     xd = np.random.default_rng(1).normal(size=(batch * args.steps, 512)).astype(np.float32)
     yd = np.random.default_rng(2).normal(size=(batch * args.steps, 1)).astype(np.float32)
@@ -250,7 +393,7 @@ def main():
     print(summary, flush=True)
     if args.report:
         with open(args.report, "w") as f:
-            f.write(report(args, header, sections, profile) + "\n" + summary + "\n")
+            f.write(report(args, header, sections, profile) + "\n" + summary + "\n\n" + issue16)
 
 
 if __name__ == "__main__":
