@@ -169,7 +169,7 @@ def test_recommender_keras_trains_compares_and_plots(tmp_path, capsys):
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
     assert "val_auc" in out                                       # Keras' progress lines
     assert 'sparseopt_tf.Adam(sparse_mode="exact")' in out
-    assert "x lazy)" in out and "Exact mode trains as" in out
+    assert "x lazy)" in out and "Exact mode is dense training" in out
     assert "Pick lazy mode" in out and "TF-Addons' LazyAdam" in out
 
 
