@@ -4,106 +4,147 @@ Keras keeps one dense accumulator per variable and, for every micro-step, adds t
 gradient to it (``acc + g``: an ``IndexedSlices`` is densified), then on the update step
 applies ``(g + acc) / steps`` and zeroes every accumulator: every micro-step pays for
 the whole table, and the update is dense. Here a variable whose gradient is an
-``IndexedSlices`` keeps Keras' own accumulator (so checkpoints and ``.keras`` files hold
-exactly what Keras would save) but touches only rows:
+``IndexedSlices`` touches only rows:
 
-* a micro-step scatter-adds the gradient's rows into the accumulator and appends its
-  indices to the variable's *row record* (an untracked int64 variable of dynamic length,
-  de-duplicated as it grows);
-* the update step scatter-adds its own rows, gathers the recorded rows of the
-  accumulator, divides by ``steps`` and hands them to the kernels as an
-  ``IndexedSlices``, then zeroes those rows and empties the record.
+* a micro-step appends the gradient's rows (indices and values) to the variable's
+  *buffer* (two untracked variables of dynamic length): sequential writes, no random
+  access into a table-sized accumulator;
+* the update step hands the buffered rows and its own, divided by ``steps``, to the
+  kernels as one ``IndexedSlices`` (the kernels sum duplicate rows in a fixed order),
+  then empties the buffer.
+
+Keras' own accumulator stays what checkpoints and ``.keras`` files hold: before the
+optimizer's state is saved or read (:func:`fold`: ``get_weights``, ``save_own_variables``,
+``tf.train.Checkpoint``) the buffered rows are scatter-added into it, and the rows it then
+holds are recorded; the next update step gathers those rows from it and zeroes them.
+After a restore (or ``set_weights``) it is unknown which rows the restored accumulator
+holds, so the next update step reads every row of it once (``rows_known`` is false until
+then).
 
 Dense gradients take Keras' path unchanged. The result is Keras' dense accumulation
 followed by our sparse step on the accumulated rows (rows no micro-step touched get a
-zero gradient, as in the dense sum: lazy mode skips them, exact mode defers them).
-
-The row record is not saved: after a restore (or ``set_weights``) it is unknown which
-rows the restored accumulator holds, so the next update step reads every row once
-(``rows_known`` is false until then).
+zero gradient, as in the dense sum: lazy mode skips them, exact mode defers them); the
+sum of a row's micro-step gradients may differ from Keras' in the last bit (each is
+divided by ``steps`` before they are added).
 """
 
 import keras
 import tensorflow as tf
-from keras import ops
 
 
-class RowRecords:
-    """The untracked row record of every variable, and whether they are known."""
+def _untracked(value, shape, name):
+    return tf.Variable(value, shape=shape, trainable=False, name=name)
+
+
+class SparseAccumulators:
+    """The untracked per-variable buffers and records (see the module docstring).
+
+    Attributes:
+        rows_known: whether ``held`` names every row that Keras' accumulator holds.
+        indices, values: per variable (``None`` for a scalar), the buffered rows.
+        held: per variable, the rows folded into Keras' accumulator since its last update.
+    """
 
     def __init__(self, variables):
         with tf.init_scope():
-            self.rows_known = tf.Variable(True, trainable=False, name="sparseopt_rows_known")
-            self.records = [
-                tf.Variable(tf.zeros([0], tf.int64), shape=tf.TensorShape([None]), trainable=False,
-                            name="sparseopt_accumulated_rows") if len(v.shape) else None
-                for v in variables]
+            self.rows_known = _untracked(True, [], "sparseopt_rows_known")
+            self.indices, self.values, self.held = [], [], []
+            for v in variables:
+                shape = tuple(v.shape)
+                scalar = not shape
+                self.indices.append(None if scalar else _untracked(
+                    tf.zeros([0], tf.int64), tf.TensorShape([None]), "sparseopt_buffered_rows"))
+                self.values.append(None if scalar else _untracked(
+                    tf.zeros((0,) + shape[1:], v.dtype), tf.TensorShape((None,) + shape[1:]),
+                    "sparseopt_buffered_values"))
+                self.held.append(None if scalar else _untracked(
+                    tf.zeros([0], tf.int64), tf.TensorShape([None]), "sparseopt_held_rows"))
 
     def forget(self):
-        """After a restore: the accumulators hold rows no record names."""
+        """After a restore: the accumulators hold rows no record names; nothing is buffered."""
         self.rows_known.assign(False)
-        for r in self.records:
-            if r is not None:
-                r.assign(tf.zeros([0], tf.int64))
+        for i in range(len(self.indices)):
+            if self.indices[i] is not None:
+                self._empty(i)
+                self.held[i].assign(tf.zeros([0], tf.int64))
+
+    def _empty(self, i):
+        return [self.indices[i].assign(tf.zeros([0], tf.int64)),
+                self.values[i].assign(tf.zeros([0] + self.values[i].shape.as_list()[1:],
+                                               self.values[i].dtype))]
 
 
 def _tf_variable(v):
     return v.value if isinstance(v, keras.Variable) else v
 
 
-def _scatter_add(acc, g):
-    values = tf.cast(g.values, acc.dtype)
-    return acc.scatter_add(tf.IndexedSlices(values, tf.cast(g.indices, tf.int64)))
-
-
-def _record(record, g):
-    rows, _ = tf.unique(tf.concat([record.read_value(), tf.cast(tf.reshape(g.indices, [-1]), tf.int64)], 0))
-    return record.assign(rows)
+def fold(opt):
+    """Scatter-add every buffered row into Keras' accumulators and record them as held,
+    so that the accumulators hold exactly Keras' partial sums (before they are saved)."""
+    acc = opt._untracked.accumulators
+    if acc is None:
+        return None
+    ops = []
+    for i, indices in enumerate(acc.indices):
+        if indices is None:
+            continue
+        dense = _tf_variable(opt._accumulated_gradients[i])
+        added = dense.scatter_add(tf.IndexedSlices(acc.values[i].read_value(), indices.read_value()))
+        with tf.control_dependencies([added]):
+            rows, _ = tf.unique(tf.concat([acc.held[i].read_value(), indices.read_value()], 0))
+            ops.append(acc.held[i].assign(rows))
+            with tf.control_dependencies([ops[-1]]):
+                ops += acc._empty(i)
+    return None if tf.executing_eagerly() else tf.group(ops)
 
 
 def apply(opt, grads, trainable_variables):
     """Keras 3's ``_backend_apply_gradients`` with gradient accumulation, rows only for
     ``IndexedSlices`` gradients (EMA is left to the caller)."""
     steps = opt.gradient_accumulation_steps
-    records = opt._untracked.row_records
+    acc = opt._untracked.accumulators
     is_update_step = (opt._iterations + 1) % steps == 0
     index = [opt._get_variable_index(v) for v in trainable_variables]
     acc_grads = [opt._accumulated_gradients[i] for i in index]
+    sparse = [isinstance(g, tf.IndexedSlices) and acc.indices[i] is not None
+              for g, i in zip(grads, index)]
 
     def update():
-        new_grads, sparse = [], []
-        for g, v, acc, i in zip(grads, trainable_variables, acc_grads, index):
-            if isinstance(g, tf.IndexedSlices) and records.records[i] is not None:
-                acc = _tf_variable(acc)
-                with tf.control_dependencies([_scatter_add(acc, g)]):
-                    recorded = _record(records.records[i], g)
-                rows = tf.cond(records.rows_known, lambda r=recorded: tf.identity(r),
-                               lambda acc=acc: tf.range(tf.shape(acc, out_type=tf.int64)[0]))
-                values = tf.gather(acc, rows) / tf.cast(steps, acc.dtype)
-                new_grads.append(tf.IndexedSlices(values, rows, tf.shape(acc, out_type=tf.int64)))
-                sparse.append((acc, rows, i))
-            else:
-                new_grads.append((g + acc) / steps)
+        new_grads, held = [], []
+        for g, dense, i, s in zip(grads, acc_grads, index, sparse):
+            if not s:
+                new_grads.append((g + dense) / steps)
+                continue
+            dense = _tf_variable(dense)
+            rows = tf.cond(acc.rows_known, lambda i=i: acc.held[i].read_value(),
+                           lambda dense=dense: tf.range(tf.shape(dense, out_type=tf.int64)[0]))
+            indices = tf.concat([acc.indices[i].read_value(), tf.cast(g.indices, tf.int64), rows], 0)
+            values = tf.concat([acc.values[i].read_value(), tf.cast(g.values, dense.dtype),
+                                tf.gather(dense, rows)], 0) / tf.cast(steps, dense.dtype)
+            new_grads.append(tf.IndexedSlices(values, indices, tf.shape(dense, out_type=tf.int64)))
+            held.append((dense, rows, i))
         new_grads = opt._clip_gradients(new_grads)
         opt._apply_weight_decay(trainable_variables)
         opt._backend_update_step(new_grads, trainable_variables, opt.learning_rate)
-        sparse_keys = {i for _, _, i in sparse}
-        for acc, i in zip(acc_grads, index):           # Keras' reset, dense accumulators only
-            if i not in sparse_keys:
-                acc.assign(ops.zeros(acc.shape, dtype=acc.dtype))
-        for acc, rows, i in sparse:                    # the recorded rows of the others
-            acc.scatter_update(tf.IndexedSlices(tf.zeros([tf.shape(rows)[0], *acc.shape[1:]], acc.dtype),
-                                                rows))
-            records.records[i].assign(tf.zeros([0], tf.int64))
-        if sparse:
-            records.rows_known.assign(True)
+        for dense, s in zip(acc_grads, sparse):           # Keras' reset, of dense accumulators
+            if not s:
+                dense.assign(keras.ops.zeros(dense.shape, dtype=dense.dtype))
+        for dense, rows, i in held:                       # the rows folded into the others
+            dense.scatter_update(tf.IndexedSlices(
+                tf.zeros([tf.shape(rows)[0]] + dense.shape.as_list()[1:], dense.dtype), rows))
+            acc.held[i].assign(tf.zeros([0], tf.int64))
+            acc._empty(i)
+        if held:
+            acc.rows_known.assign(True)
 
     def accumulate():
-        for g, acc, i in zip(grads, acc_grads, index):
-            if isinstance(g, tf.IndexedSlices) and records.records[i] is not None:
-                _scatter_add(_tf_variable(acc), g)
-                _record(records.records[i], g)
+        for g, dense, i, s in zip(grads, acc_grads, index, sparse):
+            if s:
+                acc.indices[i].assign(tf.concat([acc.indices[i].read_value(),
+                                                 tf.cast(g.indices, tf.int64)], 0))
+                acc.values[i].assign(tf.concat([acc.values[i].read_value(),
+                                                tf.cast(g.values, acc.values[i].dtype)], 0))
             else:
-                acc.assign(g + acc)
+                dense.assign(g + dense)
 
-    ops.cond(is_update_step, update, accumulate)
+    keras.ops.cond(is_update_step, update, accumulate)

@@ -56,14 +56,14 @@ class _Untracked:
         row_constraints: ``{var key: [constraint, count]}``: constraints lent by :meth:`Optimizer.apply`
             to the kernels' step, to run on the touched rows.
         restored_layout: a checkpoint's layout, restored before the optimizer was built.
-        row_records: with ``gradient_accumulation_steps``, the rows each variable's
-            accumulator holds (:class:`sparseopt_tf._accumulate.RowRecords`).
+        accumulators: with ``gradient_accumulation_steps``, the buffered rows of sparse
+            gradients (:class:`sparseopt_tf._accumulate.SparseAccumulators`).
     """
 
     def __init__(self):
         self.row_constraints = {}
         self.restored_layout = None
-        self.row_records = None
+        self.accumulators = None
 
 
 def _resolve_hyper(value, iterations):
@@ -190,9 +190,9 @@ class Optimizer(keras.optimizers.Optimizer):
             self._check_layout(self._untracked.restored_layout, variables)
         super().build(variables)
         if self.gradient_accumulation_steps:
-            self._untracked.row_records = _accumulate.RowRecords(variables)
+            self._untracked.accumulators = _accumulate.SparseAccumulators(variables)
             if self._untracked.restored_layout is not None:   # accumulators about to be restored
-                self._untracked.row_records.forget()
+                self._untracked.accumulators.forget()
         # The core's host state (Nadam's u_product): 0-d float64 variables, listed right
         # after iterations and learning_rate, advanced once per step (see _advance_state).
         self._state_variables = [
@@ -255,8 +255,11 @@ class Optimizer(keras.optimizers.Optimizer):
 
     def get_weights(self):
         """NumPy copies of :attr:`variables` (``iterations``, ``learning_rate``, then slots);
-        in exact mode after :meth:`flush`, so that they are the dense-training values."""
+        in exact mode after :meth:`flush`, so that they are the dense-training values, and
+        with gradient accumulation after the buffered sparse rows were added to Keras'
+        accumulators (:func:`sparseopt_tf._accumulate.fold`)."""
         self.flush()
+        _accumulate.fold(self)
         return [np.array(v.numpy(), copy=True) for v in self.variables]
 
     def set_weights(self, weights):
@@ -276,8 +279,10 @@ class Optimizer(keras.optimizers.Optimizer):
         self._exact_reset()
 
     def save_own_variables(self, store):
-        """Save the state (``model.save``, ``save_weights``); in exact mode after :meth:`flush`."""
+        """Save the state (``model.save``, ``save_weights``); in exact mode after :meth:`flush`,
+        with gradient accumulation after the buffered sparse rows are in Keras' accumulators."""
         self.flush()
+        _accumulate.fold(self)
         super().save_own_variables(store)
 
     def _check_weights(self, weights, what):
@@ -330,7 +335,9 @@ class Optimizer(keras.optimizers.Optimizer):
         # tables of the model included) only after it has serialized every object, so the
         # checkpoint holds the flushed values. In a tf.function the flush is an op that the
         # later reads of the variables are ordered after (automatic control dependencies).
+        # Gradient accumulation: the buffered sparse rows go into Keras' accumulators first.
         self.flush()
+        _accumulate.fold(self)
         return {"sparseopt_layout": tf.constant(json.dumps(self._layout()))}
 
     def _restore_from_tensors(self, restored_tensors):
@@ -686,8 +693,8 @@ class Optimizer(keras.optimizers.Optimizer):
         row is current; with gradient accumulation the accumulators' rows are unknown."""
         if self._host.exact is not None:
             self._host.exact.reset()
-        if self._untracked.row_records is not None:
-            self._untracked.row_records.forget()
+        if self._untracked.accumulators is not None:
+            self._untracked.accumulators.forget()
 
     def _check_exact_mode_can_run(self):
         _exact.check_can_run(self.name, self.sparse_mode)

@@ -57,8 +57,9 @@ def test_accumulation_exact_equals_keras_dense_accumulation(name, kwargs, mode):
     expected = _train(theirs, batches, sparse=False, mode=mode)
     rel_close(got.numpy(), expected.numpy(), np.float32)
     assert int(ours.iterations.numpy()) == int(theirs.iterations.numpy()) == 3
+    ours.get_weights()              # the saved state: Keras' accumulators hold the partial sums
     for a, b in zip(ours._accumulated_gradients, theirs._accumulated_gradients):
-        rel_close(a.numpy(), b.numpy(), np.float32)      # the partial sums, as Keras keeps them
+        rel_close(a.numpy(), b.numpy(), np.float32)
 
 
 @pytest.mark.parametrize("mode", ["eager", "function"])
@@ -75,7 +76,8 @@ def test_accumulation_lazy_steps_on_the_accumulated_rows(mode):
 
 
 def test_accumulation_never_writes_a_whole_accumulator():
-    """Keras zeroes and adds whole accumulators (``assign``); rows only here."""
+    """Keras zeroes and adds whole accumulators (``assign``); here the micro-steps buffer
+    rows and nothing writes the accumulator (until the state is saved)."""
     opt = sparseopt_tf.Adam(0.01, gradient_accumulation_steps=K)
     var = keras.Variable(_init())
     opt.build([var])
@@ -105,6 +107,22 @@ def test_accumulation_checkpoint_in_the_middle_of_a_cycle(mode, tmp_path):
     tf.train.Checkpoint(optimizer=opt2, var=var2.value).read(path).assert_consumed()
     _train(opt2, batches[K + 2:], mode=mode, var=var2)
     rel_close(var2.numpy(), whole.numpy(), np.float32)
+
+
+@pytest.mark.parametrize("mode", ["eager", "function"])
+def test_accumulation_reading_the_state_in_the_middle_of_a_cycle_changes_nothing(mode):
+    """``get_weights`` moves the buffered rows into Keras' accumulators; the cycle then goes
+    on from there (the held rows join the update step) with the same result."""
+    batches = _batches(3 * K, seed=5)
+    whole = _train(sparseopt_tf.Adam(0.01, gradient_accumulation_steps=K, sparse_mode="exact"),
+                   batches, mode=mode)
+    opt = sparseopt_tf.Adam(0.01, gradient_accumulation_steps=K, sparse_mode="exact")
+    var = _train(opt, batches[:K + 1], mode=mode)
+    opt.get_weights()
+    var = _train(opt, batches[K + 1:K + 3], mode=mode, var=var)
+    opt.get_weights()
+    _train(opt, batches[K + 3:], mode=mode, var=var)
+    rel_close(var.numpy(), whole.numpy(), np.float32)
 
 
 @pytest.mark.parametrize("mode", ["eager", "function"])
