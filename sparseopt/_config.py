@@ -2,7 +2,11 @@
 
 ``SPARSEOPT_NUMBA_CACHE=0`` turns the on-disk kernel cache off (default on: a cold
 compile of one optimizer's kernels takes seconds, loading them from the cache
-milliseconds; see README "First call and caching").
+milliseconds; see README "First call and caching"). Where Numba finds no writable
+place for the cache (a read-only install with ``NUMBA_CACHE_DIR`` unset and no
+writable user cache directory), the kernels are compiled without it, with one
+:class:`CacheUnavailableWarning`: ``cache=True`` would make the decorators raise
+``RuntimeError: cannot cache function ...: no locator available`` at import.
 
 No ``fastmath``: NaN and Inf must propagate exactly as in Keras, and results must
 not depend on the CPU's contraction choices.
@@ -14,9 +18,52 @@ a ``prange`` loop this way already; the flag makes the serial helpers and the co
 around the loops agree with it.
 """
 
+import functools
 import os
+import threading
+import time
+import warnings
 
-CACHE = os.environ.get("SPARSEOPT_NUMBA_CACHE", "1").lower() not in ("0", "false", "no")
+import numba
+
+
+class CacheUnavailableWarning(RuntimeWarning):
+    """No writable location for Numba's on-disk cache: kernels compile in every process."""
+
+
+def _cache_location_available():
+    """Whether Numba can cache a function of :mod:`sparseopt.kernels` (every cached
+    kernel lives there): asks Numba's own cache locators, as ``cache=True`` does, for
+    a probe function whose code claims to come from ``kernels/cpu.py``."""
+    from numba.core import caching
+
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "cpu.py")
+    namespace = {}
+    exec(compile("def _sparseopt_cache_probe():\n    pass\n", source, "exec"), namespace)
+    try:
+        caching.FunctionCache(namespace["_sparseopt_cache_probe"])
+    except (RuntimeError, OSError):
+        return False
+    return True
+
+
+def _cache_setting():
+    if os.environ.get("SPARSEOPT_NUMBA_CACHE", "1").lower() in ("0", "false", "no"):
+        return False
+    if numba.config.DISABLE_JIT:  # nothing is compiled, so nothing is cached
+        return False
+    if not _cache_location_available():
+        warnings.warn(
+            "sparseopt: Numba finds no writable cache location (the package's __pycache__ "
+            "folders, NUMBA_CACHE_DIR, the user cache directory), so sparseopt's kernels are "
+            "compiled without the on-disk cache: the first step of every process compiles them "
+            "(seconds). Set NUMBA_CACHE_DIR to a writable folder to cache them, or "
+            "SPARSEOPT_NUMBA_CACHE=0 to silence this warning.", CacheUnavailableWarning)
+        return False
+    return True
+
+
+CACHE = _cache_setting()
 
 #: Flags of the CPU kernels that run the rules.
 CPU_KERNEL_FLAGS = dict(parallel=True, cache=CACHE, nogil=True, error_model="numpy")
@@ -26,3 +73,159 @@ CPU_SERIAL_FLAGS = dict(cache=CACHE, nogil=True, error_model="numpy")
 CPU_RULE_FLAGS = dict(inline="always", error_model="numpy")
 
 MAX_SLOTS = 3
+
+
+# ----------------------------------------------------------------------------- threads
+#
+# Threading layer. sparseopt keeps Numba's choice (``NUMBA_THREADING_LAYER``, by default the
+# first of TBB, OpenMP, workqueue that loads). TBB and OpenMP accept parallel regions
+# launched from several Python threads at once; Numba's own ``workqueue`` (its fallback
+# where neither runtime is found) aborts the process when two threads launch one at the
+# same time. Under ``workqueue`` every parallel kernel of sparseopt is therefore run under
+# one process-wide lock (:func:`parallel_kernel`): steps of optimizers in different threads
+# then take turns instead of aborting (the layer has one pool of workers anyway).
+#
+# Thread count. A step's parallel region needs every thread of the pool; when another process
+# holds a core, the region waits for a scheduler slice (milliseconds), ten times a small step's
+# work (asv_benchmarks/reports/cpu.md, "Contention"). So a step below MIN_WORK_PER_THREAD
+# elements per thread runs on one thread, with no parallel region to stall. A bigger step may use
+# up to ``work // MIN_WORK_PER_THREAD`` threads, at most the cap: the smaller of
+# :func:`set_num_threads`'s value and the calling thread's ``numba.get_num_threads()``. Whether
+# that pays depends on the machine's load, so each optimizer measures it (ADAPTIVE): it keeps a
+# moving average of the time per element of its big steps on one thread and on several, runs the
+# faster, and now and then tries the other (after 16 steps, then at doubling intervals up to 256
+# while it keeps losing). The thread count never changes a result (sparseopt.kernels.cpu).
+
+#: Elements a step must touch per thread (gradient elements plus parameter and slot
+#: elements read and written) before it may use another thread.
+MIN_WORK_PER_THREAD = 1 << 20
+#: Whether steps big enough for several threads measure which thread count runs faster
+#: (False: they always use ``work // MIN_WORK_PER_THREAD`` threads, up to the cap).
+ADAPTIVE = True
+_PROBE_FIRST, _PROBE_MAX, _EMA = 16, 256, 0.25
+
+_layer = None                    # Numba's threading layer, once started
+_max_threads = None              # set_num_threads(n)
+_parallel_lock = threading.Lock()
+_get_threads = _set_threads = None
+
+
+def threading_layer():
+    """The threading layer Numba runs sparseopt's parallel kernels on (``"tbb"``, ``"omp"``
+    or ``"workqueue"``), starting Numba's threads if they are not yet; ``None`` under
+    ``NUMBA_DISABLE_JIT=1``."""
+    global _layer, _get_threads, _set_threads
+    if _layer is None and not numba.config.DISABLE_JIT:
+        from numba.np.ufunc import parallel
+        numba.get_num_threads()  # starts the layer
+        # Numba's public get/set_num_threads check and start the layer on every call (2-3 us
+        # each); once it is started, the functions they call cost 0.2-0.5 us.
+        _get_threads = getattr(parallel, "_get_num_threads", numba.get_num_threads)
+        _set_threads = getattr(parallel, "_set_num_threads", numba.set_num_threads)
+        _layer = numba.threading_layer()
+    return _layer
+
+
+def parallel_kernel(kernel):
+    """``kernel`` (a ``parallel=True`` dispatcher), or under the ``workqueue`` threading
+    layer a function that runs it under the process-wide lock."""
+    if threading_layer() != "workqueue":
+        return kernel
+
+    @functools.wraps(getattr(kernel, "py_func", kernel))
+    def serialized(*args):
+        with _parallel_lock:
+            return kernel(*args)
+    serialized.kernel = kernel
+    return serialized
+
+
+def set_num_threads(n):
+    """Cap the threads sparseopt's CPU kernels use (``None``: no cap of its own).
+
+    A step uses as many threads as its work warrants (one for a small step: see the
+    comment above), at most ``n`` and at most ``numba.get_num_threads()`` of the calling
+    thread. Results are the same for any thread count.
+    """
+    global _max_threads
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"sparseopt.set_num_threads: n must be an int >= 1 or None; got {n!r}")
+    _max_threads = n
+
+
+def get_num_threads():
+    """The cap :func:`set_num_threads` set (``None``: Numba's thread count)."""
+    return _max_threads
+
+
+class StepThreads:
+    """One optimizer's measurements for :func:`enter_step`: the moving average of seconds
+    per element of its big steps on one thread and on several, and when to try the other."""
+
+    __slots__ = ("one", "several", "since", "interval", "seen")
+
+    def __init__(self):
+        self.one = self.several = None
+        self.since = 0
+        self.interval = _PROBE_FIRST
+        self.seen = 0  # big steps so far: the first two (which compile the kernels) are not measured
+
+    def __deepcopy__(self, memo):
+        return StepThreads()
+
+
+def enter_step(work, stats=None):
+    """Set the calling thread's Numba thread count for a step that touches ``work``
+    elements (``stats``: the optimizer's :class:`StepThreads`); returns the token
+    :func:`leave_step` takes."""
+    if _set_threads is None and threading_layer() is None:
+        return None
+    current = _get_threads()
+    cap = current if _max_threads is None or _max_threads > current else _max_threads
+    want = work // MIN_WORK_PER_THREAD
+    if want > cap:
+        want = cap
+    probe = False
+    if want < 2:
+        want = 1
+        stats = None
+    elif stats is not None and ADAPTIVE:
+        several = stats.one is None or (stats.several is not None and stats.several <= stats.one)
+        stats.since += 1
+        if stats.since >= stats.interval:
+            stats.since = 0
+            several = not several
+            probe = True
+        if not several:
+            want = 1
+    else:
+        stats = None
+    if want == current:
+        current = 0
+    else:
+        _set_threads(want)
+    return current, stats, want, probe, work, time.perf_counter()
+
+
+def leave_step(token):
+    """Undo :func:`enter_step`, and record the step's time per element."""
+    if token is None:
+        return
+    restore, stats, want, probe, work, t0 = token
+    if restore:
+        _set_threads(restore)
+    if stats is None:
+        return
+    cost = (time.perf_counter() - t0) / work
+    stats.seen += 1
+    if stats.seen <= 2:
+        return
+    if want == 1:
+        stats.one = cost if stats.one is None else stats.one + (cost - stats.one) * _EMA
+    else:
+        stats.several = cost if stats.several is None else stats.several + (cost - stats.several) * _EMA
+    if probe:  # the other choice lost again: try it less often; it won: it is the choice now
+        lost = (stats.one is not None and stats.several is not None
+                and (stats.several > stats.one if want > 1 else stats.one >= stats.several))
+        stats.interval = min(2 * stats.interval, _PROBE_MAX) if lost else _PROBE_FIRST

@@ -75,5 +75,11 @@ class ConstraintNotRowWiseError(SparseoptError, ValueError):
     constrains only the touched rows, so it cannot apply it as the dense step would."""
 
 
+class ConcurrentUseError(SparseoptError, RuntimeError):
+    """One optimizer entered from two threads at once (a step, ``flush``, ``catch_up`` or
+    ``set_weights`` while another thread is inside one): optimizers are thread compatible,
+    not thread safe. Nothing was written by the call that raised."""
+
+
 class CudaUnavailableError(SparseoptError, RuntimeError):
     """A CUDA array was given, but numba-cuda, a CUDA driver or a GPU is missing."""

@@ -75,6 +75,9 @@ def test_thread_count_changes_nothing_bit_for_bit(case, batch):
     table, values, idx = batch
     results = []
     saved = numba.get_num_threads()
+    # Every thread for any step, however small (a step picks its thread count from its work).
+    saved_work, so._config.MIN_WORK_PER_THREAD = so._config.MIN_WORK_PER_THREAD, 1
+    saved_adaptive, so._config.ADAPTIVE = so._config.ADAPTIVE, False
     try:
         for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
             numba.set_num_threads(threads)
@@ -85,6 +88,8 @@ def test_thread_count_changes_nothing_bit_for_bit(case, batch):
             results.append(snapshot(opt, t))
     finally:
         numba.set_num_threads(saved)
+        so._config.MIN_WORK_PER_THREAD = saved_work
+        so._config.ADAPTIVE = saved_adaptive
     for x, y in zip(results[0], results[-1]):
         assert np.array_equal(x, y)
 

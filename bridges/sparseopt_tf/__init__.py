@@ -18,6 +18,24 @@ and restored with it. ``tf.train.Checkpoint`` refuses (before writing anything) 
 checkpoint of another optimizer or of other shapes.
 """
 
+_INSTALL = 'pip install "sparseopt[tf]"'
+
+
+def _missing(exc, what):
+    """``exc`` (a failed import of TensorFlow or tf_keras) again, saying which extra installs it."""
+    return ModuleNotFoundError(
+        f"sparseopt_tf needs {what}, which is not installed ({exc}). Install sparseopt with its "
+        f"TensorFlow extra: {_INSTALL} (tensorflow and tf-keras; the core, `import sparseopt`, "
+        f"needs neither).", name=exc.name)
+
+
+try:
+    import tensorflow  # noqa: F401  (first, so that a missing TensorFlow is named as such)
+except ModuleNotFoundError as exc:
+    if exc.name is None or exc.name.split(".")[0] != "tensorflow":
+        raise
+    raise _missing(exc, "TensorFlow") from exc
+
 from sparseopt_tf import optimizers
 from sparseopt_tf._exact import ExactModeNotSupportedError
 from sparseopt_tf._handover import (DeviceNotSupportedError, NotAVariableError, StrategyNotSupportedError,
@@ -37,7 +55,12 @@ def __getattr__(name):
     # ``legacy`` needs tf_keras; import it on first use.
     if name == "legacy":
         import importlib
-        module = importlib.import_module("sparseopt_tf.legacy")
+        try:
+            module = importlib.import_module("sparseopt_tf.legacy")
+        except ModuleNotFoundError as exc:
+            if exc.name is None or exc.name.split(".")[0] != "tf_keras":
+                raise
+            raise _missing(exc, "tf_keras (the Keras 2 optimizers of sparseopt_tf.legacy)") from exc
         globals()["legacy"] = module
         return module
     raise AttributeError(f"module 'sparseopt_tf' has no attribute {name!r}")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sparseopt import _validation, errors
+from sparseopt import _config, _validation, errors
 from sparseopt.indexed_slices import IndexedSlices
 from sparseopt.kernels import cpu
 from sparseopt.rules import _variant
@@ -79,6 +79,7 @@ class HostStep:
         self.state_names = tuple(type(core)._scalar_state_names)
         self.rowwise = hasattr(rule, "ROW_SLOTS")
         self._state_lock = threading.Lock()
+        self._threads = _config.StepThreads()  # the thread count's measurements (sparseopt._config)
         #: ``sparse_mode="exact"``: the exact-mode states (:class:`sparseopt_tf._exact.ExactBook`).
         self.exact = _exact.ExactBook(core) if core.sparse_mode == "exact" else None
 
@@ -122,25 +123,33 @@ class HostStep:
         step]``; ``arrays``: per job, the variable, its slots, its row slots, then the gradient
         (dense) or values and indices (sparse)."""
         step, wd_lr, hypers = self._hypers(scalars, with_state=True)
-        coefficients = self.core._coefficients(hypers, step)
-
         if sum(job.num_arrays for job in jobs) != len(arrays):
             raise ValueError(f"{self.core.name}: internal error: {len(arrays)} arrays for "
                              f"{sum(job.num_arrays for job in jobs)} expected")
         planned = [self._validate(job, group) for job, group in zip(jobs, _groups(jobs, arrays))]
-
-        # Every input is valid: from here on the step runs to completion.
-        if self.exact is not None:
-            updates = [(self.exact_variable(job, group), _Update.of(job, plan))
-                       for job, group, plan in zip(jobs, _groups(jobs, arrays), planned)]
-            self.exact.step(updates, coefficients, wd_lr, _SparseUpdate,
-                            lambda _, u, c, wd, has_wd: self._run_job(u.job, u.plan, c, wd))
+        if type(self.core)._zero_learning_rate_is_no_step and hypers["learning_rate"] == 0.0:
+            # As in the core (Ftrl, whose rule divides by the learning rate): a valid step
+            # at learning rate 0 writes nothing; the optimizer's iterations still advance.
             return np.int32(0)
-        for job, plan in zip(jobs, planned):
-            dtype = plan[0].dtype.type
-            c = type(coefficients)(*(dtype(x) for x in coefficients))
-            self._run_job(job, plan, c, dtype(wd_lr if job.has_wd else 0.0))
-        return np.int32(0)
+        coefficients = self.core._coefficients(hypers, step)
+
+        # Every input is valid: from here on the step runs to completion, with as many of
+        # Numba's threads as its work warrants (sparseopt._config.enter_step).
+        threads = _config.enter_step(_work(jobs, planned), self._threads)
+        try:
+            if self.exact is not None:
+                updates = [(self.exact_variable(job, group), _Update.of(job, plan))
+                           for job, group, plan in zip(jobs, _groups(jobs, arrays), planned)]
+                self.exact.step(updates, coefficients, wd_lr, _SparseUpdate,
+                                lambda _, u, c, wd, has_wd: self._run_job(u.job, u.plan, c, wd))
+                return np.int32(0)
+            for job, plan in zip(jobs, planned):
+                dtype = plan[0].dtype.type
+                c = type(coefficients)(*(dtype(x) for x in coefficients))
+                self._run_job(job, plan, c, dtype(wd_lr if job.has_wd else 0.0))
+            return np.int32(0)
+        finally:
+            _config.leave_step(threads)
 
     def exact_variable(self, job, group):
         """The :class:`sparseopt_tf._exact.Variable` of a job's arrays (variable, slots, ...)."""
@@ -211,6 +220,21 @@ class HostStep:
         else:
             kernel = cpu.row_dense_kernel(rule, job.used, job.row_used, job.has_wd)
             kernel(p, gradient, *_place(slots, job.used, p), *rows_args, c, wd, width)
+
+
+def _work(jobs, planned):
+    """The elements the step's kernels touch (as ``sparseopt.optimizer._work`` counts them)."""
+    work = 0
+    for job, (var, _, _, gradient) in zip(jobs, planned):
+        slots = 2 + 2 * (job.nslots + job.nrowslots)
+        if job.sparse:
+            rows, _, _, values = gradient
+            n = values.shape[0]
+            if n:
+                work += values.size + slots * (values.size // n) * rows.size
+        else:
+            work += (1 + slots) * var.size
+    return work
 
 
 def _groups(jobs, arrays):

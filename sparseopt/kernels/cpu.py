@@ -237,6 +237,11 @@ def prefetch(typingctx, arr, index):
     return types.void(arr, index), codegen
 
 
+if numba.config.DISABLE_JIT:  # pragma: no cover - run in a subprocess: tests/test_runtime_environment.py
+    def prefetch(arr, index):  # noqa: F811 - NUMBA_DISABLE_JIT runs the kernels as Python
+        """A cache hint: nothing to do when the kernels run as plain Python."""
+
+
 def _prefetch_template(p, s0, s1, s2, r0, r1, r2, row):
     """Prefetch row ``row`` of ``p``, of the kept slots and of the kept row slots."""
     prefetch(p, row)
@@ -355,7 +360,8 @@ def _helpers(rule_module, used, row_used, has_wd):
 
 def _kernel(template, rule_module, used, row_used, has_wd):
     suffix, constants = _helpers(rule_module, tuple(used), row_used, has_wd)
-    return numba.njit(**_config.CPU_KERNEL_FLAGS)(specialize(template, suffix, **constants))
+    return _config.parallel_kernel(
+        numba.njit(**_config.CPU_KERNEL_FLAGS)(specialize(template, suffix, **constants)))
 
 
 @functools.lru_cache(maxsize=None)

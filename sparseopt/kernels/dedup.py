@@ -130,9 +130,20 @@ def _plan_rows_radix(indices, num_rows):
     return rows[:k], offsets[:k + 1], order, -1
 
 
-@numba.njit(**_config.CPU_KERNEL_FLAGS)
 def segment_sum(values, offsets, order):
     """The de-duplicated rows: ``out[u] = sum(values[order[offsets[u]:offsets[u+1]]])`` in order."""
+    global _segment_sum_run
+    if _segment_sum_run is None:
+        _segment_sum_run = _config.parallel_kernel(_segment_sum)
+    return _segment_sum_run(values, offsets, order)
+
+
+_segment_sum_run = None  # _segment_sum, serialized under Numba's workqueue threading layer
+
+
+@numba.njit(**_config.CPU_KERNEL_FLAGS)
+def _segment_sum(values, offsets, order):
+    """:func:`segment_sum`'s kernel."""
     k = offsets.size - 1
     d = values.shape[1]
     out = np.empty((k, d), values.dtype)

@@ -184,6 +184,11 @@ def _rule_part(rule_module, name, default, **constants):
     return numba.njit(**_config.CPU_RULE_FLAGS)(fn)
 
 
+def _python(fn):
+    """The Python function of a Numba dispatcher (``fn`` itself under ``NUMBA_DISABLE_JIT=1``)."""
+    return getattr(fn, "py_func", fn)
+
+
 @functools.lru_cache(maxsize=None)
 def _fast_idle_module():
     """:mod:`sparseopt.rules._idle` as ``IDLE_APPLY_FAST`` sees it: ``series`` sums
@@ -192,8 +197,8 @@ def _fast_idle_module():
     module.SERIES_TERMS = FAST_SERIES_TERMS
     module.SERIES_LIMIT = _idle.SERIES_LIMIT
     inline = numba.njit(**_config.CPU_RULE_FLAGS)
-    module.series = inline(specialize(_idle.series.py_func, "fast", SERIES_TERMS=FAST_SERIES_TERMS))
-    module.series_apply = inline(specialize(_idle.series_apply.py_func, "fast", series=module.series))
+    module.series = inline(specialize(_python(_idle.series), "fast", SERIES_TERMS=FAST_SERIES_TERMS))
+    module.series_apply = inline(specialize(_python(_idle.series_apply), "fast", series=module.series))
     return module
 
 
@@ -211,9 +216,27 @@ def _exact_helpers(rule_module, used, has_wd):
     return "x" + suffix, constants
 
 
+def _compiled(flags, fn):
+    """``numba.njit(**flags)(fn)``; a parallel kernel goes through
+    :func:`sparseopt._config.parallel_kernel` (serialized under Numba's ``workqueue`` layer).
+
+    Under ``NUMBA_DISABLE_JIT=1`` the kernels run as Python, where a structured array's
+    element (a ``hist`` record) has no attribute access to its fields, as a Numba record
+    has: a ``numpy.recarray`` view of such an argument gives it."""
+    kernel = numba.njit(**flags)(fn)
+    if not numba.config.DISABLE_JIT:
+        return _config.parallel_kernel(kernel) if flags.get("parallel") else kernel
+
+    @functools.wraps(fn)
+    def run(*args):  # pragma: no cover - run in a subprocess: tests/test_runtime_environment.py
+        return kernel(*(a.view(np.recarray) if isinstance(a, np.ndarray) and a.dtype.names else a
+                        for a in args))
+    return run
+
+
 def _kernel(template, rule_module, used, has_wd):
     suffix, constants = _exact_helpers(rule_module, tuple(used), bool(has_wd))
-    return numba.njit(**_config.CPU_KERNEL_FLAGS)(specialize(template, suffix, **constants))
+    return _compiled(_config.CPU_KERNEL_FLAGS, specialize(template, suffix, **constants))
 
 
 @functools.lru_cache(maxsize=None)
@@ -232,8 +255,8 @@ def catch_up_kernel(rule_module, used, has_wd):
 @functools.lru_cache(maxsize=None)
 def decay_rows_kernel(has_wd):
     """``kernel(p, rows, every_row, last, floor, hi, tab, set_last)`` for row-wise rules."""
-    return numba.njit(**_config.CPU_KERNEL_FLAGS)(
-        specialize(_decay_rows_template, f"wd{int(bool(has_wd))}", HAS_WD=bool(has_wd)))
+    return _compiled(_config.CPU_KERNEL_FLAGS,
+                     specialize(_decay_rows_template, f"wd{int(bool(has_wd))}", HAS_WD=bool(has_wd)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -241,8 +264,8 @@ def table_kernel(rule_module):
     """``kernel(hist, tab, lo, hi, nxt)``: the rule's idle tables (:mod:`sparseopt.rules._idle`)."""
     constants = dict(TABLE_INIT=_rule_part(rule_module, "idle_table_init", _idle.no_idle_table_init),
                      TABLE_STEP=_rule_part(rule_module, "idle_table_step", _idle.no_idle_table_step))
-    return numba.njit(**_config.CPU_SERIAL_FLAGS)(
-        specialize(_table_template, rule_key(rule_module), **constants))
+    return _compiled(_config.CPU_SERIAL_FLAGS,
+                     specialize(_table_template, rule_key(rule_module), **constants))
 
 
 def idle_columns(rule_module):
