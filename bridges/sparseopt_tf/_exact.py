@@ -21,6 +21,7 @@ restored optimizer starts with every row current (:meth:`ExactBook.reset`).
 """
 
 import threading
+import warnings
 
 import numpy as np
 import tensorflow as tf
@@ -53,6 +54,25 @@ def check_can_run(name, sparse_mode):
                 f"{name}: sparse_mode='exact' cannot run under {type(strategy).__name__}: it "
                 "runs under MirroredStrategy, MultiWorkerMirroredStrategy and OneDeviceStrategy, "
                 "whose replicas each keep a whole copy of every table. Use sparse_mode='lazy'.")
+
+
+def warn_unread(opt, key, variable, read):
+    """Warn once per variable when an exact-mode sparse step updates a variable for which
+    no ``catch_up`` was ever asked: a forward pass that reads it without one (a plain
+    ``keras.layers.Embedding``) reads rows that dense training would already have moved.
+    ``read``: ``{"caught_up": keys, "warned": keys}``; ``key`` is ``variable``'s."""
+    if opt.sparse_mode != "exact" or key in read["caught_up"] or key in read["warned"]:
+        return
+    read["warned"].add(key)
+    warnings.warn(
+        f"{getattr(opt, 'name', None) or opt._name}: sparse_mode='exact' updates "
+        f"{getattr(variable, 'name', 'a variable')!r} sparsely, but nothing has asked for its rows "
+        "to be caught up before they are read: a plain keras.layers.Embedding (or tf.gather) "
+        "reads rows that dense training would already have moved, so the model trains as "
+        "neither dense nor lazy training would. Read the table through sparseopt_tf.Embedding "
+        "or sparseopt_tf.embedding_lookup (or call optimizer.catch_up(table, ids) before the "
+        "read), or use sparse_mode='lazy'. (A table read only after optimizer.flush() is "
+        "current: then ignore this.)", stacklevel=3)
 
 
 def on_each_copy(variable, fn):

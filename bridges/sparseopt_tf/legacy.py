@@ -149,6 +149,7 @@ class Optimizer(_V2):
         self._host = _host.HostStep(core, _spec.rule_for(core), ("learning_rate",) + self._hyper_names())
         self._state_variables = None
         self._slotted = {}      # var key -> variable with slots (a plain dict: not tracked)
+        self._read = {"caught_up": set(), "warned": set()}   # see _exact.warn_unread
 
     @classmethod
     def _structural_hypers(cls):
@@ -249,6 +250,8 @@ class Optimizer(_V2):
         constrained = []
         for grad, var in grads_and_vars:
             sparse = isinstance(grad, tf.IndexedSlices)
+            if sparse:
+                _exact.warn_unread(self, _var_key(var), var, self._read)
             if sparse and var.constraint is not None:
                 raise RuntimeError(
                     "Cannot use a constraint function on a sparse variable. "
@@ -344,6 +347,7 @@ class Optimizer(_V2):
         return self._resource_apply_sparse(grad, handle, indices, **kwargs)
 
     def _resource_apply_sparse(self, grad, var, indices, apply_state=None):
+        _exact.warn_unread(self, _var_key(var), var, self._read)
         job, refs = self._job(var, True)
         return _handover.run_step(self._host, [job], [refs],
                                   [tf.IndexedSlices(grad, indices)],
@@ -363,6 +367,7 @@ class Optimizer(_V2):
         """
         if self.sparse_mode != "exact":
             return None
+        self._read["caught_up"].add(_var_key(variable))
         self._check_exact_mode_can_run()
         if _var_key(variable) not in self._slotted:
             if not tf.inside_function():

@@ -56,6 +56,8 @@ class _Untracked:
         row_constraints: ``{var key: [constraint, count]}``: constraints lent by :meth:`Optimizer.apply`
             to the kernels' step, to run on the touched rows.
         restored_layout: a checkpoint's layout, restored before the optimizer was built.
+        read: exact mode, the keys of the variables a ``catch_up`` was asked for (a lookup
+            that reads caught-up rows), and of those warned about (:func:`_exact.warn_unread`).
         accumulators: with ``gradient_accumulation_steps``, the buffered rows of sparse
             gradients (:class:`sparseopt_tf._accumulate.SparseAccumulators`).
     """
@@ -64,6 +66,7 @@ class _Untracked:
         self.row_constraints = {}
         self.restored_layout = None
         self.accumulators = None
+        self.read = {"caught_up": set(), "warned": set()}
 
 
 def _resolve_hyper(value, iterations):
@@ -604,6 +607,7 @@ class Optimizer(keras.optimizers.Optimizer):
                 if grad.values.dtype != var.dtype:
                     grad = tf.IndexedSlices(tf.cast(grad.values, var.dtype), grad.indices, grad.dense_shape)
                 key = self._var_key(var)
+                _exact.warn_unread(self, key, var, self._untracked.read)
                 if key in self._untracked.row_constraints:
                     constrained.append((var, grad.indices, self._untracked.row_constraints[key][0]))
             else:
@@ -647,6 +651,7 @@ class Optimizer(keras.optimizers.Optimizer):
         """
         if self.sparse_mode != "exact":
             return None
+        self._untracked.read["caught_up"].add(self._var_key(variable))
         if not self.built:
             if tf.inside_function():
                 raise errors.UnknownSlotError(

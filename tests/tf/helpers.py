@@ -50,3 +50,16 @@ def sparse_batches(rng, num_rows, width, steps, k, all_rows=False, dtype=np.floa
         rng.shuffle(idx)
         out.append((rng.normal(size=(idx.size, width)).astype(dtype), idx.astype(np.int64)))
     return out
+
+
+def free_ports(n):
+    """``n`` loopback ports that were free a moment ago (for servers a test starts)."""
+    import socket
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()

@@ -17,6 +17,7 @@ pytest.importorskip("tensorflow")
 pytest.importorskip("tf_keras")
 
 from tests.conftest import rel_close  # noqa: E402
+from tests.tf.helpers import free_ports  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -46,18 +47,6 @@ def test_mirrored_strategy_in_exact_mode_matches_one_device_and_dense_training()
     assert float(dense[-1].split()[1]) < 1e-5
 
 
-def _free_ports(n):
-    import socket
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 # Messages of a collective runtime that cannot start (no loopback networking, ports refused).
 _NO_RUNTIME = ("Failed to bind", "Address already in use", "Connection refused", "failed to connect",
                "UNAVAILABLE", "Could not start gRPC server", "DEADLINE_EXCEEDED")
@@ -66,7 +55,7 @@ _NO_RUNTIME = ("Failed to bind", "Address already in use", "Connection refused",
 def _run_workers(out_dir, timeout):
     import json
     import time
-    ports = _free_ports(2)
+    ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs = []
     for index in range(2):

@@ -13,6 +13,7 @@ pytest.importorskip("tf_keras")
 import numpy as np  # noqa: E402
 
 import sparseopt_tf  # noqa: E402
+from tests.tf.helpers import free_ports  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -41,22 +42,10 @@ def test_tensor_in_place_of_a_variable(cls, mode):
     assert int(opt.iterations.numpy()) == 0
 
 
-def _free_ports(n):
-    import socket
-    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def test_parameter_server_strategy_is_refused_up_front():
     """Both bridge families, in a process of its own (``tests/tf/_parameter_server_main.py``)."""
     proc = subprocess.run([sys.executable, "-m", "tests.tf._parameter_server_main",
-                           *map(str, _free_ports(2))],
+                           *map(str, free_ports(2))],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     ok = [line for line in proc.stdout.splitlines() if line.startswith("OK")]
     assert proc.returncode == 0 and "DONE" in proc.stdout, proc.stdout + proc.stderr[-3000:]

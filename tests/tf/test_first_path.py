@@ -125,3 +125,36 @@ def test_a_plain_keras_embedding_in_exact_mode_is_not_dense_training():
     with pytest.raises(AssertionError):
         rel_close(plain.get_layer("item_embedding").embeddings.numpy(),
                   dense.get_layer("item_embedding").embeddings.numpy(), np.float32)
+
+
+def _fit_warnings(embedding, sparse_mode, legacy=False):
+    import warnings
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 50, size=(64, 2)).astype(np.int32)
+    y = rng.normal(size=(64, 1)).astype(np.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if legacy:
+            import tf_keras
+            opt = sparseopt_tf.legacy.Adam(0.01, sparse_mode=sparse_mode)
+            layer = (sparseopt_tf.legacy.Embedding(50, 4, input_length=2, optimizer=opt)
+                     if embedding == "ours" else tf_keras.layers.Embedding(50, 4, input_length=2))
+            model = tf_keras.Sequential([layer, tf_keras.layers.Flatten(), tf_keras.layers.Dense(1)])
+        else:
+            inputs = keras.Input((2,), dtype="int32")
+            layer = (sparseopt_tf.Embedding if embedding == "ours" else keras.layers.Embedding)(50, 4)
+            model = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.Flatten()(layer(inputs))))
+            opt = sparseopt_tf.Adam(0.01, sparse_mode=sparse_mode)
+        model.compile(optimizer=opt, loss="mse")
+        model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    return [str(w.message) for w in caught if "caught up before they are read" in str(w.message)]
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["keras3", "legacy"])
+def test_exact_mode_with_a_plain_embedding_warns_once(legacy):
+    """A plain Embedding reads stale rows in exact mode (see the test above): one warning
+    names the table and the fix; sparseopt_tf's Embedding, and lazy mode, give none."""
+    warned = _fit_warnings("plain", "exact", legacy)
+    assert len(warned) == 1 and "sparseopt_tf.Embedding" in warned[0]
+    assert _fit_warnings("ours", "exact", legacy) == []
+    assert _fit_warnings("plain", "lazy", legacy) == []
