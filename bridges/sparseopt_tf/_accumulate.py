@@ -6,9 +6,10 @@ applies ``(g + acc) / steps`` and zeroes every accumulator: every micro-step pay
 the whole table, and the update is dense. Here a variable whose gradient is an
 ``IndexedSlices`` touches only rows:
 
-* a micro-step appends the gradient's rows (indices and values) to the variable's
-  *buffer* (two untracked variables of dynamic length): sequential writes, no random
-  access into a table-sized accumulator;
+* a micro-step writes the gradient's rows (indices and values) to the variable's
+  *buffer* for that micro-step (untracked variables of dynamic length, one pair per
+  micro-step of a cycle): a sequential copy, no random access into a table-sized
+  accumulator, and no copy of what earlier micro-steps buffered;
 * the update step hands the buffered rows and its own, divided by ``steps``, to the
   kernels as one ``IndexedSlices`` (the kernels sum duplicate rows in a fixed order),
   then empties the buffer.
@@ -41,24 +42,29 @@ class SparseAccumulators:
 
     Attributes:
         rows_known: whether ``held`` names every row that Keras' accumulator holds.
-        indices, values: per variable (``None`` for a scalar), the buffered rows.
+        indices, values: per variable (``None`` for a scalar), one buffer of rows per
+            micro-step of a cycle (the update step's own rows are not buffered).
         held: per variable, the rows folded into Keras' accumulator since its last update.
     """
 
-    def __init__(self, variables):
+    def __init__(self, variables, steps):
         with tf.init_scope():
             self.rows_known = _untracked(True, [], "sparseopt_rows_known")
             self.indices, self.values, self.held = [], [], []
             for v in variables:
                 shape = tuple(v.shape)
-                scalar = not shape
-                self.indices.append(None if scalar else _untracked(
-                    tf.zeros([0], tf.int64), tf.TensorShape([None]), "sparseopt_buffered_rows"))
-                self.values.append(None if scalar else _untracked(
-                    tf.zeros((0,) + shape[1:], v.dtype), tf.TensorShape((None,) + shape[1:]),
-                    "sparseopt_buffered_values"))
-                self.held.append(None if scalar else _untracked(
-                    tf.zeros([0], tf.int64), tf.TensorShape([None]), "sparseopt_held_rows"))
+                if not shape:
+                    self.indices.append(None)
+                    self.values.append(None)
+                    self.held.append(None)
+                    continue
+                self.indices.append([_untracked(tf.zeros([0], tf.int64), tf.TensorShape([None]),
+                                                "sparseopt_buffered_rows") for _ in range(steps - 1)])
+                self.values.append([_untracked(tf.zeros((0,) + shape[1:], v.dtype),
+                                               tf.TensorShape((None,) + shape[1:]),
+                                               "sparseopt_buffered_values") for _ in range(steps - 1)])
+                self.held.append(_untracked(tf.zeros([0], tf.int64), tf.TensorShape([None]),
+                                            "sparseopt_held_rows"))
 
     def forget(self):
         """After a restore: the accumulators hold rows no record names; nothing is buffered."""
@@ -69,9 +75,14 @@ class SparseAccumulators:
                 self.held[i].assign(tf.zeros([0], tf.int64))
 
     def _empty(self, i):
-        return [self.indices[i].assign(tf.zeros([0], tf.int64)),
-                self.values[i].assign(tf.zeros([0] + self.values[i].shape.as_list()[1:],
-                                               self.values[i].dtype))]
+        return [op for indices, values in zip(self.indices[i], self.values[i]) for op in (
+            indices.assign(tf.zeros([0], tf.int64)),
+            values.assign(tf.zeros([0] + values.shape.as_list()[1:], values.dtype)))]
+
+    def buffered(self, i):
+        """Variable ``i``'s buffered rows: ``(indices, values)`` tensors."""
+        return (tf.concat([b.read_value() for b in self.indices[i]], 0),
+                tf.concat([b.read_value() for b in self.values[i]], 0))
 
 
 def _tf_variable(v):
@@ -89,9 +100,10 @@ def fold(opt):
         if indices is None:
             continue
         dense = _tf_variable(opt._accumulated_gradients[i])
-        added = dense.scatter_add(tf.IndexedSlices(acc.values[i].read_value(), indices.read_value()))
+        buffered_indices, buffered_values = acc.buffered(i)
+        added = dense.scatter_add(tf.IndexedSlices(buffered_values, buffered_indices))
         with tf.control_dependencies([added]):
-            rows, _ = tf.unique(tf.concat([acc.held[i].read_value(), indices.read_value()], 0))
+            rows, _ = tf.unique(tf.concat([acc.held[i].read_value(), buffered_indices], 0))
             ops.append(acc.held[i].assign(rows))
             with tf.control_dependencies([ops[-1]]):
                 ops += acc._empty(i)
@@ -118,8 +130,9 @@ def apply(opt, grads, trainable_variables):
             dense = _tf_variable(dense)
             rows = tf.cond(acc.rows_known, lambda i=i: acc.held[i].read_value(),
                            lambda dense=dense: tf.range(tf.shape(dense, out_type=tf.int64)[0]))
-            indices = tf.concat([acc.indices[i].read_value(), tf.cast(g.indices, tf.int64), rows], 0)
-            values = tf.concat([acc.values[i].read_value(), tf.cast(g.values, dense.dtype),
+            buffered_indices, buffered_values = acc.buffered(i)
+            indices = tf.concat([buffered_indices, tf.cast(g.indices, tf.int64), rows], 0)
+            values = tf.concat([buffered_values, tf.cast(g.values, dense.dtype),
                                 tf.gather(dense, rows)], 0) / tf.cast(steps, dense.dtype)
             new_grads.append(tf.IndexedSlices(values, indices, tf.shape(dense, out_type=tf.int64)))
             held.append((dense, rows, i))
@@ -138,13 +151,18 @@ def apply(opt, grads, trainable_variables):
             acc.rows_known.assign(True)
 
     def accumulate():
+        micro_step = tf.cast(opt._iterations % steps, tf.int32)     # 0 .. steps - 2 here
         for g, dense, i, s in zip(grads, acc_grads, index, sparse):
-            if s:
-                acc.indices[i].assign(tf.concat([acc.indices[i].read_value(),
-                                                 tf.cast(g.indices, tf.int64)], 0))
-                acc.values[i].assign(tf.concat([acc.values[i].read_value(),
-                                                tf.cast(g.values, acc.values[i].dtype)], 0))
-            else:
+            if not s:
                 dense.assign(g + dense)
+                continue
+
+            def write(j, i=i, g=g):
+                def branch():
+                    acc.indices[i][j].assign(tf.cast(g.indices, tf.int64))
+                    acc.values[i][j].assign(tf.cast(g.values, acc.values[i][j].dtype))
+                return branch
+
+            tf.switch_case(micro_step, [write(j) for j in range(steps - 1)])
 
     keras.ops.cond(is_update_step, update, accumulate)

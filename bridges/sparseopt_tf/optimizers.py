@@ -193,7 +193,8 @@ class Optimizer(keras.optimizers.Optimizer):
             self._check_layout(self._untracked.restored_layout, variables)
         super().build(variables)
         if self.gradient_accumulation_steps:
-            self._untracked.accumulators = _accumulate.SparseAccumulators(variables)
+            self._untracked.accumulators = _accumulate.SparseAccumulators(
+                variables, self.gradient_accumulation_steps)
             if self._untracked.restored_layout is not None:   # accumulators about to be restored
                 self._untracked.accumulators.forget()
         # The core's host state (Nadam's u_product): 0-d float64 variables, listed right
