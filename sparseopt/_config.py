@@ -91,18 +91,18 @@ MAX_SLOTS = 3
 # elements per thread runs on one thread, with no parallel region to stall. A bigger step may use
 # up to ``work // MIN_WORK_PER_THREAD`` threads, at most the cap: the smaller of
 # :func:`set_num_threads`'s value and the calling thread's ``numba.get_num_threads()``. Whether
-# that pays depends on the machine's load, so each optimizer measures it (ADAPTIVE): it keeps a
-# moving average of the time per element of its big steps on one thread and on several, runs the
-# faster, and now and then tries the other (after 16 steps, then at doubling intervals up to 256
+# that pays depends on the machine's load, so each optimizer measures it (ADAPTIVE): it keeps the
+# time per element of its last big steps on one thread and on several, runs the faster (by their
+# medians), and now and then tries the other (after 16 steps, then at doubling intervals up to 256
 # while it keeps losing). The thread count never changes a result (sparseopt.kernels.cpu).
 
 #: Elements a step must touch per thread (gradient elements plus parameter and slot
 #: elements read and written) before it may use another thread.
-MIN_WORK_PER_THREAD = 1 << 20
+MIN_WORK_PER_THREAD = 1 << 19
 #: Whether steps big enough for several threads measure which thread count runs faster
 #: (False: they always use ``work // MIN_WORK_PER_THREAD`` threads, up to the cap).
 ADAPTIVE = True
-_PROBE_FIRST, _PROBE_MAX, _EMA = 16, 256, 0.25
+_PROBE_FIRST, _PROBE_MAX, _WINDOW = 16, 256, 5
 
 _layer = None                    # Numba's threading layer, once started
 _max_threads = None              # set_num_threads(n)
@@ -160,19 +160,26 @@ def get_num_threads():
 
 
 class StepThreads:
-    """One optimizer's measurements for :func:`enter_step`: the moving average of seconds
-    per element of its big steps on one thread and on several, and when to try the other."""
+    """One optimizer's measurements for :func:`enter_step`: the seconds per element of its
+    last big steps on one thread and on several (the median of the last
+    :data:`_WINDOW`: one step that the scheduler held up does not flip the choice), and
+    when to try the other count."""
 
     __slots__ = ("one", "several", "since", "interval", "seen")
 
     def __init__(self):
-        self.one = self.several = None
+        self.one = []
+        self.several = []
         self.since = 0
         self.interval = _PROBE_FIRST
         self.seen = 0  # big steps so far: the first two (which compile the kernels) are not measured
 
     def __deepcopy__(self, memo):
         return StepThreads()
+
+
+def _estimate(costs):
+    return sorted(costs)[len(costs) // 2] if costs else None
 
 
 def enter_step(work, stats=None):
@@ -191,13 +198,14 @@ def enter_step(work, stats=None):
         want = 1
         stats = None
     elif stats is not None and ADAPTIVE:
-        several = stats.one is None or (stats.several is not None and stats.several <= stats.one)
+        one, several = _estimate(stats.one), _estimate(stats.several)
+        use_several = one is None or (several is not None and several <= one)
         stats.since += 1
         if stats.since >= stats.interval:
             stats.since = 0
-            several = not several
+            use_several = not use_several
             probe = True
-        if not several:
+        if not use_several:
             want = 1
     else:
         stats = None
@@ -221,11 +229,11 @@ def leave_step(token):
     stats.seen += 1
     if stats.seen <= 2:
         return
-    if want == 1:
-        stats.one = cost if stats.one is None else stats.one + (cost - stats.one) * _EMA
-    else:
-        stats.several = cost if stats.several is None else stats.several + (cost - stats.several) * _EMA
-    if probe:  # the other choice lost again: try it less often; it won: it is the choice now
-        lost = (stats.one is not None and stats.several is not None
-                and (stats.several > stats.one if want > 1 else stats.one >= stats.several))
+    costs = stats.one if want == 1 else stats.several
+    costs.append(cost)
+    if len(costs) > _WINDOW:
+        del costs[0]
+    if probe:  # the other count lost again: try it less often; it won: try it again soon
+        one, several = _estimate(stats.one), _estimate(stats.several)
+        lost = one is not None and several is not None and (several > one if want > 1 else one >= several)
         stats.interval = min(2 * stats.interval, _PROBE_MAX) if lost else _PROBE_FIRST
