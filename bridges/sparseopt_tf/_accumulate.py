@@ -25,8 +25,9 @@ then).
 Dense gradients take Keras' path unchanged. The result is Keras' dense accumulation
 followed by our sparse step on the accumulated rows (rows no micro-step touched get a
 zero gradient, as in the dense sum: lazy mode skips them, exact mode defers them); the
-sum of a row's micro-step gradients may differ from Keras' in the last bit (each is
-divided by ``steps`` before they are added).
+sum of a row's micro-step gradients may differ from Keras' in the last bits (each is
+divided by ``steps`` when it is buffered, before they are added; a folded buffer is
+multiplied back).
 """
 
 import keras
@@ -100,7 +101,8 @@ def fold(opt):
         if indices is None:
             continue
         dense = _tf_variable(opt._accumulated_gradients[i])
-        buffered_indices, buffered_values = acc.buffered(i)
+        buffered_indices, buffered_values = acc.buffered(i)     # (buffered divided by steps)
+        buffered_values = buffered_values * tf.cast(opt.gradient_accumulation_steps, dense.dtype)
         added = dense.scatter_add(tf.IndexedSlices(buffered_values, buffered_indices))
         with tf.control_dependencies([added]):
             rows, _ = tf.unique(tf.concat([acc.held[i].read_value(), buffered_indices], 0))
@@ -132,8 +134,9 @@ def apply(opt, grads, trainable_variables):
                            lambda dense=dense: tf.range(tf.shape(dense, out_type=tf.int64)[0]))
             buffered_indices, buffered_values = acc.buffered(i)
             indices = tf.concat([buffered_indices, tf.cast(g.indices, tf.int64), rows], 0)
-            values = tf.concat([buffered_values, tf.cast(g.values, dense.dtype),
-                                tf.gather(dense, rows)], 0) / tf.cast(steps, dense.dtype)
+            scale = tf.cast(steps, dense.dtype)
+            values = tf.concat([buffered_values, tf.cast(g.values, dense.dtype) / scale,
+                                tf.gather(dense, rows) / scale], 0)
             new_grads.append(tf.IndexedSlices(values, indices, tf.shape(dense, out_type=tf.int64)))
             held.append((dense, rows, i))
         new_grads = opt._clip_gradients(new_grads)
@@ -158,9 +161,10 @@ def apply(opt, grads, trainable_variables):
                 continue
 
             def write(j, i=i, g=g):
-                def branch():
+                def branch():       # divided by steps here: the update step only concatenates
                     acc.indices[i][j].assign(tf.cast(g.indices, tf.int64))
-                    acc.values[i][j].assign(tf.cast(g.values, acc.values[i][j].dtype))
+                    values = acc.values[i][j]
+                    values.assign(tf.cast(g.values, values.dtype) / tf.cast(steps, values.dtype))
                 return branch
 
             tf.switch_case(micro_step, [write(j) for j in range(steps - 1)])
