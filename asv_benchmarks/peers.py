@@ -1206,6 +1206,28 @@ def summarize(group, bandwidth_gbs):
             "fastest_any": fastest_any}
 
 
+#: Sections of cpu.md written by other scripts (asv_benchmarks/cold_start.py, contention.py),
+#: which a rewrite of cpu.md keeps as they are, before the notes on the peers.
+KEPT_SECTIONS = ("## Cold first step", "## Contention")
+
+
+def _kept_sections(path):
+    """The :data:`KEPT_SECTIONS` of the cpu.md at ``path``, each as its lines."""
+    try:
+        lines = Path(path).read_text().split("\n")
+    except OSError:
+        return []
+    sections, current = [], None
+    for line in lines:
+        if line.startswith("## "):
+            current = [] if line.startswith(KEPT_SECTIONS) else None
+            if current is not None:
+                sections.append(current)
+        if current is not None:
+            current.append(line)
+    return sections
+
+
 def write_report(out_dir, results, bandwidth, machine, compile_info, breakdowns, args, elapsed, family=None):
     """cpu.md and the charts; ``family``: the family rows (``--family``), a table and sections of their own."""
     out_dir = Path(out_dir)
@@ -1346,6 +1368,8 @@ def write_report(out_dir, results, bandwidth, machine, compile_info, breakdowns,
             else:
                 add(f"| {k} | {v['median']:.3f} | {v['min']:.3f} | {v['max']:.3f} | {v['n']} |")
         add("")
+    for section in _kept_sections(out_dir / "cpu.md"):
+        lines.extend(section)
     add("## Notes on the peers")
     add("")
     for line in PEER_NOTES:
