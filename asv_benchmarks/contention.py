@@ -30,6 +30,7 @@ SIZES = [
     ("medium: 1,000,000 x 64, 4,096 lookups", 1_000_000, 64, 4_096),
     ("W1: 1,000,000 x 64, 16,384 lookups", 1_000_000, 64, 16_384),
     ("W2: 4,000,000 x 32, 65,536 lookups", 4_000_000, 32, 65_536),
+    ("tiny (the smoke test): 1,000 x 8, 64 lookups", 1_000, 8, 64),
 ]
 
 #: name: (MIN_WORK_PER_THREAD, ADAPTIVE); None: the default.
@@ -52,7 +53,7 @@ def measure(rows, width, k, steps, rng):
     batches = zipf_batches(rng, rows, width, k, 8)
     opts = {name: so.Adam(1e-3) for name in VARIANTS}
     tables = {name: table.copy() for name in VARIANTS}
-    evict = np.empty(8 << 20, np.float32)
+    evict = np.empty(min(8 << 20, 64 * rows * width), np.float32)
     default, adaptive = _config.MIN_WORK_PER_THREAD, _config.ADAPTIVE
     times = {name: [] for name in VARIANTS}
     threads = {}
