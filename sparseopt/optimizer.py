@@ -490,7 +490,7 @@ class Optimizer:
         # Every input is valid: from here on the step runs to completion.
         updates = [(self._state_for(var, name), update) for name, var, update in checked]
         # As many of Numba's threads as the step's work warrants (sparseopt._config).
-        threads = _config.enter_step(_work(updates), self._guard.threads)
+        threads = _config.enter_step(_work(updates, self._exact_states), self._guard.threads)
         try:
             self._clip(updates)
             if constraints:
@@ -677,11 +677,17 @@ class _Guard:
         return (_Guard, ())
 
 
-def _work(updates):
+def _work(updates, exact_states):
     """The elements a step's CPU kernels touch: gradient elements read, plus parameter and
-    slot elements read and written (the thread count's measure, :func:`_config.enter_step`)."""
+    slot elements read and written (the thread count's measure, :func:`_config.enter_step`).
+    In exact mode a variable whose history ring is full is caught up whole in this step
+    (:func:`sparseopt._exact._push`): a pass over every row, counted as such."""
     work = 0
     for state, update in updates:
+        if exact_states:
+            ex = exact_states.get(id(state.var))
+            if ex is not None and ex.pending() and ex.steps + 1 - ex.floor >= ex.history:
+                work += (2 + 2 * len(state.slots)) * state.var.size
         kind = type(update)
         if kind is _SparseUpdate:
             values = update.values
