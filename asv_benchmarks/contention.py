@@ -94,7 +94,7 @@ def _threads_for(opt, g, table, default):
     update = _SparseUpdate.validate(g, table, "t")
     update.plan(table)
     state = opt._states[id(table)]
-    work = _work([(state, update)])
+    work = _work([(state, update)], opt._exact_states)
     return max(1, min(numba.get_num_threads(), work // default)), work
 
 
