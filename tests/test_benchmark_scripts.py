@@ -24,3 +24,13 @@ def test_contention_tiny():
 def test_cold_start_tiny():
     out = _run("cold_start.py", "--repeats", "1", "--optimizers", "SGD", "--modes", "lazy")
     assert "| SGD |" in out
+
+
+def test_w4_bench_quick_tiny():
+    # issue 21, item 4: the W4 script on tiny tables (core part only; FBGEMM absent or present)
+    out = _run("w4_bench.py", "--quick", "--cap", "2000", "--lookups", "32", "--parts", "core",
+               "--optimizers", "adam,rowwise_adagrad", "--steps", "3", "--breakdown-steps", "2")
+    rows = [line for line in out.splitlines() if line.startswith("| adam |") and "26 tables /" not in line]
+    assert any("1 table (control)" in line for line in rows)
+    assert "26 tables vs control: max abs difference: 0.00e+00" in out
+    assert "| W4 core step within 1.5x of the probe |" in out
