@@ -142,9 +142,17 @@ def apply(opt, grads, trainable_variables):
         new_grads = opt._clip_gradients(new_grads)
         opt._apply_weight_decay(trainable_variables)
         opt._backend_update_step(new_grads, trainable_variables, opt.learning_rate)
-        for dense, s in zip(acc_grads, sparse):           # Keras' reset, of dense accumulators
-            if not s:
-                dense.assign(keras.ops.zeros(dense.shape, dtype=dense.dtype))
+        # Keras' reset: every accumulator but those of this step's sparse gradients (whose
+        # buffers and held rows are emptied below), including those of variables without a
+        # gradient in this call (their partial sums are dropped, as Keras drops them).
+        handled = {i for _, _, i in held}
+        for k, dense in enumerate(opt._accumulated_gradients):
+            if k in handled:
+                continue
+            dense.assign(keras.ops.zeros(dense.shape, dtype=dense.dtype))
+            if acc.indices[k] is not None:
+                acc._empty(k)
+                acc.held[k].assign(tf.zeros([0], tf.int64))
         for dense, rows, i in held:                       # the rows folded into the others
             dense.scatter_update(tf.IndexedSlices(
                 tf.zeros([tf.shape(rows)[0]] + dense.shape.as_list()[1:], dense.dtype), rows))

@@ -129,6 +129,28 @@ def test_accumulation_reading_the_state_in_the_middle_of_a_cycle_changes_nothing
     rel_close(var.numpy(), whole.numpy(), np.float32)
 
 
+def test_accumulation_drops_what_a_variable_without_gradient_accumulated_as_keras():
+    """A variable with no gradient on the update step: Keras resets its accumulator with
+    every other one (its partial sum is dropped); so do we, for its buffered rows too."""
+    batches = _batches(2 * K, seed=7)
+    results = []
+    for make, sparse in ((lambda: sparseopt_tf.Adam(0.01, gradient_accumulation_steps=K,
+                                                    sparse_mode="exact"), True),
+                         (lambda: keras.optimizers.Adam(0.01, gradient_accumulation_steps=K), False)):
+        opt = make()
+        a, b = keras.Variable(_init(1)), keras.Variable(_init(2))
+        for step, (values, indices) in enumerate(batches):
+            g = tf.IndexedSlices(tf.constant(values), tf.constant(indices), tf.constant([N, W], tf.int64))
+            g = g if sparse else tf.convert_to_tensor(g)
+            gb = None if step in (K - 1, K) else g     # none on an update step and the next one
+            opt.apply_gradients([(g, a), (gb, b)])
+        if sparse:
+            opt.flush()
+        results.append((a.numpy(), b.numpy()))
+    for ours, theirs in zip(*results):
+        rel_close(ours, theirs, np.float32)
+
+
 @pytest.mark.parametrize("mode", ["eager", "function"])
 def test_loss_scale_factor_with_sparse_gradients(mode):
     batches = _batches(4)
