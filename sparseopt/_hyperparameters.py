@@ -91,18 +91,3 @@ def check_number(opt_name, key, value, rng):
         raise errors.HyperparameterError(
             f"{opt_name}: {key} must be a float{' ' + str(rng) if rng else ''}; got {value!r}")
     return check_value(opt_name, key, float(value), rng)
-
-
-def check_range(opt_name, key, value, low=None, high=None, low_open=False, required=False):
-    """``value`` as a float if it is a number in range; callables and schedules pass unchanged.
-
-    ``required=True`` demands a plain number. (Kept for callers outside the optimizer
-    classes; the classes declare ranges, see :data:`DEFAULT_RANGES`.)
-    """
-    if not is_number(value):
-        if required or not callable(value):
-            raise errors.HyperparameterError(
-                f"{opt_name}: {key} must be a float{'' if required else ', a callable or a schedule'}; "
-                f"got {value!r}")
-        return value
-    return check_value(opt_name, key, float(value), Range(low, high, low_open))

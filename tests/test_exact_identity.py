@@ -37,7 +37,7 @@ def slot_names(opt, p):
 def _has_slot(opt, p, name):
     try:
         opt.get_slot(p, name)
-    except Exception:       # noqa: BLE001 - the optimizer has no such slot
+    except so.errors.UnknownSlotError:      # the optimizer has no such slot
         return False
     return True
 
