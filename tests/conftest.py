@@ -1,7 +1,10 @@
 import numpy as np
 import pytest
 
+# tests/cuda runs in its own process (test_cuda_simulator.py); the tf/_*_main.py scripts are
+# run as subprocesses by their tests and are not collected (--doctest-modules would import them).
 collect_ignore = ["cuda"]
+collect_ignore_glob = ["tf/_*_main.py"]
 
 
 @pytest.fixture

@@ -18,9 +18,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-
 import keras  # noqa: E402
 
 import sparseopt_tf  # noqa: E402
@@ -33,8 +30,8 @@ def data():
     return x, y
 
 
-EXACT = sys.argv[1] == "exact"
-KW = {"sparse_mode": "exact"} if EXACT else {}
+EXACT = False          # set by main() from MODE; the module is import-safe (no argv, no TF setup)
+KW = {}
 
 
 def _copies(weights):
@@ -107,7 +104,12 @@ def _relative(a, b):
 
 
 def main():
+    global EXACT, KW
     import tf_keras
+    EXACT = sys.argv[1] == "exact"
+    KW = {"sparse_mode": "exact"} if EXACT else {}
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     worst = dense = 0.0
     mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     single = tf.distribute.OneDeviceStrategy("/cpu:0")
