@@ -227,3 +227,45 @@ def test_catch_up_validates_indices(rng):
 def test_exact_history_is_checked():
     with pytest.raises(so.errors.HyperparameterError, match="exact_history"):
         so.Adam(sparse_mode="exact", exact_history=1)
+
+
+def _window_table(rule, records):
+    """The rule's idle table of the window made of ``records`` (its steps, oldest first),
+    built as the host builds it (:func:`sparseopt.kernels.exact._table_template`, no decay)."""
+    t = np.zeros(rule.IDLE_COLUMNS)
+    t[0] = 1.0
+    rule.idle_table_init(t)
+    for rec in reversed(records):
+        t_next, t = t, np.zeros(rule.IDLE_COLUMNS)
+        t[0] = t_next[0]
+        rule.idle_table_step(t, t_next, rec)
+    return t
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ["adam", "adamax"])
+def test_catch_up_near_epsilon_needs_no_replay(name, dtype):
+    """``sqrt(v)`` (Adamax: ``u``) between epsilon / 8 and 8 epsilon, the regime of small
+    gradients (a loss averaged over a large batch): the eps-series does not converge there;
+    the centred series must (``ok``: no replay) and give the float64 replay of the rule with
+    a zero gradient to the dtype's rounding, over windows of up to 200 steps in float32 (the
+    tables are float64; the tolerance is the variable's) and 20 in float64."""
+    from sparseopt.rules import adam, adamax
+    rule = {"adam": adam, "adamax": adamax}[name]
+    tol = float(np.finfo(dtype).eps) / 2
+    eps, start = 1e-7, 50
+    for k in (1, 5, 20, 60, 200) if dtype == np.float32 else (1, 5, 20):
+        records = [rule.coefficients(1e-3, 0.9, 0.999, eps, step)
+                   for step in range(start + 1, start + k + 1)]
+        t = _window_table(rule, records)
+        for ratio in (0.125, 0.5, 1.0, 2.0, 8.0):
+            s = ratio * eps
+            p, m, second = 0.3, 2e-8, (s * s if name == "adam" else s)
+            moved, m_new, second_new, _, ok = rule.idle_apply(p, m, second, 0.0, t, records[-1],
+                                                              tol, 0.0)
+            x, a, b = p, m, second
+            for rec in records:
+                x, a, b, _ = rule.update(x, 0.0, a, b, 0.0, rec)
+            assert ok, (k, ratio)
+            assert abs(moved - x) <= 4 * tol * abs(x - p) + 4 * np.spacing(p), (k, ratio)
+            assert m_new == pytest.approx(a, rel=1e-14) and second_new == pytest.approx(b, rel=1e-14)

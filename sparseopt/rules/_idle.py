@@ -39,7 +39,9 @@ CPU catch-up runs it over a whole row in one loop, which then vectorizes; a cond
 table read or an early return keeps it scalar. The CPU's first pass compiles it with a
 short :func:`series` (``sparseopt.kernels.exact.FAST_SERIES_TERMS`` terms, by re-binding
 the rule's ``_idle`` global), and retries with all terms where that one fails.
-:func:`series_apply` is the series part of the Adam family's ``idle_apply``.
+:func:`series_apply` is the series part of Nadam's ``idle_apply``; Adam and Adamax use
+:func:`window_series_apply`, which adds a second series (:func:`centred_series_step`) for
+the elements where ``epsilon / sqrt(v)`` is not small.
 """
 
 import math
@@ -50,6 +52,8 @@ from sparseopt import _config
 
 #: Terms of the eps-series of the Adam family (``1 / (s q + eps)`` expanded in ``eps / s``).
 SERIES_TERMS = 12
+#: Table columns per series (the layout; the CPU's first pass sums fewer terms of them).
+SERIES_COLUMNS = SERIES_TERMS
 #: The series is used only while ``eps / (s q)`` stays below this (else: replay).
 SERIES_LIMIT = 0.25
 
@@ -94,6 +98,49 @@ def series_apply(decay, m, s, epsilon, t, first, limit, tol):
     acc, converged = series(x, t, first, tol)
     ok = ((m == 0) | (positive & (x <= limit) & converged)) & (epsilon > 0)
     return (decay if m == 0 else decay - m / divisor * acc), ok
+
+
+@numba.njit(**_config.CPU_RULE_FLAGS)
+def window_series_apply(decay, m, s, epsilon, t, first, shrink, tol):
+    r"""The weight after the window for Adam and Adamax: :func:`series_apply` (the
+    eps-series, columns ``first``...) where it holds, else the **centred series** (columns
+    ``first + SERIES_COLUMNS``..., :func:`centred_series_step`), which holds where
+    ``epsilon / s`` is not small and the window is not long.
+
+    ``shrink``: the window's total decay of the denominator's moment term,
+    :math:`P_v(L,T)^r` (:math:`r_T`). Step :math:`	au`'s divisor is
+    :math:`s\,r_T\,
+ho_	au + \epsilon` with :math:`
+ho_	au = P_v(	au,T)^{-r} \ge 1`
+    independent of the window's start, so with :math:`U = \epsilon + s\,r_T`,
+    :math:`x = s\,r_T / U \in [0, 1)` and :math:`u_	au = 
+ho_	au - 1`,
+    :math:`1/(U (1 + x u_	au)) = U^{-1} \sum_n (-x)^n u_	au^n`. The ratio of its terms is
+    at most :math:`x\,u_{max}` with :math:`u_{max} \le 1/r_T - 1` (about ``k (1 - beta_2) r``
+    for a window of ``k`` steps), whatever ``epsilon / s``; it is used while that stays below
+    :data:`SERIES_LIMIT` and the series converged. Branch-free, as :func:`series_apply`.
+    """
+    moved, ok = series_apply(decay, m, s, epsilon, t, first, SERIES_LIMIT * shrink, tol)
+    scaled = s * shrink
+    divisor = epsilon + scaled
+    divisor = divisor if divisor > 0 else 1.0
+    x = scaled / divisor
+    acc, converged = series(x, t, first + SERIES_COLUMNS, tol)
+    centred_ok = (x * (1.0 / shrink - 1.0) <= SERIES_LIMIT) & converged & (epsilon > 0)
+    centred = decay if m == 0 else decay - m / divisor * acc
+    return (moved if ok else centred), ok | centred_ok
+
+
+@numba.njit(**_config.CPU_RULE_FLAGS)
+def centred_series_step(t, t_next, first, a, decay_m, decay_v_after, root):
+    r"""One backward step of the centred series' :math:`W'_n(L) = \sum_\tau a_\tau D(\tau)
+    P_m(L,\tau) u_\tau^n` (:func:`window_series_apply`) from :math:`W'_n(L+1)`:
+    ``decay_v_after`` is :math:`P_v(L+1,T)`, so :math:`u_{L+1} = P_v(L+1,T)^{-r} - 1`."""
+    u = (1.0 / (math.sqrt(decay_v_after) if root == 0.5 else decay_v_after)) - 1.0
+    weight = a * t_next[0]
+    for n in range(SERIES_TERMS):
+        t[first + n] = decay_m * (weight + t_next[first + n])
+        weight *= u
 
 
 @numba.njit(**_config.CPU_RULE_FLAGS)

@@ -64,12 +64,14 @@ def update(p, g, m, v, vhat, c):
 # With a zero gradient m and v decay geometrically, vhat stays, and each step moves p by
 # alpha_t m_t / (sqrt(v_t) + eps). AMSGrad has a closed form (the denominator is fixed);
 # plain Adam has none because of eps: the sum over the window is expanded in eps/sqrt(v)
-# (terms W_n below) and truncated once the tail is below the dtype's rounding, with a replay
-# of the steps where that series would converge slowly. Exact to rounding.
+# (terms W_n below) and truncated once the tail is below the dtype's rounding; where that
+# ratio is not small, in the decay of sqrt(v) over the window (the centred series, W'_n,
+# see _idle.window_series_apply); the steps are replayed where neither converges (a long
+# window with sqrt(v) close to eps). Exact to rounding.
 
 from sparseopt.rules import _idle  # noqa: E402
 
-IDLE_COLUMNS = 4 + _idle.SERIES_TERMS    # D, prod beta_1, prod beta_2, AMSGrad sum, W_0..
+IDLE_COLUMNS = 4 + 2 * _idle.SERIES_COLUMNS    # D, prod beta_1, prod beta_2, AMSGrad sum, W_n, W'_n
 IDLE_CONSTANT = ("epsilon", "amsgrad")
 
 
@@ -85,6 +87,7 @@ def idle_table_step(t, t_next, rec):
     t[2] = b2 * t_next[2]
     t[3] = b1 * (rec.alpha * t_next[0] + t_next[3])
     _idle.moment_series_step(t, t_next, 4, rec.alpha, b1, b2, 0.5, 1.0)
+    _idle.centred_series_step(t, t_next, 4 + _idle.SERIES_COLUMNS, rec.alpha, b1, t_next[2], 0.5)
 
 
 def idle_apply(p, m, v, vhat, t, c, tol, zero):
@@ -94,11 +97,10 @@ def idle_apply(p, m, v, vhat, t, c, tol, zero):
     v_new = v * t[2]
     decay = p * t[0]
     amsgrad_sum = t[3]
-    limit = _idle.SERIES_LIMIT * math.sqrt(t[2])
     amsgrad = c.amsgrad != 0
     s = math.sqrt(vhat if amsgrad else v)
-    moved, ok = _idle.series_apply(decay, m, s, c.epsilon, t, 4, limit, tol)
-    # AMSGrad: the denominator is fixed over the window; Adam: the eps-series
+    moved, ok = _idle.window_series_apply(decay, m, s, c.epsilon, t, 4, math.sqrt(t[2]), tol)
+    # AMSGrad: the denominator is fixed over the window; Adam: the two series
     if amsgrad:
         moved = decay if m == 0 else decay - m / (s + c.epsilon) * amsgrad_sum
     # epsilon == 0: replay (0/0 is NaN in the dense rule; see _idle.EPSILON_ZERO)

@@ -45,12 +45,12 @@ def update(p, g, m, u, s2, c):
 # --- exact mode (sparse_mode="exact"): idle steps, see sparseopt.rules._idle ---------------
 #
 # With a zero gradient m decays by beta_1 and u by beta_2; each step moves p by
-# alpha_t m_t / (u_t + eps): Adam's eps-series with the norm in place of the root.
+# alpha_t m_t / (u_t + eps): Adam's two series with the norm in place of the root.
 # Exact to rounding.
 
 from sparseopt.rules import _idle  # noqa: E402
 
-IDLE_COLUMNS = 3 + _idle.SERIES_TERMS    # D, prod beta_1, prod beta_2, W_0..
+IDLE_COLUMNS = 3 + 2 * _idle.SERIES_COLUMNS    # D, prod beta_1, prod beta_2, W_n, W'_n
 IDLE_CONSTANT = ("epsilon",)
 
 
@@ -64,6 +64,7 @@ def idle_table_step(t, t_next, rec):
     t[1] = b1 * t_next[1]
     t[2] = rec.beta_2 * t_next[2]
     _idle.moment_series_step(t, t_next, 3, rec.alpha, b1, rec.beta_2, 1.0, 1.0)
+    _idle.centred_series_step(t, t_next, 3 + _idle.SERIES_COLUMNS, rec.alpha, b1, t_next[2], 1.0)
 
 
 def idle_apply(p, m, u, s2, t, c, tol, zero):
@@ -71,6 +72,5 @@ def idle_apply(p, m, u, s2, t, c, tol, zero):
     m_new = m * t[1]
     u_new = u * t[2]
     decay = p * t[0]
-    limit = _idle.SERIES_LIMIT * t[2]
-    p_new, ok = _idle.series_apply(decay, m, u, c.epsilon, t, 3, limit, tol)
+    p_new, ok = _idle.window_series_apply(decay, m, u, c.epsilon, t, 3, t[2], tol)
     return p_new, m_new, u_new, s2, ok

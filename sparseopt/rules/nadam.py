@@ -89,7 +89,7 @@ def update(p, g, m, v, s2, c):
 
 from sparseopt.rules import _idle  # noqa: E402
 
-IDLE_COLUMNS = 3 + _idle.SERIES_TERMS    # D, prod beta_1, prod beta_2, W_0..
+IDLE_COLUMNS = 3 + _idle.SERIES_COLUMNS    # D, prod beta_1, prod beta_2, W_0..
 IDLE_CONSTANT = ("epsilon",)
 
 
