@@ -473,6 +473,44 @@ def test_rule_cache_key_covers_the_helpers_it_inlines():
     assert _idle in _specialize._helper_modules(adamax)
 
 
+_CACHED_STEP = """
+import sys
+import numpy as np
+import sparseopt as so
+w = np.zeros((6, 2), np.float32)
+opt = so.SGD(0.5, momentum=0.9, sparse_mode="exact")  # the exact kernel (kernels/exact.py)
+opt.apply_gradients([(so.IndexedSlices(np.ones((2, 2), np.float32), np.array([1, 4])), w)])
+print(w[1, 0], w[4, 1])
+"""
+
+
+def test_a_cached_kernel_recompiles_when_a_helper_it_inlines_changes(tmp_path):
+    """Numba checks a cached kernel against its template's file only. The exact-mode
+    kernels (``kernels/exact.py``) inline ``kernels/cpu.py``'s gradient-row helper: in a
+    copy of the package, a step cached in one process, then that helper made to double
+    every single gradient row; a second process must compile the new code and step by
+    twice the gradient, not load the cached kernel with the old math."""
+    import shutil
+    package = os.path.dirname(so.__file__)
+    shutil.copytree(package, tmp_path / "pkg" / "sparseopt", ignore=shutil.ignore_patterns("__pycache__"))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "pkg"), NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    env.pop("NUMBA_DISABLE_JIT", None)
+
+    def step():
+        proc = subprocess.run([sys.executable, "-c", _CACHED_STEP], env=env, capture_output=True,
+                              text=True, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [float(x) for x in proc.stdout.split()]
+
+    assert step() == [-0.5, -0.5]                            # SGD's first step: -lr * g
+    assert any((tmp_path / "cache").rglob("*exact*.nbi"))    # the kernel was cached
+    helper = tmp_path / "pkg" / "sparseopt" / "kernels" / "cpu.py"
+    source = helper.read_text()
+    assert source.count("return values, order[lo]") == 1
+    helper.write_text(source.replace("return values, order[lo]", "return values * 2, order[lo]"))
+    assert step() == [-1.0, -1.0]
+
+
 # -------------------------------------------------------- 7. Lion, exact mode, float32
 
 

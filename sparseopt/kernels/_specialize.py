@@ -7,12 +7,35 @@ and :func:`specialize` re-binds the template's code to a fresh globals dict per
 rule. Numba freezes globals as compile-time constants, so ``if NSLOTS > 1:``
 costs nothing. Each specialization gets its own qualified name, which includes a
 hash of the rule's source: a changed rule gets a fresh cache entry, never a stale one.
+
+Numba checks a cached kernel only against the file its template lives in, not against
+the files of the helpers it inlines (an exact-mode kernel of ``exact.py`` inlines
+``cpu.py``'s element step and the rules' ``_idle`` series). So every specialized name
+also carries :data:`SOURCE_KEY`, a hash of all the package's kernel and rule sources and
+of the compile flags: after an edit or an upgrade that changes any of them, every kernel
+compiles afresh (``tests/test_reliability.py`` shows it in a subprocess).
 """
 
 import hashlib
 import inspect
+import pathlib
 import sys
 import types
+
+
+def _source_key():
+    """A hash of every source file whose code a kernel may inline: the modules of
+    ``sparseopt.kernels`` and ``sparseopt.rules``, and ``sparseopt._config`` (the flags)."""
+    package = pathlib.Path(__file__).resolve().parent.parent
+    files = sorted([*package.glob("kernels/*.py"), *package.glob("rules/*.py"), package / "_config.py"])
+    digest = hashlib.sha1()
+    for path in files:
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:8]
+
+
+#: Part of every specialized kernel's name (see the module docstring).
+SOURCE_KEY = _source_key()
 
 
 def rule_key(rule_module):
@@ -50,10 +73,11 @@ def _helper_modules(rule_module):
 
 
 def specialize(template, suffix, **constants):
-    """A copy of ``template`` whose globals also hold ``constants``, named ``<template>_<suffix>``."""
+    """A copy of ``template`` whose globals also hold ``constants``, named
+    ``<template>_<suffix>_<SOURCE_KEY>``."""
     glb = dict(template.__globals__)
     glb.update(constants)
-    fn = types.FunctionType(template.__code__, glb, f"{template.__name__}_{suffix}",
+    fn = types.FunctionType(template.__code__, glb, f"{template.__name__}_{suffix}_{SOURCE_KEY}",
                             template.__defaults__, template.__closure__)
     fn.__qualname__ = fn.__name__
     fn.__module__ = template.__module__

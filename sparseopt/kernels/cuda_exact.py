@@ -20,8 +20,6 @@ lane may write it in the kernel that reads it.
 """
 
 import functools
-import hashlib
-import inspect
 import types
 
 import numba
@@ -33,10 +31,6 @@ from sparseopt.kernels._specialize import rule_key, specialize
 from sparseopt.rules import _idle
 
 CATCH = STEP = None  # bound per specialization
-
-#: Part of every kernel's name: a hash of the shared catch-up code, so that a change
-#: there gets fresh cache entries (a rule's own change changes its ``rule_key``).
-_SHARED_KEY = hashlib.sha1(b"".join(inspect.getsource(m).encode() for m in (cpu_exact, _idle))).hexdigest()[:8]
 
 
 def _device(fn, suffix, **constants):
@@ -72,7 +66,7 @@ def _catch(rule_module, used, has_wd):
                            ("REPLAY", cpu_exact._replay_template)):
         constants[name] = cuda.jit(device=True)(specialize(template, "x" + suffix, **constants))
     catch = cuda.jit(device=True)(specialize(cpu_exact._catch_up_template, "x" + suffix, **constants))
-    return f"x{_SHARED_KEY}_{suffix}", step, catch
+    return f"x{suffix}", step, catch
 
 
 def _exact_sparse_template(p, s0, s1, s2, rows, offsets, order, values, k, last, floor, hi, hist,
