@@ -41,6 +41,7 @@ def test_every_optimizer_has_a_page(site, name):
     ("api/indexed_slices", ["sparseopt.IndexedSlices"]),
     ("api/schedules", ["sparseopt.schedules.ExponentialDecay", "sparseopt.schedules.CosineDecayRestarts"]),
     ("api/saving", ["sparseopt.saving.save", "sparseopt.saving.load"]),
+    ("custom_rules", ["sparseopt.custom.Rule", "sparseopt.custom.Rule.optimizer_class"]),
     ("api/errors", ["sparseopt.errors.WeightsMismatchError", "sparseopt.errors.ConfigError"]),
     ("api/sparseopt_tf", ["sparseopt_tf.optimizers.Optimizer"]),
 ])

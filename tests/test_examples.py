@@ -135,6 +135,12 @@ def test_loader_missing_ratings_file(tmp_path):
 # ---------------------------------------------------------------- the examples
 
 
+def test_custom_optimizer_checks_its_formula_and_trains(capsys):
+    load("custom_optimizer").main(["--steps", "30"])
+    out = capsys.readouterr().out
+    assert "vs its float64 formula" in out and "sparse_mode='exact'" in out
+
+
 def test_matrix_factorization_numpy_trains(capsys):
     result = load("matrix_factorization_numpy").main(["--quick"])
     assert result["last_loss"] < result["first_loss"] - 0.003

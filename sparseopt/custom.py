@@ -1,0 +1,208 @@
+r"""Your own optimizer as one rule: the per-step scalars and the element update, in plain Python.
+
+A :class:`Rule` takes the two functions every built-in optimizer is made of
+(:mod:`sparseopt.rules`), and :meth:`Rule.optimizer_class` turns it into an optimizer
+class with everything the built-in ones have: dense and row-wise sparse steps on the CPU
+(Numba, ``parallel=True``) and on CUDA, ``sparse_mode="lazy"`` and ``"exact"`` (exact mode
+replays a row's idle steps with a zero gradient, bit for bit the dense rule), clipping,
+decoupled weight decay, schedules, ``get_config`` and checkpoints (:func:`sparseopt.save`).
+
+* ``coefficients(step, learning_rate=..., other=..., ...)``: host math, once per step.
+  Its keyword parameters are the optimizer's hyperparameters, with their defaults (each a
+  float, a no-argument callable or a schedule in the optimizer, resolved to a float here;
+  a parameter whose default is ``True`` or ``False`` is a flag, passed as a bool);
+  ``step`` is ``iterations + 1``. It returns a ``dict`` (or a ``NamedTuple``) of floats,
+  always with the same names: flags as 0.0 / 1.0.
+* ``update(p, g, s0, s1, s2, c)``: one element: the parameter, its gradient, the three
+  slot values and the coefficients (``c.name``), returning ``(p, s0, s1, s2)``. A rule with
+  fewer than three ``slots`` receives zeros in the others and returns them unchanged.
+  Numba compiles it for every kernel, so it is scalar arithmetic, comparisons, ``if`` and
+  ``math.*``: no arrays, no NumPy, no ``raise``, and **no float literals** (a literal is
+  float64 and would turn float32 math into float64: put every constant in the
+  coefficients, where it arrives cast to the variable's dtype).
+
+Example (Adam without bias correction, checked against its formula):
+
+    >>> import math, numpy as np, sparseopt as so
+    >>> def coefficients(step, learning_rate=0.1, beta=0.9, epsilon=1e-7):
+    ...     return {"lr": learning_rate, "one_minus_beta": 1.0 - beta, "epsilon": epsilon}
+    >>> def update(p, g, m, v, unused, c):
+    ...     m = m + (g - m) * c.one_minus_beta
+    ...     v = v + (g * g - v) * c.one_minus_beta
+    ...     return p - c.lr * m / (math.sqrt(v) + c.epsilon), m, v, unused
+    >>> Plain = so.Rule("plain", ("m", "v"), coefficients, update).optimizer_class("Plain")
+    >>> w = np.zeros(2)
+    >>> Plain(beta=0.5).apply_gradients([(np.array([2.0, -1.0]), w)])
+    1
+    >>> np.round(w, 6).tolist()   # m = g / 2, v = g * g / 2: -0.1 * sign(g) / sqrt(2)
+    [-0.070711, 0.070711]
+"""
+
+import collections
+import hashlib
+import inspect
+import keyword
+import types
+
+from sparseopt import errors
+from sparseopt.optimizer import Optimizer
+
+#: Slots a rule may have (the kernels' element step passes three).
+MAX_SLOTS = 3
+
+# Arguments of Optimizer.__init__ that a rule's hyperparameters may not take.
+_RESERVED = frozenset(inspect.signature(Optimizer.__init__).parameters) - {"learning_rate"}
+
+
+class Rule:
+    """An optimizer's math: ``name``, ``slots``, ``coefficients`` and ``update`` (see the
+    module docstring).
+
+    Attributes:
+        name: the rule's name (an identifier; the default optimizer name).
+        slots: the slot names, at most three, in the order ``update`` takes them.
+        hyperparameters: ``{name: default}`` from ``coefficients``' keyword parameters.
+        fields: the names of the coefficients, from one call of ``coefficients`` at
+            step 1 with the defaults.
+        module: the rule as the kernels read a rule module (``SLOTS``, ``Coefficients``,
+            ``update``, and a cache key from the two functions' sources).
+    """
+
+    def __init__(self, name, slots, coefficients, update):
+        if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+            raise errors.HyperparameterError(f"Rule: name must be an identifier; got {name!r}")
+        slots = tuple(slots)
+        if (len(slots) > MAX_SLOTS or len(set(slots)) != len(slots)
+                or not all(isinstance(s, str) and s for s in slots)):
+            raise errors.HyperparameterError(
+                f"Rule {name!r}: slots must be at most {MAX_SLOTS} distinct names; got {slots!r}")
+        if not callable(coefficients) or not callable(update):
+            raise errors.HyperparameterError(f"Rule {name!r}: coefficients and update must be functions")
+        self.name, self.slots = name, slots
+        self._coefficients, self._update = coefficients, update
+        self.hyperparameters = _hyperparameters(name, coefficients)
+        update_params = inspect.signature(update).parameters
+        if len(update_params) != 6:
+            raise errors.HyperparameterError(
+                f"Rule {name!r}: update takes (p, g, s0, s1, s2, c), six arguments; got "
+                f"({', '.join(update_params)})")
+        first = coefficients(1, **self.hyperparameters)
+        values = first._asdict() if hasattr(first, "_asdict") else first
+        if not isinstance(values, dict) or not values:
+            raise errors.HyperparameterError(
+                f"Rule {name!r}: coefficients must return a dict (or NamedTuple) of floats; got {first!r}")
+        bad = [k for k in values if not isinstance(k, str) or not k.isidentifier() or keyword.iskeyword(k)]
+        if bad:
+            raise errors.HyperparameterError(f"Rule {name!r}: coefficient names must be identifiers; got {bad}")
+        self.fields = tuple(values)
+        self.module = _rule_module(self)
+
+    def coefficients(self, step, hypers):
+        """This step's coefficients as the rule's ``Coefficients`` (``hypers``: resolved floats)."""
+        values = self._coefficients(step, **hypers)
+        values = values._asdict() if hasattr(values, "_asdict") else values
+        if not isinstance(values, dict) or tuple(values) != self.fields:
+            got = tuple(values) if isinstance(values, dict) else values
+            raise errors.HyperparameterError(
+                f"Rule {self.name!r}: coefficients returned {got!r} at step {step}; "
+                f"expected the fields {self.fields}, in that order")
+        return self.module.Coefficients(*(float(values[k]) for k in self.fields))
+
+    def optimizer_class(self, class_name=None):
+        """An :class:`~sparseopt.Optimizer` subclass running this rule.
+
+        Its constructor takes the hyperparameters (with ``coefficients``' defaults) and
+        the base class's arguments (``name`` defaults to the rule's name); it saves and
+        loads by ``class_name`` (default: the rule's name): pass it to
+        :func:`sparseopt.load` as ``custom_objects={class_name: cls}``.
+        """
+        class_name = class_name or self.name
+        rule = self
+        flags = tuple(k for k, d in self.hyperparameters.items() if isinstance(d, bool))
+        hyper_names = tuple(k for k in self.hyperparameters if k not in flags)
+        params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        params += [inspect.Parameter(k, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d)
+                   for k, d in self.hyperparameters.items()]
+        params += [inspect.Parameter("name", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=self.name),
+                   inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
+        signature = inspect.Signature(params)
+
+        def __init__(self, *args, **kwargs):
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            values = dict(bound.arguments)
+            values.pop("self")
+            extra = values.pop("kwargs")
+            Optimizer.__init__(self, learning_rate=values.pop("learning_rate"), name=values.pop("name"),
+                               **extra)
+            for key, value in values.items():
+                setattr(self, key, value)
+
+        __init__.__signature__ = signature
+
+        def _coefficients(self, hypers, step):
+            values = {k: getattr(self, k) if k in flags else hypers[k] for k in rule.hyperparameters}
+            return rule.coefficients(step, values)
+
+        def get_config(self):
+            config = Optimizer.get_config(self)
+            config.update({k: getattr(self, k) for k in flags})
+            return config
+
+        doc = (f"{class_name}: the optimizer of :class:`sparseopt.Rule` {self.name!r} (slots "
+               f"{', '.join(self.slots) or 'none'}; hyperparameters "
+               f"{', '.join(f'{k}={d!r}' for k, d in self.hyperparameters.items())}).")
+        return type(class_name, (Optimizer,), {
+            "__init__": __init__, "_coefficients": _coefficients, "get_config": get_config,
+            "_rule": self.module, "_hyper_names": hyper_names,
+            "_settings": {**Optimizer._settings, **{k: "flag" for k in flags}}, "rule": self, "__doc__": doc,
+            "__module__": getattr(self._update, "__module__", __name__)})
+
+    def __repr__(self):
+        return f"Rule({self.name!r}, slots={self.slots}, hyperparameters={self.hyperparameters})"
+
+
+def _hyperparameters(name, coefficients):
+    params = list(inspect.signature(coefficients).parameters.values())
+    if not params or params[0].name != "step" or params[0].default is not inspect.Parameter.empty:
+        raise errors.HyperparameterError(
+            f"Rule {name!r}: coefficients' first parameter is step (no default), then the "
+            "hyperparameters with their defaults")
+    hypers = {}
+    for p in params[1:]:
+        if p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) or p.default is inspect.Parameter.empty:
+            raise errors.HyperparameterError(
+                f"Rule {name!r}: coefficients' hyperparameter {p.name!r} needs a default value")
+        if p.name in _RESERVED or p.name.startswith("_"):
+            raise errors.HyperparameterError(
+                f"Rule {name!r}: {p.name!r} is an argument of every optimizer; name the hyperparameter otherwise")
+        hypers[p.name] = p.default
+    if "learning_rate" not in hypers:
+        raise errors.HyperparameterError(f"Rule {name!r}: coefficients must take learning_rate")
+    return hypers
+
+
+def _source(fn):
+    """What the cache key covers of a rule's function: its code (two lambdas on one line
+    differ there), its source, and the source of its module (helpers it calls)."""
+    code = fn.__code__
+    parts = [repr((code.co_code, code.co_consts, code.co_names, code.co_varnames))]
+    for target in (fn, inspect.getmodule(fn)):
+        try:
+            parts.append(inspect.getsource(target))
+        except (OSError, TypeError):
+            pass
+    return "\0".join(parts)
+
+
+def _rule_module(rule):
+    """The rule as the kernels see a rule module (:mod:`sparseopt.rules`)."""
+    module = types.ModuleType(f"sparseopt_rule_{rule.name}", f"The rule {rule.name!r} (sparseopt.Rule).")
+    module.SLOTS = rule.slots
+    module.Coefficients = collections.namedtuple(f"{rule.name}_coefficients", rule.fields)
+    module.update = rule._update
+    module.coefficients = rule._coefficients
+    digest = hashlib.sha1("\0".join([_source(rule._update), _source(rule._coefficients),
+                                     repr(rule.slots), repr(rule.fields)]).encode())
+    module.__rule_key__ = f"{rule.name}_{digest.hexdigest()[:10]}"
+    return module

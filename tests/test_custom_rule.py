@@ -1,0 +1,220 @@
+"""``sparseopt.Rule``: a user's optimizer as one rule gets every path of the built-in ones.
+
+The rule under test is the example's AdaBelief (``examples/custom_optimizer.py``), checked
+against AdaBelief's formula in float64 NumPy (the example's ``reference``).
+"""
+
+import importlib.util
+import math
+import pathlib
+
+import numpy as np
+import pytest
+
+import sparseopt as so
+from sparseopt import errors
+from tests.conftest import rel_close
+
+_spec = importlib.util.spec_from_file_location(
+    "custom_optimizer", pathlib.Path(__file__).resolve().parent.parent / "examples" / "custom_optimizer.py")
+example = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(example)
+AdaBelief = example.AdaBelief
+
+ROWS, WIDTH, STEPS = 30, 3, 15
+LR = 0.01
+
+
+def _reference_run(p0, dense_grads, weight_decay=0.0, **hp):
+    """The formula, step by step (the learning rate in float32, as sparseopt and Keras hold it)."""
+    lr = float(np.float32(hp.pop("learning_rate", LR)))
+    p, m, s = p0.astype(np.float64), np.zeros(p0.shape), np.zeros(p0.shape)
+    for t, g in enumerate(dense_grads, start=1):
+        p = p - p * float(np.float32(weight_decay)) * lr
+        p, m, s = example.reference(p, g, m, s, t, learning_rate=lr, **hp)
+    return p, m, s
+
+
+def _sparse_batches(rng, dtype):
+    out = []
+    for t in range(STEPS):
+        k = int(rng.integers(0, 6)) if t % 5 else 0
+        out.append((rng.normal(size=(k, WIDTH)).astype(dtype), rng.integers(0, ROWS, k)))
+    return out
+
+
+def _densify(values, idx):
+    g = np.zeros((ROWS, WIDTH))
+    np.add.at(g, idx, values.astype(np.float64))
+    return g
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dense_steps_equal_the_formula(dtype, rng):
+    p0 = rng.normal(size=(ROWS, WIDTH)).astype(dtype)
+    grads = [rng.normal(size=(ROWS, WIDTH)) for _ in range(STEPS)]
+    p, opt = p0.copy(), AdaBelief(learning_rate=LR, beta_1=0.8)
+    for g in grads:
+        opt.apply_gradients([(g.astype(dtype), p)])
+    expected, m, s = _reference_run(p0, grads, beta_1=0.8)
+    rel_close(p, expected, dtype)
+    rel_close(opt.get_slot(p, "m"), m, dtype)
+    rel_close(opt.get_slot(p, "s"), s, dtype)
+    assert opt.iterations == STEPS
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exact_sparse_steps_with_weight_decay_equal_dense_training(dtype, rng):
+    """Exact mode (the idle steps replayed: a custom rule has no closed form) with decoupled
+    weight decay equals the dense formula on the densified gradients."""
+    p0 = rng.normal(size=(ROWS, WIDTH)).astype(dtype)
+    batches = _sparse_batches(rng, dtype)
+    p = p0.copy()
+    opt = AdaBelief(learning_rate=LR, weight_decay=0.05, sparse_mode="exact", exact_history=8)
+    for values, idx in batches:
+        opt.apply_gradients([(so.IndexedSlices(values, idx, p.shape), p)])
+    opt.flush()
+    expected, m, s = _reference_run(p0, [_densify(v, i) for v, i in batches], weight_decay=0.05)
+    rel_close(p, expected, dtype)
+    rel_close(opt.get_slot(p, "s"), s, dtype)
+
+
+def test_lazy_sparse_steps_touch_only_their_rows(rng):
+    """Lazy mode: each touched row takes the formula's step on its summed gradient, the
+    others stay as they were (slots included)."""
+    p0 = rng.normal(size=(ROWS, WIDTH))
+    p, opt = p0.copy(), AdaBelief(learning_rate=LR)
+    idx = np.array([3, 7, 3])
+    values = rng.normal(size=(3, WIDTH))
+    opt.apply_gradients([(so.IndexedSlices(values, idx, p.shape), p)])
+    expected, _, _ = _reference_run(p0[[3, 7]], [np.stack([values[0] + values[2], values[1]])])
+    rel_close(p[[3, 7]], expected, np.float64)
+    untouched = np.setdiff1d(np.arange(ROWS), [3, 7])
+    np.testing.assert_array_equal(p[untouched], p0[untouched])
+    np.testing.assert_array_equal(opt.get_slot(p, "m")[untouched], 0.0)
+
+
+def test_clipping_schedules_config_and_checkpoints(tmp_path, rng):
+    """The base class's features: clipnorm, a schedule as a hyperparameter, get_config /
+    from_config, and save / load with ``custom_objects`` continue identically."""
+    schedule = so.schedules.ExponentialDecay(0.02, decay_steps=3, decay_rate=0.5)
+    opt = AdaBelief(learning_rate=schedule, beta_2=0.99, clipnorm=1.0)
+    config = opt.get_config()
+    assert config["beta_2"] == 0.99 and config["clipnorm"] == 1.0 and config["name"] == "adabelief"
+    p = rng.normal(size=(ROWS, WIDTH))
+    grads = [rng.normal(size=(ROWS, WIDTH)) * 10 for _ in range(4)]
+    for g in grads[:2]:
+        opt.apply_gradients([(g, p)])
+    so.save(tmp_path / "opt.npz", opt, [p])
+    twin_p = np.zeros_like(p)
+    twin, _ = so.load(tmp_path / "opt.npz", variables=[twin_p], custom_objects={"AdaBelief": AdaBelief})
+    np.testing.assert_array_equal(twin_p, p)
+    assert type(twin) is AdaBelief and twin.iterations == 2
+    for g in grads[2:]:
+        opt.apply_gradients([(g, p)])
+        twin.apply_gradients([(g, twin_p)])
+    np.testing.assert_array_equal(p, twin_p)
+    # the clipped formula: each gradient scaled to norm 1, the scheduled learning rates
+    q, m, s = rng.normal(size=(ROWS, WIDTH)), np.zeros((ROWS, WIDTH)), np.zeros((ROWS, WIDTH))
+    again, q0 = AdaBelief.from_config(config), q.copy()
+    for t, g in enumerate(grads, start=1):
+        again.apply_gradients([(g, q)])
+        lr = float(np.float32(schedule(t - 1)))
+        q0, m, s = example.reference(q0, g / max(1.0, np.linalg.norm(g)), m, s, t, learning_rate=lr,
+                                     beta_2=0.99)
+    rel_close(q, q0, np.float64)
+
+
+def test_a_rule_with_one_slot_and_a_flag():
+    """Fewer slots than three, a bool hyperparameter (a flag: in the config, passed to
+    ``coefficients`` as a bool), and the results worked out by hand."""
+    def coefficients(step, learning_rate=0.5, nesterov=False):
+        return {"lr": learning_rate, "nesterov": 1.0 if nesterov else 0.0, "half": 0.5}
+
+    def update(p, g, velocity, s1, s2, c):
+        velocity = velocity * c.half + g
+        step = g + velocity * c.half if c.nesterov != 0 else velocity
+        return p - c.lr * step, velocity, s1, s2
+
+    cls = so.Rule("halfmomentum", ("velocity",), coefficients, update).optimizer_class()
+    assert cls.__name__ == "halfmomentum"
+    # velocity: 2, then 2 * 0.5 + 1 = 2; steps: v (2, 2), or with nesterov g + v / 2 (3, 2)
+    for nesterov, expected in ((False, [-1.0, -2.0]), (True, [-1.5, -2.5])):
+        w = np.zeros(1)
+        opt = cls(nesterov=nesterov)
+        assert opt.get_config()["nesterov"] is nesterov
+        got = []
+        for g in (2.0, 1.0):
+            opt.apply_gradients([(np.array([g]), w)])
+            got.append(float(w[0]))
+        assert got == expected
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(name="not a name"), "identifier"),
+    (dict(slots=("m", "m")), "distinct"),
+    (dict(slots=("a", "b", "c", "d")), "at most 3"),
+    (dict(update=lambda p, g, c: (p,)), "six arguments"),
+    (dict(coefficients=lambda learning_rate=0.1: {}), "first parameter is step"),
+    (dict(coefficients=lambda step, learning_rate: {"lr": learning_rate}), "needs a default"),
+    (dict(coefficients=lambda step, rate=0.1: {"lr": rate}), "must take learning_rate"),
+    (dict(coefficients=lambda step, learning_rate=0.1, clipnorm=1.0: {"lr": 1.0}), "every optimizer"),
+    (dict(coefficients=lambda step, learning_rate=0.1: [learning_rate]), "dict"),
+])
+def test_bad_rules_are_refused_by_name(kwargs, message):
+    args = dict(name="mine", slots=("m",), coefficients=lambda step, learning_rate=0.1: {"lr": learning_rate},
+                update=lambda p, g, m, s1, s2, c: (p - c.lr * g, m, s1, s2))
+    args.update(kwargs)
+    with pytest.raises(errors.HyperparameterError, match=message):
+        so.Rule(**args)
+
+
+def test_coefficients_that_change_their_fields_are_refused_before_any_write():
+    """A step whose coefficients come back with other names raises, naming the rule, and
+    leaves the variable, its slots and ``iterations`` as they were."""
+    def coefficients(step, learning_rate=0.1):
+        return {"lr": learning_rate} if step < 2 else {"lr": learning_rate, "extra": 1.0}
+
+    cls = so.Rule("fickle", ("m",), coefficients,
+                  lambda p, g, m, s1, s2, c: (p - c.lr * g, m + g, s1, s2)).optimizer_class()
+    w = np.ones(3)
+    opt = cls()
+    opt.apply_gradients([(np.ones(3), w)])
+    before, slot = w.copy(), opt.get_slot(w, "m").copy()
+    with pytest.raises(errors.HyperparameterError, match="fickle.*step 2"):
+        opt.apply_gradients([(np.ones(3), w)])
+    np.testing.assert_array_equal(w, before)
+    np.testing.assert_array_equal(opt.get_slot(w, "m"), slot)
+    assert opt.iterations == 1
+
+
+def test_the_cache_key_follows_the_rule_source():
+    """Two rules of the same name and slots but different math never share a compiled kernel."""
+    def coefficients(step, learning_rate=0.1):
+        return {"lr": learning_rate}
+
+    a, b = (so.Rule("same", (), coefficients, f) for f in (  # one line: the same source line
+        lambda p, g, s0, s1, s2, c: (p - c.lr * g, s0, s1, s2), lambda p, g, s0, s1, s2, c: (p + c.lr * g, s0, s1, s2)))
+    assert a.module.__rule_key__ != b.module.__rule_key__
+    wa, wb = np.zeros(2), np.zeros(2)
+    a.optimizer_class()().apply_gradients([(np.ones(2), wa)])
+    b.optimizer_class()().apply_gradients([(np.ones(2), wb)])
+    lr = float(np.float32(0.1))
+    assert wa.tolist() == [-lr, -lr] and wb.tolist() == [lr, lr]
+
+
+def test_float32_math_stays_float32():
+    """No float64 creeps into a float32 step: the rule's constants come cast to the
+    variable's dtype, so one step equals the formula evaluated in float32."""
+    p = np.array([1.0, -2.0, 0.5], np.float32)
+    g = np.array([0.3, 0.1, -0.7], np.float32)
+    AdaBelief(learning_rate=0.1).apply_gradients([(g, p)])
+    c = {k: np.float32(v) for k, v in example.coefficients(1, learning_rate=float(np.float32(0.1))).items()}
+    m = (g - np.float32(0)) * c["one_minus_beta_1"]
+    b = g - m
+    s = b * b * c["one_minus_beta_2"] + c["epsilon"]
+    expected = np.array([1.0, -2.0, 0.5], np.float32) - c["lr_m"] * m / (
+        np.sqrt(s * c["v_scale"]) + c["epsilon"])
+    assert expected.dtype == np.float32
+    np.testing.assert_allclose(p, expected, rtol=2 ** -22)
+    assert math.isfinite(float(p[0]))
