@@ -173,10 +173,22 @@ class Embedding(_AttachedOptimizer, keras.layers.Embedding):
                     f"Embedding {self.name!r}: its exact-mode optimizer {optimizer.name!r} is not "
                     "built, and no built model calls the layer, so the rows cannot be caught up "
                     "in this tf.function: call optimizer.build(model.trainable_variables) first")
-            with tf.init_scope():
+            with tf.init_scope(), _no_autocast():    # the variables, not float16 copies
                 builder.build(model.trainable_variables)
         self._attached.last = optimizer
         return optimizer
+
+
+def _no_autocast():
+    """A scope in which Keras variables read as themselves: under a mixed-precision policy
+    a layer's call reads them autocast (float16 copies), and building the optimizer there
+    would key it by those copies."""
+    try:
+        from keras.src.backend import AutocastScope
+    except ImportError:                 # pragma: no cover -- another Keras layout
+        import contextlib
+        return contextlib.nullcontext()
+    return AutocastScope(None)
 
 
 #: Keras' ``MultiOptimizer`` (Keras 3.15 and later), or nothing to match.

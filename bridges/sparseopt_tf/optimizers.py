@@ -595,7 +595,7 @@ class Optimizer(keras.optimizers.Optimizer):
         has_wd = bool(self.weight_decay) and self._use_weight_decay(var)
         job = _host.Job(ref.name, sparse, len(slot_names), used, has_wd, (key, ref.device),
                         len(row_names), row_used)
-        return job, [ref] + [_handover.Ref(slots[n]) for n in slot_names + row_names]
+        return job, [ref] + [_handover.Ref(_tf_variable(slots[n])) for n in slot_names + row_names]
 
     def _run(self, pairs, scalars):
         """Hand ``pairs`` of (gradient, tf.Variable) to the kernels in one call, then run the
@@ -652,6 +652,7 @@ class Optimizer(keras.optimizers.Optimizer):
         """
         if self.sparse_mode != "exact":
             return None
+        variable = _tf_variable(variable)       # (a layer's call may autocast a Keras variable)
         self._untracked.read["caught_up"].add(self._var_key(variable))
         if not self.built:
             if tf.inside_function():
@@ -833,7 +834,12 @@ def _check_arguments_as_keras(class_name, values):
 
 
 def _tf_variable(v):
-    return v.value if isinstance(v, keras.Variable) else v
+    """The ``tf.Variable`` of ``v`` (a Keras or TF variable). Never ``keras.Variable.value``
+    alone: in a layer's call under a mixed-precision policy that is an autocast (float16)
+    copy, which has neither the variable's identity nor its buffer."""
+    if isinstance(v, keras.Variable):
+        return v._value if getattr(v, "_value", None) is not None else v.value
+    return v
 
 
 def _catch_up(host, job, refs, indices, name):

@@ -231,3 +231,35 @@ def test_multi_optimizer_embedding_table_next_to_keras(sparse_mode):
     else:
         np.testing.assert_array_equal(got[0][30:], init[30:])
         assert not np.array_equal(got[0][:30], init[:30])
+
+
+@pytest.mark.parametrize("name,hyper", OPTIMIZERS[:1], ids=[o[0] for o in OPTIMIZERS[:1]])
+def test_mixed_float16_embedding_in_exact_mode_equals_keras(name, hyper):
+    """``sparseopt_tf.Embedding`` under the ``mixed_float16`` policy, ``LossScaleOptimizer``
+    around ours in exact mode, ``model.fit``: the layer's catch-up finds the table itself (not
+    the float16 copy that Keras' autocast shows inside the call), and training ends where
+    Keras' optimizer given densified gradients does."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 30, size=(64, 2))
+    y = rng.normal(size=(64, 1)).astype(np.float32)
+
+    def fit(optimizer):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((2,), dtype="int32")
+        e = sparseopt_tf.Embedding(40, 4, dtype="mixed_float16")(inputs)
+        out = keras.layers.Dense(1, dtype="mixed_float16")(keras.layers.Flatten(dtype="mixed_float16")(e))
+        model = keras.Model(inputs, out)
+        model.compile(optimizer=keras.optimizers.LossScaleOptimizer(optimizer), loss="mse",
+                      jit_compile=False)
+        model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False)
+        return model.get_weights()
+
+    class Dense(getattr(keras.optimizers, name)):
+        def apply(self, grads, trainable_variables=None):
+            grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
+            return super().apply(grads, trainable_variables)
+
+    got = fit(getattr(sparseopt_tf, name)(sparse_mode="exact", **hyper))
+    expected = fit(Dense(**hyper))
+    for a, b in zip(got, expected):
+        rel_close(a, b, np.float32)
