@@ -21,6 +21,7 @@ import numbers
 import struct
 import threading
 
+import numba
 import numpy as np
 
 from sparseopt import _config, _cuda, _exact, _hyperparameters, _rollback, _validation, errors, schedules
@@ -99,6 +100,11 @@ class Optimizer:
     #: Names of 0-d float64 host state advanced once per step (Nadam's ``u_product``),
     #: listed by :meth:`variables` right after ``iterations``.
     _scalar_state_names = ()
+    #: Whether the lazy sparse updates of NumPy variables in one step run together: their
+    #: de-duplication plans in one call and each kernel configuration's tables in one
+    #: parallel region (:func:`_run_tables`). Private: False runs them table by table
+    #: (the tests' reference; the same bits).
+    _batch_tables = not numba.config.DISABLE_JIT
 
     def __init__(self, learning_rate, name, *, weight_decay=None, clipnorm=None,
                  clipvalue=None, global_clipnorm=None, gradient_aggregator=None,
@@ -511,21 +517,46 @@ class Optimizer:
         seen = set()
         checked = []
         on_device = False
-        for g, var in pairs:
-            name = self._default_name(var, sum(id(v) not in self._states for _, v, _ in checked))
-            self._check_variable(var, name)
-            if id(var) in seen:
-                raise errors.GradientsError(f"{self.name}: {name!r} appears twice in grads_and_vars")
-            seen.add(id(var))
-            if not isinstance(var, np.ndarray):  # a CUDA variable (checked above)
-                update = _cuda.validate(g, var, name, self._markers)
-                on_device = True
-            elif isinstance(g, IndexedSlices):
-                update = _SparseUpdate.validate(g, var, name)
-                update.plan(var)
-            else:
-                update = _DenseUpdate.validate(g, var, name)
-            checked.append((name, var, update))
+        # The sparse NumPy updates' plans are made together (_plan_sparse) once every pair
+        # is checked; a pair that fails a check first has the plans of the pairs before it
+        # made, so the first bad pair in order raises, as if each were planned in turn.
+        pending = []
+        batch = self._batch_tables and len(pairs) > 1
+        states = self._states
+        new = 0  # variables without a state so far (their default names count them)
+        try:
+            for g, var in pairs:
+                key = id(var)
+                state = states.get(key)
+                if state is not None:
+                    name = state.name
+                else:
+                    name = self._default_name(var, new)
+                    if key not in seen:
+                        new += 1
+                self._check_variable(var, name)
+                if key in seen:
+                    raise errors.GradientsError(f"{self.name}: {name!r} appears twice in grads_and_vars")
+                seen.add(key)
+                if not isinstance(var, np.ndarray):  # a CUDA variable (checked above)
+                    update = _cuda.validate(g, var, name, self._markers)
+                    on_device = True
+                elif isinstance(g, IndexedSlices):
+                    update = _SparseUpdate.validate(g, var, name)
+                    if batch:
+                        pending.append((update, var.shape[0]))
+                    else:
+                        update.plan(var)
+                else:
+                    update = _DenseUpdate.validate(g, var, name)
+                checked.append((name, var, update))
+        except Exception as exc:  # planned outside the handler: no chained traceback
+            error = exc
+        else:
+            error = None
+        _plan_sparse(pending)
+        if error is not None:
+            raise error
         if on_device:  # the device range checks: one small read per sparse CUDA gradient
             _cuda.finish_validation([update for _, _, update in checked])
         return checked
@@ -581,11 +612,34 @@ class Optimizer:
                        lambda state, update, c, wd_v, has_wd: update.run(
                            _variant.for_step(rule, c), state, c, wd_v, has_wd))
             return
+        groups = {} if self._batch_tables and len(updates) > 1 else None
+        converted = {}
         for state, update in updates:
             has_wd = wd != 0.0 and self._uses_weight_decay(state)
             dtype = state.storage.dtype.type  # the variable's (a CUDA array's may not be NumPy's)
-            c = self._converted(coefficients, dtype)
-            update.run(_variant.for_step(rule, c), state, c, dtype(wd if has_wd else 0.0), has_wd)
+            found = converted.get(dtype)
+            if found is None:
+                c = self._converted(coefficients, dtype)
+                found = converted[dtype] = (c, _variant.for_step(rule, c))
+            c, step_rule = found
+            if groups is not None:
+                key = _table_key(step_rule, state, update, dtype, has_wd)
+                if key is not None:
+                    group = groups.get(key)
+                    if group is None:
+                        groups[key] = group = []
+                    group.append((state, update))
+                    continue
+            update.run(step_rule, state, c, dtype(wd if has_wd else 0.0), has_wd)
+        if groups:
+            for (step_rule, dtype, has_wd, _, row_used), group in groups.items():
+                c = converted[dtype][0]
+                wd_v = dtype(wd if has_wd else 0.0)
+                if len(group) == 1:
+                    state, update = group[0]
+                    update.run(step_rule, state, c, wd_v, has_wd)
+                else:
+                    _run_tables(step_rule, group, c, wd_v, has_wd, row_used)
 
     def _converted(self, coefficients, dtype):
         """``coefficients`` with each value as a ``dtype`` scalar, the kernels' argument.
@@ -724,13 +778,14 @@ class _DenseUpdate:
 
 
 class _SparseUpdate:
-    __slots__ = ("values", "indices", "rows", "offsets", "order", "name", "summed")
+    __slots__ = ("values", "indices", "rows", "offsets", "order", "name", "summed", "at")
 
     def __init__(self, values, indices, name):
         self.values = values
         self.indices = indices
         self.name = name
         self.summed = False
+        self.at = None  # (plan, unique start, offsets start, order start) in a _plan_sparse plan
 
     @classmethod
     def validate(cls, g, var, name):
@@ -745,6 +800,7 @@ class _SparseUpdate:
             self.values = dedup.segment_sum(self.values, self.offsets, self.order)
             self.offsets, self.order = dedup.identity_plan(self.rows.size)
             self.summed = True
+            self.at = None
 
     def map_values(self, fn):
         self._sum_duplicates()
@@ -765,6 +821,137 @@ class _SparseUpdate:
         if self.rows.size:
             var[self.rows] = _constrained(fn(var[self.rows]), (self.rows.size,) + var.shape[1:],
                                           var.dtype)
+
+
+def _plan_sparse(pending):
+    """The de-duplication plans of the sparse updates ``pending`` (``[(update, table rows)]``,
+    in pair order): the tables whose indices share a dtype in one call
+    (:func:`sparseopt.kernels.dedup.plan_tables`; each update's ``rows``, ``offsets``,
+    ``order`` are views of the shared plan and ``at`` says where). The same plans as
+    ``update.plan`` one by one, and the same error: the first bad table in pair order
+    raises :class:`~sparseopt.errors.IndexOutOfRangeError` (its own plan, remade to raise it)."""
+    if not pending:
+        return
+    by_dtype = {}
+    alone = []
+    for position, (update, num_rows) in enumerate(pending):
+        if num_rows > dedup.INT32_LIMIT or update.indices.size > dedup.INT32_LIMIT:
+            alone.append(position)
+        else:
+            by_dtype.setdefault(update.indices.dtype, []).append(position)
+    bad = []
+    for positions in by_dtype.values():
+        if len(positions) == 1:
+            alone.extend(positions)
+            continue
+        updates = [pending[i][0] for i in positions]
+        rows, offsets, order, ustart, ostart, failed = dedup.plan_tables(
+            [u.indices for u in updates], [pending[i][1] for i in positions])
+        if failed >= 0:
+            bad.append(positions[failed])
+            continue
+        plan = (rows, offsets, order)
+        u0 = ustart.tolist()
+        o0 = ostart.tolist()
+        for j, update in enumerate(updates):
+            update.rows = rows[u0[j]:u0[j + 1]]
+            update.offsets = offsets[u0[j] + j:u0[j + 1] + j + 1]
+            update.order = order[o0[j]:o0[j + 1]]
+            update.at = (plan, u0[j], u0[j] + j, o0[j])
+    for position in alone:
+        update, num_rows = pending[position]
+        rows, offsets, order, failed = dedup.plan_rows(update.indices, num_rows)
+        if failed >= 0:
+            bad.append(position)
+        else:
+            update.rows, update.offsets, update.order = rows, offsets, order
+    if bad:
+        update, num_rows = pending[min(bad)]
+        _validation.plan(update.indices, num_rows, update.name)  # raises IndexOutOfRangeError
+        raise AssertionError("a bad index that plans")  # pragma: no cover
+
+
+def _table_key(rule, state, update, dtype, has_wd):
+    """The kernel configuration under which a lazy sparse update of a NumPy variable runs
+    in a table-batched region (:func:`_run_tables`), or None (it runs on its own)."""
+    if type(update) is _SparseUpdate:
+        inner = update
+        row_names = None
+    else:  # a row-wise optimizer's update (optimizers._rowwise._RowUpdate)
+        inner = getattr(update, "update", None)
+        if type(inner) is not _SparseUpdate or 0 in state.var.shape[1:]:
+            return None
+        row_names = tuple(update.row_slots)
+    if not inner.rows.size or type(state.var) is not np.ndarray:
+        return None
+    return rule, dtype, has_wd, state.kernel_slot_names, row_names
+
+
+def _table_views(rule, state, row_names):
+    """``(meta, used, row_used, p)`` of one table for :func:`_run_tables`: the step-invariant
+    columns of ``meta`` (addresses of the parameter and kept slots, rows, width; see
+    :mod:`sparseopt.kernels.cpu`) and which slots the kernel uses. Kept per state."""
+    def make():
+        var = state.var
+        rows = var.shape[0]
+        width = math.prod(var.shape[1:])
+        p, slots, used = state.kernel_arrays(rule.SLOTS, (rows, width))
+        if row_names is None:
+            row_slots, row_used = (p, p, p), None
+        else:
+            row_slots, row_used = cpu.place(rule.ROW_SLOTS, {n: state.slots[n] for n in row_names}, p)
+        meta = [dedup.address(a) for a in (p,) + tuple(slots) + tuple(row_slots)] + [rows, width]
+        return meta, used, row_used, p
+    return state.kernel_views(("tables", rule.SLOTS, row_names), make)
+
+
+_NO_WIDTHS = {}  # dtype -> an empty array: the widths argument of elementwise rules
+
+
+def _run_tables(rule, group, c, wd, has_wd, row_names):
+    """The lazy sparse updates ``group`` (``[(state, update)]``, one kernel configuration,
+    two or more tables of any rows and widths) in one parallel region
+    (:func:`sparseopt.kernels.cpu.batched_sparse_kernel`): the same row steps, so the
+    same bits, as ``update.run`` table by table."""
+    flat = []
+    ks = [0]
+    widths = []
+    plan = group[0][1].at if row_names is None else group[0][1].update.at
+    plan = plan[0] if plan is not None else None
+    inners = []
+    for state, update in group:
+        inner = update if row_names is None else update.update
+        inners.append(inner)
+        meta, used, row_used, like = _table_views(rule, state, row_names)
+        flat += meta
+        at = inner.at
+        if at is None or at[0] is not plan:
+            plan = None
+        flat += (dedup.address(inner.values), 0, 0, 0, inner.order.size) if at is None else \
+            (dedup.address(inner.values), at[1], at[2], at[3], inner.order.size)
+        ks.append(ks[-1] + inner.rows.size)
+        widths.append(meta[cpu.M_WIDTH])
+    meta = np.array(flat, np.int64).reshape(len(group), cpu.META_COLUMNS)
+    if plan is not None:
+        rows, offsets, order = plan
+    else:  # plans of their own (summed by clipping, or made alone): concatenated
+        rows = np.concatenate([u.rows for u in inners])
+        offsets = np.concatenate([u.offsets for u in inners])
+        order = np.concatenate([u.order for u in inners])
+        meta[:, cpu.M_UNIQUE] = ks[:-1]
+        meta[:, cpu.M_OFFSETS] = np.array(ks[:-1]) + np.arange(len(group))
+        meta[:, cpu.M_ORDER] = np.cumsum([0] + [u.order.size for u in inners[:-1]])
+    vstart = np.array(ks, np.int64)
+    dtype = type(wd)
+    if row_names is None:
+        w = _NO_WIDTHS.get(dtype)
+        if w is None:
+            w = _NO_WIDTHS[dtype] = np.empty(0, dtype)
+        kernel = cpu.batched_sparse_kernel(rule, used, has_wd)
+    else:
+        w = np.array(widths, dtype)
+        kernel = cpu.batched_row_sparse_kernel(rule, used, row_used, has_wd)
+    kernel(meta, vstart, rows, offsets, order, like, c, wd, w)
 
 
 class _Elementwise:

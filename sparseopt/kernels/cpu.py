@@ -36,10 +36,12 @@ from numba.extending import intrinsic
 
 from sparseopt import _config
 from sparseopt.kernels._specialize import rule_key, specialize
+from sparseopt.kernels.dedup import pointer
 
 RULE = STEP = LOAD = STORE = ROW_STEP = U0 = U1 = U2 = HAS_WD = ROW_COST = None  # bound per specialization
 PREFETCH = AHEAD = V0 = V1 = V2 = None  # bound per specialization (V*: False unless row-wise)
 ROWWISE = ROW = ROW_TERM = ROW_RULE = ROW_SLOTS = None  # bound per row-wise specialization
+TABLE_ROWS = None  # bound per table-batched specialization
 
 #: Runs of :func:`balanced_parts` per sparse step. A fixed number, not the thread
 #: count: ``numba.get_num_threads()`` inside a kernel would stop it from being cached.
@@ -184,6 +186,158 @@ def _sparse_template(p, s0, s1, s2, rows, offsets, order, values, c, wd_lr):
             AHEAD(p, s0, s1, s2, p, p, p, rows, offsets, order, values, u, end)
             grad, src = _gradient_row(buf, values, order, offsets[u], offsets[u + 1])
             ROW_STEP(p, s0, s1, s2, rows[u], grad, src, c, wd_lr)
+
+
+# ------------------------------------------------------------------ table-batched steps
+#
+# One parallel region for the sparse updates of many tables (issue 21): the tables of one
+# kernel configuration (rule, dtype, kept slots, weight decay) may differ in rows and width.
+# Each table is described by one row of ``meta`` (int64), the addresses of its arrays and
+# where its plan lies in the concatenated plan arrays (columns below); the kernels view
+# the arrays with ``numba.carray`` (:func:`sparseopt.kernels.dedup.pointer`). A tuple of
+# arrays would be a new Numba type, so a new compile, for every count of tables.
+# Unique row ``u`` of table ``t`` is the same row step as in :func:`_sparse_template`
+# (the same gradient sum, the same element code), so the bits are the per-table kernel's.
+
+#: Columns of ``meta``: the addresses of the parameter, of the three slots (a kept slot's,
+#: else the parameter's, never touched) and of the three row slots (row-wise rules); the
+#: table's rows and width (these nine stay the same from step to step); the address of the
+#: gradient values, where the table's unique rows start in ``rows``, its ``k + 1`` offsets
+#: in ``offsets`` and its positions in ``order``; its gradient rows (``n``, the length of
+#: its ``order`` part).
+M_P, M_S0, M_S1, M_S2, M_R0, M_R1, M_R2, M_ROWS, M_WIDTH = range(9)
+M_VALUES, M_UNIQUE, M_OFFSETS, M_ORDER, M_N = range(9, 14)
+META_COLUMNS = 14
+
+
+@numba.njit(**_config.CPU_SERIAL_FLAGS)
+def table_parts(meta, vstart, offsets, parts, row_cost):
+    """:func:`balanced_parts` over the unique rows of all tables, numbered table after
+    table (table ``t``'s are ``vstart[t]:vstart[t + 1]``), a row costing its gradient
+    rows plus ``row_cost`` times its width: runs may span tables."""
+    tables = vstart.size - 1
+    k = vstart[tables]
+    total = 0
+    for t in range(tables):
+        width = max(meta[t, M_WIDTH], 1)
+        total += (meta[t, M_N] + row_cost * (vstart[t + 1] - vstart[t])) * width
+    bounds = np.empty(parts + 1, np.int64)
+    bounds[0] = 0
+    p = 1
+    acc = 0
+    u = 0
+    for t in range(tables):
+        width = max(meta[t, M_WIDTH], 1)
+        f = meta[t, M_OFFSETS]
+        for ul in range(vstart[t + 1] - vstart[t]):
+            acc += (offsets[f + ul + 1] - offsets[f + ul] + row_cost) * width
+            u += 1
+            while p < parts and acc * parts >= total * p:
+                bounds[p] = u
+                p += 1
+    while p <= parts:
+        bounds[p] = k
+        p += 1
+    return bounds
+
+
+def _elementwise_rows_template(meta, t, like, rows, offsets, order, buf, lo, hi, c, wd_lr, widths):
+    """Unique rows ``lo:hi`` (its own numbering) of table ``t``: :func:`_sparse_template`'s loop."""
+    n_rows = meta[t, M_ROWS]
+    d = meta[t, M_WIDTH]
+    p = numba.carray(pointer(meta[t, M_P], like), (n_rows, d))
+    s0 = numba.carray(pointer(meta[t, M_S0], like), (n_rows, d))
+    s1 = numba.carray(pointer(meta[t, M_S1], like), (n_rows, d))
+    s2 = numba.carray(pointer(meta[t, M_S2], like), (n_rows, d))
+    values = numba.carray(pointer(meta[t, M_VALUES], like), (meta[t, M_N], d))
+    u0 = meta[t, M_UNIQUE]
+    f0 = meta[t, M_OFFSETS]
+    o0 = meta[t, M_ORDER]
+    rows_t = rows[u0:u0 + hi]
+    offsets_t = offsets[f0:f0 + hi + 1]
+    order_t = order[o0:o0 + meta[t, M_N]]
+    for u in range(lo, hi):
+        AHEAD(p, s0, s1, s2, p, p, p, rows_t, offsets_t, order_t, values, u, hi)
+        grad, src = _gradient_row(buf, values, order_t, offsets_t[u], offsets_t[u + 1])
+        ROW_STEP(p, s0, s1, s2, rows_t[u], grad, src, c, wd_lr)
+
+
+def _rowwise_rows_template(meta, t, like, rows, offsets, order, buf, lo, hi, c, wd_lr, widths):
+    """:func:`_elementwise_rows_template` for a row-wise rule (:func:`_row_sparse_template`'s loop)."""
+    n_rows = meta[t, M_ROWS]
+    d = meta[t, M_WIDTH]
+    p = numba.carray(pointer(meta[t, M_P], like), (n_rows, d))
+    s0 = numba.carray(pointer(meta[t, M_S0], like), (n_rows, d))
+    s1 = numba.carray(pointer(meta[t, M_S1], like), (n_rows, d))
+    s2 = numba.carray(pointer(meta[t, M_S2], like), (n_rows, d))
+    r0 = numba.carray(pointer(meta[t, M_R0], like), (n_rows,))
+    r1 = numba.carray(pointer(meta[t, M_R1], like), (n_rows,))
+    r2 = numba.carray(pointer(meta[t, M_R2], like), (n_rows,))
+    values = numba.carray(pointer(meta[t, M_VALUES], like), (meta[t, M_N], d))
+    width = widths[t]
+    u0 = meta[t, M_UNIQUE]
+    f0 = meta[t, M_OFFSETS]
+    o0 = meta[t, M_ORDER]
+    rows_t = rows[u0:u0 + hi]
+    offsets_t = offsets[f0:f0 + hi + 1]
+    order_t = order[o0:o0 + meta[t, M_N]]
+    for u in range(lo, hi):
+        AHEAD(p, s0, s1, s2, r0, r1, r2, rows_t, offsets_t, order_t, values, u, hi)
+        grad, src = _gradient_row(buf, values, order_t, offsets_t[u], offsets_t[u + 1])
+        ROW(p, s0, s1, s2, r0, r1, r2, rows_t[u], grad, src, c, wd_lr, width)
+
+
+def _batched_template(meta, vstart, rows, offsets, order, like, c, wd_lr, widths):
+    """The sparse updates of the tables of ``meta`` (see its columns above) in one parallel
+    region: the runs of :func:`table_parts` over all their unique rows, each run table
+    by table (``TABLE_ROWS``: the rule family's row loop). ``like``: an array of the
+    tables' dtype; ``widths``: each table's width in that dtype (row-wise rules)."""
+    tables = vstart.size - 1
+    bounds = table_parts(meta, vstart, offsets, PARTS, ROW_COST)
+    widest = 1
+    for t in range(tables):
+        widest = max(widest, meta[t, M_WIDTH])
+    scratch = np.empty(PARTS * widest, like.dtype)
+    start = scratch.ctypes.data
+    for r in prange(PARTS):
+        u = bounds[r]
+        end = bounds[r + 1]
+        t = 0
+        while t < tables and vstart[t + 1] <= u:
+            t += 1
+        while u < end:
+            stop = min(end, vstart[t + 1])
+            if stop > u and meta[t, M_WIDTH] > 0:
+                buf = numba.carray(pointer(start + r * widest * scratch.itemsize, like),
+                                   (1, meta[t, M_WIDTH]))
+                TABLE_ROWS(meta, t, like, rows, offsets, order, buf, u - vstart[t], stop - vstart[t],
+                           c, wd_lr, widths)
+            u = stop
+            t += 1
+
+
+def _batched_kernel(rule_module, used, row_used, has_wd):
+    suffix, constants = _helpers(rule_module, tuple(used), row_used, has_wd)
+    inline = numba.njit(**_config.CPU_RULE_FLAGS)
+    rows_template = _rowwise_rows_template if row_used is not None else _elementwise_rows_template
+    constants = dict(constants, TABLE_ROWS=inline(specialize(rows_template, suffix, **constants)))
+    return _config.parallel_kernel(
+        numba.njit(**_config.CPU_KERNEL_FLAGS)(specialize(_batched_template, suffix, **constants)))
+
+
+@functools.lru_cache(maxsize=None)
+def batched_sparse_kernel(rule_module, used, has_wd):
+    """``kernel(meta, vstart, rows, offsets, order, like, c, wd_lr, widths)``: the sparse
+    updates of many tables of one configuration in one parallel region (columns of ``meta``
+    above: ``M_R0..M_R2`` unused)."""
+    return _batched_kernel(rule_module, used, None, has_wd)
+
+
+@functools.lru_cache(maxsize=None)
+def batched_row_sparse_kernel(rule_module, used, row_used, has_wd):
+    """:func:`batched_sparse_kernel` for a row-wise rule (``row_used``: which of its
+    ``ROW_SLOTS`` are kept; ``widths``: each table's width in the tables' dtype)."""
+    return _batched_kernel(rule_module, used, tuple(row_used), has_wd)
 
 
 def _row_slots_template(r0, r1, r2, row, mean, c):

@@ -1,0 +1,226 @@
+"""The table-batched step (issue 21): the lazy sparse updates of one call in one parallel
+region give the same bits as the per-table path (``_batch_tables = False``)."""
+
+import numpy as np
+import pytest
+
+import sparseopt as so
+from sparseopt import _config, errors
+from sparseopt import optimizer as optimizer_module
+from sparseopt.kernels import cpu, dedup
+from tests.optimizer_table import CASES, IDS
+
+#: (rows, trailing shape, dtype, index dtype, gradient rows): widths 1-16, both dtypes,
+#: a 1-D and a 3-D variable, int32 and int64 indices, an empty gradient, a single row.
+TABLES = [
+    (40, (4,), np.float32, np.int64, 30),
+    (300, (7,), np.float32, np.int32, 50),
+    (20, (4,), np.float64, np.int64, 25),
+    (1000, (16,), np.float32, np.int64, 200),
+    (8, (3,), np.float64, np.int32, 40),
+    (50, (), np.float32, np.int64, 20),
+    (30, (2, 3), np.float64, np.int64, 15),
+    (60, (5,), np.float32, np.int64, 0),
+    (5, (1,), np.float32, np.int64, 1),
+    (2000, (9,), np.float32, np.int64, 300),
+    (12, (6,), np.float64, np.int64, 12),
+]
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request, monkeypatch):
+    """Steps on 1 thread, or on 2 (each step big enough for several, not measured)."""
+    monkeypatch.setattr(_config, "MIN_WORK_PER_THREAD", 1)
+    monkeypatch.setattr(_config, "ADAPTIVE", False)
+    so.set_num_threads(request.param)
+    yield request.param
+    so.set_num_threads(None)
+
+
+def make_tables(seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=(rows,) + shape).astype(dtype) for rows, shape, dtype, _, _ in TABLES]
+
+
+def make_steps(steps=3, seed=1):
+    """Gradients per step: Zipf-like ids (many duplicates), every table; a dense one too."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(steps):
+        grads = []
+        for rows, shape, dtype, idx_dtype, n in TABLES:
+            idx = np.minimum(rng.zipf(1.3, n) - 1, rows - 1).astype(idx_dtype)
+            grads.append((rng.normal(size=(n,) + shape).astype(dtype), idx))
+        out.append((grads, rng.normal(size=(6, 5)).astype(np.float32)))
+    return out
+
+
+def run(case, batched, steps, **extra):
+    tables = make_tables()
+    dense = np.random.default_rng(2).normal(size=(6, 5)).astype(np.float32)
+    opt = case.make(**extra)
+    opt._batch_tables = batched
+    for grads, g_dense in steps:
+        pairs = [(so.IndexedSlices(v, i, t.shape), t) for (v, i), t in zip(grads, tables)]
+        pairs.insert(3, (g_dense, dense))
+        opt.apply_gradients(pairs)
+    return [dense] + tables + list(opt.variables())
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert np.array_equal(x, y, equal_nan=True)
+
+
+@pytest.fixture
+def batched_calls(monkeypatch):
+    """Counts the table-batched kernel calls (so a test knows the batched path ran)."""
+    calls = []
+    original = optimizer_module._run_tables
+
+    def counted(rule, group, *args):
+        calls.append(len(group))
+        return original(rule, group, *args)
+    monkeypatch.setattr(optimizer_module, "_run_tables", counted)
+    return calls
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_batched_step_is_bit_identical_to_the_per_table_path(case, threads, batched_calls):
+    steps = make_steps()
+    reference = run(case, False, steps)
+    assert not batched_calls
+    assert_same(run(case, True, steps), reference)
+    # float32 and float64 tables: two regions per step (one per dtype)
+    assert sorted(batched_calls[:2]) == [4, 6]  # the empty gradient runs no kernel
+
+
+@pytest.mark.parametrize("extra", [dict(clipvalue=0.1), dict(clipnorm=0.5), dict(global_clipnorm=1.0),
+                                   dict(weight_decay=0.05)],
+                         ids=["clipvalue", "clipnorm", "global_clipnorm", "weight_decay"])
+@pytest.mark.parametrize("name", ["adam", "sgd_momentum", "rowwise_adagrad"])
+def test_batched_step_with_clipping_and_weight_decay(name, extra, threads, batched_calls):
+    case = CASES[IDS.index(name)]
+    steps = make_steps(2)
+    assert_same(run(case, True, steps, **extra), run(case, False, steps, **extra))
+    assert batched_calls
+
+
+def test_weight_decay_exclusions_split_the_region(batched_calls):
+    steps = make_steps(2)
+
+    def go(batched):
+        tables = make_tables()
+        opt = so.AdamW(learning_rate=0.01, weight_decay=0.1)
+        opt._batch_tables = batched
+        opt.build(tables, names=[f"t{i}" + ("_bias" if i % 3 == 0 else "") for i in range(len(tables))])
+        opt.exclude_from_weight_decay(var_names=["_bias"])
+        for grads, _ in steps:
+            opt.apply_gradients([(so.IndexedSlices(v, i, t.shape), t) for (v, i), t in zip(grads, tables)])
+        return tables + list(opt.variables())
+    assert_same(go(True), go(False))
+    assert len(batched_calls) >= 3
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd_momentum", "rowwise_adagrad"])
+def test_exact_mode_plans_together_same_bits(name):
+    case = CASES[IDS.index(name)]
+    steps = make_steps(3)
+
+    def go(batched):
+        out = run(case, batched, steps, sparse_mode="exact")
+        return out
+    assert_same(go(True), go(False))
+
+
+def test_constraints_on_batched_tables():
+    case = CASES[IDS.index("adam")]
+    steps = make_steps(2)
+
+    def go(batched):
+        tables = make_tables()
+        opt = case.make()
+        opt._batch_tables = batched
+        for grads, _ in steps:
+            opt.apply_gradients([(so.IndexedSlices(v, i, t.shape), t) for (v, i), t in zip(grads, tables)],
+                                constraints=[(tables[1], lambda x: np.clip(x, -0.5, 0.5)),
+                                             (tables[9], lambda x: x * 0.5)])
+        return tables + list(opt.variables())
+    assert_same(go(True), go(False))
+
+
+def snapshot(opt, tables):
+    return [t.copy() for t in tables] + [w.copy() for w in opt.variables()]
+
+
+@pytest.mark.parametrize("name", ["adam", "rowwise_adagrad"])
+def test_bad_index_in_the_tenth_table_changes_nothing(name, batched_calls):
+    case = CASES[IDS.index(name)]
+    tables = make_tables()
+    steps = make_steps(2)
+    opt = case.make()
+    opt.apply_gradients([(so.IndexedSlices(v, i, t.shape), t) for (v, i), t in zip(steps[0][0], tables)])
+    before = snapshot(opt, tables)
+    grads = [(v, i.copy()) for v, i in steps[1][0]]
+    grads[9][1][7] = TABLES[9][0]  # one past the end, in the 10th table
+    pairs = [(so.IndexedSlices(v, i, t.shape), t) for (v, i), t in zip(grads, tables)]
+    with pytest.raises(errors.IndexOutOfRangeError) as batched_error:
+        opt.apply_gradients(pairs)
+    assert_same(snapshot(opt, tables), before)
+    assert opt.iterations == 1
+    opt._batch_tables = False
+    with pytest.raises(errors.IndexOutOfRangeError) as reference_error:
+        opt.apply_gradients(pairs)
+    assert str(batched_error.value) == str(reference_error.value)
+    assert "position 7" in str(batched_error.value)
+    assert_same(snapshot(opt, tables), before)
+
+
+@pytest.mark.parametrize("bad_index_at, bad_shape_at, expected", [
+    (9, 10, errors.IndexOutOfRangeError), (10, 9, errors.ShapeMismatchError),
+    (3, 5, errors.IndexOutOfRangeError), (5, 3, errors.ShapeMismatchError)])
+def test_the_first_bad_pair_in_order_raises(bad_index_at, bad_shape_at, expected):
+    tables = make_tables()
+    grads = [(v, i.copy()) for v, i in make_steps(1)[0][0]]
+    grads[bad_index_at][1][0] = -1
+    messages = []
+    for batched in (True, False):
+        opt = so.Adam(0.01)
+        opt._batch_tables = batched
+        pairs = [(so.IndexedSlices(v, i, t.shape), t) for (v, i), t in zip(grads, tables)]
+        pairs[bad_shape_at] = (so.IndexedSlices(grads[bad_shape_at][0][:, None], grads[bad_shape_at][1]),
+                               tables[bad_shape_at])
+        before = [t.copy() for t in tables]
+        with pytest.raises(expected) as error:
+            opt.apply_gradients(pairs)
+        assert_same(tables, before)
+        assert opt.iterations == 0
+        messages.append(str(error.value))
+    assert messages[0] == messages[1]
+
+
+def test_batched_plans_equal_the_per_table_plans():
+    rng = np.random.default_rng(3)
+    for idx_dtype in (np.int32, np.int64):
+        sizes = [(10, 50), (5000, 300), (3, 0), (20000, 1000), (1, 7), (300_000, 64)]
+        indices = [rng.integers(0, n, m).astype(idx_dtype) for n, m in sizes]
+        rows, offsets, order, ustart, ostart, bad = dedup.plan_tables(indices, [n for n, _ in sizes])
+        assert bad == -1
+        for t, (idx, (n, _)) in enumerate(zip(indices, sizes)):
+            r, o, od, b = dedup.plan_rows(idx, n)
+            assert np.array_equal(rows[ustart[t]:ustart[t + 1]], r)
+            assert np.array_equal(offsets[ustart[t] + t:ustart[t + 1] + t + 1], o)
+            assert np.array_equal(order[ostart[t]:ostart[t + 1]], od)
+        indices[3][11] = 20000
+        assert dedup.plan_tables(indices, [n for n, _ in sizes])[-1] == 3
+
+
+def test_batched_kernels_are_cached_under_the_source_key():
+    from sparseopt.kernels._specialize import SOURCE_KEY
+    from sparseopt.rules import adam
+    kernel = cpu.batched_sparse_kernel(adam, (True, True, False), False)
+    kernel = getattr(kernel, "kernel", kernel)  # under the workqueue layer: serialized
+    assert SOURCE_KEY in kernel.py_func.__name__  # it inlines dedup.py's pointer and cpu.py's steps
+    assert type(kernel._cache).__name__ == ("FunctionCache" if _config.CACHE else "NullCache")
