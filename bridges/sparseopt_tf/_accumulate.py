@@ -22,7 +22,17 @@ After a restore (or ``set_weights``) it is unknown which rows the restored accum
 holds, so the next update step reads every row of it once (``rows_known`` is false until
 then).
 
-Dense gradients take Keras' path unchanged. The result is Keras' dense accumulation
+Under ``MirroredStrategy`` and ``MultiWorkerMirroredStrategy`` (where Keras' own
+accumulation cannot run: it updates its accumulators by ``merge_call`` inside a ``cond``)
+every micro-step's gradients are first summed across replicas, outside the ``cond``, as
+a step without accumulation sums them (a sparse gradient by all-gathering its rows);
+each replica then writes the same rows to its own copy of the buffers (and the same
+dense sums to its copy of Keras' accumulators), and the update step runs the kernels on
+each replica's copy of the variables, in the replica's context. The copies of every
+variable and buffer stay identical, Keras' accumulators hold the global partial sums
+(what a checkpoint saves), and the result is one device's with the same global batch.
+
+Without a strategy, dense gradients take Keras' path unchanged. The result is Keras' dense accumulation
 followed by our sparse step on the accumulated rows (rows no micro-step touched get a
 zero gradient, as in the dense sum: lazy mode skips them, exact mode defers them); the
 sum of a row's micro-step gradients may differ from Keras' in the last bits (each is
@@ -77,8 +87,8 @@ class SparseAccumulators:
 
     def _empty(self, i):
         return [op for indices, values in zip(self.indices[i], self.values[i]) for op in (
-            indices.assign(tf.zeros([0], tf.int64)),
-            values.assign(tf.zeros([0] + values.shape.as_list()[1:], values.dtype)))]
+            _write(indices, tf.zeros([0], tf.int64)),
+            _write(values, tf.zeros([0] + values.shape.as_list()[1:], values.dtype)))]
 
     def buffered(self, i):
         """Variable ``i``'s buffered rows: ``(indices, values)`` tensors."""
@@ -87,7 +97,34 @@ class SparseAccumulators:
 
 
 def _tf_variable(v):
-    return v.value if isinstance(v, keras.Variable) else v
+    if isinstance(v, keras.Variable):
+        return v._value if getattr(v, "_value", None) is not None else v.value
+    return v
+
+
+def _in_replica(var):
+    """Whether ``var`` is a distributed variable seen from a replica's context (where its
+    ``assign`` would need a ``merge_call``, which cannot run inside a ``cond``)."""
+    return (isinstance(var, tf.distribute.DistributedValues)
+            and not tf.distribute.in_cross_replica_context())
+
+
+def _write(var, value):
+    """``var.assign(value)``; in a replica's context, of the replica's own copy of a
+    mirrored variable (every replica writes the same value)."""
+    var = _tf_variable(var)
+    if _in_replica(var):
+        return tf.raw_ops.AssignVariableOp(resource=var.handle, value=tf.cast(value, var.dtype))
+    return var.assign(value)
+
+
+def _scatter_update(var, slices):
+    """``var.scatter_update(slices)``, in a replica's context of its own copy (see :func:`_write`)."""
+    var = _tf_variable(var)
+    if _in_replica(var):
+        return tf.raw_ops.ResourceScatterUpdate(resource=var.handle, indices=slices.indices,
+                                                updates=slices.values)
+    return var.scatter_update(slices)
 
 
 def fold(opt):
@@ -114,9 +151,15 @@ def fold(opt):
 
 def apply(opt, grads, trainable_variables):
     """Keras 3's ``_backend_apply_gradients`` with gradient accumulation, rows only for
-    ``IndexedSlices`` gradients (EMA is left to the caller)."""
+    ``IndexedSlices`` gradients (EMA is left to the caller). In a replica's context of a
+    strategy the gradients are all-reduced first and every write is to the replica's own
+    copies (see the module docstring)."""
     steps = opt.gradient_accumulation_steps
     acc = opt._untracked.accumulators
+    distributed = tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context()
+    if distributed:             # outside the cond: a collective (merge_call) cannot run in it
+        grads = [g for g, _ in opt._all_reduce_sum_gradients(
+            list(zip(grads, [_tf_variable(v) for v in trainable_variables])))]
     is_update_step = (opt._iterations + 1) % steps == 0
     index = [opt._get_variable_index(v) for v in trainable_variables]
     acc_grads = [opt._accumulated_gradients[i] for i in index]
@@ -141,7 +184,10 @@ def apply(opt, grads, trainable_variables):
             held.append((dense, rows, i))
         new_grads = opt._clip_gradients(new_grads)
         opt._apply_weight_decay(trainable_variables)
-        opt._backend_update_step(new_grads, trainable_variables, opt.learning_rate)
+        if distributed:                 # the gradients are summed already: this replica's copies
+            opt._replica_update_step(new_grads, trainable_variables, opt.learning_rate)
+        else:
+            opt._backend_update_step(new_grads, trainable_variables, opt.learning_rate)
         # Keras' reset: every accumulator but those of this step's sparse gradients (whose
         # buffers and held rows are emptied below), including those of variables without a
         # gradient in this call (their partial sums are dropped, as Keras drops them).
@@ -149,30 +195,30 @@ def apply(opt, grads, trainable_variables):
         for k, dense in enumerate(opt._accumulated_gradients):
             if k in handled:
                 continue
-            dense.assign(keras.ops.zeros(dense.shape, dtype=dense.dtype))
+            _write(dense, keras.ops.zeros(dense.shape, dtype=dense.dtype))
             if acc.indices[k] is not None:
                 acc._empty(k)
-                acc.held[k].assign(tf.zeros([0], tf.int64))
+                _write(acc.held[k], tf.zeros([0], tf.int64))
         for dense, rows, i in held:                       # the rows folded into the others
-            dense.scatter_update(tf.IndexedSlices(
+            _scatter_update(dense, tf.IndexedSlices(
                 tf.zeros([tf.shape(rows)[0]] + dense.shape.as_list()[1:], dense.dtype), rows))
-            acc.held[i].assign(tf.zeros([0], tf.int64))
+            _write(acc.held[i], tf.zeros([0], tf.int64))
             acc._empty(i)
         if held:
-            acc.rows_known.assign(True)
+            _write(acc.rows_known, True)
 
     def accumulate():
         micro_step = tf.cast(opt._iterations % steps, tf.int32)     # 0 .. steps - 2 here
         for g, dense, i, s in zip(grads, acc_grads, index, sparse):
             if not s:
-                dense.assign(g + dense)
+                _write(dense, g + dense)
                 continue
 
             def write(j, i=i, g=g):
                 def branch():       # divided by steps here: the update step only concatenates
-                    acc.indices[i][j].assign(tf.cast(g.indices, tf.int64))
+                    _write(acc.indices[i][j], tf.cast(g.indices, tf.int64))
                     values = acc.values[i][j]
-                    values.assign(tf.cast(g.values, values.dtype) / tf.cast(steps, values.dtype))
+                    _write(values, tf.cast(g.values, values.dtype) / tf.cast(steps, values.dtype))
                 return branch
 
             tf.switch_case(micro_step, [write(j) for j in range(steps - 1)])

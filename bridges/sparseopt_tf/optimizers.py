@@ -497,14 +497,29 @@ class Optimizer(keras.optimizers.Optimizer):
         with tf.control_dependencies([done] if done is not None else []):
             super()._update_model_variables_moving_average(trainable_variables)
 
+    def _overwrite_model_variables_with_average_value(self, trainable_variables):
+        """Keras' EMA overwrite; in a replica's context (``ema_overwrite_frequency`` under
+        ``MirroredStrategy``, where Keras runs it in a ``cond``, which cannot hold the
+        ``merge_call`` of Keras' own) each replica writes its own copy of every variable:
+        the moving averages are the same on every replica."""
+        variables = [_tf_variable(v) for v in trainable_variables]
+        if not any(_accumulate._in_replica(v) for v in variables):
+            return super()._overwrite_model_variables_with_average_value(trainable_variables)
+        for var, average in zip(variables, self._model_variables_moving_average):
+            _accumulate._write(var, tf.convert_to_tensor(_tf_variable(average)))
+        return None
+
     def _backend_apply_gradients(self, grads, trainable_variables):
         """Keras' step; with ``gradient_accumulation_steps``, ``IndexedSlices`` gradients
         are accumulated row by row (:mod:`sparseopt_tf._accumulate`), never densified.
 
-        Under a ``tf.distribute`` strategy accumulation keeps Keras' dense accumulators.
+        Under a ``tf.distribute`` strategy (in a replica's context) every gradient takes
+        that path (Keras' own accumulation cannot run there): the micro-steps' gradients
+        are all-reduced, then accumulated on every replica alike.
         """
-        if not (self.gradient_accumulation_steps and not tf.distribute.has_strategy()
-                and any(isinstance(g, tf.IndexedSlices) for g in grads)):
+        distributed = tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context()
+        if not (self.gradient_accumulation_steps
+                and (distributed or any(isinstance(g, tf.IndexedSlices) for g in grads))):
             return super()._backend_apply_gradients(grads, trainable_variables)
         _accumulate.apply(self, grads, trainable_variables)
         if self.use_ema:                                # as Keras' own step continues
@@ -527,6 +542,25 @@ class Optimizer(keras.optimizers.Optimizer):
         tf.__internal__.distribute.interim.maybe_merge_call(
             self._sparseopt_update_step, self._distribution_strategy, grads_and_vars, scalars,
             next_state)
+
+    def _replica_update_step(self, grads, trainable_variables, learning_rate):
+        """:meth:`_backend_update_step` on gradients already summed across replicas, in a
+        replica's context (inside a ``cond``: no ``merge_call``): the kernels update this
+        replica's copies (a distributed variable's handle is the replica's own here)."""
+        self._check_exact_mode_can_run()
+        pairs = [(g, _tf_variable(v)) for g, v in zip(grads, trainable_variables) if g is not None]
+        scalars = self._step_scalars(learning_rate)
+        next_state = None
+        if self._state_variables:
+            next_state = self._next_state(scalars)
+            scalars = tf.concat([scalars, next_state], 0)
+        done = self._run(pairs, scalars)
+        with tf.control_dependencies([done] if done is not None else []):
+            if done is not None:        # as _sparseopt_update_step: iterations after the kernels
+                tf.raw_ops.DisableCopyOnRead(resource=_tf_variable(self._iterations).handle)
+            if next_state is not None:
+                for i, var in enumerate(self._state_variables):
+                    _accumulate._write(var, next_state[i])
 
     def _sparseopt_update_step(self, distribution, grads_and_vars, scalars, next_state):
         pairs = [(g, v) for g, v in grads_and_vars if g is not None]

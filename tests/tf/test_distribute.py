@@ -47,6 +47,31 @@ def test_mirrored_strategy_in_exact_mode_matches_one_device_and_dense_training()
     assert float(dense[-1].split()[1]) < 1e-5
 
 
+FEATURE_NAMES = ("Adam", "SGD", "RMSprop")
+FEATURES = ("ema", "loss_scale", "mixed_float16", "multi", "accumulation")
+
+
+def test_mirrored_strategy_exact_mode_with_keras_optimizer_features():
+    """Exact mode under MirroredStrategy with each Keras 3 feature (EMA with overwrites,
+    LossScaleOptimizer in float32 and mixed_float16, MultiOptimizer next to Keras' own
+    optimizer, gradient accumulation over 4 steps) for Adam, SGD with momentum and RMSprop:
+    the replicas' copies of every model and optimizer variable are bit-identical, training
+    matches one device and Keras' optimizer with the same feature on densified gradients
+    (in mixed_float16: under the same strategy; see ``_distributed_main.features_main``),
+    and accumulation writes rows, never the table-sized accumulator."""
+    proc = subprocess.run([sys.executable, "-m", "tests.tf._distributed_main", "features",
+                           *FEATURE_NAMES, *FEATURES],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    lines = proc.stdout.splitlines()
+    failed = [line for line in lines if line.startswith("FAIL")]
+    cases = {tuple(line.split()[1:3]): [float(x) for x in line.split()[3:5]]
+             for line in lines if line.startswith("CASE")}
+    assert proc.returncode == 0 and not failed, "\n".join(failed) + proc.stderr[-3000:]
+    assert set(cases) == {(n, f) for n in FEATURE_NAMES for f in FEATURES}, lines
+    worst = {case: d for case, d in cases.items() if max(d) >= 1e-5}
+    assert not worst, worst
+
+
 # Messages of a collective runtime that cannot start (no loopback networking, ports refused).
 _NO_RUNTIME = ("Failed to bind", "Address already in use", "Connection refused", "failed to connect",
                "UNAVAILABLE", "Could not start gRPC server", "DEADLINE_EXCEEDED")
@@ -86,7 +111,9 @@ def test_multi_worker_mirrored_strategy_matches_one_device(tmp_path):
     """Two worker processes on loopback, one replica each, half of every global batch each:
     gradients are summed across workers (sparse ones by all-gather), both replicas end
     identical, and training matches one device on the whole global batches; in lazy and
-    in exact mode."""
+    in exact mode, and in exact mode with gradient accumulation over 4 steps (the run ends
+    mid-cycle: the accumulators' partial sums are compared too) and with EMA, where it also
+    matches Keras' Adam with the same feature on densified gradients."""
     outputs = _run_workers(tmp_path, timeout=150)
     ok = all(rc == 0 and "DONE" in out for rc, out, _ in outputs)
     if not ok:
@@ -97,8 +124,12 @@ def test_multi_worker_mirrored_strategy_matches_one_device(tmp_path):
                         f"gRPC between two processes failed):\n{errs[-1500:]}")
         pytest.fail(f"workers failed (exit codes {[rc for rc, _, _ in outputs]}):\n{errs}")
     results = [np.load(tmp_path / f"worker{i}.npz") for i in range(2)]
-    for name in ("Adam", "Nadam", "legacy.Adam", "exact.Adam", "exact.legacy.Adam"):
-        for part in ("table", "w"):
+    for name in ("Adam", "Nadam", "legacy.Adam", "exact.Adam", "exact.legacy.Adam",
+                 "exact.Adam+accumulation", "exact.Adam+ema"):
+        parts = ("table", "w") + (("acc",) if "accumulation" in name else ("ema",) if "ema" in name else ())
+        for part in parts:
             mine, other = results[0][f"{name}/{part}"], results[1][f"{name}/{part}"]
             np.testing.assert_array_equal(mine, other)                 # the replicas agree bit for bit
             rel_close(mine, results[0][f"{name}/ref_{part}"], np.float32)   # = one device, global batch
+            if "+" in name:     # = Keras' Adam with the feature, densified gradients, one device
+                rel_close(mine, results[0][f"{name}/keras_{part}"], np.float32)
