@@ -3,7 +3,8 @@
 AdaBelief (Zhuang et al., 2020) is Adam whose second moment tracks the "belief"
 `(g - m)^2` instead of `g^2`. Written once as a scalar rule, it gets every path the
 built-in optimizers have: dense and row-wise sparse steps on the CPU and CUDA kernels,
-`sparse_mode="lazy"` and `"exact"`, clipping, weight decay, schedules and checkpoints.
+`sparse_mode="lazy"` and `"exact"`, clipping, weight decay, schedules and checkpoints
+(and with TensorFlow, a Keras 3 class: `sparseopt_tf.keras_optimizer(AdaBelief)`).
 
 The script checks it against AdaBelief's formula in float64 NumPy (dense steps, and
 exact mode's sparse steps, which must equal dense training), then trains a small

@@ -5,7 +5,8 @@ A :class:`Rule` takes the two functions every built-in optimizer is made of
 class with everything the built-in ones have: dense and row-wise sparse steps on the CPU
 (Numba, ``parallel=True``) and on CUDA, ``sparse_mode="lazy"`` and ``"exact"`` (exact mode
 replays a row's idle steps with a zero gradient, bit for bit the dense rule), clipping,
-decoupled weight decay, schedules, ``get_config`` and checkpoints (:func:`sparseopt.save`).
+decoupled weight decay, schedules, ``get_config``, checkpoints (:func:`sparseopt.save`)
+and, through ``sparseopt_tf.keras_optimizer``, a Keras 3 class.
 
 * ``coefficients(step, learning_rate=..., other=..., ...)``: host math, once per step.
   Its keyword parameters are the optimizer's hyperparameters, with their defaults (each a

@@ -5,6 +5,8 @@
   (TensorFlow backend), for ``model.compile`` / ``model.fit`` and custom loops;
 * ``sparseopt_tf.legacy.<Name>``: ``tf_keras.optimizers.legacy.Optimizer``
   (Keras 2 ``OptimizerV2``) subclasses;
+* :func:`keras_optimizer`: the Keras 3 class of your own core optimizer
+  (:class:`sparseopt.Rule`);
 * for ``sparse_mode="exact"``: :class:`Embedding` and :func:`embedding_lookup` (lookups
   that read caught-up rows) and the :class:`ExactFlush` callback.
 
@@ -43,11 +45,11 @@ from sparseopt_tf._handover import (DeviceNotSupportedError, NotAVariableError, 
 from sparseopt_tf.callbacks import ExactFlush
 from sparseopt_tf.layers import Embedding, embedding_lookup
 from sparseopt_tf.optimizers import *  # noqa: F401,F403  (one class per core optimizer)
-from sparseopt_tf.optimizers import Optimizer
+from sparseopt_tf.optimizers import Optimizer, keras_optimizer
 
 __all__ = ["DeviceNotSupportedError", "Embedding", "ExactFlush", "ExactModeNotSupportedError",
            "NotAVariableError", "Optimizer", "StrategyNotSupportedError", "XlaNotSupportedError",
-           "embedding_lookup", "legacy"] + [
+           "embedding_lookup", "keras_optimizer", "legacy"] + [
     n for n in optimizers.__all__ if n != "Optimizer"]
 
 

@@ -33,7 +33,8 @@ from sparseopt.kernels import cpu
 
 class ExactModeNotSupportedError(errors.SparseoptError, ValueError):
     """``sparse_mode="exact"`` asked for where it cannot give dense training's results
-    (a ``tf.distribute`` strategy, EMA); raised before anything is written."""
+    (a ``tf.distribute`` strategy other than ``MirroredStrategy`` and
+    ``MultiWorkerMirroredStrategy``); raised before anything is written."""
 
 
 #: Strategies whose replicas each keep a whole copy of every variable and apply the same

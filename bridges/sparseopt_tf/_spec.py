@@ -80,7 +80,8 @@ def _is_plain_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _spec(core_class):
+def spec_of(core_class):
+    """The ``OptimizerSpec`` of a core optimizer class (built-in or a user's)."""
     params = inspect.signature(core_class.__init__).parameters
     args = tuple((p.name, p.default) for p in params.values()
                  if p.name not in _BASE_ARGS and p.kind is not inspect.Parameter.VAR_KEYWORD)
@@ -104,7 +105,7 @@ def _spec(core_class):
 
 def optimizer_specs():
     """``{class name: OptimizerSpec}`` for every optimizer the core exports."""
-    return {name: _spec(getattr(core_optimizers, name)) for name in core_optimizers.__all__}
+    return {name: spec_of(getattr(core_optimizers, name)) for name in core_optimizers.__all__}
 
 
 def rule_for(core):

@@ -976,3 +976,33 @@ __all__ = ["Optimizer"] + list(_SPECS)
 for _name, _s in _SPECS.items():
     globals()[_name] = _make_class(_s)
 del _name, _s
+
+
+def keras_optimizer(core_class):
+    """The Keras 3 optimizer class of a core optimizer class (your own, for instance).
+
+    Args:
+        core_class: a subclass of :class:`sparseopt.Optimizer`, such as the class
+            :meth:`sparseopt.Rule.optimizer_class` returns.
+
+    Returns:
+        A subclass of :class:`Optimizer` with ``core_class``'s name and arguments plus
+        Keras 3's, registered for ``.keras`` files (package ``sparseopt_tf``), made as the
+        built-in ``sparseopt_tf.<Name>`` classes are: ``model.compile(optimizer=cls())``.
+
+    Example:
+        >>> import math, sparseopt as so, sparseopt_tf
+        >>> def coefficients(step, learning_rate=0.1):
+        ...     return {"lr": learning_rate}
+        >>> def update(p, g, s0, s1, s2, c):
+        ...     return p - c.lr * g, s0, s1, s2
+        >>> Plain = so.Rule("plain_sgd", (), coefficients, update).optimizer_class("PlainSGD")
+        >>> sparseopt_tf.keras_optimizer(Plain)(learning_rate=0.5).name
+        'plain_sgd'
+    """
+    from sparseopt.optimizer import Optimizer as CoreOptimizer
+    if not (isinstance(core_class, type) and issubclass(core_class, CoreOptimizer)
+            and core_class._rule is not None):
+        raise TypeError(f"sparseopt_tf.keras_optimizer: expected a subclass of sparseopt.Optimizer "
+                        f"with a rule; got {core_class!r}")
+    return _make_class(_spec.spec_of(core_class))

@@ -1,0 +1,78 @@
+"""A user's ``sparseopt.Rule`` in Keras 3: ``sparseopt_tf.keras_optimizer`` gives its class
+the bridge's paths (``tf.function`` steps on dense and ``IndexedSlices`` gradients,
+``model.fit``, ``.keras`` files), with the core class's results."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+import numpy as np  # noqa: E402
+
+import sparseopt as so  # noqa: E402
+import sparseopt_tf  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location(
+    "custom_optimizer", pathlib.Path(__file__).resolve().parents[2] / "examples" / "custom_optimizer.py")
+example = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(example)
+KerasAdaBelief = sparseopt_tf.keras_optimizer(example.AdaBelief)
+
+
+@pytest.mark.filterwarnings("ignore:.*caught up before they are read")   # read after flush()
+@pytest.mark.parametrize("sparse_mode", ["lazy", "exact"])
+def test_graph_steps_equal_the_core_class(sparse_mode):
+    """The same dense and sparse gradients through ``tf.function`` and through the core
+    class on NumPy arrays: the same kernels, the same bits."""
+    rng = np.random.default_rng(0)
+    table0, bias0 = rng.normal(size=(30, 4)).astype(np.float32), rng.normal(size=(4,)).astype(np.float32)
+    steps = [(rng.normal(size=(6, 4)).astype(np.float32), rng.integers(0, 30, 6),
+              rng.normal(size=(4,)).astype(np.float32)) for _ in range(5)]
+    table, bias = tf.Variable(table0), tf.Variable(bias0)
+    opt = KerasAdaBelief(learning_rate=0.01, beta_2=0.99, sparse_mode=sparse_mode)
+
+    @tf.function
+    def step(values, indices, g_bias):
+        opt.apply_gradients([(tf.IndexedSlices(values, indices, tf.constant([30, 4], tf.int64)), table),
+                             (g_bias, bias)])
+
+    core_table, core_bias = table0.copy(), bias0.copy()
+    core = example.AdaBelief(learning_rate=0.01, beta_2=0.99, sparse_mode=sparse_mode)
+    for values, indices, g_bias in steps:
+        step(tf.constant(values), tf.constant(indices), tf.constant(g_bias))
+        core.apply_gradients([(so.IndexedSlices(values, indices, table0.shape), core_table), (g_bias, core_bias)])
+    if sparse_mode == "exact":
+        opt.flush()
+        core.flush()
+    np.testing.assert_array_equal(table.numpy(), core_table)
+    np.testing.assert_array_equal(bias.numpy(), core_bias)
+    np.testing.assert_array_equal(opt.get_config()["beta_2"], 0.99)
+
+
+def test_model_fit_and_a_keras_file_continue_identically(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 50, size=(64, 3)).astype(np.int32)
+    y = rng.normal(size=(64, 1)).astype(np.float32)
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,), dtype="int32"), keras.layers.Embedding(50, 4),
+                              keras.layers.Flatten(), keras.layers.Dense(1)])
+    model.compile(optimizer=KerasAdaBelief(learning_rate=0.02), loss="mse")
+    before = [w.copy() for w in model.get_weights()]
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    assert not np.array_equal(model.get_weights()[0], before[0])
+    model.save(tmp_path / "m.keras")
+    again = keras.saving.load_model(tmp_path / "m.keras")
+    assert type(again.optimizer) is KerasAdaBelief and int(again.optimizer.iterations) == 4
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    again.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    for a, b in zip(model.get_weights(), again.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_only_core_optimizer_classes_are_accepted():
+    with pytest.raises(TypeError, match="subclass of sparseopt.Optimizer"):
+        sparseopt_tf.keras_optimizer(keras.optimizers.Adam)
