@@ -15,6 +15,9 @@ order each step, each step cold (an untimed write of 3x the last-level cache fir
 :func:`peers.time_group`:
 
 * ``sparseopt, 26 tables``: one ``apply_gradients`` call with the 26 (IndexedSlices, table) pairs;
+* ``sparseopt, 26 tables, per-table path`` (with ``--before``): the same call with the optimizer's
+  private ``_batch_tables = False``, the step before the table-batched region (one plan and one
+  kernel call per table), for before/after figures in one process;
 * ``sparseopt, 1 table (control)``: one table of the same total rows (the 26 tables stacked) and
   one gradient of the same 26 x 4,096 lookups (ids shifted by each table's offset), so the same
   unique rows, the same bytes; (26-table step - control) / 25 is the fixed cost of an extra table;
@@ -120,15 +123,23 @@ class Data:
         return [self.base[self.offsets[t]:self.offsets[t + 1]].copy() for t in range(len(self.cards))]
 
 
-def make_w4(data, opt_name):
+def make_w4(data, opt_name, batched=True):
+    """The 26-table step; ``batched=False``: the per-table path (``_batch_tables = False``,
+    the step before issue 21's table-batched region: one plan and one kernel call per table)."""
     tables = data.tables()
     opt = make_optimizer(opt_name)
+    opt._batch_tables = batched and opt._batch_tables
     opt.build(tables)
     grads = [[(so.IndexedSlices(*data.per_table[t][b], tables[t].shape), tables[t])
               for t in range(len(tables))] for b in range(data.nbatches)]
+    if not batched:
+        return peers.Impl(f"sparseopt {opt.sparse_mode}, {len(tables)} tables, per-table path", "pertable",
+                          lambda b: opt.apply_gradients(grads[b]), lambda: np.concatenate(tables),
+                          note="the same call table by table (_batch_tables=False: the step before "
+                               "the table-batched region)")
     return peers.Impl(f"sparseopt {opt.sparse_mode}, {len(tables)} tables, one apply_gradients", "sparseopt",
                       lambda b: opt.apply_gradients(grads[b]), lambda: np.concatenate(tables),
-                      note=f"{len(tables)} (IndexedSlices, table) pairs per call")
+                      note=f"{len(tables)} (IndexedSlices, table) pairs per call, one parallel region")
 
 
 def make_control(data, opt_name):
@@ -200,9 +211,11 @@ def breakdown(impls, data, steps, evict_buf):
     from sparseopt import optimizer as so_opt
     from sparseopt.optimizers import _rowwise
     spent = {"plan": 0.0, "run": 0.0}
-    # (class, method) -> counter: RowwiseAdagrad's kernels run from _RowUpdate.run
+    # (class or module, name) -> counter: RowwiseAdagrad's kernels run from _RowUpdate.run,
+    # the table-batched step's from _plan_sparse and _run_tables
     patched = {(so_opt._SparseUpdate, "plan"): "plan", (so_opt._SparseUpdate, "run"): "run",
-               (_rowwise._RowUpdate, "run"): "run"}
+               (_rowwise._RowUpdate, "run"): "run", (so_opt, "_plan_sparse"): "plan",
+               (so_opt, "_run_tables"): "run"}
     originals = {key: getattr(*key) for key in patched}
 
     def wrap(key):
@@ -249,7 +262,10 @@ def run_core(args, data, opt_name, evict_buf, log):
 
     load0 = os.getloadavg()[0]
     impls, absent = [], []
-    for maker in (lambda: make_w4(data, opt_name), lambda: make_control(data, opt_name),
+    makers = [lambda: make_w4(data, opt_name)]
+    if args.before:
+        makers.append(lambda: make_w4(data, opt_name, batched=False))
+    for maker in (*makers, lambda: make_control(data, opt_name),
                   lambda: make_probe(data, nslots, nrowslots),
                   lambda: make_fbgemm(data, opt_name, hyper) if args.fbgemm else None):
         try:
@@ -275,17 +291,22 @@ def run_core(args, data, opt_name, evict_buf, log):
     ref = by["sparseopt"].read()
     if "control" in by:
         checks["26 tables vs control: max abs difference"] = float(np.max(np.abs(ref - by["control"].read())))
+    if "pertable" in by:
+        checks["26 tables vs per-table path: max abs difference"] = float(
+            np.max(np.abs(ref - by["pertable"].read())))
     if "fbgemm" in by and not by["fbgemm"].rule_differs:
         moved = float(np.max(np.abs(ref - data.base)))
         diff = float(np.max(np.abs(ref - by["fbgemm"].read())))
         checks["FBGEMM vs sparseopt: max abs difference / max update"] = diff / moved if moved else diff
-    parts = breakdown([by["sparseopt"], by["control"]], data, args.breakdown_steps, evict_buf) \
+    parts = breakdown([by[f] for f in ("sparseopt", "pertable", "control") if f in by], data,
+                      args.breakdown_steps, evict_buf) \
         if args.breakdown_steps else {}
     workload = peers.Workload("W4", data.total, data.dim, data.lookups)
     floor = statistics.mean(peers.floor_bytes(workload, nslots, k, nrowslots) for k in data.unique)
     res = {"optimizer": opt_name, "kind": type(base).__name__, "nslots": nslots, "nrowslots": nrowslots,
            "impls": [peers._summary(i) for i in impls], "absent": absent + failed, "checks": checks,
-           "breakdown": parts, "floor_bytes": floor, "load": (load0, os.getloadavg()[0])}
+           "breakdown": parts, "floor_bytes": floor, "load": (load0, os.getloadavg()[0]),
+           "tables": len(data.cards)}
     del impls, by, ref
     gc.collect()
     return res
@@ -429,11 +450,15 @@ def _med(res, family):
 
 
 def core_ratios(res):
-    w4, ctl, prb, fb = (_med(res, f) for f in ("sparseopt", "control", "probe", "fbgemm"))
+    w4, ctl, prb, fb, before = (_med(res, f) for f in ("sparseopt", "control", "probe", "fbgemm", "pertable"))
     fb_same = next((not i["rule_differs"] for i in res["impls"] if i["family"] == "fbgemm"), False)
-    return {"w4": w4, "control": ctl, "probe": prb, "fbgemm": fb, "fbgemm_same": fb_same,
+    extra = res.get("tables", 26) - 1
+    return {"w4": w4, "control": ctl, "probe": prb, "fbgemm": fb, "fbgemm_same": fb_same, "before": before,
             "w4/probe": w4 / prb, "control/probe": ctl / prb,
-            "per_table_us": (w4 - ctl) / 25 * 1e3 if ctl is not None else None,
+            "before/probe": before / prb if before is not None else None,
+            "per_table_us": (w4 - ctl) / extra * 1e3 if ctl is not None else None,
+            "per_table_us_before": (before - ctl) / extra * 1e3 if ctl is not None and before is not None
+            else None,
             "fbgemm/w4": fb / w4 if fb else None}
 
 
@@ -483,6 +508,18 @@ def report(args, argv, machine, bandwidth, data, core, keras_runs, elapsed):
             add(f"| {res['optimizer']} | {r['w4/probe']:.2f} | {r['control/probe']:.2f} | "
                 f"{r['per_table_us']:.1f} | {fb} | {checks} | {res['load'][0]:.2f}, {res['load'][1]:.2f} |")
         add("")
+        if any(core_ratios(res)["before"] is not None for res in core):
+            add("Before / after (the per-table path, `_batch_tables=False`, timed interleaved with the rest):")
+            add("")
+            add("| optimizer | per-table path / probe | batched / probe | per extra table, us: per-table path "
+                "| batched | batched / per-table path |")
+            add("|---|---:|---:|---:|---:|---:|")
+            for res in core:
+                r = core_ratios(res)
+                if r["before"] is not None:
+                    add(f"| {res['optimizer']} | {r['before/probe']:.2f} | {r['w4/probe']:.2f} | "
+                        f"{r['per_table_us_before']:.1f} | {r['per_table_us']:.1f} | {r['w4'] / r['before']:.3f} |")
+            add("")
         if any(res["breakdown"] for res in core):
             add(f"Breakdown inside `apply_gradients` ({args.breakdown_steps} more cold steps, medians, ms; "
                 "`plan` = range check + de-duplication plan of each table, `kernel` = the row kernels, "
@@ -492,7 +529,8 @@ def report(args, argv, machine, bandwidth, data, core, keras_runs, elapsed):
             add("|---|---|---:|---:|---:|---:|")
             for res in core:
                 for fam, b in res["breakdown"].items():
-                    add(f"| {res['optimizer']} | {'26 tables' if fam == 'sparseopt' else '1 table'} | "
+                    step = {"sparseopt": "26 tables", "pertable": "26 tables, per-table path"}.get(fam, "1 table")
+                    add(f"| {res['optimizer']} | {step} | "
                         f"{b['total']:.2f} | {b['plan']:.2f} | {b['kernel']:.2f} | "
                         f"{b['total'] - b['plan'] - b['kernel']:.2f} |")
             add("")
@@ -571,6 +609,8 @@ def parse_args(argv):
     ap.add_argument("--parts", default="core,keras", help="core, keras or both")
     ap.add_argument("--mlps", default="small,dlrm", help="the Keras models' MLP sizes (see MLPS)")
     ap.add_argument("--no-fbgemm", dest="fbgemm", action="store_false")
+    ap.add_argument("--before", action="store_true",
+                    help="also time the per-table path (the step before the table-batched region)")
     ap.add_argument("--report", help="write the Markdown report to this path")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
@@ -606,7 +646,9 @@ def main(argv=None):
             r = core_ratios(core[-1])
             log(f"  {name}: 26 tables {r['w4']:.2f} ms, control {r['control']:.2f}, probe {r['probe']:.2f} "
                 f"-> x{r['w4/probe']:.2f} probe, {r['per_table_us']:.1f} us per extra table"
-                + (f", FBGEMM {r['fbgemm']:.2f} ms" if r["fbgemm"] else ""))
+                + (f", FBGEMM {r['fbgemm']:.2f} ms" if r["fbgemm"] else "")
+                + (f"; per-table path {r['before']:.2f} ms, {r['per_table_us_before']:.1f} us per extra table"
+                   if r["before"] is not None else ""))
         del evict_buf
         gc.collect()
     keras_runs = []
