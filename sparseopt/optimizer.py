@@ -9,7 +9,11 @@ A step (``apply_gradients``) runs, in order:
    checked to be finite, then the rule's per-step coefficients;
 4. clipping (``clipvalue``, ``clipnorm``, ``global_clipnorm``) on the de-duplicated
    gradient, so a sparse gradient is clipped as its dense equivalent would be;
-5. one kernel call per variable: decoupled weight decay and the rule in one pass;
+5. the kernels: decoupled weight decay and the rule in one pass. In lazy mode the sparse
+   updates of NumPy variables that share a kernel configuration (rule, dtype, slots, weight
+   decay) run in one parallel region over all their tables' unique rows (:func:`_run_tables`;
+   their plans were made together in step 2, :func:`_plan_sparse`); the other variables get
+   one kernel call each;
 6. constraints, then the host state (Nadam's ``u_product``) and ``iterations`` advance.
 
 Subclasses (see :mod:`sparseopt.optimizers`) name their rule, their

@@ -224,3 +224,20 @@ def test_batched_kernels_are_cached_under_the_source_key():
     kernel = getattr(kernel, "kernel", kernel)  # under the workqueue layer: serialized
     assert SOURCE_KEY in kernel.py_func.__name__  # it inlines dedup.py's pointer and cpu.py's steps
     assert type(kernel._cache).__name__ == ("FunctionCache" if _config.CACHE else "NullCache")
+
+
+def test_a_custom_rule_runs_batched(batched_calls):
+    """A user's ``sparseopt.Rule`` (the example's AdaBelief) takes the table-batched path too."""
+    import importlib.util
+    import pathlib
+    spec = importlib.util.spec_from_file_location(
+        "custom_optimizer", pathlib.Path(__file__).resolve().parent.parent / "examples" / "custom_optimizer.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+
+    class Custom:
+        def make(self, **extra):
+            return example.AdaBelief(learning_rate=0.01, **extra)
+    steps = make_steps(2)
+    assert_same(run(Custom(), True, steps), run(Custom(), False, steps))
+    assert batched_calls
