@@ -130,8 +130,13 @@ def _exact_catch_up_template(p, s0, s1, s2, rows, every_row, last, floor, hi, hi
     count = p.shape[0] if every_row else rows.size
     redo = np.empty((cpu.PARTS, d), np.bool_)
     for t in prange(cpu.PARTS):
-        for u in range(t * count // cpu.PARTS, (t + 1) * count // cpu.PARTS):
+        stop = (t + 1) * count // cpu.PARTS
+        for u in range(t * count // cpu.PARTS, stop):
             r = np.int64(u) if every_row else rows[u]
+            if not every_row:       # random rows: ask for a later row's lines now (as the steps do)
+                ahead = u + cpu.PREFETCH_DISTANCE
+                if ahead < stop:
+                    PREFETCH(p, s0, s1, s2, p, p, p, rows[ahead])
             lo = max(last[r], floor)
             if lo < hi:
                 CATCH_ROW(p, s0, s1, s2, r, hist, lo, hi, tab[lo % n], c_idle, zero, tol, redo[t])
