@@ -13,7 +13,9 @@ A step (``apply_gradients``) runs, in order:
    updates of NumPy variables that share a kernel configuration (rule, dtype, slots, weight
    decay) run in one parallel region over all their tables' unique rows (:func:`_run_tables`;
    their plans were made together in step 2, :func:`_plan_sparse`); the other variables get
-   one kernel call each;
+   one kernel call each. :func:`run_lazy` runs this step for the core and for the
+   TensorFlow bridge's host step (``sparseopt_tf._host``), which also plans with
+   :func:`_plan_sparse`;
 6. constraints, then the host state (Nadam's ``u_product``) and ``iterations`` advance.
 
 Subclasses (see :mod:`sparseopt.optimizers`) name their rule, their
@@ -616,34 +618,9 @@ class Optimizer:
                        lambda state, update, c, wd_v, has_wd: update.run(
                            _variant.for_step(rule, c), state, c, wd_v, has_wd))
             return
-        groups = {} if self._batch_tables and len(updates) > 1 else None
-        converted = {}
-        for state, update in updates:
-            has_wd = wd != 0.0 and self._uses_weight_decay(state)
-            dtype = state.storage.dtype.type  # the variable's (a CUDA array's may not be NumPy's)
-            found = converted.get(dtype)
-            if found is None:
-                c = self._converted(coefficients, dtype)
-                found = converted[dtype] = (c, _variant.for_step(rule, c))
-            c, step_rule = found
-            if groups is not None:
-                key = _table_key(step_rule, state, update, dtype, has_wd)
-                if key is not None:
-                    group = groups.get(key)
-                    if group is None:
-                        groups[key] = group = []
-                    group.append((state, update))
-                    continue
-            update.run(step_rule, state, c, dtype(wd if has_wd else 0.0), has_wd)
-        if groups:
-            for (step_rule, dtype, has_wd, _, row_used), group in groups.items():
-                c = converted[dtype][0]
-                wd_v = dtype(wd if has_wd else 0.0)
-                if len(group) == 1:
-                    state, update = group[0]
-                    update.run(step_rule, state, c, wd_v, has_wd)
-                else:
-                    _run_tables(step_rule, group, c, wd_v, has_wd, row_used)
+        run_lazy(rule, updates, coefficients, wd,
+                 lambda state: wd != 0.0 and self._uses_weight_decay(state), self._batch_tables,
+                 self._converted)
 
     def _converted(self, coefficients, dtype):
         """``coefficients`` with each value as a ``dtype`` scalar, the kernels' argument.
@@ -873,6 +850,65 @@ def _plan_sparse(pending):
         update, num_rows = pending[min(bad)]
         _validation.plan(update.indices, num_rows, update.name)  # raises IndexOutOfRangeError
         raise AssertionError("a bad index that plans")  # pragma: no cover
+
+
+def run_lazy(rule, updates, coefficients, wd, has_wd, batch, convert=None):
+    """Step 5 of a lazy step: run the validated, planned (and clipped) ``updates``.
+
+    Shared by :meth:`Optimizer._run` and the TensorFlow bridge's host step
+    (``sparseopt_tf._host.HostStep``), so both run a step's kernels the same way.
+
+    Args:
+        rule: the rule module (the step's variant is picked per dtype here).
+        updates: ``(state, update)`` pairs: a state as :class:`~sparseopt.slots.VariableState`
+            (``var``, ``storage``, ``kernel_slot_names``, ``kernel_arrays``, ``kernel_views``,
+            ``slots``), an update a :class:`_DenseUpdate`, a planned :class:`_SparseUpdate`
+            (by ``plan`` or :func:`_plan_sparse`), a row-wise optimizer's wrapper of one
+            (``optimizers._rowwise._RowUpdate``) or a CUDA update.
+        coefficients: the rule's ``Coefficients`` of this step (floats).
+        wd: ``weight_decay * learning_rate`` (a float).
+        has_wd: ``has_wd(state)``: whether weight decay applies to that variable's kernel.
+        batch: whether lazy sparse updates of NumPy variables that share a kernel
+            configuration (:func:`_table_key`) run in one parallel region
+            (:func:`_run_tables`); a configuration with one table, and every other update,
+            runs on its own (``update.run``). The same bits either way.
+        convert: ``convert(coefficients, dtype)``: the coefficients as ``dtype`` scalars
+            (default: converted value by value; the core keeps its last conversion).
+    """
+    if convert is None:
+        convert = _convert
+    groups = {} if batch and len(updates) > 1 else None
+    converted = {}
+    for state, update in updates:
+        uses_wd = has_wd(state)
+        dtype = state.storage.dtype.type  # the variable's (a CUDA array's may not be NumPy's)
+        found = converted.get(dtype)
+        if found is None:
+            c = convert(coefficients, dtype)
+            found = converted[dtype] = (c, _variant.for_step(rule, c))
+        c, step_rule = found
+        if groups is not None:
+            key = _table_key(step_rule, state, update, dtype, uses_wd)
+            if key is not None:
+                group = groups.get(key)
+                if group is None:
+                    groups[key] = group = []
+                group.append((state, update))
+                continue
+        update.run(step_rule, state, c, dtype(wd if uses_wd else 0.0), uses_wd)
+    if groups:
+        for (step_rule, dtype, uses_wd, _, row_used), group in groups.items():
+            c = converted[dtype][0]
+            wd_v = dtype(wd if uses_wd else 0.0)
+            if len(group) == 1:
+                state, update = group[0]
+                update.run(step_rule, state, c, wd_v, uses_wd)
+            else:
+                _run_tables(step_rule, group, c, wd_v, uses_wd, row_used)
+
+
+def _convert(coefficients, dtype):
+    return type(coefficients)(*(dtype(x) for x in coefficients))
 
 
 def _table_key(rule, state, update, dtype, has_wd):
