@@ -7,6 +7,14 @@ core's own (:mod:`sparseopt._validation`, the functions ``sparseopt.Optimizer``
 runs), so a bad input raises the same error with the same message as in the core.
 As there, every input is validated and every sparse gradient is planned (duplicates
 grouped, indices range-checked) before the first write, so a bad step changes nothing.
+
+The step itself is the core's: each job becomes the core's update
+(``sparseopt.optimizer._SparseUpdate`` / ``_DenseUpdate``, a row-wise rule's wrapped in
+``sparseopt.optimizers._rowwise._RowUpdate``) on a :class:`_State` that shows the core
+this hand-over's views, the sparse jobs' plans are made together
+(``sparseopt.optimizer._plan_sparse``), and the kernels run by
+``sparseopt.optimizer.run_lazy`` (the lazy sparse jobs of one kernel configuration in one
+parallel region) or, in exact mode, by :func:`sparseopt._exact.run`.
 """
 
 import math
@@ -16,8 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from sparseopt import _config, _validation, errors
+from sparseopt import optimizer as _core
 from sparseopt.indexed_slices import IndexedSlices
 from sparseopt.kernels import cpu
+from sparseopt.optimizers._rowwise import _RowUpdate
 from sparseopt.rules import _variant
 from sparseopt_tf import _exact
 
@@ -82,6 +92,7 @@ class HostStep:
         self._threads = _config.StepThreads()  # the thread count's measurements (sparseopt._config)
         #: ``sparse_mode="exact"``: the exact-mode states (:class:`sparseopt_tf._exact.ExactBook`).
         self.exact = _exact.ExactBook(core) if core.sparse_mode == "exact" else None
+        self._slot_names = {}  # id(Job) -> (Job, kept slot names, kept row slot names)
 
     def _hypers(self, scalars, with_state):
         """``(step, weight_decay * lr, {name: value})`` from a scalars vector, checked finite."""
@@ -126,7 +137,7 @@ class HostStep:
         if sum(job.num_arrays for job in jobs) != len(arrays):
             raise ValueError(f"{self.core.name}: internal error: {len(arrays)} arrays for "
                              f"{sum(job.num_arrays for job in jobs)} expected")
-        planned = [self._validate(job, group) for job, group in zip(jobs, _groups(jobs, arrays))]
+        updates = self._validate(jobs, arrays)
         if type(self.core)._zero_learning_rate_is_no_step and hypers["learning_rate"] == 0.0:
             # As in the core (Ftrl, whose rule divides by the learning rate): a valid step
             # at learning rate 0 writes nothing; the optimizer's iterations still advance.
@@ -135,18 +146,18 @@ class HostStep:
 
         # Every input is valid: from here on the step runs to completion, with as many of
         # Numba's threads as its work warrants (sparseopt._config.enter_step).
-        threads = _config.enter_step(_work(jobs, planned), self._threads)
+        threads = _config.enter_step(_work(updates), self._threads)
         try:
+            if self.rowwise:  # the core's row-reduction kernels (sparseopt.optimizers._rowwise)
+                updates = [(state, _RowUpdate(update, state.row_slots)) for state, update in updates]
             if self.exact is not None:
-                updates = [(self.exact_variable(job, group), _Update.of(job, plan))
-                           for job, group, plan in zip(jobs, _groups(jobs, arrays), planned)]
-                self.exact.step(updates, coefficients, wd_lr, _SparseUpdate,
-                                lambda _, u, c, wd, has_wd: self._run_job(u.job, u.plan, c, wd))
-                return np.int32(0)
-            for job, plan in zip(jobs, planned):
-                dtype = plan[0].dtype.type
-                c = type(coefficients)(*(dtype(x) for x in coefficients))
-                self._run_job(job, plan, c, dtype(wd_lr if job.has_wd else 0.0))
+                rule = self.rule
+                self.exact.step(updates, coefficients, wd_lr, _core._SparseUpdate,
+                                lambda state, update, c, wd, has_wd: update.run(
+                                    _variant.for_step(rule, c), state, c, wd, has_wd))
+            else:
+                _core.run_lazy(self.rule, updates, coefficients, wd_lr, _has_wd,
+                               self.core._batch_tables)
             return np.int32(0)
         finally:
             _config.leave_step(threads)
@@ -157,24 +168,39 @@ class HostStep:
         return _exact.Variable(job.key, group[0], job.name,
                                dict(zip(names, group[1:1 + job.nslots])), job.has_wd)
 
-    def _run_job(self, job, plan, c, wd):
-        """One job's kernel, the lazy way (``c`` and ``wd`` in the variable's dtype)."""
-        var = plan[0]
-        if self.rowwise:
-            self._run_rowwise(job, plan, c, wd)
-        elif job.sparse:
-            _, slots, _, (rows, offsets, order, values) = plan
-            if rows.size:
-                kernel = cpu.sparse_kernel(_variant.for_step(self.rule, c), job.used, job.has_wd)
-                kernel(var, *_place(slots, job.used, var), rows, offsets, order, values, c, wd)
+    def _validate(self, jobs, arrays):
+        """Every job's arrays checked with the core's checks, every sparse gradient planned,
+        as the core's ``Optimizer._validate`` does it: the plans of a step's sparse jobs made
+        together (``sparseopt.optimizer._plan_sparse``), and the first bad job in order
+        raises, before anything is written. Returns the core's ``(state, update)`` pairs."""
+        batch = self.core._batch_tables and len(jobs) > 1
+        pending = []   # sparse updates whose plans are made together, once all are checked
+        updates = []
+        try:
+            for job, group in zip(jobs, _groups(jobs, arrays)):
+                state = self._state(job, group)
+                var = state.var
+                if job.sparse:
+                    update = _core._SparseUpdate.validate(IndexedSlices(group[-2], group[-1]),
+                                                          var, job.name)
+                    if batch:
+                        pending.append((update, var.shape[0]))
+                    else:
+                        update.plan(var)
+                else:
+                    update = _core._DenseUpdate.validate(group[-1], var, job.name)
+                updates.append((state, update))
+        except Exception as exc:  # planned outside the handler: no chained traceback
+            error = exc
         else:
-            _, slots, _, g = plan
-            kernel = cpu.dense_kernel(_variant.for_step(self.rule, c), job.used, job.has_wd)
-            kernel(var, g, *_place(slots, job.used, var), c, wd)
+            error = None
+        _core._plan_sparse(pending)  # raises for the first bad index of the jobs before `error`
+        if error is not None:
+            raise error
+        return updates
 
-    def _validate(self, job, group):
-        """Check one job's arrays with the core's checks; returns ``(var, slots, row slots,
-        gradient)`` reshaped for the kernels (a sparse gradient as its plan)."""
+    def _state(self, job, group):
+        """One job's variable and slots, checked, as a :class:`_State`."""
         var = group[0]
         slots = group[1:1 + job.nslots]
         row_slots = group[1 + job.nslots:1 + job.nslots + job.nrowslots]
@@ -189,51 +215,71 @@ class HostStep:
                 raise errors.ShapeMismatchError(
                     f"{job.name!r}: a row slot has shape {s.shape} and dtype {s.dtype}; expected "
                     f"{var.shape[:1]} and {var.dtype}")
-        num_rows = var.shape[0] if var.ndim else 1
-        width = math.prod(var.shape[1:])
-        if job.sparse:
-            values, indices = _validation.sparse_gradient(IndexedSlices(group[-2], group[-1]), var, job.name)
-            rows, offsets, order = _validation.plan(indices, num_rows, job.name)
-            gradient = (rows, offsets, order, values)
-        else:
-            gradient = _validation.dense_gradient(group[-1], var, job.name)
-        shape = (num_rows, width) if self.rowwise or job.sparse else (-1,)
-        if not job.sparse:
-            gradient = gradient.reshape(shape)
-        rows1d = [r.reshape(num_rows) for r in row_slots]
-        return var.reshape(shape), [s.reshape(shape) for s in slots], rows1d, gradient
+        names, row_names = self._names(job)
+        return _State(job, var, dict(zip(names, slots)),
+                      dict(zip(row_names, row_slots)) if self.rowwise else None)
 
-    def _run_rowwise(self, job, plan, c, wd):
-        """The core's row-reduction kernels (as ``sparseopt.optimizers._rowwise`` runs them)."""
-        p, slots, row_slots, gradient = plan
-        num_rows, width = p.shape
-        rule = _variant.for_step(self.rule, c)
-        placeholder = p[:, 0] if width else p.reshape(num_rows)
-        rows_args = _place(row_slots, job.row_used, placeholder)
-        width = type(wd)(width)
-        if job.sparse:
-            rows, offsets, order, values = gradient
-            if rows.size:
-                kernel = cpu.row_sparse_kernel(rule, job.used, job.row_used, job.has_wd)
-                kernel(p, *_place(slots, job.used, p), *rows_args, rows, offsets, order, values,
-                       c, wd, width)
-        else:
-            kernel = cpu.row_dense_kernel(rule, job.used, job.row_used, job.has_wd)
-            kernel(p, gradient, *_place(slots, job.used, p), *rows_args, c, wd, width)
+    def _names(self, job):
+        """``(slot names, row slot names)`` of a job's kept slots, in the rule's order."""
+        found = self._slot_names.get(id(job))
+        if found is None or found[0] is not job:
+            found = self._slot_names[id(job)] = (
+                job, tuple(n for n, u in zip(self.rule.SLOTS, job.used) if u),
+                tuple(n for n, u in zip(getattr(self.rule, "ROW_SLOTS", ()), job.row_used or ()) if u))
+        names = found[1:]
+        return names
 
 
-def _work(jobs, planned):
+class _State:
+    """One variable of one hand-over, as the core's :class:`~sparseopt.slots.VariableState`
+    (what ``sparseopt.optimizer.run_lazy`` and :func:`sparseopt._exact.run` read): the
+    hand-over's views of the variable and its kept slots. The views are new at each
+    hand-over, so nothing is kept from one step to the next (``kernel_views`` makes them)."""
+
+    __slots__ = ("key", "var", "name", "slots", "kernel_slot_names", "row_slots", "has_wd")
+
+    def __init__(self, job, var, slots, row_slots):
+        self.key = job.key
+        self.var = var
+        self.name = job.name
+        self.kernel_slot_names = tuple(slots)       # the kept element slots
+        self.row_slots = row_slots                  # {name: (rows,) view} (row-wise rules)
+        self.slots = {**slots, **row_slots} if row_slots else slots  # {name: view}, all kept
+        self.has_wd = job.has_wd
+
+    @property
+    def storage(self):
+        """The core reads the slots' dtype here (its slot storage has the variable's)."""
+        return self.var
+
+    def kernel_arrays(self, rule_slots, shape):
+        """``(p, (s0, s1, s2), used)`` reshaped to ``shape``, as ``VariableState.kernel_arrays``."""
+        p = self.var.reshape(shape)
+        slots, used = cpu.place(rule_slots, {n: self.slots[n].reshape(shape)
+                                             for n in self.kernel_slot_names}, p)
+        return p, slots, used
+
+    def kernel_views(self, key, make):
+        return make()
+
+
+def _has_wd(state):
+    """Whether decoupled weight decay applies to a job's kernel (its ``Job.has_wd``)."""
+    return state.has_wd
+
+
+def _work(updates):
     """The elements the step's kernels touch (as ``sparseopt.optimizer._work`` counts them)."""
     work = 0
-    for job, (var, _, _, gradient) in zip(jobs, planned):
-        slots = 2 + 2 * (job.nslots + job.nrowslots)
-        if job.sparse:
-            rows, _, _, values = gradient
+    for state, update in updates:
+        slots = 2 + 2 * len(state.slots)
+        if type(update) is _core._SparseUpdate:
+            values = update.values
             n = values.shape[0]
             if n:
-                work += values.size + slots * (values.size // n) * rows.size
+                work += values.size + slots * (values.size // n) * update.rows.size
         else:
-            work += (1 + slots) * var.size
+            work += (1 + slots) * state.var.size
     return work
 
 
@@ -243,34 +289,3 @@ def _groups(jobs, arrays):
     for job in jobs:
         yield arrays[pos:pos + job.num_arrays]
         pos += job.num_arrays
-
-
-class _Update:
-    """A validated job as :func:`sparseopt._exact.run` sees an update (``plan``: ``_validate``'s)."""
-
-    __slots__ = ("job", "plan")
-
-    def __init__(self, job, plan):
-        self.job = job
-        self.plan = plan
-
-    @staticmethod
-    def of(job, plan):
-        return (_SparseUpdate if job.sparse else _Update)(job, plan)
-
-
-class _SparseUpdate(_Update):
-    """A sparse job: the de-duplication plan is the core's ``rows``, ``offsets``, ``order``, ``values``."""
-
-    __slots__ = ()
-
-    rows = property(lambda self: self.plan[3][0])
-    offsets = property(lambda self: self.plan[3][1])
-    order = property(lambda self: self.plan[3][2])
-    values = property(lambda self: self.plan[3][3])
-
-
-def _place(slots, used, placeholder):
-    """The three slot arguments in ``SLOTS`` order: kept slots, ``placeholder`` for the others."""
-    kept = iter(slots)
-    return [next(kept) if u else placeholder for u in used]
