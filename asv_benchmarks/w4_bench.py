@@ -43,7 +43,11 @@ both by default). Timed per ``train_on_batch`` call, all four alternating in a f
 order each step: ``sparseopt_tf.Adam`` and a *sink* optimizer (a Keras 3 optimizer whose
 ``apply`` reduces every gradient to one scalar and updates nothing: the model's floor) on the
 Keras 3 model, ``sparseopt_tf.legacy.Adam`` and a tf_keras sink (an OptimizerV2 doing the same)
-on the same model built with tf_keras. The time inside the bridge's host step is reported too.
+on the same model built with tf_keras. With ``--before`` the two sparseopt classes run a
+second time with the host step's per-table path (the core's ``_batch_tables = False``: one plan
+and one kernel call per table), alternating with the rest, and their tables are checked to equal
+the batched ones' bit for bit. The time inside the bridge's host step is reported per call, split
+into validation, de-duplication plans and kernels (:class:`HostParts`).
 
 Needs torch and fbgemm-gpu-cpu for the FBGEMM rows (absent: skipped with the reason).
 """
@@ -383,13 +387,70 @@ def legacy_sink_optimizer():
 
 KERAS3, SINK, LEGACY, LEGACY_SINK = ("sparseopt_tf.Adam (Keras 3)", "sink (Keras 3, updates nothing)",
                                      "sparseopt_tf.legacy.Adam (tf_keras)", "sink (tf_keras, updates nothing)")
+KERAS3_PT, LEGACY_PT = ("sparseopt_tf.Adam (Keras 3), per-table host step",
+                        "sparseopt_tf.legacy.Adam (tf_keras), per-table host step")
+
+#: The parts of the bridge's host step timed per ``train_on_batch`` call (HostParts).
+HOST_PARTS = ("host", "validate", "plan", "run")
+
+
+class HostParts:
+    """Seconds per ``train_on_batch`` call inside the bridge's host step (``host``: all of
+    ``HostStep.__call__``), its validation (``validate``: the checks and the plans), the
+    de-duplication plans (``plan``: ``optimizer._plan_sparse``, or ``_SparseUpdate.plan`` table
+    by table on the per-table path) and the kernels (``run``:
+    ``optimizer.run_lazy``, with its Python), by wrapping those functions. The models run
+    one at a time: :meth:`call` names the one that runs."""
+
+    def __init__(self):
+        from sparseopt_tf import _host
+
+        import sparseopt.optimizer as so_opt
+        self.calls = {}          # config name -> [{part: seconds}, one per call]
+        self._now = None
+        self._originals = []
+        for owner, attr, part in ((_host.HostStep, "__call__", "host"),
+                                  (_host.HostStep, "_validate", "validate"),
+                                  (so_opt, "_plan_sparse", "plan"), (so_opt._SparseUpdate, "plan", "plan"),
+                                  (so_opt, "run_lazy", "run")):
+            original = getattr(owner, attr)
+            self._originals.append((owner, attr, original))
+            setattr(owner, attr, self._wrap(original, part))
+
+    def _wrap(self, original, part):
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                if self._now is not None:
+                    self._now[part] = self._now.get(part, 0.0) + time.perf_counter() - t
+        return timed
+
+    def call(self, name):
+        """Times from here on belong to a new call of ``name`` (``None``: to nobody)."""
+        if name is None:
+            self._now = None
+            return
+        self._now = {}
+        self.calls.setdefault(name, []).append(self._now)
+
+    def medians(self, name):
+        """``{part: median ms per call}`` of ``name``'s calls, or None if it never ran a host step."""
+        calls = self.calls.get(name) or []
+        if not any(calls):
+            return None
+        return {part: statistics.median(c.get(part, 0.0) for c in calls) * 1e3 for part in HOST_PARTS}
+
+    def restore(self):
+        for owner, attr, original in self._originals:
+            setattr(owner, attr, original)
 
 
 def run_keras(args, mlp, log):
     import keras
     import tf_keras
 
-    import bridge_bench
     import sparseopt_tf
     cards = cardinalities(args.keras_cap, args.tables)
     batch, nb = args.keras_batch, 8
@@ -403,6 +464,9 @@ def run_keras(args, mlp, log):
                (SINK, keras, sink_optimizer),
                (LEGACY, tf_keras, lambda: sparseopt_tf.legacy.Adam(1e-3)),
                (LEGACY_SINK, tf_keras, legacy_sink_optimizer)]
+    if args.before:  # the host step's per-table path (one plan and one kernel call per table)
+        configs[1:1] = [(KERAS3_PT, keras, lambda: _per_table(sparseopt_tf.Adam(1e-3)))]
+        configs[4:4] = [(LEGACY_PT, tf_keras, lambda: _per_table(sparseopt_tf.legacy.Adam(1e-3)))]
     made = {}
     for name, k, make in configs:
         log(f"  Keras ({mlp} MLP): building {name}")
@@ -413,30 +477,45 @@ def run_keras(args, mlp, log):
         for b in range(args.keras_warmup):
             model.train_on_batch(*batches[b % nb])
         made[name] = (model, opt, [])
-    host = bridge_bench.HostTimes()
+    host = HostParts()
     loads = [os.getloadavg()[0]]
     order_rng = np.random.default_rng(54321)
     try:
         for s in range(args.keras_steps):
             xb, yb = batches[(args.keras_warmup + s) % nb]
             for i in order_rng.permutation(len(made)):
-                model, opt, times = made[list(made)[i]]
+                name = list(made)[i]
+                model, opt, times = made[name]
+                host.call(name)
                 t = time.perf_counter()
                 model.train_on_batch(xb, yb)
                 times.append(time.perf_counter() - t)
+                host.call(None)
             loads.append(os.getloadavg()[0])
     finally:
         host.restore()
     out = {}
     for name, (model, opt, times) in made.items():
-        hs = getattr(opt, "_host", None)
-        core = id(hs.core) if hs is not None else None
         out[name] = {"median": statistics.median(times) * 1e3, "min": min(times) * 1e3,
-                     "max": max(times) * 1e3, "n": len(times),
-                     "host": host.step.get(core, 0.0) / len(times) * 1e3 if core else None}
+                     "max": max(times) * 1e3, "n": len(times), "parts": host.medians(name)}
+        out[name]["host"] = out[name]["parts"]["host"] if out[name]["parts"] else None
+    if args.before:  # the batched and per-table host steps gave the same tables
+        out[KERAS3]["same_as_per_table"] = _same_tables(made[KERAS3][0], made[KERAS3_PT][0])
+        out[LEGACY]["same_as_per_table"] = _same_tables(made[LEGACY][0], made[LEGACY_PT][0])
     del made
     gc.collect()
     return {"configs": out, "cards": cards, "batch": batch, "mlp": mlp, "load": (min(loads), max(loads))}
+
+
+def _per_table(opt):
+    """``opt`` with its host step on the per-table path (the core's ``_batch_tables = False``)."""
+    opt._host.core._batch_tables = False
+    return opt
+
+
+def _same_tables(a, b):
+    """Whether two models trained on the same batches hold the same weights, bit for bit."""
+    return all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights()))
 
 
 # ---------------------------------------------------------------------------- report
@@ -544,11 +623,22 @@ def report(args, argv, machine, bandwidth, data, core, keras_runs, elapsed):
             f"`train_on_batch` calls per optimizer, alternating in a fresh random order each step; "
             f"1-minute load {keras_res['load'][0]:.2f} to {keras_res['load'][1]:.2f}.")
         add("")
-        add("| optimizer | median step | min | max | host step per call |")
-        add("|---|---:|---:|---:|---:|")
+        sink = {name: c[LEGACY_SINK if "tf_keras" in name else SINK]["median"] for name in c}
+        add("| optimizer | median step | min | max | / its sink | host step per call | validate "
+            "(incl. plan) | plan | kernels (run_lazy) | step - sink - host step |")
+        add("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for name, v in c.items():
-            host = f"{v['host']:.2f} ms" if v["host"] is not None else "-"
-            add(f"| {name} | {v['median']:.1f} ms | {v['min']:.1f} | {v['max']:.1f} | {host} |")
+            p = v["parts"]
+            parts = (f"{p['host']:.2f} | {p['validate']:.2f} | {p['plan']:.2f} | {p['run']:.2f} | "
+                     f"{v['median'] - sink[name] - p['host']:.2f}" if p else "- | - | - | - | -")
+            add(f"| {name} | {v['median']:.1f} | {v['min']:.1f} | {v['max']:.1f} | "
+                f"{v['median'] / sink[name]:.3f} | {parts} |")
+        add("")
+        add("Times in ms; the host step's parts are medians per call (`validate` includes `plan`).")
+        same = {n: v["same_as_per_table"] for n, v in c.items() if "same_as_per_table" in v}
+        if same:
+            add("Batched and per-table host steps, same tables after the run: "
+                + ", ".join(f"{n}: {'bit for bit' if ok else 'DIFFERENT'}" for n, ok in same.items()) + ".")
         add("")
     add("## Targets (issue 21)")
     add("")
@@ -610,7 +700,8 @@ def parse_args(argv):
     ap.add_argument("--mlps", default="small,dlrm", help="the Keras models' MLP sizes (see MLPS)")
     ap.add_argument("--no-fbgemm", dest="fbgemm", action="store_false")
     ap.add_argument("--before", action="store_true",
-                    help="also time the per-table path (the step before the table-batched region)")
+                    help="also time the per-table path (the step before the table-batched region; "
+                         "in the Keras part, the bridge's host step on that path)")
     ap.add_argument("--report", help="write the Markdown report to this path")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
