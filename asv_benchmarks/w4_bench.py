@@ -411,7 +411,8 @@ class HostParts:
         self._originals = []
         for owner, attr, part in ((_host.HostStep, "__call__", "host"),
                                   (_host.HostStep, "_validate", "validate"),
-                                  (so_opt, "_plan_sparse", "plan"), (so_opt._SparseUpdate, "plan", "plan"),
+                                  (so_opt, "_plan_sparse", "plan"),
+                                  (so_opt._SparseUpdate, "plan", "plan"),
                                   (so_opt, "run_lazy", "run")):
             original = getattr(owner, attr)
             self._originals.append((owner, attr, original))
