@@ -404,3 +404,37 @@ def test_constraints_run_on_16_bit_rows_and_a_failing_one_undoes_the_step():
     with pytest.raises(errors.ConstraintError):
         opt.apply_gradients([(g, table)], constraints=[(table, lambda rows: None)])
     assert same16(table, before) and opt.iterations == 1
+
+
+def test_the_benchmark_script_runs_tiny():
+    """asv_benchmarks/lowp_bench.py (W1 lazy Adam, 16-bit against float32 tables) on a tiny table."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, os.path.join(root, "asv_benchmarks", "lowp_bench.py"), "--rows", "2000",
+                           "--lookups", "64", "--steps", "2"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "table," in line]
+    assert len(rows) == 3 and "| float32 table | " in proc.stdout
+
+
+def test_a_custom_rule_runs_on_16_bit_variables():
+    """sparseopt.Rule's optimizers get the same 16-bit path: the float32 step, rounded."""
+    def coefficients(step, learning_rate=0.1, decay=0.5):
+        return {"lr": learning_rate, "decay": decay}
+
+    def update(p, g, m, unused1, unused2, c):
+        m = m * c.decay + g
+        return p - c.lr * m, m, unused1, unused2
+
+    Momentum = so.Rule("momentum16", ("m",), coefficients, update).optimizer_class("Momentum16")
+    rng = np.random.default_rng(13)
+    t16 = rng.normal(size=(5, 3)).astype(BF16)
+    t32 = t16.astype(np.float32)
+    g = so.IndexedSlices(rng.normal(size=(2, 3)).astype(np.float32), np.array([0, 2]))
+    Momentum(seed=4).apply_gradients([(g, t16)])
+    Momentum().apply_gradients([(g, t32)])
+    expected = t32.astype(BF16)      # untouched rows: the 16-bit values they held (exact)
+    expected[[0, 2]] = rounded_reference(t32, BF16, seed=4, step=1, stochastic=True)[[0, 2]]
+    assert same16(t16, expected)
