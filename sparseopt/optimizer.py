@@ -76,6 +76,10 @@ class Optimizer:
         stochastic_rounding: round the new values of 16-bit variables stochastically
             (unbiased: up with probability equal to the dropped fraction), the default;
             False rounds to nearest, ties to even. No effect on float32/float64 variables.
+        slot_dtype: the slots of 16-bit variables: None or ``"float32"`` (the default), or
+            ``"bfloat16"`` (half the memory; rounded like the variable, stochastically by
+            default). Float32 and float64 variables keep slots of their own dtype, and
+            row-wise state (``RowwiseAdagrad``) stays float32.
         seed: an integer in ``[0, 2**63)``, the seed of the stochastic rounding's random
             bits (part of the config). Defaults to 0: two runs with the same inputs are
             identical bit for bit unless given different seeds.
@@ -130,7 +134,7 @@ class Optimizer:
     def __init__(self, learning_rate, name, *, weight_decay=None, clipnorm=None,
                  clipvalue=None, global_clipnorm=None, gradient_aggregator=None,
                  gradient_transformers=None, sparse_mode="lazy", exact_history=None,
-                 stochastic_rounding=True, seed=0, _legacy=False, **kwargs):
+                 stochastic_rounding=True, slot_dtype=None, seed=0, _legacy=False, **kwargs):
         if kwargs:
             raise TypeError(f"{type(self).__name__}: unexpected keyword arguments "
                             f"{sorted(kwargs)}")
@@ -159,6 +163,7 @@ class Optimizer:
         self.gradient_transformers = list(gradient_transformers or [])
         self.stochastic_rounding = stochastic_rounding
         self.seed = _check_seed(name, seed)
+        self.slot_dtype = _check_slot_dtype(name, slot_dtype)
         self._iterations = np.zeros((), np.int64)
         self._converted_last = {}  # dtype -> (coefficients' key, the same as dtype scalars)
         self._states = {}          # id(var) -> VariableState, in build order
@@ -310,7 +315,7 @@ class Optimizer:
         state = self._states.get(id(var))  # the state holds var, so its id stays unique
         if state is None:
             state = VariableState(var, name or self._default_name(var), self._slot_names(),
-                                  self._slot_initial_value, self._rule.SLOTS)
+                                  self._slot_initial_value, self._rule.SLOTS, slot_dtype=self.slot_dtype)
             self._states[id(var)] = state
             self._weights.extend((state, slot_name) for slot_name in self._slot_names())
         return state
@@ -418,7 +423,7 @@ class Optimizer:
         config.update(weight_decay=self.weight_decay, clipnorm=self.clipnorm,
                       global_clipnorm=self.global_clipnorm, clipvalue=self.clipvalue,
                       sparse_mode=self.sparse_mode, stochastic_rounding=self.stochastic_rounding,
-                      seed=self.seed)
+                      slot_dtype=self.slot_dtype, seed=self.seed)
         if self.sparse_mode == "exact":
             config["exact_history"] = self.exact_history
         if self._legacy:
@@ -544,7 +549,7 @@ class Optimizer:
             if state.kind is not None:
                 if key is None:
                     key = lowp.step_key(self.seed, step)
-                state.lowp = (state.kind, self.stochastic_rounding)
+                state.lowp = (state.kind, self.stochastic_rounding, state.slot_kind)
                 state.rounding_key = key
 
     def _validate(self, pairs):
@@ -785,7 +790,7 @@ class _DenseUpdate:
 
     def run(self, rule, state, c, wd, has_wd):
         p, slots, used = state.kernel_arrays(rule.SLOTS, (-1,))
-        rounding, c = state.kernel_step(c)
+        rounding, c = kernel_step(state, c)
         cpu.dense_kernel(rule, used, has_wd, rounding)(p, self.values.reshape(-1), *slots, c, wd)
 
     def constrain(self, var, fn):
@@ -829,7 +834,7 @@ class _SparseUpdate:
         if self.rows.size == 0:
             return
         p, slots, used = state.kernel_arrays(rule.SLOTS, (state.var.shape[0], self.values.shape[1]))
-        rounding, c = state.kernel_step(c)
+        rounding, c = kernel_step(state, c)
         cpu.sparse_kernel(rule, used, has_wd, rounding)(p, *slots, self.rows, self.offsets, self.order,
                                                         self.values, c, wd)
 
@@ -916,7 +921,8 @@ def run_lazy(rule, updates, coefficients, wd, has_wd, batch, convert=None):
     converted = {}
     for state, update in updates:
         uses_wd = has_wd(state)
-        dtype = state.storage.dtype.type  # the variable's (a CUDA array's may not be NumPy's)
+        # the variable's (float32 for a 16-bit one; a CUDA array's may not be NumPy's)
+        dtype = getattr(state, "math_dtype", None) or state.storage.dtype.type
         found = converted.get(dtype)
         if found is None:
             c = convert(coefficients, dtype)
@@ -942,6 +948,13 @@ def run_lazy(rule, updates, coefficients, wd, has_wd, batch, convert=None):
                 _run_tables(step_rule, group, c, wd_v, uses_wd, row_used)
 
 
+def kernel_step(state, c):
+    """``(lowp, c)`` for a kernel on ``state``'s variable (:meth:`VariableState.kernel_step`:
+    ``(None, c)`` for a float32/float64 variable, or a state without it)."""
+    step = getattr(state, "kernel_step", None)
+    return (None, c) if step is None else step(c)
+
+
 def _convert(coefficients, dtype):
     return type(coefficients)(*(dtype(x) for x in coefficients))
 
@@ -957,8 +970,8 @@ def _table_key(rule, state, update, dtype, has_wd):
         if type(inner) is not _SparseUpdate or 0 in state.var.shape[1:]:
             return None
         row_names = tuple(update.row_slots)
-    if not inner.rows.size or type(state.var) is not np.ndarray:
-        return None
+    if not inner.rows.size or type(state.var) is not np.ndarray or getattr(state, "kind", None) is not None:
+        return None  # (a 16-bit variable runs on its own: the batched kernels take one dtype)
     return rule, dtype, has_wd, state.kernel_slot_names, row_names
 
 
@@ -1097,6 +1110,18 @@ def _check_seed(opt_name, seed):
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
         raise errors.HyperparameterError(f"{opt_name}: seed must be an integer in [0, 2**63); got {seed!r}")
     return seed
+
+
+def _check_slot_dtype(opt_name, slot_dtype):
+    """``slot_dtype`` as None (float32 slots for 16-bit variables) or ``"bfloat16"``."""
+    name = None if slot_dtype is None else (slot_dtype if isinstance(slot_dtype, str) else
+                                            getattr(slot_dtype, "__name__", str(slot_dtype)))
+    if name is None or name == "float32":
+        return None
+    if name == "bfloat16" and lowp.BFLOAT16 is not None:
+        return "bfloat16"
+    raise errors.HyperparameterError(
+        f"{opt_name}: slot_dtype must be None, 'float32' or 'bfloat16' (ml_dtypes installed); got {slot_dtype!r}")
 
 
 def _check_optional_positive(opt_name, key, value):

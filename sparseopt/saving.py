@@ -108,7 +108,7 @@ def save(path, optimizer, variables=None):
                     "variable": by_id.get(id(s.var))} for s in states],
     }
     arrays = {_HEADER: np.frombuffer(json.dumps(header).encode("utf-8"), np.uint8)}
-    arrays.update({f"weight_{i}": w for i, w in enumerate(weights)})
+    arrays.update({f"weight_{i}": _storable(w) for i, w in enumerate(weights)})
     arrays.update({f"variable_{i}": _storable(v) for i, v in enumerate(host_vars)})
     _atomic_write(os.fspath(path), arrays)
 
@@ -312,7 +312,7 @@ def _read(path):
                 raise errors.ConfigError(f"{path}: saved in format version {header.get('version')}; "
                                          f"this sparseopt reads version {VERSION}")
             _check_header(path, header)
-            weights = [data[f"weight_{i}"] for i in range(len(header["weights"]))]
+            weights = [_restored(d, data[f"weight_{i}"]) for i, d in enumerate(header["weights"])]
             info = header["variables"]
             saved_vars = [_restored(d, data[f"variable_{i}"]) for i, d in enumerate(info["arrays"])] if info else []
     except errors.ConfigError:

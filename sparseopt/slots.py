@@ -5,8 +5,9 @@ allocates one C-contiguous array of shape ``(2, *S)``; ``get_slot(var, "m")`` is
 view ``storage[0]``. The kernels read and write ``storage`` directly. Slots added by
 ``add_slot`` that the rule does not use are separate arrays.
 
-A 16-bit variable (bfloat16, float16) keeps float32 slots, the dtype of its math, and
-the kernels update its ``uint16`` view (:mod:`sparseopt.kernels.lowp`).
+A 16-bit variable (bfloat16, float16) keeps float32 slots, the dtype of its math, or
+bfloat16 slots (``slot_dtype="bfloat16"``), and the kernels update its ``uint16`` view
+(and that of bfloat16 slots; :mod:`sparseopt.kernels.lowp`).
 """
 
 import numpy as np
@@ -19,9 +20,11 @@ class VariableState:
     """What the optimizer keeps for one variable."""
 
     __slots__ = ("var", "name", "storage", "nslots", "slots", "slot_rows", "kernel_slot_names",
-                 "_kernel_views", "kind", "lowp", "rounding_key")
+                 "_kernel_views", "kind", "slot_kind", "math_dtype", "lowp", "rounding_key")
 
-    def __init__(self, var, name, kernel_slots, initial_value, rule_slots):
+    def __init__(self, var, name, kernel_slots, initial_value, rule_slots, slot_dtype=None):
+        """``slot_dtype``: ``"bfloat16"`` for bfloat16 slots of a 16-bit variable (else
+        ignored: float32 slots for a 16-bit variable, the variable's dtype otherwise)."""
         self.var = var
         self.name = name
         self.nslots = len(kernel_slots)
@@ -32,15 +35,20 @@ class VariableState:
         # A 16-bit variable: its kind, and this step's rounding (set by the optimizer
         # before each step: (kind, stochastic) and the step's key).
         self.kind = lowp.kind(var.dtype) if isinstance(var, np.ndarray) else None
+        self.slot_kind = "bfloat16" if self.kind and slot_dtype == "bfloat16" else None
         self.lowp = None
         self.rounding_key = 0
         if not isinstance(var, np.ndarray):  # a CUDA array: its slots live on its device
             from sparseopt import _cuda
             self.storage = _cuda.slot_storage(var, [initial_value(n) for n in kernel_slots])
+            self.math_dtype = self.storage.dtype.type  # the variable's (a CUDA array's may not be NumPy's)
             for i, slot_name in enumerate(kernel_slots):
                 self.slots[slot_name] = _cuda.slot_view(self.storage, i)
             return
-        self.storage = np.empty((self.nslots,) + var.shape, np.float32 if self.kind else var.dtype)
+        #: The dtype of the kernels' math and coefficients: float32 for a 16-bit variable.
+        self.math_dtype = np.float32 if self.kind else var.dtype.type
+        slot_dtype = lowp.BFLOAT16 if self.slot_kind else self.math_dtype
+        self.storage = np.empty((self.nslots,) + var.shape, slot_dtype)
         for i, slot_name in enumerate(kernel_slots):
             view = self.storage[i, ...]  # a view also for a 0-d variable (storage[i] is a scalar copy)
             view.fill(initial_value(slot_name))
@@ -56,7 +64,8 @@ class VariableState:
         """
         def make():
             p = (lowp.as_bits(self.var) if self.kind else self.var).reshape(shape)
-            kept = {name: self.slots[name].reshape(shape) for name in self.kernel_slot_names}
+            kept = {name: (lowp.as_bits(self.slots[name]) if self.slot_kind else self.slots[name]).reshape(shape)
+                    for name in self.kernel_slot_names}
             slots, used = cpu.place(rule_slots, kept, p)
             return p, slots, used
         return self.kernel_views((rule_slots, shape), make)

@@ -23,7 +23,7 @@ from tests.optimizer_table import CASES, IDS
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 # NaN and Inf are among the values cast on purpose
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
+pytestmark = pytest.mark.filterwarnings("ignore:(invalid value|overflow) encountered:RuntimeWarning")
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F16 = np.dtype(np.float16)
 KINDS = [BF16, F16]
@@ -415,8 +415,8 @@ def test_the_benchmark_script_runs_tiny():
     proc = subprocess.run([sys.executable, os.path.join(root, "asv_benchmarks", "lowp_bench.py"), "--rows", "2000",
                            "--lookups", "64", "--steps", "2"], cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "table," in line]
-    assert len(rows) == 3 and "| float32 table | " in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| float", "| bfloat"))]
+    assert len(rows) == 6 and rows[0].startswith("| float32 table | ")
 
 
 def test_a_custom_rule_runs_on_16_bit_variables():
@@ -438,3 +438,72 @@ def test_a_custom_rule_runs_on_16_bit_variables():
     expected = t32.astype(BF16)      # untouched rows: the 16-bit values they held (exact)
     expected[[0, 2]] = rounded_reference(t32, BF16, seed=4, step=1, stochastic=True)[[0, 2]]
     assert same16(t16, expected)
+
+
+# ------------------------------------------------------------------- bfloat16 slots
+
+def slot_bits(seed, step, index, k):
+    """The bits of slot ``k`` of element ``index``: bits 16k.. of mix(the parameter's bits)."""
+    return mix(element_bits(seed, step, index)) >> (16 * k)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_bfloat16_slots_are_the_float32_step_rounded(case):
+    """slot_dtype="bfloat16" on a bfloat16 table: each step (sparse, dense, sparse) equals
+    the float32 step from the widened table and slots, the table and each slot rounded
+    stochastically with their own bits; row-wise state stays float32, bit for bit."""
+    rng = np.random.default_rng(14)
+    table32, idx, values, dense = _inputs(rng)
+    seed = 31
+    t16 = table32.astype(BF16)
+    opt16 = case.make(seed=seed, slot_dtype="bfloat16")
+    opt32 = case.make()
+    t32 = t16.astype(np.float32)
+    opt16.build([t16])
+    opt32.build([t32])
+    names = opt32.get_slot_names()
+    elementwise = [n for n in names if opt16.get_slot(t16, n).shape == t16.shape]
+    assert all(opt16.get_slot(t16, n).dtype == BF16 for n in elementwise)
+    grads = [so.IndexedSlices(values, idx), dense, so.IndexedSlices(values[::-1].copy(), idx[::-1].copy())]
+    for step, g in enumerate(grads, start=1):
+        t32[...] = t16.astype(np.float32)
+        for n in names:
+            opt32.get_slot(t32, n)[...] = opt16.get_slot(t16, n).astype(np.float32)
+        before = [t16.copy()] + [opt16.get_slot(t16, n).copy() for n in names]
+        opt32.apply_gradients([(g, t32)])
+        opt16.apply_gradients([(g, t16)])
+        touched = np.unique(g.indices) if isinstance(g, so.IndexedSlices) else np.arange(t16.shape[0])
+        untouched = np.setdiff1d(np.arange(t16.shape[0]), touched)
+        expected = rounded_reference(t32, BF16, seed, step, stochastic=True)
+        expected[untouched] = before[0][untouched]
+        assert same16(t16, expected), f"step {step}"
+        for n, old in zip(names, before[1:]):
+            got, s32 = opt16.get_slot(t16, n), opt32.get_slot(t32, n)
+            if n not in elementwise:                 # per-row state: float32, as the float32 run's
+                assert got.dtype == np.float32 and np.array_equal(got, s32), (step, n)
+                continue
+            k = opt16._rule.SLOTS.index(n)           # the kernel's slot position
+            flat = s32.reshape(-1)
+            want = np.array([stochastic_reference(flat[i], slot_bits(seed, step, i, k), BF16)
+                             for i in range(flat.size)]).astype(BF16).reshape(s32.shape)
+            want[untouched] = old[untouched]
+            assert same16(got, want), (step, n)
+
+
+def test_bfloat16_slots_round_to_nearest_save_and_load(tmp_path):
+    rng = np.random.default_rng(15)
+    table32, idx, values, dense = _inputs(rng)
+    t16, t32 = table32.astype(BF16), table32.astype(BF16).astype(np.float32)
+    opt16 = so.Adam(0.01, slot_dtype="bfloat16", stochastic_rounding=False)
+    opt32 = so.Adam(0.01)
+    opt16.apply_gradients([(so.IndexedSlices(values, idx), t16)])
+    opt32.apply_gradients([(so.IndexedSlices(values, idx), t32)])
+    assert same16(t16, t32.astype(BF16))
+    for n in ("m", "v"):
+        assert same16(opt16.get_slot(t16, n), opt32.get_slot(t32, n).astype(BF16))
+    so.save(tmp_path / "s.npz", opt16, variables=[t16])
+    loaded, (table,) = so.load(tmp_path / "s.npz")
+    assert loaded.get_config()["slot_dtype"] == "bfloat16"
+    assert loaded.get_slot(table, "m").dtype == BF16 and same16(loaded.get_slot(table, "m"), opt16.get_slot(t16, "m"))
+    with pytest.raises(errors.HyperparameterError, match="slot_dtype must be None, 'float32' or 'bfloat16'"):
+        so.Adam(0.01, slot_dtype="float16")

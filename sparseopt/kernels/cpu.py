@@ -509,8 +509,9 @@ def _helpers(rule_module, used, row_used, has_wd, lowp=None):
 def _specialized_helpers(rule_module, used, row_used, has_wd, lowp):
     """The inline element step (and row step) of one rule and slot configuration.
 
-    ``lowp``: None for a float32 or float64 variable; ``(kind, stochastic)`` for a
-    16-bit one (:mod:`sparseopt.kernels.lowp`: ``kind`` is ``"bfloat16"`` or ``"float16"``).
+    ``lowp``: None for a float32 or float64 variable; ``(kind, stochastic, slot_kind)``
+    for a 16-bit one (:mod:`sparseopt.kernels.lowp`: ``kind`` is ``"bfloat16"`` or
+    ``"float16"``, ``slot_kind`` ``"bfloat16"`` or None for float32 slots).
     """
     rowwise = row_used is not None
     row_used = row_used if rowwise else (False, False, False)
@@ -524,10 +525,11 @@ def _specialized_helpers(rule_module, used, row_used, has_wd, lowp):
         constants["STORE"] = inline(specialize(_store_template, suffix, **constants))
         constants["VALUE"] = inline(specialize(_value_template, suffix, **constants))
     else:
-        kind, stochastic = lowp
-        suffix += f"_{kind}{'_sr' if stochastic else '_rne'}"
+        kind, stochastic, slot_kind = lowp
+        suffix += f"_{kind}{'_sr' if stochastic else '_rne'}{'_s' + slot_kind if slot_kind else ''}"
         widen, narrow = lowp_kernels.CONVERSIONS[kind]
-        constants.update(WIDEN=widen, NARROW=narrow, STOCHASTIC=bool(stochastic))
+        constants.update(WIDEN=widen, NARROW=narrow, STOCHASTIC=bool(stochastic), SLOT16=slot_kind is not None,
+                         WIDEN_SLOT=lowp_kernels.bf16_to_f32 if slot_kind else lowp_kernels.same)
         constants["LOAD"] = inline(specialize(lowp_kernels._load_template, suffix, **constants))
         constants["STORE_ROUNDED"] = inline(specialize(lowp_kernels._store_template, suffix, **constants))
         constants["VALUE"] = inline(specialize(lowp_kernels._value_template, suffix, **constants))

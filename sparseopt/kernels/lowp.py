@@ -26,7 +26,8 @@ step number (:func:`step_key`, on the host). So each element's bits depend only 
 or whether the step is dense or sparse, and a run resumed from a checkpoint (which keeps
 the seed and ``iterations``) draws the same bits as the run that was not interrupted.
 bfloat16 uses the lowest 16 bits of the 64; float16 the lowest 13 (normal range) or up
-to 63 (subnormal range).
+to 63 (subnormal range). bfloat16 slots (``slot_dtype="bfloat16"``) are rounded the same
+way, slot ``k`` with the bits ``16 k .. 16 k + 15`` of ``mix`` of the parameter's 64 bits.
 """
 
 import collections
@@ -62,7 +63,7 @@ MIX2 = 0x94D049BB133111EB
 # Numba compute in float64).
 _U = np.uint64
 _GOLDEN, _MIX1, _MIX2 = _U(GOLDEN), _U(MIX1), _U(MIX2)
-_0, _1, _10, _13, _16, _23, _27, _30, _31 = (_U(v) for v in (0, 1, 10, 13, 16, 23, 27, 30, 31))
+_0, _1, _10, _13, _16, _23, _27, _30, _31, _32 = (_U(v) for v in (0, 1, 10, 13, 16, 23, 27, 30, 31, 32))
 _63, _64, _112, _113, _125, _126 = (_U(v) for v in (63, 64, 112, 113, 125, 126))
 _X3FF, _X1F, _X40, _XFFF, _X1FFF, _X7FFF, _XFFFF = (_U(v) for v in (0x3FF, 0x1F, 0x40, 0xFFF, 0x1FFF, 0x7FFF,
                                                                   0xFFFF))
@@ -263,16 +264,24 @@ def f32_to_f16(x, r, stochastic):
     return np.uint16(sign | ((m + add) >> s))
 
 
+@_inline
+def same(x):
+    return x
+
+
 # The element templates of sparseopt.kernels.cpu for a 16-bit variable: ``p`` is its
-# uint16 view. Globals bound per specialization (sparseopt.kernels.cpu._helpers): U0, U1,
-# U2 (kept slots), WIDEN, NARROW (the kind's conversions), STOCHASTIC.
-U0 = U1 = U2 = WIDEN = NARROW = STOCHASTIC = None
+# uint16 view, and so are bfloat16 slots (``SLOT16``; float32 slots otherwise). Globals
+# bound per specialization (sparseopt.kernels.cpu._helpers): U0, U1, U2 (kept slots),
+# WIDEN, NARROW (the variable's conversions), STOCHASTIC, SLOT16, WIDEN_SLOT (``same``
+# for float32 slots).
+U0 = U1 = U2 = WIDEN = NARROW = STOCHASTIC = SLOT16 = WIDEN_SLOT = None
 
 
 def _load_template(p, s0, s1, s2, at):
-    """Element ``at`` of ``p`` (widened to float32) and of the kept (float32) slots."""
+    """Element ``at`` of ``p`` and of the kept slots, widened to float32."""
     x = WIDEN(p[at])
-    return x, (s0[at] if U0 else x), (s1[at] if U1 else x), (s2[at] if U2 else x)
+    return (x, (WIDEN_SLOT(s0[at]) if U0 else x), (WIDEN_SLOT(s1[at]) if U1 else x),
+            (WIDEN_SLOT(s2[at]) if U2 else x))
 
 
 def _value_template(p, at):
@@ -282,18 +291,28 @@ def _value_template(p, at):
 
 def _store_template(p, s0, s1, s2, at, x, a, b, e, c):
     """Write element ``at``: ``x`` rounded to ``p``'s 16 bits with the step's bits
-    (``c.rounding_key``), the kept slots as they are."""
+    (``c.rounding_key``); the kept slots as they are, or rounded to bfloat16 (``SLOT16``)
+    with the bits ``16 k .. 16 k + 15`` of ``mix`` of the parameter's bits for slot ``k``."""
     if STOCHASTIC:
         r = element_bits(c.rounding_key, flat_index(p, at))
     else:
         r = _0
     p[at] = NARROW(x, r, STOCHASTIC)
-    if U0:
-        s0[at] = a
-    if U1:
-        s1[at] = b
-    if U2:
-        s2[at] = e
+    if SLOT16:
+        rs = mix(r) if STOCHASTIC else _0
+        if U0:
+            s0[at] = f32_to_bf16(a, rs, STOCHASTIC)
+        if U1:
+            s1[at] = f32_to_bf16(b, rs >> _16, STOCHASTIC)
+        if U2:
+            s2[at] = f32_to_bf16(e, rs >> _32, STOCHASTIC)
+    else:
+        if U0:
+            s0[at] = a
+        if U1:
+            s1[at] = b
+        if U2:
+            s2[at] = e
 
 
 CONVERSIONS = {"bfloat16": (bf16_to_f32, f32_to_bf16), "float16": (f16_to_f32, f32_to_f16)}
