@@ -507,3 +507,19 @@ def test_bfloat16_slots_round_to_nearest_save_and_load(tmp_path):
     assert loaded.get_slot(table, "m").dtype == BF16 and same16(loaded.get_slot(table, "m"), opt16.get_slot(t16, "m"))
     with pytest.raises(errors.HyperparameterError, match="slot_dtype must be None, 'float32' or 'bfloat16'"):
         so.Adam(0.01, slot_dtype="float16")
+
+
+def test_16_bit_tables_in_a_step_with_other_tables_equal_their_own_steps():
+    """Several tables in one apply_gradients (float32 ones may run table-batched): each
+    16-bit table gets the bits of its own step, as when stepped alone."""
+    rng = np.random.default_rng(16)
+    tables = {"a": rng.normal(size=(50, 4)).astype(BF16), "b": rng.normal(size=(30, 8)).astype(F16),
+              "c": rng.normal(size=(40, 4)).astype(np.float32), "d": rng.normal(size=(20, 8)).astype(np.float32)}
+    grads = {k: so.IndexedSlices(rng.normal(size=(12,) + t.shape[1:]).astype(np.float32),
+                                 rng.integers(0, t.shape[0], 12)) for k, t in tables.items()}
+    together = {k: t.copy() for k, t in tables.items()}
+    so.Adam(0.01, seed=8).apply_gradients([(grads[k], together[k]) for k in tables])
+    for k, t in tables.items():
+        alone = t.copy()
+        so.Adam(0.01, seed=8).apply_gradients([(grads[k], alone)])
+        assert np.array_equal(alone.view(np.uint8), together[k].view(np.uint8)), k
