@@ -1206,9 +1206,9 @@ def summarize(group, bandwidth_gbs):
             "fastest_any": fastest_any}
 
 
-#: Sections of cpu.md written by other scripts (asv_benchmarks/cold_start.py, contention.py),
-#: which a rewrite of cpu.md keeps as they are, before the notes on the peers.
-KEPT_SECTIONS = ("## Cold first step", "## Contention")
+#: Sections of cpu.md written by other scripts (asv_benchmarks/cold_start.py, contention.py,
+#: lowp_bench.py), which a rewrite of cpu.md keeps as they are, before the notes on the peers.
+KEPT_SECTIONS = ("## Cold first step", "## Contention", "## Low-precision tables")
 
 
 def _kept_sections(path):

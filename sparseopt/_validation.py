@@ -15,17 +15,18 @@ import math
 import numpy as np
 
 from sparseopt import _cuda, errors
-from sparseopt.kernels import dedup
+from sparseopt.kernels import dedup, lowp
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_FLOAT32 = np.dtype(np.float32)
 
 
-def check_host_variable(var, name):
-    """A NumPy variable the CPU kernels can update in place: float32 or float64,
-    C-contiguous and writeable."""
-    if var.dtype not in FLOAT_DTYPES:
-        raise errors.DtypeMismatchError(
-            f"{name!r}: variables must be float32 or float64; got {var.dtype}")
+def check_host_variable(var, name, low_precision=False):
+    """A NumPy variable the CPU kernels can update in place: float32 or float64 (or,
+    with ``low_precision``, bfloat16 or float16), C-contiguous and writeable."""
+    if var.dtype not in FLOAT_DTYPES and not (low_precision and lowp.kind(var.dtype)):
+        allowed = "float32, float64, bfloat16 (ml_dtypes) or float16" if low_precision else "float32 or float64"
+        raise errors.DtypeMismatchError(f"{name!r}: variables must be {allowed}; got {var.dtype}")
     flags = var.flags
     if not flags.c_contiguous:
         raise errors.ArrayLayoutError(
@@ -43,13 +44,25 @@ def dense_gradient(g, var, name):
             raise errors.DeviceMismatchError(
                 f"{name!r}: the gradient is a CUDA array but the variable is a NumPy array")
         g = np.asarray(g)
-    if g.dtype != var.dtype:
-        raise errors.DtypeMismatchError(
-            f"{name!r}: gradient dtype {g.dtype} differs from the variable's {var.dtype}")
+    _check_gradient_dtype(name, var, g.dtype)
     if g.shape != var.shape:
         raise errors.ShapeMismatchError(
             f"{name!r}: gradient shape {g.shape} differs from the variable's {var.shape}")
-    return np.ascontiguousarray(g)
+    return _math_values(np.ascontiguousarray(g))
+
+
+def _check_gradient_dtype(name, var, dtype):
+    """A gradient has the variable's dtype; a 16-bit variable's may also be float32."""
+    if dtype == var.dtype or (dtype == _FLOAT32 and lowp.kind(var.dtype)):
+        return
+    also = f" (a {var.dtype} variable takes {var.dtype} or float32 gradients)" if lowp.kind(var.dtype) else ""
+    raise errors.DtypeMismatchError(
+        f"{name!r}: gradient dtype {dtype} differs from the variable's {var.dtype}{also}")
+
+
+def _math_values(values):
+    """Gradient values in the kernels' math dtype: 16-bit ones widened to float32 (a new array)."""
+    return lowp.widen(values) if lowp.kind(values.dtype) else values
 
 
 def sparse_gradient(g, var, name):
@@ -75,7 +88,7 @@ def sparse_gradient(g, var, name):
         indices = np.ascontiguousarray(indices)
     if values.ndim != 2 or not values.flags.c_contiguous:  # else already (k, row size)
         values = np.ascontiguousarray(values).reshape(values.shape[0], math.prod(var.shape[1:]))
-    return values, indices
+    return _math_values(values), indices
 
 
 def check_sparse_layout(name, var, values, indices, dense_shape):
@@ -89,9 +102,7 @@ def check_sparse_layout(name, var, values, indices, dense_shape):
     if indices.ndim != 1:
         raise errors.IndicesTypeError(
             f"{name!r}: indices must be one-dimensional; got shape {tuple(indices.shape)}")
-    if values.dtype != var.dtype:
-        raise errors.DtypeMismatchError(
-            f"{name!r}: gradient dtype {values.dtype} differs from the variable's {var.dtype}")
+    _check_gradient_dtype(name, var, values.dtype)
     if len(values_shape) < 1 or values_shape[0] != indices.shape[0]:
         raise errors.ShapeMismatchError(
             f"{name!r}: {indices.shape[0]} indices but {values_shape[0] if values_shape else 0} "

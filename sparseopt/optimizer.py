@@ -33,7 +33,7 @@ import numpy as np
 from sparseopt import _config, _cuda, _exact, _hyperparameters, _rollback, _validation, errors, schedules
 from sparseopt.rules import _variant
 from sparseopt.indexed_slices import IndexedSlices
-from sparseopt.kernels import cpu, dedup
+from sparseopt.kernels import cpu, dedup, lowp
 from sparseopt.rules._floatx import f32
 from sparseopt.slots import VariableState
 
@@ -43,9 +43,17 @@ _SPARSE_MODES = ("lazy", "exact")
 class Optimizer:
     """Base class of sparseopt's optimizers (the Keras optimizer interface, on arrays).
 
-    Variables are NumPy arrays (C-contiguous, writeable, float32 or float64),
-    updated in place. Gradients are arrays of the variable's shape and dtype, or
+    Variables are NumPy arrays (C-contiguous, writeable, float32 or float64, or
+    16-bit: bfloat16 or float16), updated in place. Gradients are arrays of the
+    variable's shape and dtype (float32 also for a 16-bit variable), or
     :class:`~sparseopt.IndexedSlices` whose rows are updated row-wise.
+
+    A 16-bit variable (``ml_dtypes.bfloat16`` or ``np.float16``) keeps float32 slots;
+    the rule's math runs in float32 and the new value is rounded to the variable's
+    dtype, stochastically by default. The random bits are a hash of (``seed``, step,
+    row, column) (:mod:`sparseopt.kernels.lowp`): the same for any number of threads,
+    and a run resumed from a checkpoint (config and ``iterations``) continues bit for
+    bit. Lazy sparse mode only (``sparse_mode="exact"`` refuses 16-bit variables).
 
     Args:
         learning_rate: a float, a no-argument callable, or a
@@ -65,6 +73,16 @@ class Optimizer:
             :meth:`catch_up`, or by :meth:`flush`; see :mod:`sparseopt._exact`).
         exact_history: steps of coefficients exact mode keeps (default 1024); every
             variable is flushed at least once per ``exact_history`` steps.
+        stochastic_rounding: round the new values of 16-bit variables stochastically
+            (unbiased: up with probability equal to the dropped fraction), the default;
+            False rounds to nearest, ties to even. No effect on float32/float64 variables.
+        slot_dtype: the slots of 16-bit variables: None or ``"float32"`` (the default), or
+            ``"bfloat16"`` (half the memory; rounded like the variable, stochastically by
+            default). Float32 and float64 variables keep slots of their own dtype, and
+            row-wise state (``RowwiseAdagrad``) stays float32.
+        seed: an integer in ``[0, 2**63)``, the seed of the stochastic rounding's random
+            bits (part of the config). Defaults to 0: two runs with the same inputs are
+            identical bit for bit unless given different seeds.
         _legacy: compute ``tf_keras.optimizers.legacy.<Name>``'s math (Keras 2's
             ``OptimizerV2``: its epsilon placements, float32 hyperparameters and
             schedules) instead of Keras 3's, for the optimizers that have one
@@ -91,7 +109,8 @@ class Optimizer:
     #: ``{name: kind}``, kind ``"number"`` (a float in its range), ``"flag"`` (a bool),
     #: ``"optional_positive"`` or ``"optional_nonnegative"`` (None or such a float).
     _settings = {"weight_decay": "optional_nonnegative", "clipnorm": "optional_positive",
-                 "clipvalue": "optional_positive", "global_clipnorm": "optional_positive"}
+                 "clipvalue": "optional_positive", "global_clipnorm": "optional_positive",
+                 "stochastic_rounding": "flag"}
     #: Ranges that differ from :data:`sparseopt._hyperparameters.DEFAULT_RANGES`.
     _ranges = {}
     #: Settings that decide which slots exist (SGD's ``momentum``, Adam's ``amsgrad``):
@@ -114,8 +133,8 @@ class Optimizer:
 
     def __init__(self, learning_rate, name, *, weight_decay=None, clipnorm=None,
                  clipvalue=None, global_clipnorm=None, gradient_aggregator=None,
-                 gradient_transformers=None, sparse_mode="lazy", exact_history=None, _legacy=False,
-                 **kwargs):
+                 gradient_transformers=None, sparse_mode="lazy", exact_history=None,
+                 stochastic_rounding=True, slot_dtype=None, seed=0, _legacy=False, **kwargs):
         if kwargs:
             raise TypeError(f"{type(self).__name__}: unexpected keyword arguments "
                             f"{sorted(kwargs)}")
@@ -142,6 +161,9 @@ class Optimizer:
         self._legacy = bool(_legacy)
         self.gradient_aggregator = gradient_aggregator
         self.gradient_transformers = list(gradient_transformers or [])
+        self.stochastic_rounding = stochastic_rounding
+        self.seed = _check_seed(name, seed)
+        self.slot_dtype = _check_slot_dtype(name, slot_dtype)
         self._iterations = np.zeros((), np.int64)
         self._converted_last = {}  # dtype -> (coefficients' key, the same as dtype scalars)
         self._states = {}          # id(var) -> VariableState, in build order
@@ -293,7 +315,7 @@ class Optimizer:
         state = self._states.get(id(var))  # the state holds var, so its id stays unique
         if state is None:
             state = VariableState(var, name or self._default_name(var), self._slot_names(),
-                                  self._slot_initial_value, self._rule.SLOTS)
+                                  self._slot_initial_value, self._rule.SLOTS, slot_dtype=self.slot_dtype)
             self._states[id(var)] = state
             self._weights.extend((state, slot_name) for slot_name in self._slot_names())
         return state
@@ -400,7 +422,8 @@ class Optimizer:
             config[key] = _serialize_hyper(self._hyper[key])
         config.update(weight_decay=self.weight_decay, clipnorm=self.clipnorm,
                       global_clipnorm=self.global_clipnorm, clipvalue=self.clipvalue,
-                      sparse_mode=self.sparse_mode)
+                      sparse_mode=self.sparse_mode, stochastic_rounding=self.stochastic_rounding,
+                      slot_dtype=self.slot_dtype, seed=self.seed)
         if self.sparse_mode == "exact":
             config["exact_history"] = self.exact_history
         if self._legacy:
@@ -501,6 +524,7 @@ class Optimizer:
             raise errors.HyperparameterError(f"{self.name}: weight_decay * learning_rate is {wd}")
         # Every input is valid: from here on the step runs to completion.
         updates = [(self._state_for(var, name), update) for name, var, update in checked]
+        self._set_rounding(updates, step)
         # As many of Numba's threads as the step's work warrants (sparseopt._config).
         threads = _config.enter_step(_work(updates, self._exact_states), self._guard.threads)
         try:
@@ -517,6 +541,16 @@ class Optimizer:
         # about 50 us per step with cold caches.
         self._iterations[()] = step
         return step
+
+    def _set_rounding(self, updates, step):
+        """This step's rounding of each 16-bit variable (:mod:`sparseopt.kernels.lowp`)."""
+        key = None
+        for state, _ in updates:
+            if state.kind is not None:
+                if key is None:
+                    key = lowp.step_key(self.seed, step)
+                state.lowp = (state.kind, self.stochastic_rounding, state.slot_kind)
+                state.rounding_key = key
 
     def _validate(self, pairs):
         """Check every pair and plan every sparse gradient; writes nothing but scratch."""
@@ -574,7 +608,11 @@ class Optimizer:
                 return
             raise errors.DtypeMismatchError(
                 f"{name!r}: variables must be NumPy arrays; got {type(var).__name__}")
-        _validation.check_host_variable(var, name)
+        _validation.check_host_variable(var, name, low_precision=True)
+        if self.sparse_mode == "exact" and lowp.kind(var.dtype):
+            raise errors.DtypeMismatchError(
+                f"{name!r}: sparse_mode='exact' does not support {var.dtype} variables yet; "
+                f"use sparse_mode='lazy' or a float32 variable")
 
     def _clip(self, updates):
         if self.clipvalue is not None:
@@ -752,7 +790,8 @@ class _DenseUpdate:
 
     def run(self, rule, state, c, wd, has_wd):
         p, slots, used = state.kernel_arrays(rule.SLOTS, (-1,))
-        cpu.dense_kernel(rule, used, has_wd)(p, self.values.reshape(-1), *slots, c, wd)
+        rounding, c = kernel_step(state, c)
+        cpu.dense_kernel(rule, used, has_wd, rounding)(p, self.values.reshape(-1), *slots, c, wd)
 
     def constrain(self, var, fn):
         np.copyto(var, _constrained(fn(var), var.shape, var.dtype), casting="same_kind")
@@ -795,8 +834,9 @@ class _SparseUpdate:
         if self.rows.size == 0:
             return
         p, slots, used = state.kernel_arrays(rule.SLOTS, (state.var.shape[0], self.values.shape[1]))
-        cpu.sparse_kernel(rule, used, has_wd)(p, *slots, self.rows, self.offsets, self.order,
-                                              self.values, c, wd)
+        rounding, c = kernel_step(state, c)
+        cpu.sparse_kernel(rule, used, has_wd, rounding)(p, *slots, self.rows, self.offsets, self.order,
+                                                        self.values, c, wd)
 
     def constrain(self, var, fn):
         if self.rows.size:
@@ -881,7 +921,8 @@ def run_lazy(rule, updates, coefficients, wd, has_wd, batch, convert=None):
     converted = {}
     for state, update in updates:
         uses_wd = has_wd(state)
-        dtype = state.storage.dtype.type  # the variable's (a CUDA array's may not be NumPy's)
+        # the variable's (float32 for a 16-bit one; a CUDA array's may not be NumPy's)
+        dtype = getattr(state, "math_dtype", None) or state.storage.dtype.type
         found = converted.get(dtype)
         if found is None:
             c = convert(coefficients, dtype)
@@ -907,6 +948,13 @@ def run_lazy(rule, updates, coefficients, wd, has_wd, batch, convert=None):
                 _run_tables(step_rule, group, c, wd_v, uses_wd, row_used)
 
 
+def kernel_step(state, c):
+    """``(lowp, c)`` for a kernel on ``state``'s variable (:meth:`VariableState.kernel_step`:
+    ``(None, c)`` for a float32/float64 variable, or a state without it)."""
+    step = getattr(state, "kernel_step", None)
+    return (None, c) if step is None else step(c)
+
+
 def _convert(coefficients, dtype):
     return type(coefficients)(*(dtype(x) for x in coefficients))
 
@@ -922,8 +970,8 @@ def _table_key(rule, state, update, dtype, has_wd):
         if type(inner) is not _SparseUpdate or 0 in state.var.shape[1:]:
             return None
         row_names = tuple(update.row_slots)
-    if not inner.rows.size or type(state.var) is not np.ndarray:
-        return None
+    if not inner.rows.size or type(state.var) is not np.ndarray or getattr(state, "kind", None) is not None:
+        return None  # (a 16-bit variable runs on its own: the batched kernels take one dtype)
     return rule, dtype, has_wd, state.kernel_slot_names, row_names
 
 
@@ -1053,6 +1101,27 @@ def _check_hyper(opt_name, key, value, rng=None):
             f"{opt_name}: hyperparameter {key!r} must be a float, a callable or a schedule; "
             f"got {value!r}")
     return _hyperparameters.check_value(opt_name, key, float(value), rng)
+
+
+def _check_seed(opt_name, seed):
+    """The rounding seed: an int in [0, 2**63)."""
+    if isinstance(seed, np.integer):
+        seed = int(seed)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
+        raise errors.HyperparameterError(f"{opt_name}: seed must be an integer in [0, 2**63); got {seed!r}")
+    return seed
+
+
+def _check_slot_dtype(opt_name, slot_dtype):
+    """``slot_dtype`` as None (float32 slots for 16-bit variables) or ``"bfloat16"``."""
+    name = None if slot_dtype is None else (slot_dtype if isinstance(slot_dtype, str) else
+                                            getattr(slot_dtype, "__name__", str(slot_dtype)))
+    if name is None or name == "float32":
+        return None
+    if name == "bfloat16" and lowp.BFLOAT16 is not None:
+        return "bfloat16"
+    raise errors.HyperparameterError(
+        f"{opt_name}: slot_dtype must be None, 'float32' or 'bfloat16' (ml_dtypes installed); got {slot_dtype!r}")
 
 
 def _check_optional_positive(opt_name, key, value):

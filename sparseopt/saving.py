@@ -9,7 +9,9 @@
 * the optimizer's state, :meth:`~sparseopt.Optimizer.get_weights`: ``iterations``,
   the host state some optimizers keep (Nadam's ``u_product``), then every slot in
   creation order;
-* optionally the variables themselves (a list or a dict of arrays).
+* optionally the variables themselves (a list or a dict of arrays). A bfloat16 array
+  (``ml_dtypes.bfloat16``, which ``.npy`` files cannot name) is stored as its ``uint16``
+  bits and comes back as bfloat16: the header keeps its dtype.
 
 The file is replaced atomically: it is written to a temporary file in the same
 directory, flushed to disk (``fsync``), then renamed over the old one, so a crash
@@ -46,6 +48,7 @@ import zipfile
 import numpy as np
 
 from sparseopt import _cuda, errors
+from sparseopt.kernels import lowp
 from sparseopt.optimizer import Optimizer
 
 FORMAT = "sparseopt.save"
@@ -105,8 +108,8 @@ def save(path, optimizer, variables=None):
                     "variable": by_id.get(id(s.var))} for s in states],
     }
     arrays = {_HEADER: np.frombuffer(json.dumps(header).encode("utf-8"), np.uint8)}
-    arrays.update({f"weight_{i}": w for i, w in enumerate(weights)})
-    arrays.update({f"variable_{i}": v for i, v in enumerate(host_vars)})
+    arrays.update({f"weight_{i}": _storable(w) for i, w in enumerate(weights)})
+    arrays.update({f"variable_{i}": _storable(v) for i, v in enumerate(host_vars)})
     _atomic_write(os.fspath(path), arrays)
 
 
@@ -309,9 +312,9 @@ def _read(path):
                 raise errors.ConfigError(f"{path}: saved in format version {header.get('version')}; "
                                          f"this sparseopt reads version {VERSION}")
             _check_header(path, header)
-            weights = [data[f"weight_{i}"] for i in range(len(header["weights"]))]
+            weights = [_restored(d, data[f"weight_{i}"]) for i, d in enumerate(header["weights"])]
             info = header["variables"]
-            saved_vars = [data[f"variable_{i}"] for i in range(len(info["arrays"]))] if info else []
+            saved_vars = [_restored(d, data[f"variable_{i}"]) for i, d in enumerate(info["arrays"])] if info else []
     except errors.ConfigError:
         raise
     except FileNotFoundError:
@@ -483,6 +486,18 @@ def _dtype_of(array):
     if not isinstance(array, np.ndarray) and hasattr(array, "__cuda_array_interface__"):
         return str(np.dtype(array.__cuda_array_interface__["typestr"]))  # torch, CuPy
     return str(np.dtype(array.dtype))
+
+
+def _storable(array):
+    """``array`` as ``.npy`` can hold it: a bfloat16 array as its ``uint16`` bits."""
+    return array.view(np.uint16) if lowp.kind(array.dtype) == "bfloat16" else array
+
+
+def _restored(described, array):
+    """A saved array with the dtype the header describes (bfloat16 from its bits)."""
+    if described["dtype"] == "bfloat16" and array.dtype == np.uint16 and lowp.BFLOAT16 is not None:
+        return array.view(lowp.BFLOAT16)
+    return array
 
 
 def _to_host(array):

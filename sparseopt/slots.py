@@ -4,21 +4,27 @@ For a variable of shape ``S`` whose rule keeps slots ``("m", "v")``, the optimiz
 allocates one C-contiguous array of shape ``(2, *S)``; ``get_slot(var, "m")`` is the
 view ``storage[0]``. The kernels read and write ``storage`` directly. Slots added by
 ``add_slot`` that the rule does not use are separate arrays.
+
+A 16-bit variable (bfloat16, float16) keeps float32 slots, the dtype of its math, or
+bfloat16 slots (``slot_dtype="bfloat16"``), and the kernels update its ``uint16`` view
+(and that of bfloat16 slots; :mod:`sparseopt.kernels.lowp`).
 """
 
 import numpy as np
 
 from sparseopt import errors
-from sparseopt.kernels import cpu
+from sparseopt.kernels import cpu, lowp
 
 
 class VariableState:
     """What the optimizer keeps for one variable."""
 
     __slots__ = ("var", "name", "storage", "nslots", "slots", "slot_rows", "kernel_slot_names",
-                 "_kernel_views")
+                 "_kernel_views", "kind", "slot_kind", "math_dtype", "lowp", "rounding_key")
 
-    def __init__(self, var, name, kernel_slots, initial_value, rule_slots):
+    def __init__(self, var, name, kernel_slots, initial_value, rule_slots, slot_dtype=None):
+        """``slot_dtype``: ``"bfloat16"`` for bfloat16 slots of a 16-bit variable (else
+        ignored: float32 slots for a 16-bit variable, the variable's dtype otherwise)."""
         self.var = var
         self.name = name
         self.nslots = len(kernel_slots)
@@ -26,13 +32,23 @@ class VariableState:
         self.kernel_slot_names = tuple(kernel_slots)
         self.slots = {}
         self._kernel_views = {}  # (rule slots, shape) -> kernel_arrays(...)
+        # A 16-bit variable: its kind, and this step's rounding (set by the optimizer
+        # before each step: (kind, stochastic) and the step's key).
+        self.kind = lowp.kind(var.dtype) if isinstance(var, np.ndarray) else None
+        self.slot_kind = "bfloat16" if self.kind and slot_dtype == "bfloat16" else None
+        self.lowp = None
+        self.rounding_key = 0
         if not isinstance(var, np.ndarray):  # a CUDA array: its slots live on its device
             from sparseopt import _cuda
             self.storage = _cuda.slot_storage(var, [initial_value(n) for n in kernel_slots])
+            self.math_dtype = self.storage.dtype.type  # the variable's (a CUDA array's may not be NumPy's)
             for i, slot_name in enumerate(kernel_slots):
                 self.slots[slot_name] = _cuda.slot_view(self.storage, i)
             return
-        self.storage = np.empty((self.nslots,) + var.shape, var.dtype)
+        #: The dtype of the kernels' math and coefficients: float32 for a 16-bit variable.
+        self.math_dtype = np.float32 if self.kind else var.dtype.type
+        slot_dtype = lowp.BFLOAT16 if self.slot_kind else self.math_dtype
+        self.storage = np.empty((self.nslots,) + var.shape, slot_dtype)
         for i, slot_name in enumerate(kernel_slots):
             view = self.storage[i, ...]  # a view also for a 0-d variable (storage[i] is a scalar copy)
             view.fill(initial_value(slot_name))
@@ -47,11 +63,19 @@ class VariableState:
         Python work with cold caches.
         """
         def make():
-            p = self.var.reshape(shape)
-            kept = {name: self.slots[name].reshape(shape) for name in self.kernel_slot_names}
+            p = (lowp.as_bits(self.var) if self.kind else self.var).reshape(shape)
+            kept = {name: (lowp.as_bits(self.slots[name]) if self.slot_kind else self.slots[name]).reshape(shape)
+                    for name in self.kernel_slot_names}
             slots, used = cpu.place(rule_slots, kept, p)
             return p, slots, used
         return self.kernel_views((rule_slots, shape), make)
+
+    def kernel_step(self, c):
+        """``(lowp, c)``: the kernels' ``lowp`` argument and coefficients for this step
+        (for a 16-bit variable, ``c`` with the step's rounding key)."""
+        if self.kind is None:
+            return None, c
+        return self.lowp, lowp.keyed(c, self.rounding_key)
 
     def kernel_views(self, key, make):
         """``make()``, kept per ``key``: for views of the variable and its slots, which
@@ -63,7 +87,7 @@ class VariableState:
 
     def add_extra_slot(self, slot_name, initializer="zeros", shape=None):
         shape = tuple(self.var.shape) if shape is None else tuple(shape)
-        dtype = self.storage.dtype  # the variable's, as a NumPy dtype also for CUDA arrays
+        dtype = self.storage.dtype  # the variable's (float32 for a 16-bit one), a NumPy dtype also for CUDA arrays
         if callable(initializer):
             value = np.asarray(initializer(shape, dtype))
             if value.shape != shape:

@@ -49,7 +49,7 @@ STEP_ERRORS = [
     ("dense_shape_mismatch", lambda: (np.ones((10, 3), np.float32), table()),
      errors.ShapeMismatchError, r"gradient shape \(10, 3\) differs from the variable's \(10, 2\)"),
     ("int_variable", lambda: (np.ones(3, np.int32), np.zeros(3, np.int32)),
-     TypeError, r"variables must be float32 or float64; got int32"),
+     TypeError, r"variables must be float32, float64, bfloat16 \(ml_dtypes\) or float16; got int32"),
     ("list_variable", lambda: (np.ones(3), [0.0, 0.0, 0.0]),
      TypeError, r"variables must be NumPy arrays; got list"),
     ("non_contiguous", lambda: (np.ones((10, 1), np.float32), table()[:, :1]),

@@ -15,7 +15,10 @@ The templates refer to globals bound per specialization: ``STEP`` (one element:
 ``HAS_WD`` (decoupled weight decay in the same pass), ``PREFETCH`` and ``AHEAD`` (cache
 hints for a row, and for the row a sparse kernel updates next but one) and, for row-wise
 rules, ``ROWWISE``, ``ROW_TERM``, ``ROW_RULE`` and ``V0``, ``V1``, ``V2`` (which row slots
-are kept; all False for the other rules).
+are kept; all False for the other rules), ``LOWP`` (a 16-bit variable: ``LOAD``,
+``VALUE`` and ``STORE_ROUNDED`` are :mod:`sparseopt.kernels.lowp`'s, which widen its
+``uint16`` bits to float32 and round the new value back with the step's random bits,
+passed as ``c.rounding_key``) and ``VALUE`` (the parameter's element as the rule sees it).
 
 The row-reduction family (:func:`row_dense_kernel`, :func:`row_sparse_kernel`) runs
 *row-wise rules* (:mod:`sparseopt.rules.rowwise_adagrad`), which keep some state per
@@ -35,6 +38,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from sparseopt import _config
+from sparseopt.kernels import lowp as lowp_kernels
 from sparseopt.kernels._specialize import rule_key, specialize
 from sparseopt.kernels.dedup import pointer
 
@@ -42,6 +46,8 @@ RULE = STEP = LOAD = STORE = ROW_STEP = U0 = U1 = U2 = HAS_WD = ROW_COST = None 
 PREFETCH = AHEAD = V0 = V1 = V2 = None  # bound per specialization (V*: False unless row-wise)
 ROWWISE = ROW = ROW_TERM = ROW_RULE = ROW_SLOTS = None  # bound per row-wise specialization
 TABLE_ROWS = None  # bound per table-batched specialization
+LOWP = False  # bound per specialization: a 16-bit variable (sparseopt.kernels.lowp)
+VALUE = STORE_ROUNDED = None  # bound per specialization (STORE_ROUNDED: 16-bit variables)
 
 #: Runs of :func:`balanced_parts` per sparse step. A fixed number, not the thread
 #: count: ``numba.get_num_threads()`` inside a kernel would stop it from being cached.
@@ -70,8 +76,16 @@ def _store_template(p, s0, s1, s2, at, x, a, b, e):
         s2[at] = e
 
 
+def _value_template(p, at):
+    """Element ``at`` of ``p`` (the parameter only)."""
+    return p[at]
+
+
 def _step_template(p, s0, s1, s2, at, g, ra, rb, re, c, wd_lr):
-    """One element at index ``at`` (an int or a tuple) of ``p`` and its slots."""
+    """One element at index ``at`` (an int or a tuple) of ``p`` and its slots.
+
+    A 16-bit variable (``LOWP``) is stored rounded with the step's random bits, which
+    come in ``c`` (:mod:`sparseopt.kernels.lowp`)."""
     x, a, b, e = LOAD(p, s0, s1, s2, at)
     if HAS_WD:
         x = x - x * wd_lr
@@ -79,7 +93,10 @@ def _step_template(p, s0, s1, s2, at, g, ra, rb, re, c, wd_lr):
         x, a, b, e = RULE(x, g, a, b, e, ra, rb, re, c)
     else:
         x, a, b, e = RULE(x, g, a, b, e, c)
-    STORE(p, s0, s1, s2, at, x, a, b, e)
+    if LOWP:
+        STORE_ROUNDED(p, s0, s1, s2, at, x, a, b, e, c)
+    else:
+        STORE(p, s0, s1, s2, at, x, a, b, e)
 
 
 @numba.njit(**_config.CPU_RULE_FLAGS)
@@ -443,7 +460,7 @@ def _row_reduce_and_update(p, s0, s1, s2, r0, r1, r2, row, grad, src, c, wd_lr, 
     PREFETCH(p, s0, s1, s2, r0, r1, r2, row)
     total = width - width  # a zero of the variables' dtype
     for j in range(d):
-        total += ROW_TERM(p[row, j], grad[src, j], c)
+        total += ROW_TERM(VALUE(p, (row, j)), grad[src, j], c)
     ra, rb, re = ROW_SLOTS(r0, r1, r2, row, total / width, c)
     for j in range(d):
         STEP(p, s0, s1, s2, (row, j), grad[src, j], ra, rb, re, c, wd_lr)
@@ -483,18 +500,39 @@ def _flags(used):
     return "".join("1" if u else "0" for u in used)
 
 
+def _helpers(rule_module, used, row_used, has_wd, lowp=None):
+    """:func:`_specialized_helpers`, with ``lowp`` given or not (one cache entry)."""
+    return _specialized_helpers(rule_module, used, row_used, has_wd, lowp)
+
+
 @functools.lru_cache(maxsize=None)
-def _helpers(rule_module, used, row_used, has_wd):
-    """The inline element step (and row step) of one rule and slot configuration."""
+def _specialized_helpers(rule_module, used, row_used, has_wd, lowp):
+    """The inline element step (and row step) of one rule and slot configuration.
+
+    ``lowp``: None for a float32 or float64 variable; ``(kind, stochastic, slot_kind)``
+    for a 16-bit one (:mod:`sparseopt.kernels.lowp`: ``kind`` is ``"bfloat16"`` or
+    ``"float16"``, ``slot_kind`` ``"bfloat16"`` or None for float32 slots).
+    """
     rowwise = row_used is not None
     row_used = row_used if rowwise else (False, False, False)
     constants = dict(RULE=_rule_function(rule_module), U0=used[0], U1=used[1], U2=used[2],
                      V0=row_used[0], V1=row_used[1], V2=row_used[2],
-                     HAS_WD=bool(has_wd), ROWWISE=rowwise)
+                     HAS_WD=bool(has_wd), ROWWISE=rowwise, LOWP=lowp is not None)
     suffix = f"{rule_key(rule_module)}_{_flags(used)}{'_wd' if has_wd else ''}"
     inline = numba.njit(**_config.CPU_RULE_FLAGS)
-    constants["LOAD"] = inline(specialize(_load_template, suffix, **constants))
-    constants["STORE"] = inline(specialize(_store_template, suffix, **constants))
+    if lowp is None:
+        constants["LOAD"] = inline(specialize(_load_template, suffix, **constants))
+        constants["STORE"] = inline(specialize(_store_template, suffix, **constants))
+        constants["VALUE"] = inline(specialize(_value_template, suffix, **constants))
+    else:
+        kind, stochastic, slot_kind = lowp
+        suffix += f"_{kind}{'_sr' if stochastic else '_rne'}{'_s' + slot_kind if slot_kind else ''}"
+        widen, narrow = lowp_kernels.CONVERSIONS[kind]
+        constants.update(WIDEN=widen, NARROW=narrow, STOCHASTIC=bool(stochastic), SLOT16=slot_kind is not None,
+                         WIDEN_SLOT=lowp_kernels.bf16_to_f32 if slot_kind else lowp_kernels.same)
+        constants["LOAD"] = inline(specialize(lowp_kernels._load_template, suffix, **constants))
+        constants["STORE_ROUNDED"] = inline(specialize(lowp_kernels._store_template, suffix, **constants))
+        constants["VALUE"] = inline(specialize(lowp_kernels._value_template, suffix, **constants))
     constants["STEP"] = inline(specialize(_step_template, suffix, **constants))
     constants["ROW_STEP"] = inline(specialize(_row_step_template, suffix, **constants))
     suffix_rows = suffix + (f"_r{_flags(row_used)}" if rowwise else "")
@@ -512,46 +550,62 @@ def _helpers(rule_module, used, row_used, has_wd):
     return suffix, constants
 
 
-def _kernel(template, rule_module, used, row_used, has_wd):
-    suffix, constants = _helpers(rule_module, tuple(used), row_used, has_wd)
+def _kernel(template, rule_module, used, row_used, has_wd, lowp=None):
+    suffix, constants = _helpers(rule_module, tuple(used), row_used, has_wd, lowp)
     return _config.parallel_kernel(
         numba.njit(**_config.CPU_KERNEL_FLAGS)(specialize(template, suffix, **constants)))
 
 
-@functools.lru_cache(maxsize=None)
-def dense_kernel(rule_module, used, has_wd):
+def dense_kernel(rule_module, used, has_wd, lowp=None):
     """``kernel(p, g, s0, s1, s2, c, wd_lr)`` on flat C-contiguous arrays.
 
     ``used``: three booleans, whether the configuration keeps the rule's slot 0, 1,
     2 (see :func:`place`).
     """
-    return _kernel(_dense_template, rule_module, used, None, has_wd)
+    return _dense_kernel(rule_module, used, has_wd, lowp)
 
 
 @functools.lru_cache(maxsize=None)
-def sparse_kernel(rule_module, used, has_wd):
+def _dense_kernel(rule_module, used, has_wd, lowp):
+    return _kernel(_dense_template, rule_module, used, None, has_wd, lowp)
+
+
+def sparse_kernel(rule_module, used, has_wd, lowp=None):
     """``kernel(p, s0, s1, s2, rows, offsets, order, values, c, wd_lr)`` on 2-D rows."""
-    return _kernel(_sparse_template, rule_module, used, None, has_wd)
+    return _sparse_kernel(rule_module, used, has_wd, lowp)
 
 
 @functools.lru_cache(maxsize=None)
-def row_dense_kernel(rule_module, used, row_used, has_wd):
+def _sparse_kernel(rule_module, used, has_wd, lowp):
+    return _kernel(_sparse_template, rule_module, used, None, has_wd, lowp)
+
+
+def row_dense_kernel(rule_module, used, row_used, has_wd, lowp=None):
     """``kernel(p, g, s0, s1, s2, r0, r1, r2, c, wd_lr, width)`` for a row-wise rule.
 
     ``p``, ``g`` and the element slots are ``(n, d)``, the row slots ``(n,)``;
     ``row_used`` says which of the rule's ``ROW_SLOTS`` are kept; ``width`` is ``d``
     in the variables' dtype.
     """
-    return _kernel(_row_dense_template, rule_module, used, tuple(row_used), has_wd)
+    return _row_dense_kernel(rule_module, used, row_used, has_wd, lowp)
 
 
 @functools.lru_cache(maxsize=None)
-def row_sparse_kernel(rule_module, used, row_used, has_wd):
+def _row_dense_kernel(rule_module, used, row_used, has_wd, lowp):
+    return _kernel(_row_dense_template, rule_module, used, tuple(row_used), has_wd, lowp)
+
+
+def row_sparse_kernel(rule_module, used, row_used, has_wd, lowp=None):
     """``kernel(p, s0, s1, s2, r0, r1, r2, rows, offsets, order, values, c, wd_lr, width)``.
 
     :func:`row_dense_kernel` on the unique ``rows``, duplicates summed in order.
     """
-    return _kernel(_row_sparse_template, rule_module, used, tuple(row_used), has_wd)
+    return _row_sparse_kernel(rule_module, used, row_used, has_wd, lowp)
+
+
+@functools.lru_cache(maxsize=None)
+def _row_sparse_kernel(rule_module, used, row_used, has_wd, lowp):
+    return _kernel(_row_sparse_template, rule_module, used, tuple(row_used), has_wd, lowp)
 
 
 def place(rule_slots, kept, placeholder):

@@ -19,7 +19,7 @@ import numpy as np
 
 from sparseopt import _cuda
 from sparseopt.kernels import cpu
-from sparseopt.optimizer import Optimizer, _SparseUpdate
+from sparseopt.optimizer import Optimizer, _SparseUpdate, kernel_step
 
 
 class RowwiseOptimizer(Optimizer):
@@ -40,7 +40,8 @@ class RowwiseOptimizer(Optimizer):
             row_names = self._row_slot_names()
             initial = [self._slot_initial_value(slot_name) for slot_name in row_names]
             if isinstance(var, np.ndarray):
-                storage = np.empty((len(row_names), var.shape[0] if var.ndim else 1), var.dtype)
+                # the math's dtype: the variable's, float32 for a 16-bit one (also with bfloat16 slots)
+                storage = np.empty((len(row_names), var.shape[0] if var.ndim else 1), state.math_dtype)
                 for i, value in enumerate(initial):
                     storage[i].fill(value)
             else:  # a CUDA array: its row slots live on its device
@@ -85,11 +86,12 @@ class _RowUpdate:
             lambda: cpu.place(rule.ROW_SLOTS, {n: v.reshape(rows) for n, v in self.row_slots.items()},
                               p[:, 0] if width else p.reshape(rows)))
         u = self.update
+        rounding, c = kernel_step(state, c)
         if isinstance(u, _SparseUpdate):
             if u.rows.size == 0:
                 return
-            kernel = cpu.row_sparse_kernel(rule, used, row_used, has_wd)
+            kernel = cpu.row_sparse_kernel(rule, used, row_used, has_wd, rounding)
             kernel(p, *slots, *row_slots, u.rows, u.offsets, u.order, u.values, c, wd, type(wd)(width))
         else:
-            kernel = cpu.row_dense_kernel(rule, used, row_used, has_wd)
+            kernel = cpu.row_dense_kernel(rule, used, row_used, has_wd, rounding)
             kernel(p, u.values.reshape(rows, width), *slots, *row_slots, c, wd, type(wd)(width))
