@@ -892,16 +892,6 @@ def _plan_sparse(pending):
         raise AssertionError("a bad index that plans")  # pragma: no cover
 
 
-#: The fewest tables of one kernel configuration that run table-batched (:func:`_run_tables`).
-#: The batched kernels' row step is slower than the per-table kernels' for rules with more
-#: arithmetic per element (Adam: a step of two 64-wide tables of 100K and 1M rows with
-#: 8,192 ids each took 2.93 ms batched against 1.30 ms table by table, 2 threads; Adagrad
-#: the same either way), so batching pays only where the fixed cost of a parallel region
-#: per table dominates: many tables (26 tables, Adam, width 64: 10.4 against 12.2 ms;
-#: width 16: 6.45 against 5.86 ms; 8 tables of width 16: equal). Open: issue 21.
-BATCH_MIN_TABLES = 8
-
-
 def run_lazy(rule, updates, coefficients, wd, has_wd, batch, convert=None):
     """Step 5 of a lazy step: run the validated, planned (and clipped) ``updates``.
 
@@ -951,9 +941,9 @@ def run_lazy(rule, updates, coefficients, wd, has_wd, batch, convert=None):
         for (step_rule, dtype, uses_wd, _, row_used), group in groups.items():
             c = converted[dtype][0]
             wd_v = dtype(wd if uses_wd else 0.0)
-            if len(group) < BATCH_MIN_TABLES:
-                for state, update in group:
-                    update.run(step_rule, state, c, wd_v, uses_wd)
+            if len(group) == 1:
+                state, update = group[0]
+                update.run(step_rule, state, c, wd_v, uses_wd)
             else:
                 _run_tables(step_rule, group, c, wd_v, uses_wd, row_used)
 

@@ -27,13 +27,6 @@ TABLES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def batch_small_groups(monkeypatch):
-    """Groups of two tables or more run table-batched here (the default waits for
-    ``BATCH_MIN_TABLES``): the batched kernels' bits are what these tests check."""
-    monkeypatch.setattr(optimizer_module, "BATCH_MIN_TABLES", 2)
-
-
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
 def threads(request, monkeypatch):
     """Steps on 1 thread, or on 2 (each step big enough for several, not measured)."""
@@ -248,17 +241,3 @@ def test_a_custom_rule_runs_batched(batched_calls):
     steps = make_steps(2)
     assert_same(run(Custom(), True, steps), run(Custom(), False, steps))
     assert batched_calls
-
-
-@pytest.mark.parametrize("count", [2, 8])
-def test_by_default_only_groups_of_many_tables_run_batched(count, monkeypatch, batched_calls):
-    """Below ``BATCH_MIN_TABLES`` tables of one configuration (a user and an item table)
-    each table keeps its own kernel (there the batched row step is slower); from it on
-    they share one region."""
-    monkeypatch.setattr(optimizer_module, "BATCH_MIN_TABLES", 8)
-    rng = np.random.default_rng(0)
-    tables = [rng.normal(size=(50, 4)).astype(np.float32) for _ in range(count)]
-    grads = [so.IndexedSlices(rng.normal(size=(6, 4)).astype(np.float32), rng.integers(0, 50, 6), (50, 4))
-             for _ in range(count)]
-    so.Adam(0.01).apply_gradients(list(zip(grads, tables)))
-    assert batched_calls == ([] if count < 8 else [count])

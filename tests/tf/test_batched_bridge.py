@@ -37,13 +37,6 @@ REGIONS = {"AdamW": (1, 6)}
 DEFAULT_REGIONS = (1, 7)
 
 
-@pytest.fixture(autouse=True)
-def batch_small_groups(monkeypatch):
-    """Groups of two tables or more run table-batched here (the default waits for
-    ``BATCH_MIN_TABLES``): the batched kernels' bits are what these tests check."""
-    monkeypatch.setattr(optimizer_module, "BATCH_MIN_TABLES", 2)
-
-
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
 def threads(request, monkeypatch):
     """Steps on 1 thread, or on 2 (each step big enough for several, not measured)."""
