@@ -422,8 +422,16 @@ class Optimizer:
             config[key] = _serialize_hyper(self._hyper[key])
         config.update(weight_decay=self.weight_decay, clipnorm=self.clipnorm,
                       global_clipnorm=self.global_clipnorm, clipvalue=self.clipvalue,
-                      sparse_mode=self.sparse_mode, stochastic_rounding=self.stochastic_rounding,
-                      slot_dtype=self.slot_dtype, seed=self.seed)
+                      sparse_mode=self.sparse_mode)
+        # The 16-bit settings where they are not the defaults (as exact_history, only where
+        # it applies): a float32 user's config keeps Keras' keys, which other code may pass
+        # on to a Keras optimizer.
+        if not self.stochastic_rounding:
+            config["stochastic_rounding"] = False
+        if self.slot_dtype is not None:
+            config["slot_dtype"] = self.slot_dtype
+        if self.seed:
+            config["seed"] = self.seed
         if self.sparse_mode == "exact":
             config["exact_history"] = self.exact_history
         if self._legacy:

@@ -333,7 +333,8 @@ def test_config_holds_seed_and_rounding():
     opt = so.Adam(0.01, seed=5, stochastic_rounding=False)
     config = opt.get_config()
     assert config["seed"] == 5 and config["stochastic_rounding"] is False
-    assert so.SGD(0.1).get_config()["seed"] == 0                    # the default: reproducible runs
+    assert so.SGD(0.1).seed == 0                                    # the default: reproducible runs
+    assert not {"seed", "stochastic_rounding", "slot_dtype"} & set(so.SGD(0.1).get_config())  # defaults
     assert so.SGD.from_config(so.SGD(0.1, seed=2 ** 63 - 1).get_config()).seed == 2 ** 63 - 1
 
 
