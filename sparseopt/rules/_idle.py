@@ -108,14 +108,11 @@ def window_series_apply(decay, m, s, epsilon, t, first, shrink, tol):
     ``epsilon / s`` is not small and the window is not long.
 
     ``shrink``: the window's total decay of the denominator's moment term,
-    :math:`P_v(L,T)^r` (:math:`r_T`). Step :math:`	au`'s divisor is
-    :math:`s\,r_T\,
-ho_	au + \epsilon` with :math:`
-ho_	au = P_v(	au,T)^{-r} \ge 1`
+    :math:`P_v(L,T)^r` (:math:`r_T`). Step :math:`\tau`'s divisor is
+    :math:`s\,r_T\,\rho_\tau + \epsilon` with :math:`\rho_\tau = P_v(\tau,T)^{-r} \ge 1`
     independent of the window's start, so with :math:`U = \epsilon + s\,r_T`,
-    :math:`x = s\,r_T / U \in [0, 1)` and :math:`u_	au = 
-ho_	au - 1`,
-    :math:`1/(U (1 + x u_	au)) = U^{-1} \sum_n (-x)^n u_	au^n`. The ratio of its terms is
+    :math:`x = s\,r_T / U \in [0, 1)` and :math:`u_\tau = \rho_\tau - 1`,
+    :math:`1/(U (1 + x u_\tau)) = U^{-1} \sum_n (-x)^n u_\tau^n`. The ratio of its terms is
     at most :math:`x\,u_{max}` with :math:`u_{max} \le 1/r_T - 1` (about ``k (1 - beta_2) r``
     for a window of ``k`` steps), whatever ``epsilon / s``; it is used while that stays below
     :data:`SERIES_LIMIT` and the series converged. Branch-free, as :func:`series_apply`.
