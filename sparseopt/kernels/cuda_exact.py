@@ -50,7 +50,7 @@ def _idle_module():
     module.series = _device(_idle.series.py_func, "cuda")
     module.series_apply = _device(_idle.series_apply.py_func, "cuda", series=module.series)
     module.window_series_apply = _device(_idle.window_series_apply.py_func, "cuda",
-                                         series=module.series, series_apply=module.series_apply)
+                                         series=module.series)
     return module
 
 

@@ -205,8 +205,7 @@ def _fast_idle_module():
     module.series = inline(specialize(_python(_idle.series), "fast", SERIES_TERMS=FAST_SERIES_TERMS))
     module.series_apply = inline(specialize(_python(_idle.series_apply), "fast", series=module.series))
     module.window_series_apply = inline(specialize(_python(_idle.window_series_apply), "fast",
-                                                   series=module.series,
-                                                   series_apply=module.series_apply))
+                                                   series=module.series))
     return module
 
 
