@@ -53,7 +53,8 @@ class Optimizer:
     dtype, stochastically by default. The random bits are a hash of (``seed``, step,
     row, column) (:mod:`sparseopt.kernels.lowp`): the same for any number of threads,
     and a run resumed from a checkpoint (config and ``iterations``) continues bit for
-    bit. Lazy sparse mode only (``sparse_mode="exact"`` refuses 16-bit variables).
+    bit. In ``sparse_mode="exact"`` a row's idle steps are computed as for a float32
+    variable and rounded once, with the bits of the window's last step.
 
     Args:
         learning_rate: a float, a no-argument callable, or a
@@ -617,10 +618,6 @@ class Optimizer:
             raise errors.DtypeMismatchError(
                 f"{name!r}: variables must be NumPy arrays; got {type(var).__name__}")
         _validation.check_host_variable(var, name, low_precision=True)
-        if self.sparse_mode == "exact" and lowp.kind(var.dtype):
-            raise errors.DtypeMismatchError(
-                f"{name!r}: sparse_mode='exact' does not support {var.dtype} variables yet; "
-                f"use sparse_mode='lazy' or a float32 variable")
 
     def _clip(self, updates):
         if self.clipvalue is not None:

@@ -352,9 +352,6 @@ def test_unsupported_dtypes_and_modes_are_refused_clearly():
         opt.apply_gradients([(so.IndexedSlices(np.ones((1, 2), np.float16), np.array([0])), t)])
     with pytest.raises(errors.DtypeMismatchError, match="gradient dtype bfloat16 differs from the variable's float32$"):
         opt.apply_gradients([(np.ones(2, BF16), np.zeros(2, np.float32))])
-    exact = so.Adam(0.01, sparse_mode="exact")
-    with pytest.raises(errors.DtypeMismatchError, match="sparse_mode='exact' does not support bfloat16"):
-        exact.apply_gradients([(so.IndexedSlices(np.ones((1, 2), np.float32), np.array([0])), t)])
     with pytest.raises(errors.HyperparameterError, match=r"seed must be an integer in \[0, 2\*\*63\)"):
         so.Adam(0.01, seed=-1)
     assert opt.iterations == 0 and not np.any(t.astype(np.float32))

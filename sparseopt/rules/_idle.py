@@ -120,11 +120,13 @@ def window_series_apply(decay, m, s, epsilon, t, first, shrink, tol):
     :math:`\epsilon\,U \le (s\,r_T)^2 u_{max}`. Branch-free, with one division per element
     (the CPU's catch-up is bound by this arithmetic, and divisions are its dearest part).
     """
-    scaled = s * shrink
+    # s in float64 (a float32 s times a Python float stays float32 on the CUDA simulator)
+    wide = s + 0.0 * shrink
+    scaled = wide * shrink
     grow = 1.0 / shrink - 1.0                    # u_max, the same for the whole window
     centred_divisor = epsilon + scaled
     take_eps = (scaled > 0) & (epsilon * centred_divisor <= scaled * scaled * grow)
-    divisor = s if take_eps else centred_divisor
+    divisor = wide if take_eps else centred_divisor
     divisor = divisor if divisor > 0 else 1.0    # epsilon == 0 and s == 0: not ok, kept finite
     inverse = 1.0 / divisor
     x = (epsilon if take_eps else scaled) * inverse
@@ -135,7 +137,7 @@ def window_series_apply(decay, m, s, epsilon, t, first, shrink, tol):
     acc_centred, converged_centred = series(x, t, first + SERIES_COLUMNS, tol)
     weight = 1.0 * take_eps
     acc = acc_eps * weight + acc_centred * (1.0 - weight)
-    converged = (converged_eps & take_eps) | (converged_centred & ~take_eps)
+    converged = converged_eps if take_eps else converged_centred
     small = (x <= SERIES_LIMIT * shrink) if take_eps else (x * grow <= SERIES_LIMIT)
     ok = ((m == 0) | (small & converged)) & (epsilon > 0)
     return (decay if m == 0 else decay - m * inverse * acc), ok
