@@ -430,7 +430,7 @@ def test_the_benchmark_script_runs_tiny():
                            "--lookups", "64", "--steps", "2"], cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith(("| float", "| bfloat"))]
-    assert len(rows) == 6 and rows[0].startswith("| float32 table | ")
+    assert len(rows) == 8 and rows[0].startswith("| float32 table | ")
 
 
 def test_a_custom_rule_runs_on_16_bit_variables():
