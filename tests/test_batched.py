@@ -8,7 +8,9 @@ rules' math is tested per optimizer elsewhere, and here both paths inline the sa
 slots 0 and 2 kept without 1 (rmsprop_centered: a kept slot's place in ``meta`` is its
 place in the rule), decoupled weight decay in the pass (adamw), coefficients from
 per-step state (nadam's ``u_product``), every Ftrl term (ftrl_regularized) and the
-row-reduction family with a row slot (rowwise_adagrad).
+row-reduction family with a row slot (rowwise_adagrad). 16-bit tables run batched too, a
+region per rounding configuration (``TABLES16``: Adam with stochastic rounding and float32
+slots, with round-to-nearest and bfloat16 slots, and RowwiseAdagrad).
 """
 
 import numpy as np
@@ -284,9 +286,8 @@ def run16(case, batched, steps=2, **options):
 
 
 @pytest.mark.parametrize("name, options", [
-    ("adam", {}), ("adam", dict(stochastic_rounding=False, slot_dtype="bfloat16")),
-    ("sgd_momentum", dict(slot_dtype="bfloat16")), ("rowwise_adagrad", {})],
-    ids=["adam", "adam_rne_bfloat16_slots", "sgd_momentum_bfloat16_slots", "rowwise_adagrad"])
+    ("adam", {}), ("adam", dict(stochastic_rounding=False, slot_dtype="bfloat16")), ("rowwise_adagrad", {})],
+    ids=["adam", "adam_rne_bfloat16_slots", "rowwise_adagrad"])
 def test_16_bit_tables_run_batched_with_the_per_table_bits(name, options, threads, batched_calls):
     """Each dtype's tables in a region of their own (16-bit ones rounded with the step's
     bits by their own flat indices), bit-identical to the per-table kernels."""
