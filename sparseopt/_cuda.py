@@ -38,6 +38,14 @@ one stream (its de-duplication scratch is reused from step to step).
 Several GPUs: the slots of a variable are allocated, and its kernels launched, on
 the device that holds it, where the array says which (``.device`` of torch and
 CuPy arrays); otherwise on the current device.
+
+16-bit variables (:mod:`sparseopt.kernels.lowp`): a float16 variable is any float16 CUDA
+array (typestr ``<f2``); a bfloat16 one is a Numba device array of ``ml_dtypes.bfloat16``
+or an interface exporter whose typestr is ``<V2`` (torch's for ``torch.bfloat16``, and
+``ml_dtypes.bfloat16``'s ``dtype.str``; no other 2-byte void is a float). The kernels
+update the variable's ``uint16`` view (:func:`bits`), with the CPU's element code, slots
+float32 (or bfloat16 bits), row slots float32; a 16-bit gradient is widened to float32 on
+the device first, as the CPU widens it.
 """
 
 import contextlib
@@ -48,8 +56,11 @@ import warnings
 import numpy as np
 
 from sparseopt import _validation, errors
+from sparseopt.kernels import lowp
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_FLOAT32 = np.dtype(np.float32)
+_UINT16 = np.dtype(np.uint16)
 
 
 CudaUnavailableError = errors.CudaUnavailableError
@@ -207,13 +218,16 @@ def wrap(obj, name, what):
     except TypeError:
         raise errors.DtypeMismatchError(
             f"{name!r}: the {what} has an unsupported CUDA dtype {desc['typestr']!r}") from None
-    if dtype.kind not in "fiu":
+    bfloat16 = dtype.kind == "V" and dtype.itemsize == 2 and lowp.BFLOAT16 is not None
+    if dtype.kind not in "fiu" and not bfloat16:
         raise errors.DtypeMismatchError(f"{name!r}: the {what} has an unsupported dtype {dtype}")
     if rt.simulator:
         array = rt.fake_array(np.asarray(_HostView(desc, obj)))
     else:
         with _on_device(rt, device):
             array = rt.cuda.from_cuda_array_interface(desc, owner=obj, sync=False)
+    if bfloat16:  # "<V2": torch's bfloat16 (and ml_dtypes' dtype.str); no other 2-byte float is a void
+        array = array.view(lowp.BFLOAT16)
     return _Wrapped(array, stream, readonly, device)
 
 
@@ -221,12 +235,20 @@ def _contiguous(array):
     return array.is_c_contiguous()
 
 
+def bits(array):
+    """A 16-bit (bfloat16, float16) device array's ``uint16`` view, what the kernels update;
+    any other array as it is."""
+    return array.view(_UINT16) if lowp.kind(array.dtype) else array
+
+
 def check_variable(var, name):
-    """Check a CUDA variable: float32/float64, C-contiguous, writeable. Returns its :class:`_Wrapped`."""
+    """Check a CUDA variable: float32, float64, bfloat16 or float16; C-contiguous, writeable.
+    Returns its :class:`_Wrapped` (``array`` of the variable's dtype)."""
     w = wrap(var, name, "variable")
-    if w.array.dtype not in _FLOAT_DTYPES:
+    if w.array.dtype not in _FLOAT_DTYPES and not lowp.kind(w.array.dtype):
         raise errors.DtypeMismatchError(
-            f"{name!r}: variables must be float32 or float64; got {w.array.dtype}")
+            f"{name!r}: variables must be float32, float64, bfloat16 (ml_dtypes) or float16; "
+            f"got {w.array.dtype}")
     if not _contiguous(w.array):
         raise errors.ArrayLayoutError(
             f"{name!r}: variables must be C-contiguous (they are updated in place); "
@@ -285,22 +307,48 @@ def _read_scalar(array, stream):
 # ----------------------------------------------------------------- slot storage
 
 
-def slot_storage(var, initial_values):
-    """One contiguous device array ``(len(initial_values), *var.shape)``, filled slot by slot."""
+def variable_kind(var):
+    """``"bfloat16"`` or ``"float16"`` for a 16-bit CUDA variable, else None (see :func:`wrap`)."""
+    return lowp.kind(check_variable(var, "variable").array.dtype)
+
+
+def _math_dtype(dtype):
+    """The dtype of a variable's math and of its float slots: float32 for a 16-bit variable."""
+    return _FLOAT32 if lowp.kind(dtype) else np.dtype(dtype)
+
+
+def _fill(rt, flat, value):
+    """``flat[:] = value`` on the default stream, a bfloat16 array through its bits
+    (``value`` rounded to nearest, as NumPy fills a host bfloat16 array)."""
+    k = rt.kernels
+    threads = k.launch_config().threads
+    if lowp.kind(flat.dtype):
+        value = np.array(value, flat.dtype).view(_UINT16)[()]
+        flat = flat.view(_UINT16)
+    else:
+        value = flat.dtype.type(value)
+    k.fill[k.blocks_for(flat.size, threads), threads, 0](flat, value)
+
+
+def slot_storage(var, initial_values, slot_kind=None):
+    """One contiguous device array ``(len(initial_values), *var.shape)``, filled slot by slot.
+
+    Its dtype is the variable's, float32 for a 16-bit variable, or bfloat16 where
+    ``slot_kind`` is ``"bfloat16"`` (a 16-bit variable's ``slot_dtype``)."""
     rt = runtime()
     w = check_variable(var, "variable")
     shape = tuple(w.array.shape)
-    dtype = w.array.dtype
+    dtype = _math_dtype(w.array.dtype)
+    if slot_kind and lowp.kind(w.array.dtype):
+        dtype = lowp.BFLOAT16
     nslots = len(initial_values)
     with _on_device(rt, w.device):
         storage = rt.cuda.device_array((nslots,) + shape, dtype)
         size = math.prod(shape)
         if nslots and size:
             flat = storage.reshape((nslots, size))
-            k = rt.kernels
-            threads = k.launch_config().threads
             for i, value in enumerate(initial_values):
-                k.fill[k.blocks_for(size, threads), threads, 0](flat[i], dtype.type(value))
+                _fill(rt, flat[i], value)
             # Once per variable: the fills (default stream) finish before any stream reads the slots.
             rt.cuda.synchronize()
     return storage
@@ -308,16 +356,15 @@ def slot_storage(var, initial_values):
 
 def row_slot_storage(var, initial_values):
     """The row slots of a row-wise rule: one contiguous device array ``(len(initial_values), rows)``
-    (rows: the variable's first axis; a 0-d variable is one row), filled slot by slot."""
+    (rows: the variable's first axis; a 0-d variable is one row), filled slot by slot; of the
+    variable's math dtype (float32 for a 16-bit variable, as on the CPU)."""
     rt = runtime()
     w = check_variable(var, "variable")
     rows = int(w.array.shape[0]) if w.array.ndim else 1
     with _on_device(rt, w.device):
-        storage = rt.cuda.device_array((len(initial_values), rows), w.array.dtype)
-        k = rt.kernels
-        threads = k.launch_config().threads
+        storage = rt.cuda.device_array((len(initial_values), rows), _math_dtype(w.array.dtype))
         for i, value in enumerate(initial_values):
-            k.fill[k.blocks_for(rows, threads), threads, 0](storage[i], w.array.dtype.type(value))
+            _fill(rt, storage[i], value)
         rt.cuda.synchronize()  # as slot_storage: the fills finish before any stream reads them
     return storage
 
@@ -423,10 +470,33 @@ def _norm(rt, scratch, flat, stream):
 
 
 def _kernel_slots(state, rule, p):
-    """The kernel's ``(s0, s1, s2)`` (device views shaped like ``p``) and their ``used`` flags."""
+    """The kernel's ``(s0, s1, s2)`` (device views shaped like ``p``; bfloat16 slots as their
+    ``uint16`` bits) and their ``used`` flags."""
     from sparseopt.kernels import cpu
-    kept = {name: state.slots[name].reshape(p.shape) for name in state.kernel_slot_names}
+    kept = {name: bits(state.slots[name].reshape(p.shape)) for name in state.kernel_slot_names}
     return cpu.place(rule.SLOTS, kept, p)
+
+
+def _rounding(state, c):
+    """``(lowp_config, c)`` of a kernel on ``state``'s variable: ``(None, c)``, or for a 16-bit
+    variable its rounding and ``c`` with the step's key (``VariableState.kernel_step``)."""
+    step = getattr(state, "kernel_step", None)
+    return (None, c) if step is None else step(c)
+
+
+def _widened(rt, scratch, key, array, stream):
+    """A gradient as the kernels read it: float32 for a 16-bit one (widened, exactly, into
+    scratch ``key``, as the CPU widens it: ``sparseopt._validation``), else ``array``."""
+    kind = lowp.kind(array.dtype)
+    if kind is None:
+        return array
+    flat = array.reshape((array.size,))
+    out = scratch.buffer(key, array.size, _FLOAT32)
+    if array.size:
+        k = rt.kernels
+        threads = k.launch_config().threads
+        k.widen_kernel(kind)[k.blocks_for(array.size, threads), threads, stream](flat.view(_UINT16), out)
+    return out.reshape(tuple(array.shape))
 
 
 def _run_rows(rt, rule, state, row_slots, p, values, plan, c, wd, has_wd, stream):
@@ -448,45 +518,48 @@ def _run_rows(rt, rule, state, row_slots, p, values, plan, c, wd, has_wd, stream
     kept = {name: view.reshape((num_rows,)) for name, view in row_slots.items()}
     rslots, row_used = cpu.place(rule.ROW_SLOTS, kept, flat)
     cfg = k.launch_config()
-    kernel = k.row_kernel(rule, used, row_used, has_wd, dense, p.dtype, cfg.row_threads)
+    rounding, c = _rounding(state, c)
+    dtype = np.dtype(state.math_dtype) if rounding is not None else p.dtype
+    kernel = k.row_kernel(rule, used, row_used, has_wd, dense, dtype, cfg.row_threads, rounding)
     lanes, per_block = k.row_layout(width)
     kernel[k.blocks_for(count, per_block), (lanes, per_block), stream](
-        p, *slots, *rslots, *plan[:3], values, count, c, wd, p.dtype.type(width))
+        p, *slots, *rslots, *plan[:3], values, count, c, wd, dtype.type(width))
 
 
 class DenseUpdate:
     """A dense CUDA gradient for a CUDA variable (see ``optimizer._DenseUpdate``)."""
 
     on_device = True
-    __slots__ = ("var", "values", "stream", "handles", "owned", "scratch", "device", "shape")
+    __slots__ = ("var", "values", "stream", "handles", "owned", "scratch", "device", "shape", "dtype")
 
-    def __init__(self, var, values, stream, handles, scratch, device, shape):
-        self.var = var
-        self.values = values
+    def __init__(self, var, values, stream, handles, scratch, device, shape, dtype, owned=False):
+        self.var = var  # flat; a 16-bit variable's uint16 bits
+        self.values = values  # flat, in the math dtype (a 16-bit gradient widened)
         self.stream = stream
         self.handles = handles
-        self.owned = False
+        self.owned = owned
         self.scratch = scratch
         self.device = device
         self.shape = shape
+        self.dtype = dtype  # the variable's
 
     @classmethod
     def validate(cls, g, var, name, store):
         rt = runtime()
         vw = check_variable(var, name)
         gw = _wrap_gradient_part(g, vw, name, "gradient")
-        if gw.array.dtype != vw.array.dtype:
-            raise errors.DtypeMismatchError(
-                f"{name!r}: gradient dtype {gw.array.dtype} differs from the variable's {vw.array.dtype}")
+        _validation._check_gradient_dtype(name, vw.array, gw.array.dtype)
         if tuple(gw.array.shape) != tuple(vw.array.shape):
             raise errors.ShapeMismatchError(
                 f"{name!r}: gradient shape {tuple(gw.array.shape)} differs from the variable's "
                 f"{tuple(vw.array.shape)}")
         size = vw.array.size
+        scratch = scratch_for(store, var)
         with _on_device(rt, vw.device):
             stream = _launch_stream(rt, gw.stream, vw.stream)
-        return cls(vw.array.reshape((size,)), gw.array.reshape((size,)), stream,
-                   (gw.stream, vw.stream), scratch_for(store, var), vw.device, tuple(vw.array.shape))
+            values = _widened(rt, scratch, "widened", gw.array, stream)
+        return cls(bits(vw.array).reshape((size,)), values.reshape((size,)), stream, (gw.stream, vw.stream),
+                   scratch, vw.device, tuple(vw.array.shape), vw.array.dtype, owned=values is not gw.array)
 
     def plan(self):
         pass
@@ -516,7 +589,8 @@ class DenseUpdate:
             return
         k = rt.kernels
         slots, used = _kernel_slots(state, rule, self.var)
-        kernel = k.dense_kernel(rule, used, has_wd)
+        rounding, c = _rounding(state, c)
+        kernel = k.dense_kernel(rule, used, has_wd, rounding)
         threads = k.launch_config().threads
         with _on_device(rt, self.device):
             kernel[k.blocks_for(n, threads), threads, self.stream](self.var, self.values, *slots, c, wd)
@@ -540,15 +614,15 @@ class DenseUpdate:
         if out is var:
             return
         ow = _wrap_gradient_part(out, _Wrapped(None, None, False, self.device), "constraint", "result")
-        if ow.array.size != self.var.size or ow.array.dtype != self.var.dtype:
+        if ow.array.size != self.var.size or ow.array.dtype != self.dtype:
             raise errors.ShapeMismatchError(
                 f"constraint returned shape {tuple(ow.array.shape)}, dtype {ow.array.dtype}; "
-                f"expected the variable's ({self.var.size} elements of {self.var.dtype})")
+                f"expected the variable's ({self.var.size} elements of {self.dtype})")
         k = rt.kernels
         threads = k.launch_config().threads
         with _on_device(rt, self.device):
             k.copy[k.blocks_for(self.var.size, threads), threads, self.stream](
-                ow.array.reshape((self.var.size,)), self.var)
+                bits(ow.array).reshape((self.var.size,)), self.var)
 
 
 class SparseUpdate:
@@ -556,11 +630,12 @@ class SparseUpdate:
 
     on_device = True
     __slots__ = ("var", "values", "indices", "name", "stream", "handles", "scratch", "device",
-                 "num_rows", "row_shape", "rows", "offsets", "order", "k", "summed")
+                 "num_rows", "row_shape", "rows", "offsets", "order", "k", "summed", "dtype")
 
-    def __init__(self, var, values, indices, name, stream, handles, scratch, device, row_shape):
-        self.var = var
-        self.values = values
+    def __init__(self, var, values, indices, name, stream, handles, scratch, device, row_shape, dtype):
+        self.var = var  # (rows, width); a 16-bit variable's uint16 bits
+        self.dtype = dtype  # the variable's
+        self.values = values  # (n, width), in the math dtype (16-bit gradient values widened)
         self.indices = indices
         self.name = name
         self.stream = stream
@@ -582,11 +657,12 @@ class SparseUpdate:
         _validation.check_sparse_layout(name, v, values, indices, g.dense_shape)
         row_shape = tuple(v.shape[1:])
         width = math.prod(row_shape)
+        scratch = scratch_for(store, var)
         with _on_device(rt, vw.device):
             stream = _launch_stream(rt, values_w.stream, indices_w.stream, vw.stream)
-        return cls(v.reshape((v.shape[0], width)), values.reshape((values.shape[0], width)), indices,
-                   name, stream, (values_w.stream, vw.stream), scratch_for(store, var), vw.device,
-                   row_shape)
+            values = _widened(rt, scratch, "widened", values.reshape((values.shape[0], width)), stream)
+        return cls(bits(v).reshape((v.shape[0], width)), values, indices, name, stream,
+                   (values_w.stream, vw.stream), scratch, vw.device, row_shape, v.dtype)
 
     def plan(self):
         """Launch the range check and the de-duplication (results are read by :meth:`finish`)."""
@@ -649,7 +725,8 @@ class SparseUpdate:
             return
         rt = runtime()
         slots, used = _kernel_slots(state, rule, self.var)
-        kernel = rt.kernels.sparse_kernel(rule, used, has_wd)
+        rounding, c = _rounding(state, c)
+        kernel = rt.kernels.sparse_kernel(rule, used, has_wd, rounding)
         blocks, block = self._row_launch(self.k)
         with _on_device(rt, self.device):
             kernel[blocks, block, self.stream](self.var, *slots, self.rows, self.offsets, self.order,
@@ -678,14 +755,16 @@ class SparseUpdate:
         with _on_device(rt, self.device):
             k.gather_rows[k.blocks_for(self.k * width, threads), threads, self.stream](
                 self.var, self.rows, self.k, touched)
+            if touched.dtype != self.dtype:  # a 16-bit variable's bits: fn gets its dtype
+                touched = touched.view(self.dtype)
             out = fn(touched.reshape((self.k,) + self.row_shape))
             ow = _wrap_gradient_part(out, _Wrapped(None, None, False, self.device), "constraint", "result")
-            if ow.array.size != self.k * width or ow.array.dtype != self.var.dtype:
+            if ow.array.size != self.k * width or ow.array.dtype != self.dtype:
                 raise errors.ShapeMismatchError(
                     f"constraint returned shape {tuple(ow.array.shape)}, dtype {ow.array.dtype}; "
-                    f"expected {(self.k,) + self.row_shape} of {self.var.dtype}")
+                    f"expected {(self.k,) + self.row_shape} of {self.dtype}")
             k.scatter_rows[k.blocks_for(self.k * width, threads), threads, self.stream](
-                ow.array.reshape((self.k, width)), self.rows, self.k, self.var)
+                bits(ow.array).reshape((self.k, width)), self.rows, self.k, self.var)
 
 
 # ------------------------------------------------------------------ exact mode

@@ -64,6 +64,46 @@ def compile_one(dispatcher, sig):
     cuda.compile_ptx(fn, sig, cc=CC)
 
 
+def compile_low_precision(kc, i64):
+    """The 16-bit variables' kernels (``uint16`` bits, float32 math, the step's rounding key
+    in the coefficients) of a few representative rules, and the gradient widening."""
+    from sparseopt.kernels import lowp
+    from tests.optimizer_table import CASES
+    count = 0
+    u16, f32, f1, f2 = arr(np.uint16, 1), types.float32, arr(np.float32, 1), arr(np.float32, 2)
+    b2 = arr(np.uint16, 2)
+    for case in CASES:
+        if case.id not in ("sgd_momentum", "adam", "rowwise_adagrad"):
+            continue
+        opt = case.make()
+        rule = opt._rule
+        hypers = opt._resolved_hypers()
+        c = lowp.keyed(opt._coefficients(hypers, 1), 1)
+        ctype = numba.typeof(type(c)(*(np.float32(x) for x in c[:-1]), c[-1]))
+        used = tuple(name in opt._slot_names() for name in rule.SLOTS)
+        used += (False,) * (3 - len(used))
+        for config in (("bfloat16", True, None), ("float16", True, None), ("bfloat16", False, "bfloat16")):
+            slot2 = b2 if config[2] else f2
+            if hasattr(rule, "ROW_SLOTS"):
+                row_used = tuple(name in opt._row_slot_names() for name in rule.ROW_SLOTS)
+                row_used += (False,) * (3 - len(row_used))
+                for dense in (True, False):
+                    compile_one(kc.row_kernel(rule, used, row_used, True, dense, np.float32, 256, config),
+                                (b2, slot2, slot2, slot2, f1, f1, f1, i64, i64, i64, f2, types.int64, ctype,
+                                 f32, f32))
+                    count += 1
+                continue
+            slot1 = u16 if config[2] else f1
+            compile_one(kc.dense_kernel(rule, used, True, config), (u16, f1, slot1, slot1, slot1, ctype, f32))
+            compile_one(kc.sparse_kernel(rule, used, True, config),
+                        (b2, slot2, slot2, slot2, i64, i64, i64, f2, types.int64, ctype, f32))
+            count += 2
+    for kind in ("bfloat16", "float16"):
+        compile_one(kc.widen_kernel(kind), (u16, f1))
+        count += 1
+    return count
+
+
 def main():
     problem = toolchain_problem()
     if problem:
@@ -119,6 +159,7 @@ def main():
                             (rows2, rows2, rows2, rows2, i64, i8, types.boolean, i64, i8, i8, hist, tab,
                              ctype, scal, f8))
                 count += 4
+    count += compile_low_precision(kc, i64)
     for dtype in (np.float32, np.float64):
         scal = numba.from_dtype(np.dtype(dtype))
         f1 = arr(dtype, 1)
