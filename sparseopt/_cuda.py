@@ -782,10 +782,13 @@ class ExactDevice:
     variable's last step, with no synchronization; nothing is read back.
     """
 
-    __slots__ = ("device", "stream", "last", "hist", "tab")
+    __slots__ = ("device", "stream", "last", "hist", "tab", "lowp", "host_hist")
 
-    def __init__(self, var, hist, tab):
+    def __init__(self, var, hist, tab, lowp=None):
+        """``lowp``: a 16-bit variable's rounding (:class:`sparseopt._exact.ExactState`'s), else None."""
         rt = runtime()
+        self.lowp = lowp
+        self.host_hist = hist  # the host ring (the rounding key of a catch-up's last step)
         w = check_variable(var, "variable")
         rows = int(w.array.shape[0]) if w.array.ndim else 1
         self.device = w.device
@@ -795,7 +798,7 @@ class ExactDevice:
             k = rt.kernels
             threads = k.launch_config().threads
             k.fill[k.blocks_for(rows, threads), threads, 0](self.last, 0)
-            self.hist = rt.cuda.to_device(hist)
+            self.hist = rt.cuda.to_device(_aligned_records(hist))
             self.tab = rt.cuda.to_device(tab)
             rt.cuda.synchronize()  # once per variable, as slot_storage
 
@@ -808,7 +811,7 @@ class ExactDevice:
     def write_record(self, hist, index):
         """Mirror ``hist[index]`` (just written on the host)."""
         with _on_device(runtime(), self.device):
-            self._copy(self.hist[index:index + 1], hist[index:index + 1])
+            self._copy(self.hist[index:index + 1], _aligned_records(hist[index:index + 1]))
 
     def copy_tables(self, tab, lo, hi):
         """Mirror the rows ``L % H`` of ``tab`` for the windows ``L`` in ``[lo, hi]`` (at most two runs of the ring)."""
@@ -822,7 +825,7 @@ class ExactDevice:
 
     def _arrays(self, rule, state):
         """The variable ``(rows, width)`` as a device array, its kernel slots and their ``used`` flags."""
-        var = check_variable(state.var, state.name).array
+        var = bits(check_variable(state.var, state.name).array)
         rows = self.last.size
         p = var.reshape((rows, var.size // rows if rows else 0))
         slots, used = _kernel_slots(state, rule, p)
@@ -834,7 +837,8 @@ class ExactDevice:
         rt = runtime()
         slots, used = _kernel_slots(state, rule, update.var)
         blocks, block = update._row_launch(update.k)
-        kernel = rt.exact.sparse_kernel(rule, used, has_wd)
+        rounding, c = _rounding(state, c)
+        kernel = rt.exact.sparse_kernel(rule, used, has_wd, rounding)
         with _on_device(rt, self.device):
             kernel[blocks, block, update.stream](
                 update.var, *slots, update.rows, update.offsets, update.order, update.values, update.k,
@@ -853,7 +857,7 @@ class ExactDevice:
         ids, k = (self.last, p.shape[0]) if every else rows
         lanes, per_block = rt.kernels.row_layout(p.shape[1])
         with _on_device(rt, self.device):
-            rt.exact.catch_up_kernel(rule, used, has_wd)[
+            rt.exact.catch_up_kernel(rule, used, has_wd, self.lowp)[
                 rt.kernels.blocks_for(k, per_block), (lanes, per_block), self.stream](
                 p, *slots, ids, k, every, self.last, floor, hi, self.hist, self.tab, c_idle, zero, tol)
             if not every:
@@ -870,8 +874,13 @@ class ExactDevice:
         threads = kernels.launch_config().threads
         with _on_device(rt, self.device):
             if has_wd and p.size:
-                rt.exact.decay_rows[kernels.blocks_for(k * p.shape[1], threads), threads, self.stream](
-                    p, ids, k, every, self.last, floor, hi, self.tab)
+                grid = kernels.blocks_for(k * p.shape[1], threads), threads, self.stream
+                if self.lowp is None:
+                    rt.exact.decay_rows[grid](p, ids, k, every, self.last, floor, hi, self.tab)
+                else:
+                    key = self.host_hist[hi % self.host_hist.shape[0]]["rounding_key"]
+                    rt.exact.decay_rows_lowp(*self.lowp[:2])[grid](
+                        p, ids, k, every, self.last, floor, hi, self.tab, key)
             if not every:
                 self.set_last(rows, hi, self.stream)
 
@@ -882,6 +891,14 @@ class ExactDevice:
         threads = rt.kernels.launch_config().threads
         with _on_device(rt, self.device):
             rt.exact.set_last[rt.kernels.blocks_for(k, threads), threads, stream](self.last, ids, k, value)
+
+
+def _aligned_records(hist):
+    """History records with their fields aligned, as device code reads them: a 16-bit
+    variable's float32 record ends in a uint64 ``rounding_key``, which the packed host
+    layout leaves at an offset of 4 mod 8 (a misaligned load that the CUDA target refuses)."""
+    dtype = np.dtype([(name, hist.dtype.fields[name][0]) for name in hist.dtype.names], align=True)
+    return hist if dtype == hist.dtype else np.ascontiguousarray(hist.astype(dtype))
 
 
 def exact_rows(store, state, indices, stream):

@@ -613,11 +613,7 @@ class Optimizer:
     def _check_variable(self, var, name):
         if not isinstance(var, np.ndarray):
             if _cuda.is_device_array(var):
-                dtype = _cuda.check_variable(var, name).array.dtype
-                if self.sparse_mode == "exact" and lowp.kind(dtype):
-                    raise errors.DtypeMismatchError(
-                        f"{name!r}: sparse_mode='exact' does not support {dtype} CUDA variables yet; "
-                        f"use sparse_mode='lazy', a float32 CUDA variable or a NumPy one")
+                _cuda.check_variable(var, name)
                 return
             raise errors.DtypeMismatchError(
                 f"{name!r}: variables must be NumPy arrays; got {type(var).__name__}")

@@ -67,6 +67,8 @@ def compile_one(dispatcher, sig):
 def compile_low_precision(kc, i64):
     """The 16-bit variables' kernels (``uint16`` bits, float32 math, the step's rounding key
     in the coefficients) of a few representative rules, and the gradient widening."""
+    from sparseopt import _exact
+    from sparseopt.kernels import cuda_exact as ce
     from sparseopt.kernels import lowp
     from tests.optimizer_table import CASES
     count = 0
@@ -98,9 +100,23 @@ def compile_low_precision(kc, i64):
             compile_one(kc.sparse_kernel(rule, used, True, config),
                         (b2, slot2, slot2, slot2, i64, i64, i64, f2, types.int64, ctype, f32))
             count += 2
+            if config[0] == "bfloat16" and config[1]:  # exact mode: the fused and the catch-up kernels
+                record = _exact.record_dtype(rule, np.float32, True)  # as the device mirrors it: aligned
+                record = np.dtype([(name, record.fields[name][0]) for name in record.names], align=True)
+                hist = types.Array(numba.from_dtype(record), 1, "C")
+                tab, i8, f8 = arr(np.float64, 2), types.int64, types.float64
+                compile_one(ce.sparse_kernel(rule, used, True, config),
+                            (b2, slot2, slot2, slot2, i64, i64, i64, f2, i8, i64, i8, i8, hist, tab,
+                             ctype, f32, ctype, f32, f8))
+                compile_one(ce.catch_up_kernel(rule, used, True, config),
+                            (b2, slot2, slot2, slot2, i64, i8, types.boolean, i64, i8, i8, hist, tab,
+                             ctype, f32, f8))
+                count += 2
     for kind in ("bfloat16", "float16"):
         compile_one(kc.widen_kernel(kind), (u16, f1))
-        count += 1
+        compile_one(ce.decay_rows_lowp(kind, True), (b2, i64, types.int64, types.boolean, i64, types.int64,
+                                                     types.int64, arr(np.float64, 2), types.uint64))
+        count += 2
     return count
 
 

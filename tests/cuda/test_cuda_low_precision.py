@@ -134,13 +134,43 @@ def test_interface_arrays_of_16_bits(dtype, rng):
     assert_same_bits(var.to_host(), cpu, "variable")
 
 
+@pytest.mark.parametrize("case, dtype, extra", [
+    ("adam", BF16, {}), ("sgd_momentum", F16, dict(weight_decay=0.05)),
+    ("adam", BF16, dict(slot_dtype="bfloat16", stochastic_rounding=False)),
+    ("rowwise_adagrad", BF16, dict(weight_decay=0.05))],
+    ids=["adam", "sgd_momentum_wd_float16", "adam_bf16_slots_nearest", "rowwise_adagrad_wd"])
+def test_exact_mode_16_bit_matches_cpu(case, dtype, extra, rng):
+    """Sparse steps on a few rows each (rows idle for several steps are caught up with
+    the window's last step's bits), a ``catch_up`` of some rows, then a ``flush``."""
+    p0 = (rng.normal(size=(ROWS, WIDTH)) * 0.5).astype(dtype)
+    steps = []
+    for _ in range(5):
+        idx = rng.integers(0, 12, 8)
+        values = rng.normal(size=(8, WIDTH))
+        if case == "rowwise_adagrad":  # exact row sums (see the module docstring)
+            values = np.round(np.clip(values, -1, 1) * 4) / 4
+        steps.append((values.astype(np.float32), idx))
+    sides = []
+    for to_device in (True, False):
+        put = dev if to_device else (lambda a: a)
+        var = put(p0.copy())
+        opt = BY_ID[case].make(sparse_mode="exact", seed=21, **extra)
+        for values, idx in steps:
+            opt.apply_gradients([(so.IndexedSlices(put(values), put(idx), p0.shape), var)])
+        opt.catch_up(var, put(np.array([0, 5, 11, 30])))
+        caught = bits16(var).copy()
+        opt.flush()
+        sides.append((opt, var, caught))
+    (gpu_opt, gpu_var, gpu_caught), (cpu_opt, cpu_var, cpu_caught) = sides
+    assert_same_bits(gpu_caught.view(dtype), cpu_caught.view(dtype), "after catch_up")
+    assert_same_bits(gpu_var, cpu_var, "variable")
+    for name in cpu_opt.get_slot_names():
+        assert_same_bits(gpu_opt.get_slot(gpu_var, name), cpu_opt.get_slot(cpu_var, name), name)
+
+
 def test_refusals_are_clear_and_write_nothing(rng):
     p0 = (rng.normal(size=(ROWS, WIDTH)) * 0.5).astype(BF16)
-    values, idx = steps_for(rng, BF16)[0]
     var = dev(p0)
-    with pytest.raises(errors.DtypeMismatchError, match="sparse_mode='exact' does not support bfloat16 CUDA"):
-        so.Adam(learning_rate=0.01, sparse_mode="exact").apply_gradients(
-            [(so.IndexedSlices(dev(values), dev(idx)), var)])
     with pytest.raises(errors.DtypeMismatchError, match="takes bfloat16 or float32 gradients"):
-        so.Adam(learning_rate=0.01).apply_gradients([(dev(values.astype(np.float16)), var)])
+        so.Adam(learning_rate=0.01).apply_gradients([(dev(p0.astype(np.float16)), var)])
     assert np.array_equal(bits16(var), bits16(p0))
