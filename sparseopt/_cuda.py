@@ -24,7 +24,8 @@ is deprecated and cannot compile every rule (a warning says so).
 ``run``, ``constrain``). A step makes no host round trip beyond its launches,
 except one read of a small ``info`` array per sparse gradient (the index range
 check and the number of unique rows: device code cannot raise, so the host must
-look before anything is written), and one scalar per variable when clipping by
+look before anything is written; one read for a step's tables planned together), and one
+scalar per variable when clipping by
 norm (``clipnorm``, ``global_clipnorm``), whose comparison runs on the host. Exact
 mode adds host-to-device copies only (a coefficient record per step, the idle tables
 in use), and ``catch_up`` reads its indices' ``info`` as a sparse gradient does.
@@ -38,6 +39,13 @@ one stream (its de-duplication scratch is reused from step to step).
 Several GPUs: the slots of a variable are allocated, and its kernels launched, on
 the device that holds it, where the array says which (``.device`` of torch and
 CuPy arrays); otherwise on the current device.
+
+Table-batched steps (issue 21): the sparse gradients of one ``apply_gradients`` call that
+share a device, a launch stream and an index dtype are planned together (one launch
+sequence over ``(table, row)`` keys, one read of the range checks: :func:`finish_validation`),
+and the lazy updates of those that share a kernel configuration run in one launch
+(:func:`run_tables`), with the per-table path's bits. Row-wise rules, exact mode and updates
+whose duplicates were summed (clipping) run their own kernels, on views of the shared plan.
 
 16-bit variables (:mod:`sparseopt.kernels.lowp`): a float16 variable is any float16 CUDA
 array (typestr ``<f2``); a bfloat16 one is a Numba device array of ``ml_dtypes.bfloat16``
@@ -630,7 +638,8 @@ class SparseUpdate:
 
     on_device = True
     __slots__ = ("var", "values", "indices", "name", "stream", "handles", "scratch", "device",
-                 "num_rows", "row_shape", "rows", "offsets", "order", "k", "summed", "dtype")
+                 "num_rows", "row_shape", "rows", "offsets", "order", "k", "summed", "dtype", "store",
+                 "table_plan")
 
     def __init__(self, var, values, indices, name, stream, handles, scratch, device, row_shape, dtype):
         self.var = var  # (rows, width); a 16-bit variable's uint16 bits
@@ -646,6 +655,8 @@ class SparseUpdate:
         self.row_shape = row_shape
         self.k = 0
         self.summed = False
+        self.store = None  # the optimizer's scratch dict (a table-batched plan's scratch lives there)
+        self.table_plan = None  # (planner, where the table's unique rows start), when planned with others
 
     @classmethod
     def validate(cls, g, var, name, store):
@@ -661,8 +672,10 @@ class SparseUpdate:
         with _on_device(rt, vw.device):
             stream = _launch_stream(rt, values_w.stream, indices_w.stream, vw.stream)
             values = _widened(rt, scratch, "widened", values.reshape((values.shape[0], width)), stream)
-        return cls(bits(v).reshape((v.shape[0], width)), values, indices, name, stream,
-                   (values_w.stream, vw.stream), scratch, vw.device, row_shape, v.dtype)
+        update = cls(bits(v).reshape((v.shape[0], width)), values, indices, name, stream,
+                     (values_w.stream, vw.stream), scratch, vw.device, row_shape, v.dtype)
+        update.store = store
+        return update
 
     def plan(self):
         """Launch the range check and the de-duplication (results are read by :meth:`finish`)."""
@@ -706,6 +719,7 @@ class SparseUpdate:
         self.values = out
         self.offsets, self.order = ids, ids[:k]
         self.summed = True
+        self.table_plan = None
 
     def map_values(self, fn):
         self._sum_duplicates()
@@ -939,18 +953,137 @@ def exact_rows(store, state, indices, stream):
 
 
 def validate(g, var, name, store):
-    """The CUDA update of one ``(gradient, variable)`` pair, validated, its plan launched."""
+    """The CUDA update of one ``(gradient, variable)`` pair, validated (a sparse one is
+    planned by :func:`finish_validation`)."""
     from sparseopt.indexed_slices import IndexedSlices
     if isinstance(g, IndexedSlices):
-        update = SparseUpdate.validate(g, var, name, store)
-    else:
-        update = DenseUpdate.validate(g, var, name, store)
-    update.plan()
-    return update
+        return SparseUpdate.validate(g, var, name, store)
+    return DenseUpdate.validate(g, var, name, store)
 
 
-def finish_validation(updates):
-    """Read back every sparse plan's range check; raises before anything is written."""
-    for update in updates:
-        if getattr(update, "on_device", False):
-            update.finish()
+def finish_validation(updates, batch=False):
+    """Plan every sparse CUDA update and read back the range checks; raises before anything
+    is written (the first bad table in pair order, at its first bad position, as if each
+    were planned in turn).
+
+    ``batch``: sparse updates that share a device, a launch stream and an index dtype are
+    planned together (:class:`sparseopt.kernels.cuda_dedup.TablePlanner`: one launch
+    sequence and one read for all of them; each gets a view of the shared plan), and
+    :func:`run_tables` updates them in one launch. Otherwise each is planned on its own.
+    """
+    sparse = [u for u in updates if type(u) is SparseUpdate]
+    groups = {}
+    if batch:
+        for u in sparse:
+            if u.indices.size:
+                groups.setdefault((u.device, id(u.stream), u.indices.dtype), []).append(u)
+    together = {}
+    for group in groups.values():
+        if len(group) > 1:
+            plan = _plan_tables(group)
+            for t, u in enumerate(group):
+                together[id(u)] = (plan, t)
+    for u in sparse:
+        if id(u) not in together:
+            u.plan()
+    read = {}
+    for u in sparse:
+        found = together.get(id(u))
+        if found is None:
+            u.finish()
+            continue
+        plan, t = found
+        result = read.get(id(plan))
+        if result is None:
+            result = read[id(plan)] = _read_tables(plan)
+        bad, ustart = result
+        planner, starts, group = plan
+        if bad >= 0 and starts[t] <= bad < starts[t + 1]:
+            local = bad - int(starts[t])
+            with _on_device(runtime(), u.device):
+                value = int(_read_scalar(u.indices[local:local + 1], u.stream)[0])
+            raise errors.IndexOutOfRangeError(
+                f"{u.name!r}: indices must lie in [0, {u.num_rows}); got {value} at position {local}")
+        if bad < 0:
+            u.rows, u.offsets, u.order, u.k = planner.table_result(ustart, t)
+            u.table_plan = (planner, int(ustart[t]))
+
+
+def address(array):
+    """The device address of a device array's first element."""
+    if runtime().simulator:
+        return array._ary.ctypes.data if hasattr(array, "_ary") else np.asarray(array).ctypes.data
+    return array.__cuda_array_interface__["data"][0]
+
+
+def _plan_tables(group):
+    """Launch the shared plan of the sparse updates ``group`` (see :func:`finish_validation`)."""
+    rt = runtime()
+    first = group[0]
+    key = ("cuda tables", first.device, id(first.stream), first.indices.dtype)  # one per plan group of a step
+    planner = first.store.get(key)
+    if planner is None:
+        planner = first.store[key] = rt.dedup.TablePlanner()
+    dd = rt.dedup
+    tables = len(group)
+    meta = np.zeros((4, tables + 1), np.int64)
+    for t, u in enumerate(group):
+        meta[dd.T_ADDRESS, t] = address(u.indices)
+        meta[dd.T_ROWS, t] = u.num_rows
+    meta[dd.T_START, 1:] = np.cumsum([u.indices.size for u in group])
+    meta[dd.T_KEY, 1:] = np.cumsum([u.num_rows for u in group])
+    with _on_device(rt, first.device):
+        planner.meta = to_device(meta)  # kept until the next plan: the launches read it
+        planner.enqueue_tables(planner.meta, first.indices, int(meta[dd.T_START, tables]),
+                               int(meta[dd.T_KEY, tables]), first.stream)
+    return planner, meta[dd.T_START], group
+
+
+def _read_tables(plan):
+    planner, _, group = plan
+    with _on_device(runtime(), group[0].device):
+        return planner.read_tables(group[0].stream)
+
+
+def table_key(state, update):
+    """What lazy sparse CUDA updates must share to run in one launch (:func:`run_tables`),
+    or None: planned together (the same plan), not re-planned since (clipping sums the
+    duplicates), and the same 16-bit kind and slot dtype (with the optimizer's rule, math
+    dtype, weight decay and kept slots, which the caller adds)."""
+    if type(update) is not SparseUpdate or update.table_plan is None or not update.k:
+        return None
+    return id(update.table_plan[0]), getattr(state, "kind", None), getattr(state, "slot_kind", None)
+
+
+def run_tables(rule, group, c, wd, has_wd):
+    """The lazy sparse updates ``group`` (``[(state, update)]``, two or more, one
+    :func:`table_key`) in one launch (:func:`sparseopt.kernels.cuda.batched_sparse_kernel`):
+    the same element steps and gradient sums, so the same bits, as ``update.run`` one by one."""
+    rt = runtime()
+    k = rt.kernels
+    first = group[0][1]
+    planner = first.table_plan[0]
+    meta = np.empty((len(group), k.B_COLUMNS), np.int64)
+    gstart = np.zeros(len(group) + 1, np.int64)
+    used = like_s = None
+    widest = 1
+    for t, (state, u) in enumerate(group):
+        slots, used = _kernel_slots(state, rule, u.var)
+        like_s = slots[0] if like_s is None else like_s
+        rows, width = u.var.shape
+        widest = max(widest, width)
+        meta[t] = (address(u.var), address(slots[0]), address(slots[1]), address(slots[2]),
+                   address(u.values), rows, width, u.values.shape[0], u.table_plan[1])
+        gstart[t + 1] = gstart[t] + u.k
+    rounding, c = _rounding(group[0][0], c)
+    kernel = k.batched_sparse_kernel(rule, used, has_wd, rounding)
+    lanes, per_block = k.row_layout(widest)
+    with _on_device(rt, first.device):
+        planner.run_meta = to_device(np.concatenate([meta.reshape(-1), gstart]))  # kept, as planner.meta
+        dmeta = planner.run_meta[:meta.size].reshape(meta.shape)
+        dgstart = planner.run_meta[meta.size:]
+        kernel[k.blocks_for(int(gstart[-1]), per_block), (lanes, per_block), first.stream](
+            dmeta, dgstart, len(group), planner.local, planner.offsets, planner.order, first.var, like_s,
+            first.values, c, wd)
+        for _, u in group:
+            _release_to(rt, first.stream, u.handles[1], u.handles[0])

@@ -14,6 +14,8 @@ families; the kernels own memory access, the rule supplies only the element upda
   the CPU kernel sums them: no atomics, every element is written by one thread.
   The price of that order: a hot row's duplicates are one serial chain per column
   (four loads kept in flight), where a tree reduction would round differently.
+* **Table-batched** (:func:`batched_sparse_kernel`): the row-wise sparse kernel over the
+  unique rows of several tables in one launch, each table's arrays reached by address.
 * **Row reduction** (row-wise rules such as RowwiseAdagrad, dense or sparse): the
   same thread groups, one per row; each thread sums the rule's ``row_term`` over its
   columns, the group adds those partial sums in a shared-memory tree of fixed shape,
@@ -346,6 +348,113 @@ def widen_kernel(kind):
     """``kernel[blocks, threads, stream](src, dst)``: a 16-bit array's ``uint16`` bits
     widened to float32 (exact) by :mod:`sparseopt.kernels.lowp`'s conversion of ``kind``."""
     return cuda.jit(**KERNEL_FLAGS)(specialize(_widen_template, kind, WIDEN=_conversions(kind)[0]))
+
+
+# ------------------------------------------------------------ table-batched steps
+#
+# One launch for the lazy sparse updates of several tables of one kernel configuration
+# (issue 21), which may differ in rows and width: the arrays of table ``t`` are reached by
+# address (a row of ``meta``), as the CPU's batched kernels reach theirs
+# (:mod:`sparseopt.kernels.cpu`), and indexed flat (``row * width + column``: the flat index
+# of the per-table kernels' ``(row, column)``, so the same random bits for 16-bit tables).
+
+#: Columns of a batched step's ``meta`` (int64): the addresses of the parameter, of the three
+#: slots (a kept slot's, else the parameter's, never touched) and of the gradient values;
+#: the table's rows, width and gradient rows; where its unique rows start in the plan.
+B_P, B_S0, B_S1, B_S2, B_VALUES, B_ROWS, B_WIDTH, B_N, B_U0 = range(9)
+B_COLUMNS = 9
+POINTER = None  # bound per batched kernel: :func:`table_pointer`
+
+
+def _sim_pointer(address, like, n):
+    """The simulator's :func:`table_pointer`: ``n`` elements of ``like``'s dtype at ``address``
+    (the simulator's device memory is host memory)."""
+    import ctypes
+    n = int(n)
+    if n <= 0:
+        return np.empty(0, like.dtype)
+    return np.frombuffer((ctypes.c_char * (n * like.dtype.itemsize)).from_address(int(address)), like.dtype, n)
+
+
+@functools.lru_cache(maxsize=None)
+def table_pointer():
+    """``POINTER(address, like, n)``: the ``n`` elements of ``like``'s dtype at ``address``, as
+    device code indexes them (a typed pointer on a GPU)."""
+    if _simulator():
+        return _sim_pointer
+    from sparseopt.kernels.dedup import pointer
+
+    def device_pointer(address, like, n):
+        return pointer(address, like)
+    return cuda.jit(device=True)(device_pointer)
+
+
+@cuda.jit(device=True)
+def _flat_row_sum(values, d, order, lo, hi, j):
+    """:func:`_row_sum` on flat ``values`` of width ``d``: the same additions in the same order."""
+    gj = values[order[lo] * d + j]
+    q = lo + 1
+    while q + 4 <= hi:
+        v0 = values[order[q] * d + j]
+        v1 = values[order[q + 1] * d + j]
+        v2 = values[order[q + 2] * d + j]
+        v3 = values[order[q + 3] * d + j]
+        gj += v0
+        gj += v1
+        gj += v2
+        gj += v3
+        q += 4
+    while q < hi:
+        gj += values[order[q] * d + j]
+        q += 1
+    return gj
+
+
+def _batched_template(meta, gstart, tables, rows, offsets, order, like_p, like_s, like_v, c, wd_lr):
+    """:func:`_sparse_template` over the unique rows of ``tables`` tables in one launch: row
+    ``u`` of the group (table ``t``'s are ``gstart[t]:gstart[t + 1]``) is the plan's unique
+    row ``meta[t, B_U0] + u - gstart[t]``; its table's arrays come from ``meta``; ``like_*``:
+    arrays of the parameter's, slots' and values' dtypes."""
+    lanes = cuda.blockDim.x
+    k = gstart[tables]
+    u = numba.int64(cuda.blockIdx.x) * cuda.blockDim.y + cuda.threadIdx.y
+    ustride = numba.int64(cuda.gridDim.x) * cuda.blockDim.y
+    while u < k:
+        lo_t = 0
+        hi_t = tables
+        while hi_t - lo_t > 1:
+            mid = (lo_t + hi_t) // 2
+            if gstart[mid] <= u:
+                lo_t = mid
+            else:
+                hi_t = mid
+        t = lo_t
+        d = meta[t, B_WIDTH]
+        size = meta[t, B_ROWS] * d
+        p = POINTER(meta[t, B_P], like_p, size)
+        s0 = POINTER(meta[t, B_S0], like_s, size)
+        s1 = POINTER(meta[t, B_S1], like_s, size)
+        s2 = POINTER(meta[t, B_S2], like_s, size)
+        values = POINTER(meta[t, B_VALUES], like_v, meta[t, B_N] * d)
+        g = meta[t, B_U0] + u - gstart[t]
+        base = rows[g] * d
+        first = offsets[g]
+        end = offsets[g + 1]
+        j = numba.int64(cuda.threadIdx.x)
+        while j < d:
+            gj = _flat_row_sum(values, d, order, first, end, j)
+            STEP(p, s0, s1, s2, base + j, gj, wd_lr, wd_lr, wd_lr, c, wd_lr)
+            j += lanes
+        u += ustride
+
+
+@functools.lru_cache(maxsize=None)
+def batched_sparse_kernel(rule_module, used, has_wd, lowp_config=None):
+    """``kernel[blocks, (lanes, rows), stream](meta, gstart, tables, rows, offsets, order, like_p,
+    like_s, like_v, c, wd_lr)``: the lazy sparse updates of several tables (see
+    ``_batched_template``; ``lowp_config``: as :func:`sparse_kernel`'s)."""
+    suffix, step = _step(rule_module, tuple(used), has_wd, False, lowp_config)
+    return cuda.jit(**KERNEL_FLAGS)(specialize(_batched_template, suffix, STEP=step, POINTER=table_pointer()))
 
 
 # ------------------------------------------------------------- row reduction

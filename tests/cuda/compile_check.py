@@ -120,6 +120,38 @@ def compile_low_precision(kc, i64):
     return count
 
 
+def compile_batched(kc, dd, i64):
+    """The table-batched kernels (issue 21): the shared plan's, and the one-launch update of a
+    few representative rules, float32 and a 16-bit table (slots reached by address)."""
+    from sparseopt.kernels import lowp
+    from tests.optimizer_table import CASES
+    count = 0
+    i2 = arr(np.int64, 2)
+    for idx in (np.int32, np.int64):
+        compile_one(dd._prepare_tables(np.dtype(idx)), (i2, types.int64, arr(idx, 1), i64, i64, i64))
+        count += 1
+    compile_one(dd._localize, (i64, i2, types.int64, i64, i64, i64))
+    count += 1
+    for case in CASES:
+        if case.id not in ("sgd_momentum", "adam", "adagrad"):
+            continue
+        opt = case.make()
+        rule = opt._rule
+        c = opt._coefficients(opt._resolved_hypers(), 1)
+        used = tuple(name in opt._slot_names() for name in rule.SLOTS)
+        used += (False,) * (3 - len(used))
+        c32 = type(c)(*(np.float32(x) for x in c))
+        f2 = arr(np.float32, 2)
+        compile_one(kc.batched_sparse_kernel(rule, used, True),
+                    (i2, i64, types.int64, i64, i64, i64, f2, f2, f2, numba.typeof(c32), types.float32))
+        keyed = lowp.keyed(c32, 1)
+        compile_one(kc.batched_sparse_kernel(rule, used, True, ("bfloat16", True, None)),
+                    (i2, i64, types.int64, i64, i64, i64, arr(np.uint16, 2), f2, f2, numba.typeof(keyed),
+                     types.float32))
+        count += 2
+    return count
+
+
 def main():
     problem = toolchain_problem()
     if problem:
@@ -176,6 +208,7 @@ def main():
                              ctype, scal, f8))
                 count += 4
     count += compile_low_precision(kc, i64)
+    count += compile_batched(kc, dd, i64)
     for dtype in (np.float32, np.float64):
         scal = numba.from_dtype(np.dtype(dtype))
         f1 = arr(dtype, 1)
