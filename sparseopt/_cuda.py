@@ -24,7 +24,8 @@ is deprecated and cannot compile every rule (a warning says so).
 ``run``, ``constrain``). A step makes no host round trip beyond its launches,
 except one read of a small ``info`` array per sparse gradient (the index range
 check and the number of unique rows: device code cannot raise, so the host must
-look before anything is written), and one scalar per variable when clipping by
+look before anything is written; one read for a step's tables planned together), and one
+scalar per variable when clipping by
 norm (``clipnorm``, ``global_clipnorm``), whose comparison runs on the host. Exact
 mode adds host-to-device copies only (a coefficient record per step, the idle tables
 in use), and ``catch_up`` reads its indices' ``info`` as a sparse gradient does.
@@ -38,6 +39,21 @@ one stream (its de-duplication scratch is reused from step to step).
 Several GPUs: the slots of a variable are allocated, and its kernels launched, on
 the device that holds it, where the array says which (``.device`` of torch and
 CuPy arrays); otherwise on the current device.
+
+Table-batched steps (issue 21): the sparse gradients of one ``apply_gradients`` call that
+share a device, a launch stream and an index dtype are planned together (one launch
+sequence over ``(table, row)`` keys, one read of the range checks: :func:`finish_validation`),
+and the lazy updates of those that share a kernel configuration run in one launch
+(:func:`run_tables`), with the per-table path's bits. Row-wise rules, exact mode and updates
+whose duplicates were summed (clipping) run their own kernels, on views of the shared plan.
+
+16-bit variables (:mod:`sparseopt.kernels.lowp`): a float16 variable is any float16 CUDA
+array (typestr ``<f2``); a bfloat16 one is a Numba device array of ``ml_dtypes.bfloat16``
+or an interface exporter whose typestr is ``<V2`` (torch's for ``torch.bfloat16``, and
+``ml_dtypes.bfloat16``'s ``dtype.str``; no other 2-byte void is a float). The kernels
+update the variable's ``uint16`` view (:func:`bits`), with the CPU's element code, slots
+float32 (or bfloat16 bits), row slots float32; a 16-bit gradient is widened to float32 on
+the device first, as the CPU widens it.
 """
 
 import contextlib
@@ -48,8 +64,11 @@ import warnings
 import numpy as np
 
 from sparseopt import _validation, errors
+from sparseopt.kernels import lowp
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_FLOAT32 = np.dtype(np.float32)
+_UINT16 = np.dtype(np.uint16)
 
 
 CudaUnavailableError = errors.CudaUnavailableError
@@ -207,13 +226,16 @@ def wrap(obj, name, what):
     except TypeError:
         raise errors.DtypeMismatchError(
             f"{name!r}: the {what} has an unsupported CUDA dtype {desc['typestr']!r}") from None
-    if dtype.kind not in "fiu":
+    bfloat16 = dtype.kind == "V" and dtype.itemsize == 2 and lowp.BFLOAT16 is not None
+    if dtype.kind not in "fiu" and not bfloat16:
         raise errors.DtypeMismatchError(f"{name!r}: the {what} has an unsupported dtype {dtype}")
     if rt.simulator:
         array = rt.fake_array(np.asarray(_HostView(desc, obj)))
     else:
         with _on_device(rt, device):
             array = rt.cuda.from_cuda_array_interface(desc, owner=obj, sync=False)
+    if bfloat16:  # "<V2": torch's bfloat16 (and ml_dtypes' dtype.str); no other 2-byte float is a void
+        array = array.view(lowp.BFLOAT16)
     return _Wrapped(array, stream, readonly, device)
 
 
@@ -221,12 +243,20 @@ def _contiguous(array):
     return array.is_c_contiguous()
 
 
+def bits(array):
+    """A 16-bit (bfloat16, float16) device array's ``uint16`` view, what the kernels update;
+    any other array as it is."""
+    return array.view(_UINT16) if lowp.kind(array.dtype) else array
+
+
 def check_variable(var, name):
-    """Check a CUDA variable: float32/float64, C-contiguous, writeable. Returns its :class:`_Wrapped`."""
+    """Check a CUDA variable: float32, float64, bfloat16 or float16; C-contiguous, writeable.
+    Returns its :class:`_Wrapped` (``array`` of the variable's dtype)."""
     w = wrap(var, name, "variable")
-    if w.array.dtype not in _FLOAT_DTYPES:
+    if w.array.dtype not in _FLOAT_DTYPES and not lowp.kind(w.array.dtype):
         raise errors.DtypeMismatchError(
-            f"{name!r}: variables must be float32 or float64; got {w.array.dtype}")
+            f"{name!r}: variables must be float32, float64, bfloat16 (ml_dtypes) or float16; "
+            f"got {w.array.dtype}")
     if not _contiguous(w.array):
         raise errors.ArrayLayoutError(
             f"{name!r}: variables must be C-contiguous (they are updated in place); "
@@ -285,22 +315,48 @@ def _read_scalar(array, stream):
 # ----------------------------------------------------------------- slot storage
 
 
-def slot_storage(var, initial_values):
-    """One contiguous device array ``(len(initial_values), *var.shape)``, filled slot by slot."""
+def variable_kind(var):
+    """``"bfloat16"`` or ``"float16"`` for a 16-bit CUDA variable, else None (see :func:`wrap`)."""
+    return lowp.kind(check_variable(var, "variable").array.dtype)
+
+
+def _math_dtype(dtype):
+    """The dtype of a variable's math and of its float slots: float32 for a 16-bit variable."""
+    return _FLOAT32 if lowp.kind(dtype) else np.dtype(dtype)
+
+
+def _fill(rt, flat, value):
+    """``flat[:] = value`` on the default stream, a bfloat16 array through its bits
+    (``value`` rounded to nearest, as NumPy fills a host bfloat16 array)."""
+    k = rt.kernels
+    threads = k.launch_config().threads
+    if lowp.kind(flat.dtype):
+        value = np.array(value, flat.dtype).view(_UINT16)[()]
+        flat = flat.view(_UINT16)
+    else:
+        value = flat.dtype.type(value)
+    k.fill[k.blocks_for(flat.size, threads), threads, 0](flat, value)
+
+
+def slot_storage(var, initial_values, slot_kind=None):
+    """One contiguous device array ``(len(initial_values), *var.shape)``, filled slot by slot.
+
+    Its dtype is the variable's, float32 for a 16-bit variable, or bfloat16 where
+    ``slot_kind`` is ``"bfloat16"`` (a 16-bit variable's ``slot_dtype``)."""
     rt = runtime()
     w = check_variable(var, "variable")
     shape = tuple(w.array.shape)
-    dtype = w.array.dtype
+    dtype = _math_dtype(w.array.dtype)
+    if slot_kind and lowp.kind(w.array.dtype):
+        dtype = lowp.BFLOAT16
     nslots = len(initial_values)
     with _on_device(rt, w.device):
         storage = rt.cuda.device_array((nslots,) + shape, dtype)
         size = math.prod(shape)
         if nslots and size:
             flat = storage.reshape((nslots, size))
-            k = rt.kernels
-            threads = k.launch_config().threads
             for i, value in enumerate(initial_values):
-                k.fill[k.blocks_for(size, threads), threads, 0](flat[i], dtype.type(value))
+                _fill(rt, flat[i], value)
             # Once per variable: the fills (default stream) finish before any stream reads the slots.
             rt.cuda.synchronize()
     return storage
@@ -308,16 +364,15 @@ def slot_storage(var, initial_values):
 
 def row_slot_storage(var, initial_values):
     """The row slots of a row-wise rule: one contiguous device array ``(len(initial_values), rows)``
-    (rows: the variable's first axis; a 0-d variable is one row), filled slot by slot."""
+    (rows: the variable's first axis; a 0-d variable is one row), filled slot by slot; of the
+    variable's math dtype (float32 for a 16-bit variable, as on the CPU)."""
     rt = runtime()
     w = check_variable(var, "variable")
     rows = int(w.array.shape[0]) if w.array.ndim else 1
     with _on_device(rt, w.device):
-        storage = rt.cuda.device_array((len(initial_values), rows), w.array.dtype)
-        k = rt.kernels
-        threads = k.launch_config().threads
+        storage = rt.cuda.device_array((len(initial_values), rows), _math_dtype(w.array.dtype))
         for i, value in enumerate(initial_values):
-            k.fill[k.blocks_for(rows, threads), threads, 0](storage[i], w.array.dtype.type(value))
+            _fill(rt, storage[i], value)
         rt.cuda.synchronize()  # as slot_storage: the fills finish before any stream reads them
     return storage
 
@@ -423,10 +478,33 @@ def _norm(rt, scratch, flat, stream):
 
 
 def _kernel_slots(state, rule, p):
-    """The kernel's ``(s0, s1, s2)`` (device views shaped like ``p``) and their ``used`` flags."""
+    """The kernel's ``(s0, s1, s2)`` (device views shaped like ``p``; bfloat16 slots as their
+    ``uint16`` bits) and their ``used`` flags."""
     from sparseopt.kernels import cpu
-    kept = {name: state.slots[name].reshape(p.shape) for name in state.kernel_slot_names}
+    kept = {name: bits(state.slots[name].reshape(p.shape)) for name in state.kernel_slot_names}
     return cpu.place(rule.SLOTS, kept, p)
+
+
+def _rounding(state, c):
+    """``(lowp_config, c)`` of a kernel on ``state``'s variable: ``(None, c)``, or for a 16-bit
+    variable its rounding and ``c`` with the step's key (``VariableState.kernel_step``)."""
+    step = getattr(state, "kernel_step", None)
+    return (None, c) if step is None else step(c)
+
+
+def _widened(rt, scratch, key, array, stream):
+    """A gradient as the kernels read it: float32 for a 16-bit one (widened, exactly, into
+    scratch ``key``, as the CPU widens it: ``sparseopt._validation``), else ``array``."""
+    kind = lowp.kind(array.dtype)
+    if kind is None:
+        return array
+    flat = array.reshape((array.size,))
+    out = scratch.buffer(key, array.size, _FLOAT32)
+    if array.size:
+        k = rt.kernels
+        threads = k.launch_config().threads
+        k.widen_kernel(kind)[k.blocks_for(array.size, threads), threads, stream](flat.view(_UINT16), out)
+    return out.reshape(tuple(array.shape))
 
 
 def _run_rows(rt, rule, state, row_slots, p, values, plan, c, wd, has_wd, stream):
@@ -448,45 +526,48 @@ def _run_rows(rt, rule, state, row_slots, p, values, plan, c, wd, has_wd, stream
     kept = {name: view.reshape((num_rows,)) for name, view in row_slots.items()}
     rslots, row_used = cpu.place(rule.ROW_SLOTS, kept, flat)
     cfg = k.launch_config()
-    kernel = k.row_kernel(rule, used, row_used, has_wd, dense, p.dtype, cfg.row_threads)
+    rounding, c = _rounding(state, c)
+    dtype = np.dtype(state.math_dtype) if rounding is not None else p.dtype
+    kernel = k.row_kernel(rule, used, row_used, has_wd, dense, dtype, cfg.row_threads, rounding)
     lanes, per_block = k.row_layout(width)
     kernel[k.blocks_for(count, per_block), (lanes, per_block), stream](
-        p, *slots, *rslots, *plan[:3], values, count, c, wd, p.dtype.type(width))
+        p, *slots, *rslots, *plan[:3], values, count, c, wd, dtype.type(width))
 
 
 class DenseUpdate:
     """A dense CUDA gradient for a CUDA variable (see ``optimizer._DenseUpdate``)."""
 
     on_device = True
-    __slots__ = ("var", "values", "stream", "handles", "owned", "scratch", "device", "shape")
+    __slots__ = ("var", "values", "stream", "handles", "owned", "scratch", "device", "shape", "dtype")
 
-    def __init__(self, var, values, stream, handles, scratch, device, shape):
-        self.var = var
-        self.values = values
+    def __init__(self, var, values, stream, handles, scratch, device, shape, dtype, owned=False):
+        self.var = var  # flat; a 16-bit variable's uint16 bits
+        self.values = values  # flat, in the math dtype (a 16-bit gradient widened)
         self.stream = stream
         self.handles = handles
-        self.owned = False
+        self.owned = owned
         self.scratch = scratch
         self.device = device
         self.shape = shape
+        self.dtype = dtype  # the variable's
 
     @classmethod
     def validate(cls, g, var, name, store):
         rt = runtime()
         vw = check_variable(var, name)
         gw = _wrap_gradient_part(g, vw, name, "gradient")
-        if gw.array.dtype != vw.array.dtype:
-            raise errors.DtypeMismatchError(
-                f"{name!r}: gradient dtype {gw.array.dtype} differs from the variable's {vw.array.dtype}")
+        _validation._check_gradient_dtype(name, vw.array, gw.array.dtype)
         if tuple(gw.array.shape) != tuple(vw.array.shape):
             raise errors.ShapeMismatchError(
                 f"{name!r}: gradient shape {tuple(gw.array.shape)} differs from the variable's "
                 f"{tuple(vw.array.shape)}")
         size = vw.array.size
+        scratch = scratch_for(store, var)
         with _on_device(rt, vw.device):
             stream = _launch_stream(rt, gw.stream, vw.stream)
-        return cls(vw.array.reshape((size,)), gw.array.reshape((size,)), stream,
-                   (gw.stream, vw.stream), scratch_for(store, var), vw.device, tuple(vw.array.shape))
+            values = _widened(rt, scratch, "widened", gw.array, stream)
+        return cls(bits(vw.array).reshape((size,)), values.reshape((size,)), stream, (gw.stream, vw.stream),
+                   scratch, vw.device, tuple(vw.array.shape), vw.array.dtype, owned=values is not gw.array)
 
     def plan(self):
         pass
@@ -516,7 +597,8 @@ class DenseUpdate:
             return
         k = rt.kernels
         slots, used = _kernel_slots(state, rule, self.var)
-        kernel = k.dense_kernel(rule, used, has_wd)
+        rounding, c = _rounding(state, c)
+        kernel = k.dense_kernel(rule, used, has_wd, rounding)
         threads = k.launch_config().threads
         with _on_device(rt, self.device):
             kernel[k.blocks_for(n, threads), threads, self.stream](self.var, self.values, *slots, c, wd)
@@ -540,15 +622,15 @@ class DenseUpdate:
         if out is var:
             return
         ow = _wrap_gradient_part(out, _Wrapped(None, None, False, self.device), "constraint", "result")
-        if ow.array.size != self.var.size or ow.array.dtype != self.var.dtype:
+        if ow.array.size != self.var.size or ow.array.dtype != self.dtype:
             raise errors.ShapeMismatchError(
                 f"constraint returned shape {tuple(ow.array.shape)}, dtype {ow.array.dtype}; "
-                f"expected the variable's ({self.var.size} elements of {self.var.dtype})")
+                f"expected the variable's ({self.var.size} elements of {self.dtype})")
         k = rt.kernels
         threads = k.launch_config().threads
         with _on_device(rt, self.device):
             k.copy[k.blocks_for(self.var.size, threads), threads, self.stream](
-                ow.array.reshape((self.var.size,)), self.var)
+                bits(ow.array).reshape((self.var.size,)), self.var)
 
 
 class SparseUpdate:
@@ -556,11 +638,13 @@ class SparseUpdate:
 
     on_device = True
     __slots__ = ("var", "values", "indices", "name", "stream", "handles", "scratch", "device",
-                 "num_rows", "row_shape", "rows", "offsets", "order", "k", "summed")
+                 "num_rows", "row_shape", "rows", "offsets", "order", "k", "summed", "dtype", "store",
+                 "table_plan")
 
-    def __init__(self, var, values, indices, name, stream, handles, scratch, device, row_shape):
-        self.var = var
-        self.values = values
+    def __init__(self, var, values, indices, name, stream, handles, scratch, device, row_shape, dtype):
+        self.var = var  # (rows, width); a 16-bit variable's uint16 bits
+        self.dtype = dtype  # the variable's
+        self.values = values  # (n, width), in the math dtype (16-bit gradient values widened)
         self.indices = indices
         self.name = name
         self.stream = stream
@@ -571,6 +655,8 @@ class SparseUpdate:
         self.row_shape = row_shape
         self.k = 0
         self.summed = False
+        self.store = None  # the optimizer's scratch dict (a table-batched plan's scratch lives there)
+        self.table_plan = None  # (planner, where the table's unique rows start), when planned with others
 
     @classmethod
     def validate(cls, g, var, name, store):
@@ -582,11 +668,14 @@ class SparseUpdate:
         _validation.check_sparse_layout(name, v, values, indices, g.dense_shape)
         row_shape = tuple(v.shape[1:])
         width = math.prod(row_shape)
+        scratch = scratch_for(store, var)
         with _on_device(rt, vw.device):
             stream = _launch_stream(rt, values_w.stream, indices_w.stream, vw.stream)
-        return cls(v.reshape((v.shape[0], width)), values.reshape((values.shape[0], width)), indices,
-                   name, stream, (values_w.stream, vw.stream), scratch_for(store, var), vw.device,
-                   row_shape)
+            values = _widened(rt, scratch, "widened", values.reshape((values.shape[0], width)), stream)
+        update = cls(bits(v).reshape((v.shape[0], width)), values, indices, name, stream,
+                     (values_w.stream, vw.stream), scratch, vw.device, row_shape, v.dtype)
+        update.store = store
+        return update
 
     def plan(self):
         """Launch the range check and the de-duplication (results are read by :meth:`finish`)."""
@@ -630,6 +719,7 @@ class SparseUpdate:
         self.values = out
         self.offsets, self.order = ids, ids[:k]
         self.summed = True
+        self.table_plan = None
 
     def map_values(self, fn):
         self._sum_duplicates()
@@ -649,7 +739,8 @@ class SparseUpdate:
             return
         rt = runtime()
         slots, used = _kernel_slots(state, rule, self.var)
-        kernel = rt.kernels.sparse_kernel(rule, used, has_wd)
+        rounding, c = _rounding(state, c)
+        kernel = rt.kernels.sparse_kernel(rule, used, has_wd, rounding)
         blocks, block = self._row_launch(self.k)
         with _on_device(rt, self.device):
             kernel[blocks, block, self.stream](self.var, *slots, self.rows, self.offsets, self.order,
@@ -678,14 +769,16 @@ class SparseUpdate:
         with _on_device(rt, self.device):
             k.gather_rows[k.blocks_for(self.k * width, threads), threads, self.stream](
                 self.var, self.rows, self.k, touched)
+            if touched.dtype != self.dtype:  # a 16-bit variable's bits: fn gets its dtype
+                touched = touched.view(self.dtype)
             out = fn(touched.reshape((self.k,) + self.row_shape))
             ow = _wrap_gradient_part(out, _Wrapped(None, None, False, self.device), "constraint", "result")
-            if ow.array.size != self.k * width or ow.array.dtype != self.var.dtype:
+            if ow.array.size != self.k * width or ow.array.dtype != self.dtype:
                 raise errors.ShapeMismatchError(
                     f"constraint returned shape {tuple(ow.array.shape)}, dtype {ow.array.dtype}; "
-                    f"expected {(self.k,) + self.row_shape} of {self.var.dtype}")
+                    f"expected {(self.k,) + self.row_shape} of {self.dtype}")
             k.scatter_rows[k.blocks_for(self.k * width, threads), threads, self.stream](
-                ow.array.reshape((self.k, width)), self.rows, self.k, self.var)
+                bits(ow.array).reshape((self.k, width)), self.rows, self.k, self.var)
 
 
 # ------------------------------------------------------------------ exact mode
@@ -703,10 +796,13 @@ class ExactDevice:
     variable's last step, with no synchronization; nothing is read back.
     """
 
-    __slots__ = ("device", "stream", "last", "hist", "tab")
+    __slots__ = ("device", "stream", "last", "hist", "tab", "lowp", "host_hist")
 
-    def __init__(self, var, hist, tab):
+    def __init__(self, var, hist, tab, lowp=None):
+        """``lowp``: a 16-bit variable's rounding (:class:`sparseopt._exact.ExactState`'s), else None."""
         rt = runtime()
+        self.lowp = lowp
+        self.host_hist = hist  # the host ring (the rounding key of a catch-up's last step)
         w = check_variable(var, "variable")
         rows = int(w.array.shape[0]) if w.array.ndim else 1
         self.device = w.device
@@ -716,7 +812,7 @@ class ExactDevice:
             k = rt.kernels
             threads = k.launch_config().threads
             k.fill[k.blocks_for(rows, threads), threads, 0](self.last, 0)
-            self.hist = rt.cuda.to_device(hist)
+            self.hist = rt.cuda.to_device(_aligned_records(hist))
             self.tab = rt.cuda.to_device(tab)
             rt.cuda.synchronize()  # once per variable, as slot_storage
 
@@ -729,7 +825,7 @@ class ExactDevice:
     def write_record(self, hist, index):
         """Mirror ``hist[index]`` (just written on the host)."""
         with _on_device(runtime(), self.device):
-            self._copy(self.hist[index:index + 1], hist[index:index + 1])
+            self._copy(self.hist[index:index + 1], _aligned_records(hist[index:index + 1]))
 
     def copy_tables(self, tab, lo, hi):
         """Mirror the rows ``L % H`` of ``tab`` for the windows ``L`` in ``[lo, hi]`` (at most two runs of the ring)."""
@@ -743,7 +839,7 @@ class ExactDevice:
 
     def _arrays(self, rule, state):
         """The variable ``(rows, width)`` as a device array, its kernel slots and their ``used`` flags."""
-        var = check_variable(state.var, state.name).array
+        var = bits(check_variable(state.var, state.name).array)
         rows = self.last.size
         p = var.reshape((rows, var.size // rows if rows else 0))
         slots, used = _kernel_slots(state, rule, p)
@@ -755,7 +851,8 @@ class ExactDevice:
         rt = runtime()
         slots, used = _kernel_slots(state, rule, update.var)
         blocks, block = update._row_launch(update.k)
-        kernel = rt.exact.sparse_kernel(rule, used, has_wd)
+        rounding, c = _rounding(state, c)
+        kernel = rt.exact.sparse_kernel(rule, used, has_wd, rounding)
         with _on_device(rt, self.device):
             kernel[blocks, block, update.stream](
                 update.var, *slots, update.rows, update.offsets, update.order, update.values, update.k,
@@ -774,7 +871,7 @@ class ExactDevice:
         ids, k = (self.last, p.shape[0]) if every else rows
         lanes, per_block = rt.kernels.row_layout(p.shape[1])
         with _on_device(rt, self.device):
-            rt.exact.catch_up_kernel(rule, used, has_wd)[
+            rt.exact.catch_up_kernel(rule, used, has_wd, self.lowp)[
                 rt.kernels.blocks_for(k, per_block), (lanes, per_block), self.stream](
                 p, *slots, ids, k, every, self.last, floor, hi, self.hist, self.tab, c_idle, zero, tol)
             if not every:
@@ -791,8 +888,13 @@ class ExactDevice:
         threads = kernels.launch_config().threads
         with _on_device(rt, self.device):
             if has_wd and p.size:
-                rt.exact.decay_rows[kernels.blocks_for(k * p.shape[1], threads), threads, self.stream](
-                    p, ids, k, every, self.last, floor, hi, self.tab)
+                grid = kernels.blocks_for(k * p.shape[1], threads), threads, self.stream
+                if self.lowp is None:
+                    rt.exact.decay_rows[grid](p, ids, k, every, self.last, floor, hi, self.tab)
+                else:
+                    key = self.host_hist[hi % self.host_hist.shape[0]]["rounding_key"]
+                    rt.exact.decay_rows_lowp(*self.lowp[:2])[grid](
+                        p, ids, k, every, self.last, floor, hi, self.tab, key)
             if not every:
                 self.set_last(rows, hi, self.stream)
 
@@ -803,6 +905,14 @@ class ExactDevice:
         threads = rt.kernels.launch_config().threads
         with _on_device(rt, self.device):
             rt.exact.set_last[rt.kernels.blocks_for(k, threads), threads, stream](self.last, ids, k, value)
+
+
+def _aligned_records(hist):
+    """History records with their fields aligned, as device code reads them: a 16-bit
+    variable's float32 record ends in a uint64 ``rounding_key``, which the packed host
+    layout leaves at an offset of 4 mod 8 (a misaligned load that the CUDA target refuses)."""
+    dtype = np.dtype([(name, hist.dtype.fields[name][0]) for name in hist.dtype.names], align=True)
+    return hist if dtype == hist.dtype else np.ascontiguousarray(hist.astype(dtype))
 
 
 def exact_rows(store, state, indices, stream):
@@ -843,18 +953,137 @@ def exact_rows(store, state, indices, stream):
 
 
 def validate(g, var, name, store):
-    """The CUDA update of one ``(gradient, variable)`` pair, validated, its plan launched."""
+    """The CUDA update of one ``(gradient, variable)`` pair, validated (a sparse one is
+    planned by :func:`finish_validation`)."""
     from sparseopt.indexed_slices import IndexedSlices
     if isinstance(g, IndexedSlices):
-        update = SparseUpdate.validate(g, var, name, store)
-    else:
-        update = DenseUpdate.validate(g, var, name, store)
-    update.plan()
-    return update
+        return SparseUpdate.validate(g, var, name, store)
+    return DenseUpdate.validate(g, var, name, store)
 
 
-def finish_validation(updates):
-    """Read back every sparse plan's range check; raises before anything is written."""
-    for update in updates:
-        if getattr(update, "on_device", False):
-            update.finish()
+def finish_validation(updates, batch=False):
+    """Plan every sparse CUDA update and read back the range checks; raises before anything
+    is written (the first bad table in pair order, at its first bad position, as if each
+    were planned in turn).
+
+    ``batch``: sparse updates that share a device, a launch stream and an index dtype are
+    planned together (:class:`sparseopt.kernels.cuda_dedup.TablePlanner`: one launch
+    sequence and one read for all of them; each gets a view of the shared plan), and
+    :func:`run_tables` updates them in one launch. Otherwise each is planned on its own.
+    """
+    sparse = [u for u in updates if type(u) is SparseUpdate]
+    groups = {}
+    if batch:
+        for u in sparse:
+            if u.indices.size:
+                groups.setdefault((u.device, id(u.stream), u.indices.dtype), []).append(u)
+    together = {}
+    for group in groups.values():
+        if len(group) > 1:
+            plan = _plan_tables(group)
+            for t, u in enumerate(group):
+                together[id(u)] = (plan, t)
+    for u in sparse:
+        if id(u) not in together:
+            u.plan()
+    read = {}
+    for u in sparse:
+        found = together.get(id(u))
+        if found is None:
+            u.finish()
+            continue
+        plan, t = found
+        result = read.get(id(plan))
+        if result is None:
+            result = read[id(plan)] = _read_tables(plan)
+        bad, ustart = result
+        planner, starts, group = plan
+        if bad >= 0 and starts[t] <= bad < starts[t + 1]:
+            local = bad - int(starts[t])
+            with _on_device(runtime(), u.device):
+                value = int(_read_scalar(u.indices[local:local + 1], u.stream)[0])
+            raise errors.IndexOutOfRangeError(
+                f"{u.name!r}: indices must lie in [0, {u.num_rows}); got {value} at position {local}")
+        if bad < 0:
+            u.rows, u.offsets, u.order, u.k = planner.table_result(ustart, t)
+            u.table_plan = (planner, int(ustart[t]))
+
+
+def address(array):
+    """The device address of a device array's first element."""
+    if runtime().simulator:
+        return array._ary.ctypes.data if hasattr(array, "_ary") else np.asarray(array).ctypes.data
+    return array.__cuda_array_interface__["data"][0]
+
+
+def _plan_tables(group):
+    """Launch the shared plan of the sparse updates ``group`` (see :func:`finish_validation`)."""
+    rt = runtime()
+    first = group[0]
+    key = ("cuda tables", first.device, id(first.stream), first.indices.dtype)  # one per plan group of a step
+    planner = first.store.get(key)
+    if planner is None:
+        planner = first.store[key] = rt.dedup.TablePlanner()
+    dd = rt.dedup
+    tables = len(group)
+    meta = np.zeros((4, tables + 1), np.int64)
+    for t, u in enumerate(group):
+        meta[dd.T_ADDRESS, t] = address(u.indices)
+        meta[dd.T_ROWS, t] = u.num_rows
+    meta[dd.T_START, 1:] = np.cumsum([u.indices.size for u in group])
+    meta[dd.T_KEY, 1:] = np.cumsum([u.num_rows for u in group])
+    with _on_device(rt, first.device):
+        planner.meta = to_device(meta)  # kept until the next plan: the launches read it
+        planner.enqueue_tables(planner.meta, first.indices, int(meta[dd.T_START, tables]),
+                               int(meta[dd.T_KEY, tables]), first.stream)
+    return planner, meta[dd.T_START], group
+
+
+def _read_tables(plan):
+    planner, _, group = plan
+    with _on_device(runtime(), group[0].device):
+        return planner.read_tables(group[0].stream)
+
+
+def table_key(state, update):
+    """What lazy sparse CUDA updates must share to run in one launch (:func:`run_tables`),
+    or None: planned together (the same plan), not re-planned since (clipping sums the
+    duplicates), and the same 16-bit kind and slot dtype (with the optimizer's rule, math
+    dtype, weight decay and kept slots, which the caller adds)."""
+    if type(update) is not SparseUpdate or update.table_plan is None or not update.k:
+        return None
+    return id(update.table_plan[0]), getattr(state, "kind", None), getattr(state, "slot_kind", None)
+
+
+def run_tables(rule, group, c, wd, has_wd):
+    """The lazy sparse updates ``group`` (``[(state, update)]``, two or more, one
+    :func:`table_key`) in one launch (:func:`sparseopt.kernels.cuda.batched_sparse_kernel`):
+    the same element steps and gradient sums, so the same bits, as ``update.run`` one by one."""
+    rt = runtime()
+    k = rt.kernels
+    first = group[0][1]
+    planner = first.table_plan[0]
+    meta = np.empty((len(group), k.B_COLUMNS), np.int64)
+    gstart = np.zeros(len(group) + 1, np.int64)
+    used = like_s = None
+    widest = 1
+    for t, (state, u) in enumerate(group):
+        slots, used = _kernel_slots(state, rule, u.var)
+        like_s = slots[0] if like_s is None else like_s
+        rows, width = u.var.shape
+        widest = max(widest, width)
+        meta[t] = (address(u.var), address(slots[0]), address(slots[1]), address(slots[2]),
+                   address(u.values), rows, width, u.values.shape[0], u.table_plan[1])
+        gstart[t + 1] = gstart[t] + u.k
+    rounding, c = _rounding(group[0][0], c)
+    kernel = k.batched_sparse_kernel(rule, used, has_wd, rounding)
+    lanes, per_block = k.row_layout(widest)
+    with _on_device(rt, first.device):
+        planner.run_meta = to_device(np.concatenate([meta.reshape(-1), gstart]))  # kept, as planner.meta
+        dmeta = planner.run_meta[:meta.size].reshape(meta.shape)
+        dgstart = planner.run_meta[meta.size:]
+        kernel[k.blocks_for(int(gstart[-1]), per_block), (lanes, per_block), first.stream](
+            dmeta, dgstart, len(group), planner.local, planner.offsets, planner.order, first.var, like_s,
+            first.values, c, wd)
+        for _, u in group:
+            _release_to(rt, first.stream, u.handles[1], u.handles[0])

@@ -74,7 +74,7 @@ class ExactState:
             self.last = np.zeros(self.rows, np.int64)
         else:  # a CUDA variable: ``last`` lives on its device (``self.device.last``)
             self.last = None
-            self.device = _cuda.ExactDevice(var, self.hist, self.tab)
+            self.device = _cuda.ExactDevice(var, self.hist, self.tab, self.lowp)
 
     @property
     def history(self):

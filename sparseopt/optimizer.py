@@ -606,8 +606,8 @@ class Optimizer:
         _plan_sparse(pending)
         if error is not None:
             raise error
-        if on_device:  # the device range checks: one small read per sparse CUDA gradient
-            _cuda.finish_validation([update for _, _, update in checked])
+        if on_device:  # the device plans and range checks: one small read per plan
+            _cuda.finish_validation([update for _, _, update in checked], batch)
         return checked
 
     def _check_variable(self, var, name):
@@ -915,8 +915,9 @@ def run_lazy(rule, updates, coefficients, wd, has_wd, batch, convert=None):
         has_wd: ``has_wd(state)``: whether weight decay applies to that variable's kernel.
         batch: whether lazy sparse updates of NumPy variables that share a kernel
             configuration (:func:`_table_key`) run in one parallel region
-            (:func:`_run_tables`); a configuration with one table, and every other update,
-            runs on its own (``update.run``). The same bits either way.
+            (:func:`_run_tables`; CUDA variables planned together: one launch,
+            :func:`sparseopt._cuda.run_tables`); a configuration with one table, and every
+            other update, runs on its own (``update.run``). The same bits either way.
         convert: ``convert(coefficients, dtype)``: the coefficients as ``dtype`` scalars
             (default: converted value by value; the core keeps its last conversion).
     """
@@ -969,6 +970,9 @@ def _table_key(rule, state, update, dtype, has_wd):
     in a table-batched region (:func:`_run_tables`), or None (it runs on its own). A 16-bit
     variable's includes its rounding (``state.lowp``: kind, stochastic, slot kind), so
     bfloat16, float16 and float32 tables of one call run in regions of their own."""
+    if getattr(update, "on_device", False):  # a CUDA update: one launch per group (_cuda.run_tables)
+        key = _cuda.table_key(state, update)
+        return None if key is None else (rule, dtype, has_wd, (state.kernel_slot_names, key), None, None)
     if type(update) is _SparseUpdate:
         inner = update
         row_names = None
@@ -1013,6 +1017,9 @@ def _run_tables(rule, group, c, wd, has_wd, row_names):
     (:func:`sparseopt.kernels.cpu.batched_sparse_kernel`): the same row steps, so the
     same bits, as ``update.run`` table by table (16-bit tables: the same rounding key,
     the step's, and each element's bits from its index in its own table)."""
+    if getattr(group[0][1], "on_device", False):
+        _cuda.run_tables(rule, group, c, wd, has_wd)
+        return
     flat = []
     ks = [0]
     widths = []

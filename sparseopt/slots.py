@@ -34,14 +34,18 @@ class VariableState:
         self._kernel_views = {}  # (rule slots, shape) -> kernel_arrays(...)
         # A 16-bit variable: its kind, and this step's rounding (set by the optimizer
         # before each step: (kind, stochastic) and the step's key).
-        self.kind = lowp.kind(var.dtype) if isinstance(var, np.ndarray) else None
+        if isinstance(var, np.ndarray):
+            self.kind = lowp.kind(var.dtype)
+        else:  # a CUDA array (its dtype may not be NumPy's)
+            from sparseopt import _cuda
+            self.kind = _cuda.variable_kind(var)
         self.slot_kind = "bfloat16" if self.kind and slot_dtype == "bfloat16" else None
         self.lowp = None
         self.rounding_key = 0
         if not isinstance(var, np.ndarray):  # a CUDA array: its slots live on its device
-            from sparseopt import _cuda
-            self.storage = _cuda.slot_storage(var, [initial_value(n) for n in kernel_slots])
-            self.math_dtype = self.storage.dtype.type  # the variable's (a CUDA array's may not be NumPy's)
+            self.storage = _cuda.slot_storage(var, [initial_value(n) for n in kernel_slots], self.slot_kind)
+            # the variable's (a CUDA array's may not be NumPy's); float32 for a 16-bit one
+            self.math_dtype = np.float32 if self.kind else self.storage.dtype.type
             for i, slot_name in enumerate(kernel_slots):
                 self.slots[slot_name] = _cuda.slot_view(self.storage, i)
             return

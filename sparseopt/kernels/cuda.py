@@ -14,6 +14,8 @@ families; the kernels own memory access, the rule supplies only the element upda
   the CPU kernel sums them: no atomics, every element is written by one thread.
   The price of that order: a hot row's duplicates are one serial chain per column
   (four loads kept in flight), where a tree reduction would round differently.
+* **Table-batched** (:func:`batched_sparse_kernel`): the row-wise sparse kernel over the
+  unique rows of several tables in one launch, each table's arrays reached by address.
 * **Row reduction** (row-wise rules such as RowwiseAdagrad, dense or sparse): the
   same thread groups, one per row; each thread sums the rule's ``row_term`` over its
   columns, the group adds those partial sums in a shared-memory tree of fixed shape,
@@ -27,6 +29,10 @@ the same constants, and take the slots as three arrays ``s0, s1, s2`` in the
 rule's order (a placeholder where a slot is not kept). The reduction templates
 refer to ``THREADS`` (their shared-memory size). :func:`specialize` binds these
 globals, and Numba freezes them as compile-time constants.
+
+16-bit variables (bfloat16, float16): ``STEP`` is the CPU's 16-bit element step
+(:mod:`sparseopt.kernels.lowp`'s load and rounded store, its conversions and random bits,
+called from device code), on the variable's ``uint16`` bits; see :func:`_helpers`.
 
 This module imports ``numba.cuda``; :mod:`sparseopt._cuda` imports it only when a
 CUDA array is first seen. On a GPU it needs numba-cuda (the ``cuda`` extra): the
@@ -49,15 +55,17 @@ import os
 
 import numba
 import numpy as np
-from numba import cuda
+from numba import cuda, types
+from numba.extending import overload
 
 from sparseopt import _config
-from sparseopt.kernels import cpu
+from sparseopt.kernels import cpu, lowp
 from sparseopt.kernels._specialize import rule_key, specialize
 
 STEP = None                          # bound per specialization: the element step
 THREADS = SQUARE = None              # bound per launch configuration
-ROW_TERM = ROW_SLOTS = DENSE = DTYPE = None  # bound per row-wise specialization
+ROW_TERM = ROW_SLOTS = DENSE = DTYPE = VALUE = None  # bound per row-wise specialization
+WIDEN = None  # bound per 16-bit kind (widen_kernel)
 
 #: ``cuda.jit`` flags of every kernel (no fast-math: NaN must propagate).
 KERNEL_FLAGS = dict(cache=_config.CACHE)
@@ -220,40 +228,233 @@ def _rule_function(rule_module, name="update"):
     return cuda.jit(device=True)(fn)
 
 
+def _simulated_lowp(lowp_constants):
+    """:mod:`sparseopt.kernels.lowp`'s functions for the simulator, which calls the device
+    functions as Python: the same compiled (CPU) functions, their results given back the
+    dtype they have in compiled code (a dispatcher boxes a float32 as a Python float and a
+    uint64 as a Python int, which would change the math that follows)."""
+    def typed(fn, dtype):
+        def call(*args):
+            return dtype(fn(*args))
+        return call
+    out = {name: typed(lowp_constants[name], dtype) for name, dtype in
+           (("WIDEN", np.float32), ("NARROW", np.uint16), ("WIDEN_SLOT", np.float32)) if name in lowp_constants}
+    out.update(element_bits=typed(lowp.element_bits, np.uint64), mix=typed(lowp.mix, np.uint64),
+               f32_to_bf16=typed(lowp.f32_to_bf16, np.uint16))
+    return out
+
+
+def device_flat_index(p, at):
+    """:func:`sparseopt.kernels.lowp.flat_index` for the device code: the same index, but
+    lowp's ``inline="always"`` overload does not lower on the CUDA target (NVVM path of
+    numba-cuda 0.30: ``mul(omitted, omitted)``), so the device gets a plain overload."""
+    return lowp.flat_index(p, at)
+
+
+if not _simulator():
+    @overload(device_flat_index, target="cuda")
+    def _device_flat_index(p, at):
+        if isinstance(at, types.Integer):
+            return lambda p, at: at
+        return lambda p, at: at[0] * p.shape[1] + at[1]
+
+
+def _conversions(kind):
+    """``(widen, narrow)`` of a 16-bit kind as the device code calls them."""
+    widen, narrow = lowp.CONVERSIONS[kind]
+    if _simulator():
+        sim = _simulated_lowp(dict(WIDEN=widen, NARROW=narrow))
+        return sim["WIDEN"], sim["NARROW"]
+    return widen, narrow
+
+
 @functools.lru_cache(maxsize=None)
-def _step(rule_module, used, has_wd, rowwise=False):
-    """The CPU kernels' element step (:func:`sparseopt.kernels.cpu._step_template`) as a device function.
+def _helpers(rule_module, used, has_wd, rowwise=False, lowp_config=None):
+    """``(suffix, constants)``: the CPU kernels' element step (:func:`sparseopt.kernels.cpu._step_template`)
+    and its parts as device functions (``STEP``; ``VALUE``, the parameter's element as the rule sees it).
 
     ``rowwise``: the rule is row-wise, its ``update`` also takes the row slots.
+    ``lowp_config``: None, or ``(kind, stochastic, slot_kind)`` of a 16-bit variable
+    (:func:`sparseopt.kernels.cpu._specialized_helpers`): the variable, and bfloat16 slots,
+    are ``uint16`` bits, loaded and stored by :mod:`sparseopt.kernels.lowp`'s templates.
     """
     suffix = (f"{rule_key(rule_module)}_{''.join('1' if u else '0' for u in used)}"
-              f"{'_wd' if has_wd else ''}{'_row' if rowwise else ''}_cuda")
+              f"{'_wd' if has_wd else ''}{'_row' if rowwise else ''}")
     constants = dict(RULE=_rule_function(rule_module), U0=used[0], U1=used[1], U2=used[2],
-                     HAS_WD=bool(has_wd), ROWWISE=bool(rowwise))
-    for name, template in (("LOAD", cpu._load_template), ("STORE", cpu._store_template)):
+                     HAS_WD=bool(has_wd), ROWWISE=bool(rowwise), LOWP=lowp_config is not None)
+    if lowp_config is None:
+        suffix += "_cuda"
+        templates = (("LOAD", cpu._load_template), ("STORE", cpu._store_template),
+                     ("VALUE", cpu._value_template))
+    else:
+        kind, stochastic, slot_kind = lowp_config
+        suffix += f"_{kind}{'_sr' if stochastic else '_rne'}{'_s' + slot_kind if slot_kind else ''}_cuda"
+        widen, narrow = lowp.CONVERSIONS[kind]
+        constants.update(WIDEN=widen, NARROW=narrow, STOCHASTIC=bool(stochastic), SLOT16=slot_kind is not None,
+                         WIDEN_SLOT=lowp.bf16_to_f32 if slot_kind else lowp.same)
+        constants["flat_index"] = device_flat_index
+        if _simulator():
+            constants.update(_simulated_lowp(constants))
+        templates = (("LOAD", lowp._load_template), ("STORE_ROUNDED", lowp._store_template),
+                     ("VALUE", lowp._value_template))
+    for name, template in templates:
         constants[name] = cuda.jit(device=True)(specialize(template, suffix, **constants))
-    return suffix, cuda.jit(device=True)(specialize(cpu._step_template, suffix, **constants))
+    constants["STEP"] = cuda.jit(device=True)(specialize(cpu._step_template, suffix, **constants))
+    return suffix, constants
 
 
-def _rule_kernel(template, rule_module, used, has_wd):
-    suffix, step = _step(rule_module, tuple(used), has_wd)
+def _step(rule_module, used, has_wd, rowwise=False, lowp_config=None):
+    """``(suffix, STEP)`` of :func:`_helpers`."""
+    suffix, constants = _helpers(rule_module, tuple(used), has_wd, rowwise, lowp_config)
+    return suffix, constants["STEP"]
+
+
+def _rule_kernel(template, rule_module, used, has_wd, lowp_config):
+    suffix, step = _step(rule_module, tuple(used), has_wd, False, lowp_config)
     return cuda.jit(**KERNEL_FLAGS)(specialize(template, suffix, STEP=step))
 
 
 @functools.lru_cache(maxsize=None)
-def dense_kernel(rule_module, used, has_wd):
+def dense_kernel(rule_module, used, has_wd, lowp_config=None):
     """``kernel[blocks, threads, stream](p, g, s0, s1, s2, c, wd_lr)`` on flat contiguous device arrays.
 
     ``used``: whether the configuration keeps the rule's slot 0, 1, 2 (see
     :func:`sparseopt.kernels.cpu.place`; a slot not kept gets a placeholder).
+    ``lowp_config``: None, or a 16-bit variable's rounding (:func:`_helpers`): then ``p``
+    (and bfloat16 slots) are ``uint16`` views, ``g`` float32, and ``c`` carries the
+    step's ``rounding_key`` (:func:`sparseopt.kernels.lowp.keyed`).
     """
-    return _rule_kernel(_dense_template, rule_module, used, has_wd)
+    return _rule_kernel(_dense_template, rule_module, used, has_wd, lowp_config)
 
 
 @functools.lru_cache(maxsize=None)
-def sparse_kernel(rule_module, used, has_wd):
-    """``kernel[blocks, (lanes, rows), stream](p, s0, s1, s2, rows, offsets, order, values, k, c, wd_lr)``."""
-    return _rule_kernel(_sparse_template, rule_module, used, has_wd)
+def sparse_kernel(rule_module, used, has_wd, lowp_config=None):
+    """``kernel[blocks, (lanes, rows), stream](p, s0, s1, s2, rows, offsets, order, values, k, c, wd_lr)``
+    (``lowp_config``: as :func:`dense_kernel`'s)."""
+    return _rule_kernel(_sparse_template, rule_module, used, has_wd, lowp_config)
+
+
+def _widen_template(src, dst):
+    """``dst[i] = WIDEN(src[i])``: 16-bit bits (flat ``uint16``) to float32, grid-stride."""
+    i = numba.int64(cuda.grid(1))
+    stride = numba.int64(cuda.gridsize(1))
+    while i < dst.size:
+        dst[i] = WIDEN(src[i])
+        i += stride
+
+
+@functools.lru_cache(maxsize=None)
+def widen_kernel(kind):
+    """``kernel[blocks, threads, stream](src, dst)``: a 16-bit array's ``uint16`` bits
+    widened to float32 (exact) by :mod:`sparseopt.kernels.lowp`'s conversion of ``kind``."""
+    return cuda.jit(**KERNEL_FLAGS)(specialize(_widen_template, kind, WIDEN=_conversions(kind)[0]))
+
+
+# ------------------------------------------------------------ table-batched steps
+#
+# One launch for the lazy sparse updates of several tables of one kernel configuration
+# (issue 21), which may differ in rows and width: the arrays of table ``t`` are reached by
+# address (a row of ``meta``), as the CPU's batched kernels reach theirs
+# (:mod:`sparseopt.kernels.cpu`), and indexed flat (``row * width + column``: the flat index
+# of the per-table kernels' ``(row, column)``, so the same random bits for 16-bit tables).
+
+#: Columns of a batched step's ``meta`` (int64): the addresses of the parameter, of the three
+#: slots (a kept slot's, else the parameter's, never touched) and of the gradient values;
+#: the table's rows, width and gradient rows; where its unique rows start in the plan.
+B_P, B_S0, B_S1, B_S2, B_VALUES, B_ROWS, B_WIDTH, B_N, B_U0 = range(9)
+B_COLUMNS = 9
+POINTER = None  # bound per batched kernel: :func:`table_pointer`
+
+
+def _sim_pointer(address, like, n):
+    """The simulator's :func:`table_pointer`: ``n`` elements of ``like``'s dtype at ``address``
+    (the simulator's device memory is host memory)."""
+    import ctypes
+    n = int(n)
+    if n <= 0:
+        return np.empty(0, like.dtype)
+    return np.frombuffer((ctypes.c_char * (n * like.dtype.itemsize)).from_address(int(address)), like.dtype, n)
+
+
+@functools.lru_cache(maxsize=None)
+def table_pointer():
+    """``POINTER(address, like, n)``: the ``n`` elements of ``like``'s dtype at ``address``, as
+    device code indexes them (a typed pointer on a GPU)."""
+    if _simulator():
+        return _sim_pointer
+    from sparseopt.kernels.dedup import pointer
+
+    def device_pointer(address, like, n):
+        return pointer(address, like)
+    return cuda.jit(device=True)(device_pointer)
+
+
+@cuda.jit(device=True)
+def _flat_row_sum(values, d, order, lo, hi, j):
+    """:func:`_row_sum` on flat ``values`` of width ``d``: the same additions in the same order."""
+    gj = values[order[lo] * d + j]
+    q = lo + 1
+    while q + 4 <= hi:
+        v0 = values[order[q] * d + j]
+        v1 = values[order[q + 1] * d + j]
+        v2 = values[order[q + 2] * d + j]
+        v3 = values[order[q + 3] * d + j]
+        gj += v0
+        gj += v1
+        gj += v2
+        gj += v3
+        q += 4
+    while q < hi:
+        gj += values[order[q] * d + j]
+        q += 1
+    return gj
+
+
+def _batched_template(meta, gstart, tables, rows, offsets, order, like_p, like_s, like_v, c, wd_lr):
+    """:func:`_sparse_template` over the unique rows of ``tables`` tables in one launch: row
+    ``u`` of the group (table ``t``'s are ``gstart[t]:gstart[t + 1]``) is the plan's unique
+    row ``meta[t, B_U0] + u - gstart[t]``; its table's arrays come from ``meta``; ``like_*``:
+    arrays of the parameter's, slots' and values' dtypes."""
+    lanes = cuda.blockDim.x
+    k = gstart[tables]
+    u = numba.int64(cuda.blockIdx.x) * cuda.blockDim.y + cuda.threadIdx.y
+    ustride = numba.int64(cuda.gridDim.x) * cuda.blockDim.y
+    while u < k:
+        lo_t = 0
+        hi_t = tables
+        while hi_t - lo_t > 1:
+            mid = (lo_t + hi_t) // 2
+            if gstart[mid] <= u:
+                lo_t = mid
+            else:
+                hi_t = mid
+        t = lo_t
+        d = meta[t, B_WIDTH]
+        size = meta[t, B_ROWS] * d
+        p = POINTER(meta[t, B_P], like_p, size)
+        s0 = POINTER(meta[t, B_S0], like_s, size)
+        s1 = POINTER(meta[t, B_S1], like_s, size)
+        s2 = POINTER(meta[t, B_S2], like_s, size)
+        values = POINTER(meta[t, B_VALUES], like_v, meta[t, B_N] * d)
+        g = meta[t, B_U0] + u - gstart[t]
+        base = rows[g] * d
+        first = offsets[g]
+        end = offsets[g + 1]
+        j = numba.int64(cuda.threadIdx.x)
+        while j < d:
+            gj = _flat_row_sum(values, d, order, first, end, j)
+            STEP(p, s0, s1, s2, base + j, gj, wd_lr, wd_lr, wd_lr, c, wd_lr)
+            j += lanes
+        u += ustride
+
+
+@functools.lru_cache(maxsize=None)
+def batched_sparse_kernel(rule_module, used, has_wd, lowp_config=None):
+    """``kernel[blocks, (lanes, rows), stream](meta, gstart, tables, rows, offsets, order, like_p,
+    like_s, like_v, c, wd_lr)``: the lazy sparse updates of several tables (see
+    ``_batched_template``; ``lowp_config``: as :func:`sparse_kernel`'s)."""
+    suffix, step = _step(rule_module, tuple(used), has_wd, False, lowp_config)
+    return cuda.jit(**KERNEL_FLAGS)(specialize(_batched_template, suffix, STEP=step, POINTER=table_pointer()))
 
 
 # ------------------------------------------------------------- row reduction
@@ -306,7 +507,7 @@ def _row_template(p, s0, s1, s2, r0, r1, r2, rows, offsets, order, values, k, c,
                     gj = values[u, j]
                 else:
                     gj = _row_sum(values, order, lo, hi, j)
-                acc += ROW_TERM(p[row, j], gj, c)
+                acc += ROW_TERM(VALUE(p, (row, j)), gj, c)
                 j += lanes
         partial[slot] = acc
         cuda.syncthreads()
@@ -339,26 +540,27 @@ def _row_template(p, s0, s1, s2, r0, r1, r2, rows, offsets, order, values, k, c,
 
 
 @functools.lru_cache(maxsize=None)
-def row_kernel(rule_module, used, row_used, has_wd, dense, dtype, threads):
+def row_kernel(rule_module, used, row_used, has_wd, dense, dtype, threads, lowp_config=None):
     """``kernel[blocks, (lanes, rows), stream](p, s0, s1, s2, r0, r1, r2, rows, offsets, order,
     values, k, c, wd_lr, width)`` for a row-wise rule (see ``_row_template``).
 
     ``used``, ``row_used``: which of the rule's ``SLOTS`` and ``ROW_SLOTS`` are kept
     (:func:`sparseopt.kernels.cpu.place`); ``dense``: every row, with the dense gradient
     as ``values`` (``rows``, ``offsets``, ``order`` are then not read); ``dtype``: the
-    variables' (the shared-memory partial sums are kept in it, as the CPU keeps its row
-    sum); ``threads``: the most threads of a block (``lanes * rows``).
+    variables' math dtype (the shared-memory partial sums are kept in it, as the CPU keeps
+    its row sum; float32 for a 16-bit variable); ``threads``: the most threads of a block
+    (``lanes * rows``); ``lowp_config``: as :func:`dense_kernel`'s.
     """
-    suffix, step = _step(rule_module, tuple(used), has_wd, True)
+    suffix, constants = _helpers(rule_module, tuple(used), has_wd, True, lowp_config)
     dtype = np.dtype(dtype)
     suffix += (f"_r{''.join('1' if u else '0' for u in row_used)}{'_dense' if dense else ''}"
                f"_{dtype.name}_t{threads}")
     row_constants = dict(ROW_RULE=_rule_function(rule_module, "row_update"),
                          V0=row_used[0], V1=row_used[1], V2=row_used[2])
     row_slots = cuda.jit(device=True)(specialize(cpu._row_slots_template, suffix, **row_constants))
-    fn = specialize(_row_template, suffix, STEP=step, THREADS=threads, DTYPE=numba.from_dtype(dtype),
-                    DENSE=bool(dense), ROW_TERM=_rule_function(rule_module, "row_term"),
-                    ROW_SLOTS=row_slots)
+    fn = specialize(_row_template, suffix, STEP=constants["STEP"], VALUE=constants["VALUE"], THREADS=threads,
+                    DTYPE=numba.from_dtype(dtype), DENSE=bool(dense),
+                    ROW_TERM=_rule_function(rule_module, "row_term"), ROW_SLOTS=row_slots)
     return cuda.jit(**KERNEL_FLAGS)(fn)
 
 

@@ -25,6 +25,8 @@ the update kernel is launched. Scratch arrays are kept per variable and grow by
 doubling, so a step allocates nothing in the steady state.
 """
 
+import functools
+
 import numba
 import numpy as np
 from numba import cuda
@@ -254,17 +256,26 @@ class Planner:
 
     def enqueue(self, indices, num_rows, stream):
         """Launch the plan of the device array ``indices`` (``n > 0``) against ``num_rows`` rows."""
-        cfg = ck.launch_config()
         n = indices.size
+        self._start(n, stream)
+        threads = ck.launch_config().threads
+        _prepare[ck.blocks_for(n, threads), threads, stream](indices, num_rows, self.keys_a[:n],
+                                                              self.vals_a[:n], self.info)
+        self._sort(n, num_rows, stream)
+
+    def _start(self, n, stream):
         self.n = n
         self._reserve(n, stream)
         if self.info_dirty:
             ck.fill[1, 1, stream](self.info[:1], NO_BAD)
             self.info_dirty = False
+
+    def _sort(self, n, num_rows, stream):
+        """The sort and the segments of the ``n`` prepared pairs (keys below ``num_rows``)."""
+        cfg = ck.launch_config()
+        threads = cfg.threads
         keys, vals = self.keys_a[:n], self.vals_a[:n]
         keys_b, vals_b = self.keys_b[:n], self.vals_b[:n]
-        threads = cfg.threads
-        _prepare[ck.blocks_for(n, threads), threads, stream](indices, num_rows, keys, vals, self.info)
         chunks = -(-n // cfg.sort_items)
         counts = self.counts[:RADIX * chunks]
         nbits = max(1, int(num_rows - 1).bit_length())
@@ -297,3 +308,132 @@ class Planner:
     def result(self, k):
         """``(rows, offsets, order)`` device views of the last plan with ``k`` unique rows."""
         return self.rows[:k], self.offsets[:k + 1], self.order
+
+
+# ----------------------------------------------------------- several tables, one plan
+
+
+@cuda.jit(device=True)
+def _table_of(starts, tables, i):
+    """The last ``t < tables`` with ``starts[t] <= i`` (``starts`` non-decreasing): the table
+    whose range ``starts[t]:starts[t + 1]`` holds ``i`` (empty tables are skipped)."""
+    lo = 0
+    hi = tables
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if starts[mid] <= i:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _prepare_tables_template(meta, tables, like, keys, vals, info):
+    """:func:`_prepare` over the indices of several tables, concatenated in table order
+    (``meta``: per table its indices' address, their start in the concatenation (row
+    ``tables``: the total), its rows and its first key): ``keys = first key + index``,
+    ``vals`` = the position in the table's own indices (the plan's ``order``)."""
+    starts = meta[T_START]
+    n = starts[tables]
+    i = numba.int64(cuda.grid(1))
+    stride = numba.int64(cuda.gridsize(1))
+    while i < n:
+        t = _table_of(starts, tables, i)
+        local = i - starts[t]
+        idx = POINTER(meta[T_ADDRESS, t], like, starts[t + 1] - starts[t])
+        r = numba.int64(idx[local])
+        if r < 0 or r >= meta[T_ROWS, t]:
+            cuda.atomic.min(info, 0, i)
+            r = 0
+        keys[i] = meta[T_KEY, t] + r
+        vals[i] = local
+        i += stride
+
+
+def _localize_template(keys, meta, tables, rows, info, ustart):
+    """The ``k = info[1]`` unique keys as each table's rows (``rows[u] = key - first key``),
+    and ``ustart[t]``: where table ``t``'s unique rows start (``ustart[tables] = k``)."""
+    firsts = meta[T_KEY]
+    k = info[1]
+    u = numba.int64(cuda.grid(1))
+    stride = numba.int64(cuda.gridsize(1))
+    if u == 0:
+        t0 = _table_of(firsts, tables, keys[0]) if k > 0 else tables
+        for t in range(t0 + 1):
+            ustart[t] = 0
+    while u < k:
+        t = _table_of(firsts, tables, keys[u])
+        rows[u] = keys[u] - firsts[t]
+        after = tables
+        if u + 1 < k:
+            after = _table_of(firsts, tables, keys[u + 1])
+        for q in range(t + 1, after + 1):
+            ustart[q] = u + 1
+        u += stride
+
+
+#: Rows of a table plan's ``meta`` (int64, ``(4, tables + 1)``): the indices' address, their
+#: start in the concatenation, the table's rows, its first key (the rows of the tables before).
+T_ADDRESS, T_START, T_ROWS, T_KEY = range(4)
+POINTER = None  # bound per index dtype: the indices of a table, by address
+
+
+@functools.lru_cache(maxsize=None)
+def _prepare_tables(like_dtype):
+    return cuda.jit(**ck.KERNEL_FLAGS)(specialize(
+        _prepare_tables_template, np.dtype(like_dtype).name, POINTER=ck.table_pointer()))
+
+
+_localize = cuda.jit(**ck.KERNEL_FLAGS)(_localize_template)
+
+
+class TablePlanner(Planner):
+    """One plan for the sparse gradients of several tables (issue 21): their indices keyed
+    ``(table, row)`` as one sorted key range, so one launch sequence whatever the number of
+    tables. Each table's plan is a view of it: its unique rows (its own numbering, increasing),
+    their offsets into the shared ``order``, whose entries are positions in the table's own
+    gradient rows, so the per-table kernels take it as they take a plan of their own."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables = -1
+
+    def _info(self, tables):
+        if tables != self.tables:
+            self.ext = cuda.to_device(np.array([NO_BAD, 0] + [0] * (tables + 1), np.int64))
+            self.info = self.ext[:2]
+            self.info_dirty = False
+            self.tables = tables
+        return self.ext
+
+    def enqueue_tables(self, meta, like, n, total_rows, stream):
+        """Launch the plan of ``n > 0`` indices of ``meta.shape[1] - 1`` tables (``meta``: a
+        device array, see :data:`T_ADDRESS`; ``like``: an array of the indices' dtype)."""
+        tables = meta.shape[1] - 1
+        ext = self._info(tables)
+        self._start(n, stream)
+        threads = ck.launch_config().threads
+        _prepare_tables(like.dtype)[ck.blocks_for(n, threads), threads, stream](
+            meta, tables, like, self.keys_a[:n], self.vals_a[:n], self.info)
+        self._sort(n, total_rows, stream)
+        self.local = self.heads  # free after the segments: the tables' own rows
+        _localize[ck.blocks_for(n, threads), threads, stream](
+            self.rows, meta, tables, self.local, self.info, ext[2:])
+
+    def read_tables(self, stream):
+        """``(bad, ustart)`` (one copy): the first bad position in the concatenation (-1: none)
+        and where each table's unique rows start (``tables + 1`` entries)."""
+        if isinstance(stream, int):
+            host = self.ext.copy_to_host()
+        else:
+            host = self.ext.copy_to_host(stream=stream)
+            stream.synchronize()
+        if int(host[0]) != NO_BAD:
+            self.info_dirty = True
+            return int(host[0]), None
+        return -1, host[2:]
+
+    def table_result(self, ustart, t):
+        """Table ``t``'s ``(rows, offsets, order, k)``."""
+        u0, u1 = int(ustart[t]), int(ustart[t + 1])
+        return self.local[u0:u1], self.offsets[u0:u1 + 1], self.order, u1 - u0

@@ -23,14 +23,16 @@ import functools
 import types
 
 import numba
+import numpy as np
 from numba import cuda
 
 from sparseopt.kernels import cuda as ck
 from sparseopt.kernels import exact as cpu_exact
+from sparseopt.kernels import lowp
 from sparseopt.kernels._specialize import rule_key, specialize
 from sparseopt.rules import _idle
 
-CATCH = STEP = None  # bound per specialization
+CATCH = STEP = WIDEN = NARROW = STOCHASTIC = element_bits = None  # bound per specialization
 
 
 def _device(fn, suffix, **constants):
@@ -57,26 +59,26 @@ def _idle_module(terms=_idle.SERIES_TERMS):
 
 
 @functools.lru_cache(maxsize=None)
-def _catch(rule_module, used, has_wd):
+def _catch(rule_module, used, has_wd, lowp_config=None):
     """The element catch-up of one rule and slot configuration, as a device function: the
     CPU's, element by element (:func:`sparseopt.kernels.exact._catch_up_element_template`:
-    the short series first, then all terms, then the replay), so the simulator gives its bits."""
-    suffix, step = ck._step(rule_module, tuple(used), has_wd)
+    the short series first, then all terms, then the replay), so the simulator gives its bits.
+    ``lowp_config``: a 16-bit variable's rounding (:func:`sparseopt.kernels.cuda._helpers`,
+    whose load and rounded store the catch-up's ``SAVE`` uses, as on the CPU)."""
+    suffix, constants = ck._helpers(rule_module, tuple(used), has_wd, False, lowp_config)
     idle_apply = getattr(rule_module, "idle_apply", _idle.no_idle_apply)
     key = rule_key(rule_module)
-    constants = dict(RULE=ck._rule_function(rule_module), U0=used[0], U1=used[1], U2=used[2],
-                     HAS_WD=bool(has_wd), LOWP=False,
+    constants = dict(constants,
                      IDLE_APPLY=_device(idle_apply, f"{key}_cuda", _idle=_idle_module()),
                      IDLE_APPLY_FAST=_device(idle_apply, f"{key}_cuda_fast",
                                              _idle=_idle_module(cpu_exact.FAST_SERIES_TERMS)))
-    for name, template in (("LOAD", ck.cpu._load_template), ("STORE", ck.cpu._store_template),
-                           ("SAVE", cpu_exact._save_template),
+    for name, template in (("SAVE", cpu_exact._save_template),
                            ("REPLAY", cpu_exact._replay_template),
                            ("CATCH", cpu_exact._catch_up_template)):
         constants[name] = cuda.jit(device=True)(specialize(template, "x" + suffix, **constants))
     catch = cuda.jit(device=True)(specialize(cpu_exact._catch_up_element_template, "x" + suffix,
                                              **constants))
-    return f"x{suffix}", step, catch
+    return f"x{suffix}", constants["STEP"], catch
 
 
 def _exact_sparse_template(p, s0, s1, s2, rows, offsets, order, values, k, last, floor, hi, hist,
@@ -133,19 +135,21 @@ def _exact_catch_up_template(p, s0, s1, s2, rows, k, every_row, last, floor, hi,
 
 
 @functools.lru_cache(maxsize=None)
-def sparse_kernel(rule_module, used, has_wd):
+def sparse_kernel(rule_module, used, has_wd, lowp_config=None):
     """``kernel[blocks, (lanes, rows), stream](p, s0, s1, s2, rows, offsets, order, values, k, last,
-    floor, hi, hist, tab, c, wd_lr, c_idle, zero, tol)``."""
-    suffix, step, catch = _catch(rule_module, tuple(used), has_wd)
+    floor, hi, hist, tab, c, wd_lr, c_idle, zero, tol)``. ``lowp_config``: as
+    :func:`sparseopt.kernels.cuda.sparse_kernel`'s (``c`` and ``c_idle`` then carry their
+    steps' ``rounding_key``, and ``hist``'s records theirs)."""
+    suffix, step, catch = _catch(rule_module, tuple(used), has_wd, lowp_config)
     return cuda.jit(**ck.KERNEL_FLAGS)(
         specialize(_exact_sparse_template, suffix, STEP=step, CATCH=catch))
 
 
 @functools.lru_cache(maxsize=None)
-def catch_up_kernel(rule_module, used, has_wd):
+def catch_up_kernel(rule_module, used, has_wd, lowp_config=None):
     """``kernel[blocks, (lanes, rows), stream](p, s0, s1, s2, rows, k, every_row, last, floor, hi,
-    hist, tab, c_idle, zero, tol)``."""
-    suffix, _, catch = _catch(rule_module, tuple(used), has_wd)
+    hist, tab, c_idle, zero, tol)`` (``lowp_config``: as :func:`sparse_kernel`'s)."""
+    suffix, _, catch = _catch(rule_module, tuple(used), has_wd, lowp_config)
     return cuda.jit(**ck.KERNEL_FLAGS)(specialize(_exact_catch_up_template, suffix, CATCH=catch))
 
 
@@ -169,6 +173,38 @@ def decay_rows(p, rows, k, every_row, last, floor, hi, tab):
         if lo < hi:
             p[r, j] = p[r, j] * tab[lo % n, 0]
         i += stride
+
+
+def _decay_rows_lowp_template(p, rows, k, every_row, last, floor, hi, tab, key):
+    """:func:`decay_rows` on a 16-bit variable's ``uint16`` bits: each scaled element rounded
+    to float32, then to 16 bits with the random bits of step ``hi`` (``key``), as
+    :func:`sparseopt.kernels.exact._decay_rows_template` rounds it on the CPU."""
+    n = tab.shape[0]
+    d = p.shape[1]
+    count = numba.int64(p.shape[0]) if every_row else k
+    i = numba.int64(cuda.grid(1))
+    stride = numba.int64(cuda.gridsize(1))
+    while i < count * d:
+        u = i // d
+        j = i - u * d
+        r = u if every_row else rows[u]
+        lo = max(last[r], floor)
+        if lo < hi:
+            bits = element_bits(key, r * d + j) if STOCHASTIC else np.uint64(0)
+            p[r, j] = NARROW(np.float32(WIDEN(p[r, j]) * tab[lo % n, 0]), bits, STOCHASTIC)
+        i += stride
+
+
+@functools.lru_cache(maxsize=None)
+def decay_rows_lowp(kind, stochastic):
+    """``kernel[blocks, threads, stream](p, rows, k, every_row, last, floor, hi, tab, key)``:
+    :func:`decay_rows` for a 16-bit variable (``key``: step ``hi``'s rounding key)."""
+    widen, narrow = ck._conversions(kind)
+    constants = dict(WIDEN=widen, NARROW=narrow, STOCHASTIC=bool(stochastic), element_bits=lowp.element_bits)
+    if ck._simulator():
+        constants["element_bits"] = ck._simulated_lowp({})["element_bits"]
+    return cuda.jit(**ck.KERNEL_FLAGS)(specialize(
+        _decay_rows_lowp_template, f"{kind}{'_sr' if stochastic else '_rne'}", **constants))
 
 
 @cuda.jit(**ck.KERNEL_FLAGS)

@@ -64,6 +64,94 @@ def compile_one(dispatcher, sig):
     cuda.compile_ptx(fn, sig, cc=CC)
 
 
+def compile_low_precision(kc, i64):
+    """The 16-bit variables' kernels (``uint16`` bits, float32 math, the step's rounding key
+    in the coefficients) of a few representative rules, and the gradient widening."""
+    from sparseopt import _exact
+    from sparseopt.kernels import cuda_exact as ce
+    from sparseopt.kernels import lowp
+    from tests.optimizer_table import CASES
+    count = 0
+    u16, f32, f1, f2 = arr(np.uint16, 1), types.float32, arr(np.float32, 1), arr(np.float32, 2)
+    b2 = arr(np.uint16, 2)
+    for case in CASES:
+        if case.id not in ("sgd_momentum", "adam", "rowwise_adagrad"):
+            continue
+        opt = case.make()
+        rule = opt._rule
+        hypers = opt._resolved_hypers()
+        c = lowp.keyed(opt._coefficients(hypers, 1), 1)
+        ctype = numba.typeof(type(c)(*(np.float32(x) for x in c[:-1]), c[-1]))
+        used = tuple(name in opt._slot_names() for name in rule.SLOTS)
+        used += (False,) * (3 - len(used))
+        for config in (("bfloat16", True, None), ("float16", True, None), ("bfloat16", False, "bfloat16")):
+            slot2 = b2 if config[2] else f2
+            if hasattr(rule, "ROW_SLOTS"):
+                row_used = tuple(name in opt._row_slot_names() for name in rule.ROW_SLOTS)
+                row_used += (False,) * (3 - len(row_used))
+                for dense in (True, False):
+                    compile_one(kc.row_kernel(rule, used, row_used, True, dense, np.float32, 256, config),
+                                (b2, slot2, slot2, slot2, f1, f1, f1, i64, i64, i64, f2, types.int64, ctype,
+                                 f32, f32))
+                    count += 1
+                continue
+            slot1 = u16 if config[2] else f1
+            compile_one(kc.dense_kernel(rule, used, True, config), (u16, f1, slot1, slot1, slot1, ctype, f32))
+            compile_one(kc.sparse_kernel(rule, used, True, config),
+                        (b2, slot2, slot2, slot2, i64, i64, i64, f2, types.int64, ctype, f32))
+            count += 2
+            if config[0] == "bfloat16" and config[1]:  # exact mode: the fused and the catch-up kernels
+                record = _exact.record_dtype(rule, np.float32, True)  # as the device mirrors it: aligned
+                record = np.dtype([(name, record.fields[name][0]) for name in record.names], align=True)
+                hist = types.Array(numba.from_dtype(record), 1, "C")
+                tab, i8, f8 = arr(np.float64, 2), types.int64, types.float64
+                compile_one(ce.sparse_kernel(rule, used, True, config),
+                            (b2, slot2, slot2, slot2, i64, i64, i64, f2, i8, i64, i8, i8, hist, tab,
+                             ctype, f32, ctype, f32, f8))
+                compile_one(ce.catch_up_kernel(rule, used, True, config),
+                            (b2, slot2, slot2, slot2, i64, i8, types.boolean, i64, i8, i8, hist, tab,
+                             ctype, f32, f8))
+                count += 2
+    for kind in ("bfloat16", "float16"):
+        compile_one(kc.widen_kernel(kind), (u16, f1))
+        compile_one(ce.decay_rows_lowp(kind, True), (b2, i64, types.int64, types.boolean, i64, types.int64,
+                                                     types.int64, arr(np.float64, 2), types.uint64))
+        count += 2
+    return count
+
+
+def compile_batched(kc, dd, i64):
+    """The table-batched kernels (issue 21): the shared plan's, and the one-launch update of a
+    few representative rules, float32 and a 16-bit table (slots reached by address)."""
+    from sparseopt.kernels import lowp
+    from tests.optimizer_table import CASES
+    count = 0
+    i2 = arr(np.int64, 2)
+    for idx in (np.int32, np.int64):
+        compile_one(dd._prepare_tables(np.dtype(idx)), (i2, types.int64, arr(idx, 1), i64, i64, i64))
+        count += 1
+    compile_one(dd._localize, (i64, i2, types.int64, i64, i64, i64))
+    count += 1
+    for case in CASES:
+        if case.id not in ("sgd_momentum", "adam", "adagrad"):
+            continue
+        opt = case.make()
+        rule = opt._rule
+        c = opt._coefficients(opt._resolved_hypers(), 1)
+        used = tuple(name in opt._slot_names() for name in rule.SLOTS)
+        used += (False,) * (3 - len(used))
+        c32 = type(c)(*(np.float32(x) for x in c))
+        f2 = arr(np.float32, 2)
+        compile_one(kc.batched_sparse_kernel(rule, used, True),
+                    (i2, i64, types.int64, i64, i64, i64, f2, f2, f2, numba.typeof(c32), types.float32))
+        keyed = lowp.keyed(c32, 1)
+        compile_one(kc.batched_sparse_kernel(rule, used, True, ("bfloat16", True, None)),
+                    (i2, i64, types.int64, i64, i64, i64, arr(np.uint16, 2), f2, f2, numba.typeof(keyed),
+                     types.float32))
+        count += 2
+    return count
+
+
 def main():
     problem = toolchain_problem()
     if problem:
@@ -119,6 +207,8 @@ def main():
                             (rows2, rows2, rows2, rows2, i64, i8, types.boolean, i64, i8, i8, hist, tab,
                              ctype, scal, f8))
                 count += 4
+    count += compile_low_precision(kc, i64)
+    count += compile_batched(kc, dd, i64)
     for dtype in (np.float32, np.float64):
         scal = numba.from_dtype(np.dtype(dtype))
         f1 = arr(dtype, 1)

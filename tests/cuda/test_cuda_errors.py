@@ -92,7 +92,8 @@ def test_bad_index_in_a_later_variable_writes_nothing(rng):
 
 @pytest.mark.parametrize("make, pattern", [
     (lambda: InterfaceArray(np.zeros((ROWS, WIDTH), np.float32), readonly=True), r"the variable is read-only"),
-    (lambda: dev(np.zeros((ROWS, WIDTH), np.int32)), r"variables must be float32 or float64; got int32"),
+    (lambda: dev(np.zeros((ROWS, WIDTH), np.int32)),
+     r"variables must be float32, float64, bfloat16 \(ml_dtypes\) or float16; got int32"),
     (lambda: dev(np.zeros((ROWS, 2 * WIDTH), np.float32))[:, ::2], r"variables must be C-contiguous"),
 ], ids=["read_only", "int_variable", "strided_variable"])
 def test_bad_variables(make, pattern):
