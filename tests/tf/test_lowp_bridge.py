@@ -254,26 +254,34 @@ def _fit_data(batch=8, n=32, seed=0):
 
 
 def _fit_loss(y_true, y_pred):
-    return tf.reduce_sum(tf.cast(y_pred, tf.float32) * y_true, axis=[1, 2])
+    return tf.reduce_sum(tf.cast(y_pred, tf.float32) * tf.cast(y_true, tf.float32), axis=[1, 2])
 
 
-@pytest.mark.parametrize("layer", ["keras", "sparseopt_tf"])
+@pytest.mark.parametrize("layer", ["keras", "sparseopt_tf", "tf_keras"])
 def test_model_fit_trains_bfloat16_embeddings_as_the_core(layer):
-    """``model.fit`` (graph mode) of a bfloat16 ``Embedding``: the table stays bfloat16 with
-    float32 slots, and equals the core's Adam run on the same gradients, bit for bit."""
+    """``model.fit`` (graph mode) of a bfloat16 ``Embedding`` (Keras 3's and ours with
+    ``sparseopt_tf.Adam``; tf_keras' with ``sparseopt_tf.legacy.Adam``): the table stays
+    bfloat16 with float32 slots, and equals the core's Adam run on the same gradients, bit for
+    bit (the legacy class: tf_keras' math and float32 hyperparameters, rounded to nearest)."""
     batch = 8
     ids, targets = _fit_data(batch)
-    cls = keras.layers.Embedding if layer == "keras" else sparseopt_tf.Embedding
-    emb = cls(40, 4, dtype="bfloat16", embeddings_initializer=keras.initializers.RandomNormal(seed=1))
-    model = keras.Sequential([keras.Input((1,), dtype="int32"), emb])
+    if layer == "tf_keras":
+        K, opt = tf_keras, sparseopt_tf.legacy.Adam(learning_rate=0.0625)
+        core = so.Adam(learning_rate=0.0625, beta_1=float(np.float32(0.9)), beta_2=float(np.float32(0.999)),
+                       epsilon=float(np.float32(1e-7)), stochastic_rounding=False, _legacy=True)
+        cls = tf_keras.layers.Embedding
+    else:
+        K, opt = keras, sparseopt_tf.Adam(learning_rate=0.0625, seed=5)
+        core = so.Adam(learning_rate=0.0625, seed=5)
+        cls = keras.layers.Embedding if layer == "keras" else sparseopt_tf.Embedding
+    emb = cls(40, 4, dtype="bfloat16", embeddings_initializer=K.initializers.RandomNormal(seed=1))
+    model = K.Sequential([K.Input((1,), dtype="int32"), emb])
     init = emb.embeddings.numpy().copy()
-    opt = sparseopt_tf.Adam(learning_rate=0.0625, seed=5)
     model.compile(optimizer=opt, loss=_fit_loss)
     model.fit(ids, targets, batch_size=batch, epochs=2, shuffle=False, verbose=0)
-    assert emb.embeddings.dtype == "bfloat16" and init.dtype == BF16
-    assert {opt.get_slot(emb.embeddings, n).dtype for n in ("m", "v")} == {"float32"}
+    assert tf.as_dtype(emb.embeddings.dtype) == tf.bfloat16 and init.dtype == BF16
+    assert {tf.as_dtype(opt.get_slot(emb.embeddings, n).dtype) for n in ("m", "v")} == {tf.float32}
 
-    core = so.Adam(learning_rate=0.0625, seed=5)
     table = init.copy()
     for _ in range(2):
         for b in range(0, len(ids), batch):
