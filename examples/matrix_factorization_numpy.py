@@ -12,8 +12,16 @@ ml-latest-small and the other recent releases, `ratings.dat` of ml-1m, `u.data` 
 ml-100k, or the downloaded directory or zip): a rating of 4 or more is a click, a random
 10% of the clicks is held out, and negatives are uniformly random items (`_movielens.py`).
 
+With `--table-dtype bfloat16` (or `float16`) both tables are 16-bit: the forward and
+backward passes read their rows widened to float32, and `sparseopt.Adam` computes each
+update in float32 and rounds it back, stochastically (`--no-stochastic-rounding`: to
+nearest, where updates smaller than half a bfloat16 step are lost); its slots stay
+float32 (`--slot-dtype bfloat16` halves them too). `--memory` prints the bytes per
+table row (parameter and optimizer state) of every optimizer for each table dtype.
+
 Run:  python examples/matrix_factorization_numpy.py            (about a minute)
       python examples/matrix_factorization_numpy.py --quick    (small, seconds)
+      python examples/matrix_factorization_numpy.py --table-dtype bfloat16
       python examples/matrix_factorization_numpy.py --ratings ml-latest-small/ratings.csv
 """
 
@@ -31,9 +39,25 @@ import _movielens  # noqa: E402
 from _synthetic import ZipfClicks  # noqa: E402
 
 
+def table_dtype(name):
+    """The NumPy dtype of ``--table-dtype``: bfloat16 is ml_dtypes' (installed with TensorFlow or JAX)."""
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise SystemExit("--table-dtype bfloat16 needs the ml_dtypes package: pip install ml_dtypes")
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def rows32(table, ids):
+    """Rows ``ids`` of a table as float32 (16-bit rows widened: exact)."""
+    return table[ids].astype(np.float32, copy=False)
+
+
 def bpr_loss_and_grads(user_table, item_table, users, pos, neg, l2):
-    """BPR loss -mean(log sigmoid(s_pos - s_neg)) and its sparse gradients."""
-    pu, qi, qj = user_table[users], item_table[pos], item_table[neg]
+    """BPR loss -mean(log sigmoid(s_pos - s_neg)) and its sparse float32 gradients."""
+    pu, qi, qj = rows32(user_table, users), rows32(item_table, pos), rows32(item_table, neg)
     x = np.einsum("bd,bd->b", pu, qi - qj)
     loss = float(np.mean(np.logaddexp(0.0, -x)))
     dx = (-1.0 / (1.0 + np.exp(x)) / x.size).astype(np.float32)[:, None]  # d loss / d x
@@ -45,8 +69,9 @@ def bpr_loss_and_grads(user_table, item_table, users, pos, neg, l2):
 
 def auc(user_table, item_table, users, pos, neg):
     """Share of held-out triples where the clicked item scores above the negative (0.5 = random)."""
-    s_pos = np.einsum("bd,bd->b", user_table[users], item_table[pos])
-    s_neg = np.einsum("bd,bd->b", user_table[users], item_table[neg])
+    pu = rows32(user_table, users)
+    s_pos = np.einsum("bd,bd->b", pu, rows32(item_table, pos))
+    s_neg = np.einsum("bd,bd->b", pu, rows32(item_table, neg))
     return float(np.mean(s_pos > s_neg) + 0.5 * np.mean(s_pos == s_neg))
 
 
@@ -61,8 +86,17 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--learning-rate", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--table-dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--slot-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="Adam's m and v for 16-bit tables (float32 tables keep float32 slots)")
+    parser.add_argument("--no-stochastic-rounding", dest="stochastic_rounding", action="store_false",
+                        help="16-bit tables: round each update to nearest (even) instead of stochastically")
+    parser.add_argument("--memory", action="store_true",
+                        help="print the bytes per table row of every optimizer and exit")
     parser.add_argument("--quick", action="store_true", help="a small run (for tests)")
     args = parser.parse_args(argv)
+    if args.memory:
+        return print_memory_per_row(args.dim)
     if args.quick:
         args.items, args.users, args.batch, args.steps = 20_000, 2_000, 2048, 150
 
@@ -79,11 +113,18 @@ def main(argv=None):
         data = ZipfClicks(args.users, args.items, seed=args.seed)
         held_out = data.batch(np.random.default_rng(args.seed + 2), 20_000)
     rng = np.random.default_rng(args.seed + 1)
-    user_table = (0.1 * rng.normal(size=(args.users, args.dim))).astype(np.float32)
-    item_table = (0.1 * rng.normal(size=(args.items, args.dim))).astype(np.float32)
-    opt = so.Adam(learning_rate=args.learning_rate)
+    dtype = table_dtype(args.table_dtype)
+    # the same float32 draws for every --table-dtype, rounded to nearest (a 16-bit table)
+    user_table = (0.1 * rng.normal(size=(args.users, args.dim))).astype(np.float32).astype(dtype)
+    item_table = (0.1 * rng.normal(size=(args.items, args.dim))).astype(np.float32).astype(dtype)
+    low = args.table_dtype != "float32"
+    opt = so.Adam(learning_rate=args.learning_rate,
+                  **(dict(stochastic_rounding=args.stochastic_rounding, seed=args.seed,
+                          slot_dtype=args.slot_dtype) if low else {}))
+    rounding = (f", {'stochastic rounding' if args.stochastic_rounding else 'round-to-nearest'}, "
+                f"{args.slot_dtype} slots") if low else ""
     print(f"sparseopt {so.__version__}: {args.items:,} x {args.dim} item table, {args.users:,} users, "
-          f"batch {args.batch:,}, {args.steps} steps of lazy sparse Adam")
+          f"batch {args.batch:,}, {args.steps} steps of lazy sparse Adam ({args.table_dtype} tables{rounding})")
     print(f"held-out AUC before training: {auc(user_table, item_table, *held_out):.3f} (random = 0.5)")
 
     first_losses, last_losses, step_times = [], [], []
@@ -105,6 +146,51 @@ def main(argv=None):
           f"median optimizer step {1e3 * np.median(step_times[1:]):.2f} ms "
           f"(first step, with Numba compile or cache load: {step_times[0]:.2f} s)")
     return {"first_loss": first, "last_loss": last, "auc": final_auc}
+
+
+#: Every optimizer of the core, with the options that change its state (momentum, AMSGrad, ...).
+OPTIMIZERS = {
+    "SGD": lambda **kw: so.SGD(0.1, **kw),
+    "SGD(momentum=0.9)": lambda **kw: so.SGD(0.1, momentum=0.9, **kw),
+    "Adam": lambda **kw: so.Adam(1e-3, **kw),
+    "Adam(amsgrad=True)": lambda **kw: so.Adam(1e-3, amsgrad=True, **kw),
+    "AdamW": lambda **kw: so.AdamW(1e-3, **kw),
+    "Adagrad": lambda **kw: so.Adagrad(0.1, **kw),
+    "RMSprop": lambda **kw: so.RMSprop(1e-3, **kw),
+    "RMSprop(momentum=0.9, centered=True)": lambda **kw: so.RMSprop(1e-3, momentum=0.9, centered=True, **kw),
+    "Adadelta": lambda **kw: so.Adadelta(1.0, **kw),
+    "Adamax": lambda **kw: so.Adamax(1e-3, **kw),
+    "Nadam": lambda **kw: so.Nadam(1e-3, **kw),
+    "Ftrl": lambda **kw: so.Ftrl(0.1, **kw),
+    "Lion": lambda **kw: so.Lion(1e-4, **kw),
+    "RowwiseAdagrad": lambda **kw: so.RowwiseAdagrad(0.1, **kw),
+}
+
+
+def bytes_per_row(make, dim, dtype, slot_dtype=None, rows=4):
+    """Parameter and optimizer-state bytes per row of a ``(rows, dim)`` table of ``dtype``:
+    measured on the slot arrays the optimizer allocates for it (``build``)."""
+    table = np.zeros((rows, dim), dtype)
+    opt = make(**({"slot_dtype": slot_dtype} if slot_dtype else {}))
+    opt.build([table])
+    state = sum(opt.get_slot(table, name).nbytes for name in opt.get_slot_names())
+    return (table.nbytes + state) / rows, opt.get_slot_names()
+
+
+def print_memory_per_row(dim):
+    """A Markdown table: bytes per table row for every optimizer, float32 and 16-bit tables."""
+    bf16 = table_dtype("bfloat16")
+    print("| optimizer | slots | float32 table | bfloat16 or float16 table | bfloat16 table + bfloat16 slots |")
+    print("|---|---|---|---|---|")
+    out = {}
+    for name, make in OPTIMIZERS.items():
+        f32, slots = bytes_per_row(make, dim, np.float32)
+        b16 = bytes_per_row(make, dim, bf16)[0]
+        b16s = bytes_per_row(make, dim, bf16, "bfloat16")[0]
+        out[name] = (f32, b16, b16s)
+        print(f"| {name} | {', '.join(slots) or '-'} | {f32:.0f} B | {b16:.0f} B ({b16 / f32:.2f}x) | "
+              f"{b16s:.0f} B ({b16s / f32:.2f}x) |")
+    return out
 
 
 if __name__ == "__main__":

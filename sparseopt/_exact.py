@@ -35,29 +35,35 @@ import numpy as np
 
 from sparseopt import _cuda, errors
 from sparseopt.kernels import exact as kernels
+from sparseopt.kernels import lowp
 
 #: Default length of the coefficient history (the optimizer's ``exact_history``).
 DEFAULT_HISTORY = 1024
 
 
-def record_dtype(rule, dtype):
-    """The structured dtype of one history record: ``Coefficients`` fields plus ``wd``."""
-    return np.dtype([(name, dtype) for name in rule.Coefficients._fields] + [("wd", dtype)])
+def record_dtype(rule, dtype, keyed=False):
+    """The structured dtype of one history record: ``Coefficients`` fields plus ``wd``,
+    and for a 16-bit variable (``keyed``) the step's ``rounding_key``."""
+    fields = [(name, dtype) for name in rule.Coefficients._fields] + [("wd", dtype)]
+    return np.dtype(fields + ([("rounding_key", np.uint64)] if keyed else []))
 
 
 class ExactState:
     """The exact-mode bookkeeping of one variable (see the module docstring)."""
 
     __slots__ = ("rows", "steps", "floor", "last", "hist", "tab", "nxt", "has_wd", "dtype",
-                 "tables_at", "device")
+                 "tables_at", "device", "lowp")
 
-    def __init__(self, rule, var, history, dtype):
-        """``dtype``: the variable's, as a NumPy dtype (a CUDA array's may be another library's)."""
+    def __init__(self, rule, var, history, dtype, lowp=None):
+        """``dtype``: the variable's math dtype, as a NumPy dtype (float32 for a 16-bit
+        variable; a CUDA array's may be another library's). ``lowp``: a 16-bit variable's
+        rounding, as the kernels take it (:mod:`sparseopt.kernels.lowp`), else None."""
         self.rows = var.shape[0] if len(var.shape) else 1
         self.dtype = np.dtype(dtype)
+        self.lowp = lowp
         self.steps = 0
         self.floor = 0
-        self.hist = np.zeros(history, record_dtype(rule, self.dtype))
+        self.hist = np.zeros(history, record_dtype(rule, self.dtype, lowp is not None))
         ncol = kernels.idle_columns(rule)
         self.tab = np.zeros((history, ncol), np.float64)
         self.nxt = np.zeros(ncol, np.float64)
@@ -86,7 +92,8 @@ class ExactState:
 def _exact_state(opt, state, create=True):
     ex = opt._exact_states.get(id(state.var))
     if ex is None and create:
-        ex = ExactState(opt._rule, state.var, opt.exact_history, state.storage.dtype)
+        lowp = None if state.kind is None else (state.kind, opt.stochastic_rounding, state.slot_kind)
+        ex = ExactState(opt._rule, state.var, opt.exact_history, state.math_dtype, lowp)
         opt._exact_states[id(state.var)] = ex
     return ex
 
@@ -133,11 +140,12 @@ def catch_up_rows(opt, state, ex, rows=None):
     rows = np.empty(0, np.int64) if every else rows
     p, slots, used = _arrays(rule, state, ex)
     if _is_rowwise(rule):
-        kernels.decay_rows_kernel(ex.has_wd)(p, rows, every, ex.last, ex.floor, ex.steps, ex.tab,
-                                             not every)
+        key = ex.hist[ex.steps % ex.history]["rounding_key"] if ex.lowp else np.uint64(0)
+        kernels.decay_rows_kernel(ex.has_wd, ex.lowp)(p, rows, every, ex.last, ex.floor, ex.steps,
+                                                      ex.tab, not every, key)
     else:
         zero = ex.dtype.type(0)
-        kernels.catch_up_kernel(rule, used, ex.has_wd)(
+        kernels.catch_up_kernel(rule, used, ex.has_wd, ex.lowp)(
             p, *slots, rows, every, ex.last, ex.floor, ex.steps, ex.hist, ex.tab,
             _idle_coefficients(rule, ex), zero, _tol(ex.dtype))
     if every:
@@ -145,9 +153,18 @@ def catch_up_rows(opt, state, ex, rows=None):
 
 
 def _idle_coefficients(rule, ex):
-    """The coefficients of step ``ex.steps`` (the last idle step), as the rule's NamedTuple."""
+    """The coefficients of step ``ex.steps`` (the last idle step), as the rule's NamedTuple
+    (for a 16-bit variable with that step's ``rounding_key``: the catch-up rounds with it)."""
     rec = ex.hist[ex.steps % ex.history]
-    return rule.Coefficients(*(rec[name] for name in rule.Coefficients._fields))
+    c = rule.Coefficients(*(rec[name] for name in rule.Coefficients._fields))
+    return lowp.keyed(c, rec["rounding_key"]) if ex.lowp else c
+
+
+def _record(state, ex, c, wd):
+    """The history record of a step with coefficients ``c`` and weight decay ``wd`` (and,
+    for a 16-bit variable, the step's rounding key, set on ``state`` before the step)."""
+    key = (state.rounding_key,) if ex.lowp else ()
+    return np.array(tuple(c) + (wd,) + key, ex.hist.dtype)
 
 
 def _constants_changed(rule, ex, record):
@@ -160,8 +177,7 @@ def _constants_changed(rule, ex, record):
 def _push(opt, state, ex, c, wd):
     """Make room for, and write, the record of step ``ex.steps + 1``."""
     rule = opt._rule
-    record = tuple(c) + (wd,)
-    rec = np.array(record, ex.hist.dtype)
+    rec = _record(state, ex, c, wd)
     if ex.pending() and (ex.steps + 1 - ex.floor >= ex.history
                          or _constants_changed(rule, ex, rec)):
         catch_up_rows(opt, state, ex)
@@ -195,7 +211,7 @@ def run(opt, updates, coefficients, wd, sparse_type, dense_run):
     identity = getattr(rule, "idle_is_identity", None)
     for state, update in updates:
         has_wd = wd != 0.0 and opt._uses_weight_decay(state)
-        dtype = state.storage.dtype.type
+        dtype = state.math_dtype
         c = type(coefficients)(*(dtype(x) for x in coefficients))
         wd_v = dtype(wd if has_wd else 0.0)
         inner = getattr(update, "update", update)  # a row-wise optimizer wraps its updates
@@ -207,7 +223,7 @@ def run(opt, updates, coefficients, wd, sparse_type, dense_run):
                     ex.device.stream = inner.stream
                 catch_up_rows(opt, state, ex)
                 ex.steps += 1
-                _write_record(ex, ex.steps, np.array(tuple(c) + (wd_v,), ex.hist.dtype))
+                _write_record(ex, ex.steps, _record(state, ex, c, wd_v))
                 ex.mark_current()
             dense_run(state, update, c, wd_v, has_wd)
             continue
@@ -243,9 +259,10 @@ def run(opt, updates, coefficients, wd, sparse_type, dense_run):
             else:
                 _tables(rule, ex)
                 p, slots, used = _arrays(rule, state, ex)
-                kernels.sparse_kernel(rule, used, ex.has_wd)(
+                c_step = lowp.keyed(c, state.rounding_key) if ex.lowp else c
+                kernels.sparse_kernel(rule, used, ex.has_wd, ex.lowp)(
                     p, *slots, inner.rows, inner.offsets, inner.order, inner.values, ex.last,
-                    ex.floor, ex.steps, ex.hist, ex.tab, c, wd_v, _idle_coefficients(rule, ex),
+                    ex.floor, ex.steps, ex.hist, ex.tab, c_step, wd_v, _idle_coefficients(rule, ex),
                     dtype(0), _tol(ex.dtype))
         ex.steps += 1
 

@@ -11,11 +11,11 @@ A step (``apply_gradients``) runs, in order:
    gradient, so a sparse gradient is clipped as its dense equivalent would be;
 5. the kernels: decoupled weight decay and the rule in one pass. In lazy mode the sparse
    updates of NumPy variables that share a kernel configuration (rule, dtype, slots, weight
-   decay) run in one parallel region over all their tables' unique rows (:func:`_run_tables`;
-   their plans were made together in step 2, :func:`_plan_sparse`); the other variables get
-   one kernel call each. :func:`run_lazy` runs this step for the core and for the
-   TensorFlow bridge's host step (``sparseopt_tf._host``), which also plans with
-   :func:`_plan_sparse`;
+   decay, a 16-bit variable's rounding) run in one parallel region over all their tables'
+   unique rows (:func:`_run_tables`; their plans were made together in step 2,
+   :func:`_plan_sparse`); the other variables get one kernel call each. :func:`run_lazy`
+   runs this step for the core and for the TensorFlow bridge's host step
+   (``sparseopt_tf._host``), which also plans with :func:`_plan_sparse`;
 6. constraints, then the host state (Nadam's ``u_product``) and ``iterations`` advance.
 
 Subclasses (see :mod:`sparseopt.optimizers`) name their rule, their
@@ -53,7 +53,8 @@ class Optimizer:
     dtype, stochastically by default. The random bits are a hash of (``seed``, step,
     row, column) (:mod:`sparseopt.kernels.lowp`): the same for any number of threads,
     and a run resumed from a checkpoint (config and ``iterations``) continues bit for
-    bit. Lazy sparse mode only (``sparse_mode="exact"`` refuses 16-bit variables).
+    bit. In ``sparse_mode="exact"`` a row's idle steps are computed as for a float32
+    variable and rounded once, with the bits of the window's last step.
 
     Args:
         learning_rate: a float, a no-argument callable, or a
@@ -617,10 +618,6 @@ class Optimizer:
             raise errors.DtypeMismatchError(
                 f"{name!r}: variables must be NumPy arrays; got {type(var).__name__}")
         _validation.check_host_variable(var, name, low_precision=True)
-        if self.sparse_mode == "exact" and lowp.kind(var.dtype):
-            raise errors.DtypeMismatchError(
-                f"{name!r}: sparse_mode='exact' does not support {var.dtype} variables yet; "
-                f"use sparse_mode='lazy' or a float32 variable")
 
     def _clip(self, updates):
         if self.clipvalue is not None:
@@ -946,7 +943,7 @@ def run_lazy(rule, updates, coefficients, wd, has_wd, batch, convert=None):
                 continue
         update.run(step_rule, state, c, dtype(wd if uses_wd else 0.0), uses_wd)
     if groups:
-        for (step_rule, dtype, uses_wd, _, row_used), group in groups.items():
+        for (step_rule, dtype, uses_wd, _, row_used, _), group in groups.items():
             c = converted[dtype][0]
             wd_v = dtype(wd if uses_wd else 0.0)
             if len(group) == 1:
@@ -969,7 +966,9 @@ def _convert(coefficients, dtype):
 
 def _table_key(rule, state, update, dtype, has_wd):
     """The kernel configuration under which a lazy sparse update of a NumPy variable runs
-    in a table-batched region (:func:`_run_tables`), or None (it runs on its own)."""
+    in a table-batched region (:func:`_run_tables`), or None (it runs on its own). A 16-bit
+    variable's includes its rounding (``state.lowp``: kind, stochastic, slot kind), so
+    bfloat16, float16 and float32 tables of one call run in regions of their own."""
     if type(update) is _SparseUpdate:
         inner = update
         row_names = None
@@ -978,15 +977,19 @@ def _table_key(rule, state, update, dtype, has_wd):
         if type(inner) is not _SparseUpdate or 0 in state.var.shape[1:]:
             return None
         row_names = tuple(update.row_slots)
-    if not inner.rows.size or type(state.var) is not np.ndarray or getattr(state, "kind", None) is not None:
-        return None  # (a 16-bit variable runs on its own: the batched kernels take one dtype)
-    return rule, dtype, has_wd, state.kernel_slot_names, row_names
+    lowp_config = getattr(state, "lowp", None)
+    if not inner.rows.size or type(state.var) is not np.ndarray or (
+            lowp_config is None and getattr(state, "kind", None) is not None):
+        return None
+    return rule, dtype, has_wd, state.kernel_slot_names, row_names, lowp_config
 
 
 def _table_views(rule, state, row_names):
-    """``(meta, used, row_used, p)`` of one table for :func:`_run_tables`: the step-invariant
-    columns of ``meta`` (addresses of the parameter and kept slots, rows, width; see
-    :mod:`sparseopt.kernels.cpu`) and which slots the kernel uses. Kept per state."""
+    """``(meta, used, row_used, p, slot)`` of one table for :func:`_run_tables`: the
+    step-invariant columns of ``meta`` (addresses of the parameter and kept slots, rows,
+    width; see :mod:`sparseopt.kernels.cpu`), which slots the kernel uses, and the kernel's
+    views of the parameter and of a kept slot (``p`` if none: the kernels' type of
+    each). Kept per state."""
     def make():
         var = state.var
         rows = var.shape[0]
@@ -997,7 +1000,7 @@ def _table_views(rule, state, row_names):
         else:
             row_slots, row_used = cpu.place(rule.ROW_SLOTS, {n: state.slots[n] for n in row_names}, p)
         meta = [dedup.address(a) for a in (p,) + tuple(slots) + tuple(row_slots)] + [rows, width]
-        return meta, used, row_used, p
+        return meta, used, row_used, p, next((s for s, u in zip(slots, used) if u), p)
     return state.kernel_views(("tables", rule.SLOTS, row_names), make)
 
 
@@ -1008,7 +1011,8 @@ def _run_tables(rule, group, c, wd, has_wd, row_names):
     """The lazy sparse updates ``group`` (``[(state, update)]``, one kernel configuration,
     two or more tables of any rows and widths) in one parallel region
     (:func:`sparseopt.kernels.cpu.batched_sparse_kernel`): the same row steps, so the
-    same bits, as ``update.run`` table by table."""
+    same bits, as ``update.run`` table by table (16-bit tables: the same rounding key,
+    the step's, and each element's bits from its index in its own table)."""
     flat = []
     ks = [0]
     widths = []
@@ -1018,7 +1022,7 @@ def _run_tables(rule, group, c, wd, has_wd, row_names):
     for state, update in group:
         inner = update if row_names is None else update.update
         inners.append(inner)
-        meta, used, row_used, like = _table_views(rule, state, row_names)
+        meta, used, row_used, like, slot_like = _table_views(rule, state, row_names)
         flat += meta
         at = inner.at
         if at is None or at[0] is not plan:
@@ -1039,15 +1043,16 @@ def _run_tables(rule, group, c, wd, has_wd, row_names):
         meta[:, cpu.M_ORDER] = np.cumsum([0] + [u.order.size for u in inners[:-1]])
     vstart = np.array(ks, np.int64)
     dtype = type(wd)
+    lowp_config, c = kernel_step(group[0][0], c)  # one rounding and key for the whole group
     if row_names is None:
         w = _NO_WIDTHS.get(dtype)
         if w is None:
             w = _NO_WIDTHS[dtype] = np.empty(0, dtype)
-        kernel = cpu.batched_sparse_kernel(rule, used, has_wd)
+        kernel = cpu.batched_sparse_kernel(rule, used, has_wd, lowp_config)
     else:
         w = np.array(widths, dtype)
-        kernel = cpu.batched_row_sparse_kernel(rule, used, row_used, has_wd)
-    kernel(meta, vstart, rows, offsets, order, like, c, wd, w)
+        kernel = cpu.batched_row_sparse_kernel(rule, used, row_used, has_wd, lowp_config)
+    kernel(meta, vstart, rows, offsets, order, like, slot_like, c, wd, w)
 
 
 class _Elementwise:

@@ -1,5 +1,17 @@
 """The table-batched step (issue 21): the lazy sparse updates of one call in one parallel
-region give the same bits as the per-table path (``_batch_tables = False``)."""
+region give the same bits as the per-table path (``_batch_tables = False``).
+
+The generic test runs one optimizer per distinct kernel configuration the batched region
+handles, not the whole table (each compiles its own kernels cold, about 15 s in CI; the
+rules' math is tested per optimizer elsewhere, and here both paths inline the same rule):
+``KERNEL_CASES``: no slot (sgd), one (sgd_momentum), two (adam), three (adam_amsgrad),
+slots 0 and 2 kept without 1 (rmsprop_centered: a kept slot's place in ``meta`` is its
+place in the rule), decoupled weight decay in the pass (adamw), coefficients from
+per-step state (nadam's ``u_product``), every Ftrl term (ftrl_regularized) and the
+row-reduction family with a row slot (rowwise_adagrad). 16-bit tables run batched too, a
+region per rounding configuration (``TABLES16``: Adam with stochastic rounding and float32
+slots, with round-to-nearest and bfloat16 slots, and RowwiseAdagrad).
+"""
 
 import numpy as np
 import pytest
@@ -9,6 +21,10 @@ from sparseopt import _config, errors
 from sparseopt import optimizer as optimizer_module
 from sparseopt.kernels import cpu, dedup
 from tests.optimizer_table import CASES, IDS
+
+KERNEL_CASES = [CASES[IDS.index(name)] for name in (
+    "sgd", "sgd_momentum", "adam", "adam_amsgrad", "rmsprop_centered", "adamw", "nadam", "ftrl_regularized",
+    "rowwise_adagrad")]
 
 #: (rows, trailing shape, dtype, index dtype, gradient rows): widths 1-16, both dtypes,
 #: a 1-D and a 3-D variable, int32 and int64 indices, an empty gradient, a single row.
@@ -87,7 +103,7 @@ def batched_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: c.id)
 def test_batched_step_is_bit_identical_to_the_per_table_path(case, threads, batched_calls):
     steps = make_steps()
     reference = run(case, False, steps)
@@ -241,3 +257,46 @@ def test_a_custom_rule_runs_batched(batched_calls):
     steps = make_steps(2)
     assert_same(run(Custom(), True, steps), run(Custom(), False, steps))
     assert batched_calls
+
+
+# ------------------------------------------------------------------- 16-bit tables
+
+#: bfloat16, float16 and float32 tables in one call (rows, trailing shape, dtype, gradient
+#: rows): three regions per step, one per dtype (issue 21 item 1).
+TABLES16 = [(300, (7,), "bfloat16", 50), (40, (4,), np.float16, 30), (1000, (16,), "bfloat16", 200),
+            (50, (), "bfloat16", 20), (60, (5,), np.float16, 25), (30, (2, 3), np.float32, 15),
+            (20, (4,), np.float32, 12), (12, (3,), "bfloat16", 40)]
+
+
+def run16(case, batched, steps=2, **options):
+    """``steps`` sparse steps (Zipf ids, float32 gradients) of the TABLES16 tables in one call each."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    rng = np.random.default_rng(7)
+    dtypes = [np.dtype(ml_dtypes.bfloat16) if d == "bfloat16" else np.dtype(d) for _, _, d, _ in TABLES16]
+    tables = [rng.normal(size=(rows,) + shape).astype(dtype) for (rows, shape, _, _), dtype in zip(TABLES16, dtypes)]
+    opt = case.make(seed=11, **options)
+    opt._batch_tables = batched
+    for _ in range(steps):
+        pairs = []
+        for (rows, shape, _, n), t in zip(TABLES16, tables):
+            idx = np.minimum(rng.zipf(1.3, n) - 1, rows - 1)
+            pairs.append((so.IndexedSlices(rng.normal(size=(n,) + shape).astype(np.float32), idx, t.shape), t))
+        opt.apply_gradients(pairs)
+    return tables + list(opt.variables())
+
+
+@pytest.mark.parametrize("name, options", [
+    ("adam", {}), ("adam", dict(stochastic_rounding=False, slot_dtype="bfloat16")), ("rowwise_adagrad", {})],
+    ids=["adam", "adam_rne_bfloat16_slots", "rowwise_adagrad"])
+def test_16_bit_tables_run_batched_with_the_per_table_bits(name, options, threads, batched_calls):
+    """Each dtype's tables in a region of their own (16-bit ones rounded with the step's
+    bits by their own flat indices), bit-identical to the per-table kernels."""
+    case = CASES[IDS.index(name)]
+    reference = run16(case, False, **options)
+    assert not batched_calls
+    got = run16(case, True, **options)
+    assert sorted(batched_calls[:3]) == [2, 2, 4] and len(batched_calls) == 6
+    assert len(got) == len(reference)
+    for x, y in zip(got, reference):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert np.array_equal(np.atleast_1d(x).view(np.uint8), np.atleast_1d(y).view(np.uint8))

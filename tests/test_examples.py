@@ -148,6 +148,24 @@ def test_matrix_factorization_numpy_trains(capsys):
     assert "held-out AUC" in capsys.readouterr().out
 
 
+def test_matrix_factorization_numpy_trains_bfloat16_tables(capsys):
+    pytest.importorskip("ml_dtypes")
+    result = load("matrix_factorization_numpy").main(["--quick", "--table-dtype", "bfloat16"])
+    assert result["last_loss"] < result["first_loss"] - 0.003
+    assert result["auc"] > 0.55
+    assert "(bfloat16 tables, stochastic rounding, float32 slots)" in capsys.readouterr().out
+
+
+def test_matrix_factorization_numpy_memory_per_row(capsys):
+    """Measured on the optimizers' slot arrays; expected from the dtypes' sizes."""
+    pytest.importorskip("ml_dtypes")
+    memory = load("matrix_factorization_numpy").main(["--memory", "--dim", "64"])
+    assert memory["Adam"] == (64 * 4 * 3, 64 * 2 + 2 * 64 * 4, 64 * 2 * 3)
+    assert memory["SGD"] == (64 * 4, 64 * 2, 64 * 2)
+    assert memory["RowwiseAdagrad"] == (64 * 4 + 4, 64 * 2 + 4, 64 * 2 + 4)  # its row state stays float32
+    assert len(memory) == 14 and "| Adam(amsgrad=True) | m, v, vhat | 1024 B |" in capsys.readouterr().out
+
+
 def test_matrix_factorization_numpy_on_movielens(ratings_csv, capsys):
     result = load("matrix_factorization_numpy").main(["--quick", "--ratings", str(ratings_csv)])
     assert result["last_loss"] < result["first_loss"]

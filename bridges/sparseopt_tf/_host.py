@@ -280,10 +280,18 @@ class _State:
         self.lowp = None
         self.rounding_key = 0
 
+    #: A 16-bit variable's kind (:class:`~sparseopt.slots.VariableState`): none here.
+    kind = None
+
     @property
     def storage(self):
         """The core reads the slots' dtype here (its slot storage has the variable's)."""
         return self.var
+
+    @property
+    def math_dtype(self):
+        """The dtype of the kernels' math and coefficients: the variable's."""
+        return self.var.dtype.type
 
     def kernel_arrays(self, rule_slots, shape):
         """``(p, (s0, s1, s2), used)`` reshaped to ``shape``, as ``VariableState.kernel_arrays``

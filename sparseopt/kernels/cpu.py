@@ -258,15 +258,15 @@ def table_parts(meta, vstart, offsets, parts, row_cost):
     return bounds
 
 
-def _elementwise_rows_template(meta, t, like, rows, offsets, order, buf, lo, hi, c, wd_lr, widths):
+def _elementwise_rows_template(meta, t, like, slot_like, rows, offsets, order, buf, lo, hi, c, wd_lr, widths):
     """Unique rows ``lo:hi`` (its own numbering) of table ``t``: :func:`_sparse_template`'s loop."""
     n_rows = meta[t, M_ROWS]
     d = meta[t, M_WIDTH]
     p = numba.carray(pointer(meta[t, M_P], like), (n_rows, d))
-    s0 = numba.carray(pointer(meta[t, M_S0], like), (n_rows, d))
-    s1 = numba.carray(pointer(meta[t, M_S1], like), (n_rows, d))
-    s2 = numba.carray(pointer(meta[t, M_S2], like), (n_rows, d))
-    values = numba.carray(pointer(meta[t, M_VALUES], like), (meta[t, M_N], d))
+    s0 = numba.carray(pointer(meta[t, M_S0], slot_like), (n_rows, d))
+    s1 = numba.carray(pointer(meta[t, M_S1], slot_like), (n_rows, d))
+    s2 = numba.carray(pointer(meta[t, M_S2], slot_like), (n_rows, d))
+    values = numba.carray(pointer(meta[t, M_VALUES], widths), (meta[t, M_N], d))
     u0 = meta[t, M_UNIQUE]
     f0 = meta[t, M_OFFSETS]
     o0 = meta[t, M_ORDER]
@@ -279,18 +279,18 @@ def _elementwise_rows_template(meta, t, like, rows, offsets, order, buf, lo, hi,
         ROW_STEP(p, s0, s1, s2, rows_t[u], grad, src, c, wd_lr)
 
 
-def _rowwise_rows_template(meta, t, like, rows, offsets, order, buf, lo, hi, c, wd_lr, widths):
+def _rowwise_rows_template(meta, t, like, slot_like, rows, offsets, order, buf, lo, hi, c, wd_lr, widths):
     """:func:`_elementwise_rows_template` for a row-wise rule (:func:`_row_sparse_template`'s loop)."""
     n_rows = meta[t, M_ROWS]
     d = meta[t, M_WIDTH]
     p = numba.carray(pointer(meta[t, M_P], like), (n_rows, d))
-    s0 = numba.carray(pointer(meta[t, M_S0], like), (n_rows, d))
-    s1 = numba.carray(pointer(meta[t, M_S1], like), (n_rows, d))
-    s2 = numba.carray(pointer(meta[t, M_S2], like), (n_rows, d))
-    r0 = numba.carray(pointer(meta[t, M_R0], like), (n_rows,))
-    r1 = numba.carray(pointer(meta[t, M_R1], like), (n_rows,))
-    r2 = numba.carray(pointer(meta[t, M_R2], like), (n_rows,))
-    values = numba.carray(pointer(meta[t, M_VALUES], like), (meta[t, M_N], d))
+    s0 = numba.carray(pointer(meta[t, M_S0], slot_like), (n_rows, d))
+    s1 = numba.carray(pointer(meta[t, M_S1], slot_like), (n_rows, d))
+    s2 = numba.carray(pointer(meta[t, M_S2], slot_like), (n_rows, d))
+    r0 = numba.carray(pointer(meta[t, M_R0], widths), (n_rows,))
+    r1 = numba.carray(pointer(meta[t, M_R1], widths), (n_rows,))
+    r2 = numba.carray(pointer(meta[t, M_R2], widths), (n_rows,))
+    values = numba.carray(pointer(meta[t, M_VALUES], widths), (meta[t, M_N], d))
     width = widths[t]
     u0 = meta[t, M_UNIQUE]
     f0 = meta[t, M_OFFSETS]
@@ -304,17 +304,20 @@ def _rowwise_rows_template(meta, t, like, rows, offsets, order, buf, lo, hi, c, 
         ROW(p, s0, s1, s2, r0, r1, r2, rows_t[u], grad, src, c, wd_lr, width)
 
 
-def _batched_template(meta, vstart, rows, offsets, order, like, c, wd_lr, widths):
+def _batched_template(meta, vstart, rows, offsets, order, like, slot_like, c, wd_lr, widths):
     """The sparse updates of the tables of ``meta`` (see its columns above) in one parallel
     region: the runs of :func:`table_parts` over all their unique rows, each run table
     by table (``TABLE_ROWS``: the rule family's row loop). ``like``: an array of the
-    tables' dtype; ``widths``: each table's width in that dtype (row-wise rules)."""
+    tables' dtype (for a 16-bit table, of its ``uint16`` bits), ``slot_like`` one of
+    their slots' (``like`` where the tables keep none); ``widths``: an array of the math
+    dtype, which the gradient values and the row slots have (and, for row-wise rules,
+    each table's width in it)."""
     tables = vstart.size - 1
     bounds = table_parts(meta, vstart, offsets, PARTS, ROW_COST)
     widest = 1
     for t in range(tables):
         widest = max(widest, meta[t, M_WIDTH])
-    scratch = np.empty(PARTS * widest, like.dtype)
+    scratch = np.empty(PARTS * widest, widths.dtype)
     start = scratch.ctypes.data
     for r in prange(PARTS):
         u = bounds[r]
@@ -325,16 +328,16 @@ def _batched_template(meta, vstart, rows, offsets, order, like, c, wd_lr, widths
         while u < end:
             stop = min(end, vstart[t + 1])
             if stop > u and meta[t, M_WIDTH] > 0:
-                buf = numba.carray(pointer(start + r * widest * scratch.itemsize, like),
+                buf = numba.carray(pointer(start + r * widest * scratch.itemsize, widths),
                                    (1, meta[t, M_WIDTH]))
-                TABLE_ROWS(meta, t, like, rows, offsets, order, buf, u - vstart[t], stop - vstart[t],
+                TABLE_ROWS(meta, t, like, slot_like, rows, offsets, order, buf, u - vstart[t], stop - vstart[t],
                            c, wd_lr, widths)
             u = stop
             t += 1
 
 
-def _batched_kernel(rule_module, used, row_used, has_wd):
-    suffix, constants = _helpers(rule_module, tuple(used), row_used, has_wd)
+def _batched_kernel(rule_module, used, row_used, has_wd, lowp):
+    suffix, constants = _helpers(rule_module, tuple(used), row_used, has_wd, lowp)
     inline = numba.njit(**_config.CPU_RULE_FLAGS)
     rows_template = _rowwise_rows_template if row_used is not None else _elementwise_rows_template
     constants = dict(constants, TABLE_ROWS=inline(specialize(rows_template, suffix, **constants)))
@@ -342,19 +345,28 @@ def _batched_kernel(rule_module, used, row_used, has_wd):
         numba.njit(**_config.CPU_KERNEL_FLAGS)(specialize(_batched_template, suffix, **constants)))
 
 
-@functools.lru_cache(maxsize=None)
-def batched_sparse_kernel(rule_module, used, has_wd):
-    """``kernel(meta, vstart, rows, offsets, order, like, c, wd_lr, widths)``: the sparse
-    updates of many tables of one configuration in one parallel region (columns of ``meta``
-    above: ``M_R0..M_R2`` unused)."""
-    return _batched_kernel(rule_module, used, None, has_wd)
+def batched_sparse_kernel(rule_module, used, has_wd, lowp=None):
+    """``kernel(meta, vstart, rows, offsets, order, like, slot_like, c, wd_lr, widths)``:
+    the sparse updates of many tables of one configuration in one parallel region (columns
+    of ``meta`` above: ``M_R0..M_R2`` unused; ``lowp`` as for :func:`sparse_kernel`: 16-bit
+    tables, each rounded with the same bits as by its own kernel)."""
+    return _batched_sparse_kernel(rule_module, used, has_wd, lowp)
 
 
 @functools.lru_cache(maxsize=None)
-def batched_row_sparse_kernel(rule_module, used, row_used, has_wd):
+def _batched_sparse_kernel(rule_module, used, has_wd, lowp):
+    return _batched_kernel(rule_module, used, None, has_wd, lowp)
+
+
+def batched_row_sparse_kernel(rule_module, used, row_used, has_wd, lowp=None):
     """:func:`batched_sparse_kernel` for a row-wise rule (``row_used``: which of its
-    ``ROW_SLOTS`` are kept; ``widths``: each table's width in the tables' dtype)."""
-    return _batched_kernel(rule_module, used, tuple(row_used), has_wd)
+    ``ROW_SLOTS`` are kept; ``widths``: each table's width in the math dtype)."""
+    return _batched_row_sparse_kernel(rule_module, used, tuple(row_used), has_wd, lowp)
+
+
+@functools.lru_cache(maxsize=None)
+def _batched_row_sparse_kernel(rule_module, used, row_used, has_wd, lowp):
+    return _batched_kernel(rule_module, used, row_used, has_wd, lowp)
 
 
 def _row_slots_template(r0, r1, r2, row, mean, c):

@@ -7,10 +7,10 @@ step, and ``tab`` (the rule's idle tables, computed on the host by
 :func:`sparseopt.kernels.exact.table_kernel`) is copied over for the windows in use.
 
 The math is the CPU's, compiled once more: the element catch-up ``CATCH`` is
-:func:`sparseopt.kernels.exact._catch_up_template` as a device function, over the
-rule's ``idle_apply`` (closed form or truncated series; the series helper of
-:mod:`sparseopt.rules._idle` compiled for the device too), else a replay of the
-rule's ``update`` with a zero gradient and each past step's record; ``STEP`` is the
+:func:`sparseopt.kernels.exact._catch_up_element_template` as a device function, over the
+rule's ``idle_apply`` (closed form or truncated series, short then full as on the CPU; the
+series helper of :mod:`sparseopt.rules._idle` compiled for the device too), else a replay
+of the rule's ``update`` with a zero gradient and each past step's record; ``STEP`` is the
 element step of the lazy kernels (:mod:`sparseopt.kernels.cuda`).
 
 Layout: the lazy sparse kernel's, one group of ``blockDim.x`` lanes per unique row,
@@ -41,31 +41,41 @@ def _device(fn, suffix, **constants):
 
 
 @functools.lru_cache(maxsize=None)
-def _idle_module():
+def _idle_module(terms=_idle.SERIES_TERMS):
     """:mod:`sparseopt.rules._idle` as the rules' ``idle_apply`` sees it on the device:
-    the same constants, ``series`` a device function (the CPU one is an ``njit``)."""
-    module = types.ModuleType("sparseopt.rules._idle_cuda")
-    module.SERIES_TERMS = _idle.SERIES_TERMS
+    the same constants, ``series`` a device function (the CPU one is an ``njit``) of
+    ``terms`` terms (the CPU's first pass sums ``cpu_exact.FAST_SERIES_TERMS``)."""
+    module = types.ModuleType(f"sparseopt.rules._idle_cuda{terms}")
+    module.SERIES_TERMS = terms
     module.SERIES_LIMIT = _idle.SERIES_LIMIT
-    module.series = _device(_idle.series.py_func, "cuda")
-    module.series_apply = _device(_idle.series_apply.py_func, "cuda", series=module.series)
-    module.window_series_apply = _device(_idle.window_series_apply.py_func, "cuda",
-                                         series=module.series, series_apply=module.series_apply)
+    suffix = f"cuda{terms}"
+    module.series = _device(_idle.series.py_func, suffix, SERIES_TERMS=terms)
+    module.series_apply = _device(_idle.series_apply.py_func, suffix, series=module.series)
+    module.window_series_apply = _device(_idle.window_series_apply.py_func, suffix,
+                                         series=module.series)
     return module
 
 
 @functools.lru_cache(maxsize=None)
 def _catch(rule_module, used, has_wd):
-    """The element catch-up of one rule and slot configuration, as a device function."""
+    """The element catch-up of one rule and slot configuration, as a device function: the
+    CPU's, element by element (:func:`sparseopt.kernels.exact._catch_up_element_template`:
+    the short series first, then all terms, then the replay), so the simulator gives its bits."""
     suffix, step = ck._step(rule_module, tuple(used), has_wd)
     idle_apply = getattr(rule_module, "idle_apply", _idle.no_idle_apply)
+    key = rule_key(rule_module)
     constants = dict(RULE=ck._rule_function(rule_module), U0=used[0], U1=used[1], U2=used[2],
-                     HAS_WD=bool(has_wd),
-                     IDLE_APPLY=_device(idle_apply, f"{rule_key(rule_module)}_cuda", _idle=_idle_module()))
+                     HAS_WD=bool(has_wd), LOWP=False,
+                     IDLE_APPLY=_device(idle_apply, f"{key}_cuda", _idle=_idle_module()),
+                     IDLE_APPLY_FAST=_device(idle_apply, f"{key}_cuda_fast",
+                                             _idle=_idle_module(cpu_exact.FAST_SERIES_TERMS)))
     for name, template in (("LOAD", ck.cpu._load_template), ("STORE", ck.cpu._store_template),
-                           ("REPLAY", cpu_exact._replay_template)):
+                           ("SAVE", cpu_exact._save_template),
+                           ("REPLAY", cpu_exact._replay_template),
+                           ("CATCH", cpu_exact._catch_up_template)):
         constants[name] = cuda.jit(device=True)(specialize(template, "x" + suffix, **constants))
-    catch = cuda.jit(device=True)(specialize(cpu_exact._catch_up_template, "x" + suffix, **constants))
+    catch = cuda.jit(device=True)(specialize(cpu_exact._catch_up_element_template, "x" + suffix,
+                                             **constants))
     return f"x{suffix}", step, catch
 
 

@@ -29,11 +29,13 @@ from numba import prange
 
 from sparseopt import _config
 from sparseopt.kernels import cpu
+from sparseopt.kernels import lowp as lowp_kernels
 from sparseopt.kernels._specialize import rule_key, specialize
 from sparseopt.rules import _idle
 
 RULE = STEP = LOAD = STORE = CATCH = CATCH_ROW = REPLAY = AHEAD = IDLE_APPLY = IDLE_APPLY_FAST = None  # bound per specialization
-TABLE_INIT = TABLE_STEP = None
+TABLE_INIT = TABLE_STEP = SAVE = STORE_ROUNDED = WIDEN = NARROW = None
+LOWP = STOCHASTIC = False  # bound per specialization: a 16-bit variable (sparseopt.kernels.lowp)
 
 #: Terms of the eps-series in the first, vectorized pass of the CPU catch-up (the tables
 #: keep ``_idle.SERIES_TERMS``): enough for float32 and float64 when ``eps / sqrt(v)`` is
@@ -52,19 +54,42 @@ def _replay_template(p, s0, s1, s2, at, hist, lo, hi, zero):
         if HAS_WD:
             x = x - x * rec.wd
         x, a, b, e = RULE(x, zero, a, b, e, rec)
-    STORE(p, s0, s1, s2, at, x, a, b, e)
+    SAVE(p, s0, s1, s2, at, x, a, b, e, hist[hi % n])
+
+
+def _save_template(p, s0, s1, s2, at, x, a, b, e, c):
+    """Write element ``at`` after idle steps through ``c``'s step: as it is, or, for a
+    16-bit variable, rounded with that step's random bits (``c.rounding_key``: the
+    record or coefficients of the window's last step), once for the whole window, from the
+    value as float32 (the closed forms compute in float64, as they do for a float32 variable)."""
+    if LOWP:
+        STORE_ROUNDED(p, s0, s1, s2, at, np.float32(x), np.float32(a), np.float32(b),
+                      np.float32(e), c)
+    else:
+        STORE(p, s0, s1, s2, at, x, a, b, e)
 
 
 def _catch_up_template(p, s0, s1, s2, at, hist, lo, hi, trow, c_idle, zero, tol):
-    """Bring element ``at`` of ``p`` and its slots from step ``lo`` to step ``hi``: the
-    CUDA kernels' catch-up (one thread per element), and the CPU's retry of an element
-    whose short series failed (:func:`_catch_up_row_template`)."""
+    """Bring element ``at`` of ``p`` and its slots from step ``lo`` to step ``hi`` with all
+    the series' terms, else by the replay: the retry of an element whose short series
+    failed (:func:`_catch_up_row_template`, :func:`_catch_up_element_template`)."""
     x, a, b, e = LOAD(p, s0, s1, s2, at)
     x2, a2, b2, e2, ok = IDLE_APPLY(x, a, b, e, trow, c_idle, tol, zero)
     if ok:
-        STORE(p, s0, s1, s2, at, x2, a2, b2, e2)
+        SAVE(p, s0, s1, s2, at, x2, a2, b2, e2, c_idle)
     else:
         REPLAY(p, s0, s1, s2, at, hist, lo, hi, zero)
+
+
+def _catch_up_element_template(p, s0, s1, s2, at, hist, lo, hi, trow, c_idle, zero, tol):
+    """Element ``at`` as :func:`_catch_up_row_template` brings it (the CUDA kernels' catch-up:
+    one thread per element): the short series, then :func:`_catch_up_template` where it fails."""
+    x, a, b, e = LOAD(p, s0, s1, s2, at)
+    x2, a2, b2, e2, ok = IDLE_APPLY_FAST(x, a, b, e, trow, c_idle, tol, zero)
+    if ok:
+        SAVE(p, s0, s1, s2, at, x2, a2, b2, e2, c_idle)
+    else:
+        CATCH(p, s0, s1, s2, at, hist, lo, hi, trow, c_idle, zero, tol)
 
 
 def _catch_up_row_template(p, s0, s1, s2, r, hist, lo, hi, trow, c_idle, zero, tol, redo):
@@ -85,8 +110,10 @@ def _catch_up_row_template(p, s0, s1, s2, r, hist, lo, hi, trow, c_idle, zero, t
         x2, a2, b2, e2, ok = IDLE_APPLY_FAST(x, a, b, e, trow, c_idle, tol, zero)
         redo[j] = not ok
         again += 0 if ok else 1
-        STORE(p, s0, s1, s2, (r, j), x2 if ok else x, a2 if ok else a, b2 if ok else b,
-              e2 if ok else e)
+        # (an element left for the second pass is stored unchanged: exact also for a
+        # 16-bit variable, whose widened value rounds back to itself)
+        SAVE(p, s0, s1, s2, (r, j), x2 if ok else x, a2 if ok else a, b2 if ok else b,
+             e2 if ok else e, c_idle)
     if again:
         for j in range(d):
             if redo[j]:
@@ -144,9 +171,11 @@ def _exact_catch_up_template(p, s0, s1, s2, rows, every_row, last, floor, hi, hi
                     last[r] = hi
 
 
-def _decay_rows_template(p, rows, every_row, last, floor, hi, tab, set_last):
+def _decay_rows_template(p, rows, every_row, last, floor, hi, tab, set_last, key):
     """Row-wise rules: scale the listed rows (or every row) by their idle windows' weight
-    decay product ``tab[L % H, 0]`` (a zero gradient changes nothing else)."""
+    decay product ``tab[L % H, 0]`` (a zero gradient changes nothing else). A 16-bit
+    variable's product is rounded to float32, then to 16 bits with the random bits of
+    step ``hi`` (``key``), as :func:`_save_template` does."""
     n = tab.shape[0]
     d = p.shape[1]
     count = p.shape[0] if every_row else rows.size
@@ -157,7 +186,11 @@ def _decay_rows_template(p, rows, every_row, last, floor, hi, tab, set_last):
             if HAS_WD:
                 scale = tab[lo % n, 0]
                 for j in range(d):
-                    p[r, j] = p[r, j] * scale
+                    if LOWP:
+                        bits = lowp_kernels.element_bits(key, r * d + j) if STOCHASTIC else np.uint64(0)
+                        p[r, j] = NARROW(np.float32(WIDEN(p[r, j]) * scale), bits, STOCHASTIC)
+                    else:
+                        p[r, j] = p[r, j] * scale
             if set_last:
                 last[r] = hi
 
@@ -205,19 +238,19 @@ def _fast_idle_module():
     module.series = inline(specialize(_python(_idle.series), "fast", SERIES_TERMS=FAST_SERIES_TERMS))
     module.series_apply = inline(specialize(_python(_idle.series_apply), "fast", series=module.series))
     module.window_series_apply = inline(specialize(_python(_idle.window_series_apply), "fast",
-                                                   series=module.series,
-                                                   series_apply=module.series_apply))
+                                                   series=module.series))
     return module
 
 
 @functools.lru_cache(maxsize=None)
-def _exact_helpers(rule_module, used, has_wd):
-    suffix, constants = cpu._helpers(rule_module, tuple(used), None, has_wd)
+def _exact_helpers(rule_module, used, has_wd, lowp):
+    suffix, constants = cpu._helpers(rule_module, tuple(used), None, has_wd, lowp)
+    inline = numba.njit(**_config.CPU_RULE_FLAGS)
     constants = dict(constants,
                      IDLE_APPLY=_rule_part(rule_module, "idle_apply", _idle.no_idle_apply),
                      IDLE_APPLY_FAST=_rule_part(rule_module, "idle_apply", _idle.no_idle_apply,
                                                 _idle=_fast_idle_module()))
-    inline = numba.njit(**_config.CPU_RULE_FLAGS)
+    constants["SAVE"] = inline(specialize(_save_template, "x" + suffix, **constants))
     constants["REPLAY"] = inline(specialize(_replay_template, "x" + suffix, **constants))
     # The catch-up paths are called, not inlined: inlined, they made up most of an exact
     # sparse kernel's first compile (Adam: 5.2 -> 3.6 CPU s), at no measured cost per step.
@@ -245,29 +278,37 @@ def _compiled(flags, fn):
     return run
 
 
-def _kernel(template, rule_module, used, has_wd):
-    suffix, constants = _exact_helpers(rule_module, tuple(used), bool(has_wd))
+def _kernel(template, rule_module, used, has_wd, lowp):
+    suffix, constants = _exact_helpers(rule_module, tuple(used), bool(has_wd), lowp)
     return _compiled(_config.CPU_KERNEL_FLAGS, specialize(template, suffix, **constants))
 
 
 @functools.lru_cache(maxsize=None)
-def sparse_kernel(rule_module, used, has_wd):
+def sparse_kernel(rule_module, used, has_wd, lowp=None):
     """``kernel(p, s0, s1, s2, rows, offsets, order, values, last, floor, hi, hist, tab, c, wd_lr,
-    c_idle, zero, tol)``."""
-    return _kernel(_exact_sparse_template, rule_module, used, has_wd)
+    c_idle, zero, tol)``. ``lowp``: as :func:`sparseopt.kernels.cpu.sparse_kernel`'s (``c``
+    and ``c_idle`` then carry their steps' ``rounding_key``)."""
+    return _kernel(_exact_sparse_template, rule_module, used, has_wd, lowp)
 
 
 @functools.lru_cache(maxsize=None)
-def catch_up_kernel(rule_module, used, has_wd):
+def catch_up_kernel(rule_module, used, has_wd, lowp=None):
     """``kernel(p, s0, s1, s2, rows, every_row, last, floor, hi, hist, tab, c_idle, zero, tol)``."""
-    return _kernel(_exact_catch_up_template, rule_module, used, has_wd)
+    return _kernel(_exact_catch_up_template, rule_module, used, has_wd, lowp)
 
 
 @functools.lru_cache(maxsize=None)
-def decay_rows_kernel(has_wd):
-    """``kernel(p, rows, every_row, last, floor, hi, tab, set_last)`` for row-wise rules."""
-    return _compiled(_config.CPU_KERNEL_FLAGS,
-                     specialize(_decay_rows_template, f"wd{int(bool(has_wd))}", HAS_WD=bool(has_wd)))
+def decay_rows_kernel(has_wd, lowp=None):
+    """``kernel(p, rows, every_row, last, floor, hi, tab, set_last, key)`` for row-wise rules
+    (``key``: step ``hi``'s rounding key, read for a 16-bit variable only)."""
+    constants = dict(HAS_WD=bool(has_wd), LOWP=lowp is not None)
+    suffix = f"wd{int(bool(has_wd))}"
+    if lowp is not None:
+        kind, stochastic, _ = lowp
+        widen, narrow = lowp_kernels.CONVERSIONS[kind]
+        constants.update(WIDEN=widen, NARROW=narrow, STOCHASTIC=bool(stochastic))
+        suffix += f"_{kind}{'_sr' if stochastic else '_rne'}"
+    return _compiled(_config.CPU_KERNEL_FLAGS, specialize(_decay_rows_template, suffix, **constants))
 
 
 @functools.lru_cache(maxsize=None)

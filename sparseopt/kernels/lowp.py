@@ -101,10 +101,15 @@ def as_bits(array):
 
 
 def widen(array):
-    """A bfloat16 or float16 array as a new float32 array (exact)."""
+    """A bfloat16 or float16 array as a new float32 array (exact).
+
+    bfloat16: one pass that reads the bits and writes them shifted (half the time of a cast
+    to uint32 followed by a shift, which writes the 4-byte array twice)."""
     if array.dtype == FLOAT16:
         return array.astype(np.float32)
-    return (array.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    out = np.empty(array.shape, np.uint32)
+    np.left_shift(array.view(np.uint16), np.uint32(16), out=out, dtype=np.uint32)
+    return out.view(np.float32)
 
 
 @functools.lru_cache(maxsize=None)

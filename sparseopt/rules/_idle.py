@@ -40,8 +40,8 @@ table read or an early return keeps it scalar. The CPU's first pass compiles it 
 short :func:`series` (``sparseopt.kernels.exact.FAST_SERIES_TERMS`` terms, by re-binding
 the rule's ``_idle`` global), and retries with all terms where that one fails.
 :func:`series_apply` is the series part of Nadam's ``idle_apply``; Adam and Adamax use
-:func:`window_series_apply`, which adds a second series (:func:`centred_series_step`) for
-the elements where ``epsilon / sqrt(v)`` is not small.
+:func:`window_series_apply`, which picks per element between that series and a second one
+(:func:`centred_series_step`) that converges where ``epsilon / sqrt(v)`` is not small.
 """
 
 import math
@@ -102,10 +102,11 @@ def series_apply(decay, m, s, epsilon, t, first, limit, tol):
 
 @numba.njit(**_config.CPU_RULE_FLAGS)
 def window_series_apply(decay, m, s, epsilon, t, first, shrink, tol):
-    r"""The weight after the window for Adam and Adamax: :func:`series_apply` (the
-    eps-series, columns ``first``...) where it holds, else the **centred series** (columns
-    ``first + SERIES_COLUMNS``..., :func:`centred_series_step`), which holds where
-    ``epsilon / s`` is not small and the window is not long.
+    r"""The weight after the window for Adam and Adamax, by one of two series, chosen per
+    element: the eps-series of :func:`series_apply` (columns ``first``...) or the **centred
+    series** (columns ``first + SERIES_COLUMNS``..., :func:`centred_series_step`), whichever
+    has the smaller ratio of terms; it holds where that ratio is below :data:`SERIES_LIMIT`
+    and the series converged (else ``ok`` is False: the caller retries or replays).
 
     ``shrink``: the window's total decay of the denominator's moment term,
     :math:`P_v(L,T)^r` (:math:`r_T`). Step :math:`\tau`'s divisor is
@@ -114,18 +115,32 @@ def window_series_apply(decay, m, s, epsilon, t, first, shrink, tol):
     :math:`x = s\,r_T / U \in [0, 1)` and :math:`u_\tau = \rho_\tau - 1`,
     :math:`1/(U (1 + x u_\tau)) = U^{-1} \sum_n (-x)^n u_\tau^n`. The ratio of its terms is
     at most :math:`x\,u_{max}` with :math:`u_{max} \le 1/r_T - 1` (about ``k (1 - beta_2) r``
-    for a window of ``k`` steps), whatever ``epsilon / s``; it is used while that stays below
-    :data:`SERIES_LIMIT` and the series converged. Branch-free, as :func:`series_apply`.
+    for a window of ``k`` steps), whatever ``epsilon / s``. The eps-series' ratio is
+    :math:`\epsilon / (s\,r_T)`; the comparison of the two is made without a division:
+    :math:`\epsilon\,U \le (s\,r_T)^2 u_{max}`. Branch-free, with one division per element
+    (the CPU's catch-up is bound by this arithmetic, and divisions are its dearest part).
     """
-    moved, ok = series_apply(decay, m, s, epsilon, t, first, SERIES_LIMIT * shrink, tol)
-    scaled = s * shrink
-    divisor = epsilon + scaled
-    divisor = divisor if divisor > 0 else 1.0
-    x = scaled / divisor
-    acc, converged = series(x, t, first + SERIES_COLUMNS, tol)
-    centred_ok = (x * (1.0 / shrink - 1.0) <= SERIES_LIMIT) & converged & (epsilon > 0)
-    centred = decay if m == 0 else decay - m / divisor * acc
-    return (moved if ok else centred), ok | centred_ok
+    # s in float64 (a float32 s times a Python float stays float32 on the CUDA simulator)
+    wide = s + 0.0 * shrink
+    scaled = wide * shrink
+    grow = 1.0 / shrink - 1.0                    # u_max, the same for the whole window
+    centred_divisor = epsilon + scaled
+    take_eps = (scaled > 0) & (epsilon * centred_divisor <= scaled * scaled * grow)
+    divisor = wide if take_eps else centred_divisor
+    divisor = divisor if divisor > 0 else 1.0    # epsilon == 0 and s == 0: not ok, kept finite
+    inverse = 1.0 / divisor
+    x = (epsilon if take_eps else scaled) * inverse
+    # Both series at the chosen x, then one kept by weights 1 and 0 (exact; x is at most
+    # SERIES_LIMIT where a result is used, so neither sum overflows there): selected by a
+    # branch, LLVM sinks each series into its arm and the vectorized loop gathers the table.
+    acc_eps, converged_eps = series(x, t, first, tol)
+    acc_centred, converged_centred = series(x, t, first + SERIES_COLUMNS, tol)
+    weight = 1.0 * take_eps
+    acc = acc_eps * weight + acc_centred * (1.0 - weight)
+    converged = converged_eps if take_eps else converged_centred
+    small = (x <= SERIES_LIMIT * shrink) if take_eps else (x * grow <= SERIES_LIMIT)
+    ok = ((m == 0) | (small & converged)) & (epsilon > 0)
+    return (decay if m == 0 else decay - m * inverse * acc), ok
 
 
 @numba.njit(**_config.CPU_RULE_FLAGS)
