@@ -27,7 +27,7 @@ clicks is held out, negatives are uniformly random items (see `_movielens.py`).
 
 With `--table-dtype bfloat16` the three embedding tables are bfloat16 variables (half the
 memory of float32; Adam's slots stay float32), trained by `sparseopt_tf.Adam` in lazy mode
-(exact mode has no 16-bit tables yet): the math in float32, each new value rounded to
+(the semantics of the comparison below): the math in float32, each new value rounded to
 bfloat16 stochastically (`--no-stochastic-rounding`: to nearest even, where updates smaller
 than half a bfloat16 step vanish). The side-by-side comparison then trains the same model
 from the same initial weights on the same batches with float32 tables, bfloat16 tables with
@@ -331,7 +331,7 @@ def main(argv=None):
     val = pointwise(*held_out)
 
     model_args = (num_users, num_items, args.dim, args.mlp, args.seed)
-    if args.table_dtype == "bfloat16":   # exact mode has no 16-bit tables yet: lazy mode
+    if args.table_dtype == "bfloat16":   # lazy mode, as the float32/bfloat16 comparison
         model = build_model(keras, keras.layers.Embedding, *model_args, table_dtype="bfloat16")
         compile_model(keras, model, sparseopt_tf.Adam(learning_rate=args.learning_rate,
                                                       weight_decay=args.weight_decay,

@@ -111,10 +111,9 @@ class HostStep:
         return step, wd_lr, hypers
 
     def check_dtype(self, name, dtype):
-        """The core's check of a variable's dtype (NumPy ``dtype``), raised when a step is
-        traced or the slots are made, before anything runs: float32, float64, bfloat16 or
-        float16, and what the configuration allows (the core's exact mode refuses 16-bit
-        variables, with its message)."""
+        """The core's check of a variable's dtype (NumPy ``dtype``), raised when the slots
+        are made, before anything is: float32, float64, bfloat16 or float16 (with the core's
+        message)."""
         self.core._check_variable(np.empty((0,), dtype), name)
 
     def next_scalar_state(self, scalars, current):
@@ -175,7 +174,7 @@ class HostStep:
         """The :class:`sparseopt_tf._exact.Variable` of a job's arrays (variable, slots, ...)."""
         names = [n for n, u in zip(self.rule.SLOTS, job.used) if u]
         return _exact.Variable(job.key, group[0], job.name,
-                               dict(zip(names, group[1:1 + job.nslots])), job.has_wd)
+                               dict(zip(names, group[1:1 + job.nslots])), job.has_wd, self.core.slot_dtype)
 
     def _validate(self, jobs, arrays):
         """Every job's arrays checked with the core's checks, every sparse gradient planned,
@@ -213,7 +212,7 @@ class HostStep:
         var = group[0]
         slots = group[1:1 + job.nslots]
         row_slots = group[1 + job.nslots:1 + job.nslots + job.nrowslots]
-        self.core._check_variable(var, job.name)   # the core's checks (dtype, layout, exact mode)
+        self.core._check_variable(var, job.name)   # the core's checks (dtype, layout)
         slot_dtype, row_dtype = slot_dtypes(self.core, var.dtype)
         for s in slots:
             if s.shape != var.shape or s.dtype != slot_dtype:
@@ -280,18 +279,10 @@ class _State:
         self.lowp = None
         self.rounding_key = 0
 
-    #: A 16-bit variable's kind (:class:`~sparseopt.slots.VariableState`): none here.
-    kind = None
-
     @property
     def storage(self):
         """The core reads the slots' dtype here (its slot storage has the variable's)."""
         return self.var
-
-    @property
-    def math_dtype(self):
-        """The dtype of the kernels' math and coefficients: the variable's."""
-        return self.var.dtype.type
 
     def kernel_arrays(self, rule_slots, shape):
         """``(p, (s0, s1, s2), used)`` reshaped to ``shape``, as ``VariableState.kernel_arrays``

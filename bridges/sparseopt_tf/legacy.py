@@ -343,7 +343,6 @@ class Optimizer(_V2):
         slot_names, used = _spec.kernel_slots(self._core)
         row_names, row_used = _spec.row_slots(self._core)
         ref = _handover.Ref(var)
-        self._host.check_dtype(ref.name, ref.dtype.as_numpy_dtype)
         job = _host.Job(ref.name, sparse, len(slot_names), used, bool(self.weight_decay),
                         (_var_key(var), ref.device), len(row_names), row_used)
         refs = [ref] + [_handover.Ref(self.get_slot(var, n)) for n in slot_names + row_names]

@@ -658,7 +658,6 @@ class Optimizer(keras.optimizers.Optimizer):
             raise errors.UnknownSlotError(
                 f"{self.name}: {var.name!r} has no slots {missing}; build the optimizer with it")
         ref = _handover.Ref(var)
-        self._host.check_dtype(ref.name, ref.dtype.as_numpy_dtype)
         has_wd = bool(self.weight_decay) and self._use_weight_decay(var)
         job = _host.Job(ref.name, sparse, len(slot_names), used, has_wd, (key, ref.device),
                         len(row_names), row_used)

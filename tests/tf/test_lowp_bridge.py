@@ -293,21 +293,53 @@ def test_model_fit_trains_bfloat16_embeddings_as_the_core(layer):
     np.testing.assert_array_equal(opt.get_slot(emb.embeddings, "v").numpy(), core.get_slot(table, "v"))
 
 
-def test_exact_mode_refuses_16_bit_variables_with_the_core_error():
-    """Exact mode has no 16-bit variables yet (the core's refusal): both bridges raise the
-    core's error naming the variable, before anything is created or written."""
-    var = tf.Variable(np.ones((4, 3), np.float16))
-    opt = sparseopt_tf.Adam(sparse_mode="exact")
-    with pytest.raises(errors.DtypeMismatchError, match=r"sparse_mode='exact' does not support float16"):
-        opt.build([var])
-    assert not opt.built and [v.name for v in opt.variables] == ["iteration", "learning_rate"]  # (Keras' own)
-    legacy = sparseopt_tf.legacy.Adam(sparse_mode="exact")
-    with pytest.raises(errors.DtypeMismatchError, match=r"sparse_mode='exact' does not support float16"):
-        legacy.apply_gradients([(tf.ones((4, 3), tf.float16), var)])
-    assert legacy.iterations.numpy() == 0 and not legacy.weights[1:]
-    np.testing.assert_array_equal(var.numpy(), 1.0)
+EXACT_CASES = [("Adam", dict(learning_rate=0.0625, seed=2), BF16, False),
+               ("SGD", dict(learning_rate=0.125, momentum=0.9), F16, True)]
+
+
+@pytest.mark.parametrize("name,kwargs,dtype,legacy", EXACT_CASES, ids=["Adam-bfloat16", "SGD-float16-legacy"])
+def test_exact_mode_equals_the_core_bit_for_bit(name, kwargs, dtype, legacy):
+    """``sparse_mode="exact"`` on 16-bit variables (the core's: idle steps computed in float32
+    and rounded once): tf.function steps, a ``catch_up`` of some rows, then ``flush``: the
+    table, the dense variable and the slots equal the core's, bit for bit."""
+    kwargs = dict(kwargs, sparse_mode="exact")
+    core_kwargs = dict(kwargs)
+    if legacy:           # tf_keras' float32 hyperparameters, its math, round to nearest
+        core_kwargs = {k: float(np.float32(v)) if isinstance(v, float) else v for k, v in kwargs.items()}
+        core_kwargs["stochastic_rounding"] = False
+        if getattr(so, name)._has_legacy_math:
+            core_kwargs["_legacy"] = True
+    steps = [(values.astype(dtype), idx, dense) for values, idx, dense in batches(dtype, steps=3)]
+    core = getattr(so, name)(**core_kwargs)
+    np_table, np_small = (np.array(a, copy=True) for a in initial(dtype))
+    table, small = (tf.Variable(a) for a in initial(dtype))
+    opt = getattr(sparseopt_tf.legacy if legacy else sparseopt_tf, name)(**kwargs)
+
+    @tf.function
+    def step(values, idx, dense):
+        opt.apply_gradients([(tf.IndexedSlices(values, idx, tf.constant([ROWS, WIDTH], tf.int64)), table),
+                             (dense, small)])
+    for values, idx, dense in steps:
+        step(tf.constant(values), tf.constant(idx), tf.constant(dense))
+        core.apply_gradients([(so.IndexedSlices(values, idx, np_table.shape), np_table), (dense, np_small)])
+    rows = np.array([0, 7, 33, 63])
+    opt.catch_up(table, tf.constant(rows))
+    core.catch_up(np_table, rows)
+    np.testing.assert_array_equal(bits(table.numpy()), bits(np_table))
+    opt.flush()
+    core.flush()
+    for ours, theirs in ((table, np_table), (small, np_small)):
+        np.testing.assert_array_equal(bits(ours.numpy()), bits(theirs))
+        for n in core.get_slot_names():
+            np.testing.assert_array_equal(bits(opt.get_slot(ours, n).numpy()), bits(core.get_slot(theirs, n)))
+
+
+def test_unsupported_dtypes_are_refused_when_built():
+    """An integer variable is refused with the core's error naming it, before anything is made."""
+    opt = sparseopt_tf.SGD()
     with pytest.raises(errors.DtypeMismatchError, match=r"'v:0': variables must be float32, float64, bfloat"):
-        sparseopt_tf.SGD().build([tf.Variable(np.ones(3, np.int32), name="v")])
+        opt.build([tf.Variable(np.ones(3, np.int32), name="v")])
+    assert not opt.built and [v.name for v in opt.variables] == ["iteration", "learning_rate"]  # (Keras' own)
 
 
 def test_configs_carry_the_16_bit_settings_only_where_not_default():
