@@ -25,6 +25,16 @@ the other recent releases, `ratings.dat` of ml-1m, `u.data` of ml-100k, or the
 downloaded directory or zip): a rating of 4 or more is a click, a random 10% of the
 clicks is held out, negatives are uniformly random items (see `_movielens.py`).
 
+With `--table-dtype bfloat16` the three embedding tables are bfloat16 variables (half the
+memory of float32; Adam's slots stay float32), trained by `sparseopt_tf.Adam` in lazy mode
+(the semantics of the comparison below): the math in float32, each new value rounded to
+bfloat16 stochastically (`--no-stochastic-rounding`: to nearest even, where updates smaller
+than half a bfloat16 step vanish). The side-by-side comparison then trains the same model
+from the same initial weights on the same batches with float32 tables, bfloat16 tables with
+stochastic rounding, bfloat16 tables rounded to nearest (all `sparseopt_tf.Adam`, lazy), and
+`keras.optimizers.Adam` on the bfloat16 tables (Keras' own bfloat16 math, rounded to nearest;
+its dense bfloat16 steps on the 1,000,000-row table take about 1.5 s each on 2 cores).
+
 `model.evaluate` and `model.predict` right after `model.fit` read current rows with no
 callback: `fit` flushes every row when it ends, and `sparseopt_tf.Embedding` catches up
 the rows each evaluation (the validation inside `fit` too) reads. A callback that reads
@@ -35,6 +45,7 @@ Run:  python examples/recommender_keras.py                       (about 1.5 minu
       python examples/recommender_keras.py --quick               (small, seconds)
       python examples/recommender_keras.py --compare-steps 732   (the README's loss table: 3 epochs)
       python examples/recommender_keras.py --ratings ml-latest-small.zip
+      python examples/recommender_keras.py --table-dtype bfloat16 --compare-steps 732
 """
 
 import argparse
@@ -77,19 +88,30 @@ def movielens_data(args):
     return ratings.num_users, ratings.num_items, (tu, ti, negatives), held_out
 
 
-def build_model(keras, embedding, num_users, num_items, dim, mlp, seed):
+def build_model(keras, embedding, num_users, num_items, dim, mlp, seed, table_dtype="float32"):
     """Embeddings -> dot product (+ MLP) -> one logit per (user, item) pair.
 
     ``embedding`` is the embedding layer class: ``sparseopt_tf.Embedding`` (for exact mode)
     or ``keras.layers.Embedding``; the same ``seed`` gives the same initial weights with both.
+    ``table_dtype="bfloat16"``: the tables are bfloat16 variables (their initial values the
+    float32 ones rounded), looked up in bfloat16; the layers after them compute in float32.
     """
+    model = _build_model(keras, embedding, num_users, num_items, dim, mlp, seed, "float32")
+    if table_dtype == "float32":
+        return model
+    low = _build_model(keras, embedding, num_users, num_items, dim, mlp, seed, table_dtype)
+    low.set_weights([w.astype(v.numpy().dtype) for w, v in zip(model.get_weights(), low.weights)])
+    return low
+
+
+def _build_model(keras, embedding, num_users, num_items, dim, mlp, seed, table_dtype):
     keras.utils.set_random_seed(seed)
     user = keras.Input(shape=(), dtype="int32", name="user")
     item = keras.Input(shape=(), dtype="int32", name="item")
-    u = embedding(num_users, dim, name="user_embedding")(user)
-    v = embedding(num_items, dim, name="item_embedding")(item)
+    u = embedding(num_users, dim, name="user_embedding", dtype=table_dtype)(user)
+    v = embedding(num_items, dim, name="item_embedding", dtype=table_dtype)(item)
     item_bias = keras.layers.Flatten()(embedding(num_items, 1, embeddings_initializer="zeros",
-                                                 name="item_bias")(item))
+                                                 name="item_bias", dtype=table_dtype)(item))
     logit = keras.layers.Add(name="score")([keras.layers.Dot(axes=1, name="dot")([u, v]), item_bias])
     if mlp:
         h = keras.layers.Dense(32, activation="relu", name="mlp_hidden")(keras.layers.Concatenate()([u, v]))
@@ -97,16 +119,30 @@ def build_model(keras, embedding, num_users, num_items, dim, mlp, seed):
     return keras.Model({"user": user, "item": item}, logit, name="recommender")
 
 
-def candidates(keras, sparseopt_tf, learning_rate, weight_decay):
-    """The optimizers compared, each with the embedding layer its users would write."""
+def candidates(keras, sparseopt_tf, learning_rate, weight_decay, table_dtype="float32"):
+    """The optimizers compared, each with the embedding layer its users would write and the
+    tables' dtype: Keras' Adam and ours (exact and lazy) on float32 tables, or, with
+    ``table_dtype="bfloat16"``, float32 against bfloat16 tables (see the module docstring)."""
     wd = weight_decay or None      # Keras' None skips its whole-table weight-decay pass
+    if table_dtype == "bfloat16":
+        def lazy(**rounding):
+            return lambda: sparseopt_tf.Adam(learning_rate, weight_decay=weight_decay, **rounding)
+        return {
+            "sparseopt_tf.Adam, float32": (keras.layers.Embedding, "float32", lazy()),
+            "sparseopt_tf.Adam, bf16 stochastic": (keras.layers.Embedding, "bfloat16",
+                                                   lazy(stochastic_rounding=True)),
+            "sparseopt_tf.Adam, bf16 nearest": (keras.layers.Embedding, "bfloat16",
+                                                lazy(stochastic_rounding=False)),
+            "keras.optimizers.Adam, bf16": (keras.layers.Embedding, "bfloat16",
+                                            lambda: keras.optimizers.Adam(learning_rate, weight_decay=wd)),
+        }
     return {
-        "keras.optimizers.Adam": (keras.layers.Embedding,
+        "keras.optimizers.Adam": (keras.layers.Embedding, "float32",
                                   lambda: keras.optimizers.Adam(learning_rate, weight_decay=wd)),
-        "sparseopt_tf.Adam exact": (sparseopt_tf.Embedding,
+        "sparseopt_tf.Adam exact": (sparseopt_tf.Embedding, "float32",
                                     lambda: sparseopt_tf.Adam(learning_rate, sparse_mode="exact",
                                                               weight_decay=weight_decay)),
-        "sparseopt_tf.Adam lazy": (keras.layers.Embedding,
+        "sparseopt_tf.Adam lazy": (keras.layers.Embedding, "float32",
                                    lambda: sparseopt_tf.Adam(learning_rate, weight_decay=weight_decay)),
     }
 
@@ -158,9 +194,9 @@ def compare(keras, sparseopt_tf, model_args, x, y, val, args):
     sample = min(65_536, y.size)
     train_sample = ({k: v[:sample] for k, v in x.items()}, y[:sample])
     results = {}
-    for label, (embedding, make_optimizer) in candidates(keras, sparseopt_tf, args.learning_rate,
-                                                         args.weight_decay).items():
-        model = build_model(keras, embedding, *model_args)
+    for label, (embedding, dtype, make_optimizer) in candidates(
+            keras, sparseopt_tf, args.learning_rate, args.weight_decay, args.table_dtype).items():
+        model = build_model(keras, embedding, *model_args, table_dtype=dtype)
         compile_model(keras, model, make_optimizer())
         recorder = make_callback(keras)
         model.fit(xs, ys, batch_size=args.batch, epochs=1, shuffle=False, verbose=0, callbacks=[recorder])
@@ -196,13 +232,31 @@ def print_comparison(results, steps):
           f"held-out AUC {lazy['auc']:.4f} (exact {exact['auc']:.4f}, Keras {keras_['auc']:.4f}).")
 
 
+def print_precisions(results, steps):
+    """The comparison of float32 and bfloat16 tables (``--table-dtype bfloat16``)."""
+    base = results["sparseopt_tf.Adam, float32"]
+    print(f"\nthe same model from the same initial weights, {steps} steps on the same batches, "
+          "float32 against bfloat16 tables (lazy sparseopt_tf.Adam; Keras' Adam in bfloat16 math):\n"
+          f"  {'':36}  training loss  held-out loss  held-out AUC  AUC - float32   ms per step")
+    for label, r in results.items():
+        print(f"  {label:36}  {r['train_loss']:13.4f}  {r['held_out_loss']:13.4f}  {r['auc']:12.4f}"
+              f"  {r['auc'] - base['auc']:+13.4f}  {1e3 * r['step_seconds']:11.1f}")
+    stochastic, nearest = (results[f"sparseopt_tf.Adam, bf16 {r}"] for r in ("stochastic", "nearest"))
+    print(f"bfloat16 tables (half the bytes; float32 slots) end {stochastic['auc'] - base['auc']:+.4f} held-out "
+          f"AUC from float32 tables with stochastic rounding, {nearest['auc'] - base['auc']:+.4f} rounded to "
+          "nearest. Keras' Adam does its bfloat16 tables' math in bfloat16, where beta_2 = 0.999 rounds "
+          "to 1.0: its bias correction sqrt(1 - beta_2**t) is 0, and so are its steps.")
+
+
 def plot(path, results):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_time) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
-    colors = {"keras.optimizers.Adam": "C3", "sparseopt_tf.Adam exact": "C0", "sparseopt_tf.Adam lazy": "C2"}
+    colors = {"keras.optimizers.Adam": "C3", "sparseopt_tf.Adam exact": "C0", "sparseopt_tf.Adam lazy": "C2",
+              "sparseopt_tf.Adam, float32": "C2", "sparseopt_tf.Adam, bf16 stochastic": "C0",
+              "sparseopt_tf.Adam, bf16 nearest": "C1", "keras.optimizers.Adam, bf16": "C3"}
     shown = []
     for label, r in results.items():
         losses = np.asarray(r["losses"])
@@ -248,6 +302,10 @@ def main(argv=None):
                         "default 100 synthetic, 200 --ratings)")
     parser.add_argument("--plot", metavar="PATH", default="recommender_keras.png",
                         help="where to write the plot ('' for none)")
+    parser.add_argument("--table-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the embedding tables' dtype (bfloat16: lazy mode, float32 slots)")
+    parser.add_argument("--stochastic-rounding", action=argparse.BooleanOptionalAction, default=True,
+                        help="bfloat16 tables: round new values stochastically (default) or to nearest")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a small, fast run (for tests)")
     args = parser.parse_args(argv)
@@ -273,12 +331,21 @@ def main(argv=None):
     val = pointwise(*held_out)
 
     model_args = (num_users, num_items, args.dim, args.mlp, args.seed)
-    model = build_model(keras, sparseopt_tf.Embedding, *model_args)   # was keras.layers.Embedding
-    compile_model(keras, model, sparseopt_tf.Adam(learning_rate=args.learning_rate, sparse_mode="exact",
-                                                  weight_decay=args.weight_decay))
-    print(f"{num_items:,} x {args.dim} item table, {num_users:,} users, {y.size:,} training pairs, "
-          f"batch {args.batch:,}, {args.epochs} epochs of sparseopt_tf.Adam(sparse_mode=\"exact\") "
-          "(keras.optimizers.Adam's results, sparse steps)")
+    if args.table_dtype == "bfloat16":   # lazy mode, as the float32/bfloat16 comparison
+        model = build_model(keras, keras.layers.Embedding, *model_args, table_dtype="bfloat16")
+        compile_model(keras, model, sparseopt_tf.Adam(learning_rate=args.learning_rate,
+                                                      weight_decay=args.weight_decay,
+                                                      stochastic_rounding=args.stochastic_rounding))
+        print(f"{num_items:,} x {args.dim} bfloat16 item table, {num_users:,} users, {y.size:,} training "
+              f"pairs, batch {args.batch:,}, {args.epochs} epochs of sparseopt_tf.Adam(stochastic_rounding="
+              f"{args.stochastic_rounding}) (lazy, float32 slots)")
+    else:
+        model = build_model(keras, sparseopt_tf.Embedding, *model_args)   # was keras.layers.Embedding
+        compile_model(keras, model, sparseopt_tf.Adam(learning_rate=args.learning_rate, sparse_mode="exact",
+                                                      weight_decay=args.weight_decay))
+        print(f"{num_items:,} x {args.dim} item table, {num_users:,} users, {y.size:,} training pairs, "
+              f"batch {args.batch:,}, {args.epochs} epochs of sparseopt_tf.Adam(sparse_mode=\"exact\") "
+              "(keras.optimizers.Adam's results, sparse steps)")
     loss_before, auc_before = model.evaluate(*val, batch_size=8192, verbose=0)
     print(f"held-out before training: loss {loss_before:.4f}, AUC {auc_before:.3f} (chance = 0.5)")
 
@@ -303,16 +370,20 @@ def main(argv=None):
     result = {"first_loss": float(first_loss), "last_loss": float(last_loss),
               "held_out_loss_before": float(loss_before), "held_out_loss": float(loss_after),
               "auc_before": float(auc_before), "auc": float(auc_after), "train_seconds": train_seconds,
-              "fit_step_seconds": float(np.median(recorder.step_times[1:]))}
+              "fit_step_seconds": float(np.median(recorder.step_times[1:])),
+              "table_dtype": str(model.get_layer("item_embedding").embeddings.dtype)}
 
     if args.compare_steps > 0:
         compared = compare(keras, sparseopt_tf, model_args, x, y, val, args)
-        print_comparison(compared, args.compare_steps)
         result["compared"] = {label: {k: v for k, v in r.items() if k not in ("losses", "step_times")}
                               for label, r in compared.items()}
-        exact, keras_ = compared["sparseopt_tf.Adam exact"], compared["keras.optimizers.Adam"]
-        result.update(step_seconds=exact["step_seconds"], keras_step_seconds=keras_["step_seconds"],
-                      keras_over_sparseopt=keras_["step_seconds"] / exact["step_seconds"])
+        if args.table_dtype == "bfloat16":
+            print_precisions(compared, args.compare_steps)
+        else:
+            print_comparison(compared, args.compare_steps)
+            exact, keras_ = compared["sparseopt_tf.Adam exact"], compared["keras.optimizers.Adam"]
+            result.update(step_seconds=exact["step_seconds"], keras_step_seconds=keras_["step_seconds"],
+                          keras_over_sparseopt=keras_["step_seconds"] / exact["step_seconds"])
         if args.plot:
             try:
                 plot(args.plot, compared)

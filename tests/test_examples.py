@@ -197,6 +197,22 @@ def test_recommender_keras_trains_compares_and_plots(tmp_path, capsys):
     assert "Pick lazy mode" in out and "TF-Addons' LazyAdam" in out
 
 
+def test_recommender_keras_bfloat16_tables(capsys):
+    pytest.importorskip("tensorflow")
+    result = load("recommender_keras").main(
+        ["--quick", "--table-dtype", "bfloat16", "--epochs", "1", "--compare-steps", "2", "--plot", ""])
+    assert result["table_dtype"] == "bfloat16"
+    assert result["held_out_loss"] < result["held_out_loss_before"] and result["auc"] > 0.6
+    compared = result["compared"]
+    assert list(compared) == ["sparseopt_tf.Adam, float32", "sparseopt_tf.Adam, bf16 stochastic",
+                              "sparseopt_tf.Adam, bf16 nearest", "keras.optimizers.Adam, bf16"]
+    base = compared["sparseopt_tf.Adam, float32"]["train_loss"]
+    for label in list(compared)[1:3]:       # 2 steps from the same weights: all near the start
+        assert abs(compared[label]["train_loss"] - base) < 0.01
+    out = capsys.readouterr().out
+    assert "bfloat16 item table" in out and "AUC - float32" in out
+
+
 def test_recommender_keras_on_movielens(ratings_csv, tmp_path):
     pytest.importorskip("tensorflow")
     result = load("recommender_keras").main(

@@ -28,7 +28,7 @@ import tensorflow as tf
 
 from sparseopt import _exact, _validation, errors
 from sparseopt.indexed_slices import IndexedSlices
-from sparseopt.kernels import cpu
+from sparseopt.kernels import cpu, lowp
 
 
 class ExactModeNotSupportedError(errors.SparseoptError, ValueError):
@@ -108,34 +108,40 @@ class Variable:
         name: for error messages.
         slots: ``{slot name: view}`` of the kept element slots (each of ``var``'s shape).
         has_wd: whether decoupled weight decay applies to the variable.
+        slot_dtype: the core's ``slot_dtype`` (``"bfloat16"``: a 16-bit variable's slots are
+            bfloat16).
+
+    A 16-bit variable (and bfloat16 slots) reach the kernels as their ``uint16`` views, with
+    float32 math (``kind``, ``slot_kind``, ``math_dtype``, as ``VariableState``); a catch-up
+    rounds with the keys its history records.
     """
 
-    __slots__ = ("key", "var", "name", "slots", "has_wd")
+    __slots__ = ("key", "var", "name", "slots", "has_wd", "kind", "slot_kind", "math_dtype",
+                 "lowp", "rounding_key")
 
-    def __init__(self, key, var, name, slots, has_wd=False):
+    def __init__(self, key, var, name, slots, has_wd=False, slot_dtype=None):
         self.key = key
         self.var = var
         self.name = name
         self.slots = slots
         self.has_wd = has_wd
-
-    #: A 16-bit variable's kind (:class:`~sparseopt.slots.VariableState`): none here.
-    kind = None
+        self.kind = lowp.kind(var.dtype)
+        self.slot_kind = "bfloat16" if self.kind and slot_dtype == "bfloat16" else None
+        self.math_dtype = np.float32 if self.kind else var.dtype.type
+        self.lowp = None
+        self.rounding_key = 0
 
     @property
     def storage(self):
         """The core reads the slots' dtype here (its slot storage has the variable's)."""
         return self.var
 
-    @property
-    def math_dtype(self):
-        """The dtype of the kernels' math and coefficients: the variable's."""
-        return self.var.dtype.type
-
     def kernel_arrays(self, rule_slots, shape):
-        """``(p, (s0, s1, s2), used)`` reshaped to ``shape``, as ``VariableState.kernel_arrays``."""
-        p = self.var.reshape(shape)
-        slots, used = cpu.place(rule_slots, {n: s.reshape(shape) for n, s in self.slots.items()}, p)
+        """``(p, (s0, s1, s2), used)`` reshaped to ``shape``, as ``VariableState.kernel_arrays``
+        (16-bit arrays as their ``uint16`` views)."""
+        p = (lowp.as_bits(self.var) if self.kind else self.var).reshape(shape)
+        slots, used = cpu.place(rule_slots, {
+            n: (lowp.as_bits(s) if self.slot_kind else s).reshape(shape) for n, s in self.slots.items()}, p)
         return p, slots, used
 
 
@@ -146,6 +152,7 @@ class _Scope:
         self._book = book
         self._rule = book.rule
         self.exact_history = book.history
+        self.stochastic_rounding = book.stochastic_rounding
         self.name = book.name
         self._variables = list(variables)
         self._states = {id(v.var): v for v in self._variables}
@@ -178,6 +185,7 @@ class ExactBook:
     def __init__(self, core):
         self.rule = core._rule
         self.history = core.exact_history
+        self.stochastic_rounding = core.stochastic_rounding
         self.name = core.name
         self.states = {}
         self._lock = threading.Lock()

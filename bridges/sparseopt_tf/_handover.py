@@ -57,6 +57,11 @@ import tensorflow as tf
 from tensorflow.python.ops import control_flow_util
 
 from sparseopt import errors
+from sparseopt.kernels import lowp
+
+#: The variable dtypes the kernels update: 16-bit ones with float32 math and rounding
+#: (:mod:`sparseopt.kernels.lowp`).
+DTYPES = (tf.float32, tf.float64, tf.bfloat16, tf.float16)
 
 
 class XlaNotSupportedError(errors.SparseoptError, ValueError):
@@ -164,10 +169,10 @@ def _check_device(ref, optimizer_name):
             f"{optimizer_name}: {ref.name!r} lives on {ref.device}; sparseopt_tf's kernels update "
             "CPU variables in place. Place the embedding tables and the optimizer's variables on "
             "the CPU (with tf.device('/CPU:0')).")
-    if ref.dtype not in (tf.float32, tf.float64):
+    if ref.dtype not in DTYPES:
         raise errors.DtypeMismatchError(
             f"{optimizer_name}: {ref.name!r} has dtype {ref.dtype.name}; sparseopt_tf updates "
-            "float32 and float64 variables")
+            "float32, float64, bfloat16 and float16 variables")
 
 
 def _claim(ref):
@@ -208,12 +213,24 @@ def writable_view(array, owner=None):
         return array
     interface = dict(array.__array_interface__)
     interface["data"] = (interface["data"][0], False)
-    return np.asarray(_Buffer(interface, (array, owner)))
+    # (the interface of a bfloat16 array says only "2-byte void": view it as the dtype again)
+    return np.asarray(_Buffer(interface, (array, owner))).view(array.dtype)
 
 
 def eager_view(tensor):
     """A writable NumPy view aliasing an eager CPU tensor's buffer (no copy)."""
-    return writable_view(np.from_dlpack(tensor), tensor)
+    return writable_view(eager_array(tensor), tensor)
+
+
+def eager_array(tensor):
+    """A NumPy array aliasing an eager CPU tensor's buffer (no copy; maybe read-only).
+
+    DLPack has no bfloat16 for NumPy: a bfloat16 tensor goes through its ``uint16``
+    bitcast (an alias of the same buffer, as ``tf.numpy_function``'s bfloat16 arrays
+    are) and is viewed as ``ml_dtypes.bfloat16``."""
+    if tensor.dtype == tf.bfloat16:
+        return np.from_dlpack(tf.bitcast(tensor, tf.uint16)).view(lowp.BFLOAT16)
+    return np.from_dlpack(tensor)
 
 
 def constrain_rows(ref, indices, fn):
@@ -303,7 +320,7 @@ def run_on_host(body, inputs, optimizer_name, what, ready=()):
         for x in inputs:
             t = _claim(x) if isinstance(x, Ref) else x
             keep.append(t)
-            arrays.append(eager_view(t) if isinstance(x, Ref) else np.from_dlpack(t))
+            arrays.append(eager_view(t) if isinstance(x, Ref) else eager_array(t))
         with _stats_lock:
             stats["eager"] += 1
         body(arrays)

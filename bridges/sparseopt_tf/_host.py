@@ -23,10 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sparseopt import _config, _validation, errors
+from sparseopt import _config, errors
 from sparseopt import optimizer as _core
 from sparseopt.indexed_slices import IndexedSlices
-from sparseopt.kernels import cpu
+from sparseopt.kernels import cpu, lowp
 from sparseopt.optimizers._rowwise import _RowUpdate
 from sparseopt.rules import _variant
 from sparseopt_tf import _exact
@@ -110,6 +110,12 @@ class HostStep:
                     f"{self.core.name}: hyperparameter {key!r} is {value}; it must be finite")
         return step, wd_lr, hypers
 
+    def check_dtype(self, name, dtype):
+        """The core's check of a variable's dtype (NumPy ``dtype``), raised when the slots
+        are made, before anything is: float32, float64, bfloat16 or float16 (with the core's
+        message)."""
+        self.core._check_variable(np.empty((0,), dtype), name)
+
     def next_scalar_state(self, scalars, current):
         """The core's host state after this step, as a float64 vector.
 
@@ -143,6 +149,8 @@ class HostStep:
             # at learning rate 0 writes nothing; the optimizer's iterations still advance.
             return np.int32(0)
         coefficients = self.core._coefficients(hypers, step)
+        # 16-bit variables: this step's rounding (the core's: its seed, iterations, mode)
+        self.core._set_rounding(updates, step)
 
         # Every input is valid: from here on the step runs to completion, with as many of
         # Numba's threads as its work warrants (sparseopt._config.enter_step).
@@ -166,7 +174,7 @@ class HostStep:
         """The :class:`sparseopt_tf._exact.Variable` of a job's arrays (variable, slots, ...)."""
         names = [n for n, u in zip(self.rule.SLOTS, job.used) if u]
         return _exact.Variable(job.key, group[0], job.name,
-                               dict(zip(names, group[1:1 + job.nslots])), job.has_wd)
+                               dict(zip(names, group[1:1 + job.nslots])), job.has_wd, self.core.slot_dtype)
 
     def _validate(self, jobs, arrays):
         """Every job's arrays checked with the core's checks, every sparse gradient planned,
@@ -204,20 +212,22 @@ class HostStep:
         var = group[0]
         slots = group[1:1 + job.nslots]
         row_slots = group[1 + job.nslots:1 + job.nslots + job.nrowslots]
-        _validation.check_host_variable(var, job.name)
+        self.core._check_variable(var, job.name)   # the core's checks (dtype, layout)
+        slot_dtype, row_dtype = slot_dtypes(self.core, var.dtype)
         for s in slots:
-            if s.shape != var.shape or s.dtype != var.dtype:
+            if s.shape != var.shape or s.dtype != slot_dtype:
                 raise errors.ShapeMismatchError(
-                    f"{job.name!r}: a slot has shape {s.shape} and dtype {s.dtype}; the variable "
-                    f"has {var.shape} and {var.dtype}")
+                    f"{job.name!r}: a slot has shape {s.shape} and dtype {s.dtype}; expected "
+                    f"{var.shape} and {slot_dtype}")
         for s in row_slots:
-            if s.shape != var.shape[:1] or s.dtype != var.dtype:
+            if s.shape != var.shape[:1] or s.dtype != row_dtype:
                 raise errors.ShapeMismatchError(
                     f"{job.name!r}: a row slot has shape {s.shape} and dtype {s.dtype}; expected "
-                    f"{var.shape[:1]} and {var.dtype}")
+                    f"{var.shape[:1]} and {row_dtype}")
         names, row_names = self._names(job)
         return _State(job, var, dict(zip(names, slots)),
-                      dict(zip(row_names, row_slots)) if self.rowwise else None)
+                      dict(zip(row_names, row_slots)) if self.rowwise else None,
+                      self.core.slot_dtype)
 
     def _names(self, job):
         """``(slot names, row slot names)`` of a job's kept slots, in the rule's order."""
@@ -230,15 +240,32 @@ class HostStep:
         return names
 
 
+def slot_dtypes(core, dtype):
+    """``(element slots' dtype, row slots' dtype)`` of a variable of NumPy ``dtype``, as the
+    core keeps them (:class:`sparseopt.slots.VariableState`): the variable's for float32 and
+    float64; for a 16-bit variable float32 (the math's), or bfloat16 element slots with the
+    core's ``slot_dtype="bfloat16"``; row slots (``RowwiseAdagrad``) always in the math's."""
+    if not lowp.kind(dtype):
+        return np.dtype(dtype), np.dtype(dtype)
+    f32 = np.dtype(np.float32)
+    return (lowp.BFLOAT16 if core.slot_dtype == "bfloat16" else f32), f32
+
+
 class _State:
     """One variable of one hand-over, as the core's :class:`~sparseopt.slots.VariableState`
     (what ``sparseopt.optimizer.run_lazy`` and :func:`sparseopt._exact.run` read): the
     hand-over's views of the variable and its kept slots. The views are new at each
-    hand-over, so nothing is kept from one step to the next (``kernel_views`` makes them)."""
+    hand-over, so nothing is kept from one step to the next (``kernel_views`` makes them).
 
-    __slots__ = ("key", "var", "name", "slots", "kernel_slot_names", "row_slots", "has_wd")
+    A 16-bit variable (and bfloat16 slots) reach the kernels as their ``uint16`` views,
+    with float32 math and the step's rounding, as in the core: ``kind``, ``slot_kind``,
+    ``math_dtype``, and ``lowp`` / ``rounding_key``, which the core's ``_set_rounding``
+    sets for the step."""
 
-    def __init__(self, job, var, slots, row_slots):
+    __slots__ = ("key", "var", "name", "slots", "kernel_slot_names", "row_slots", "has_wd",
+                 "kind", "slot_kind", "math_dtype", "lowp", "rounding_key")
+
+    def __init__(self, job, var, slots, row_slots, slot_dtype=None):
         self.key = job.key
         self.var = var
         self.name = job.name
@@ -246,26 +273,32 @@ class _State:
         self.row_slots = row_slots                  # {name: (rows,) view} (row-wise rules)
         self.slots = {**slots, **row_slots} if row_slots else slots  # {name: view}, all kept
         self.has_wd = job.has_wd
-
-    #: A 16-bit variable's kind (:class:`~sparseopt.slots.VariableState`): none here.
-    kind = None
+        self.kind = lowp.kind(var.dtype)
+        self.slot_kind = "bfloat16" if self.kind and slot_dtype == "bfloat16" else None
+        self.math_dtype = np.float32 if self.kind else var.dtype.type
+        self.lowp = None
+        self.rounding_key = 0
 
     @property
     def storage(self):
         """The core reads the slots' dtype here (its slot storage has the variable's)."""
         return self.var
 
-    @property
-    def math_dtype(self):
-        """The dtype of the kernels' math and coefficients: the variable's."""
-        return self.var.dtype.type
-
     def kernel_arrays(self, rule_slots, shape):
-        """``(p, (s0, s1, s2), used)`` reshaped to ``shape``, as ``VariableState.kernel_arrays``."""
-        p = self.var.reshape(shape)
-        slots, used = cpu.place(rule_slots, {n: self.slots[n].reshape(shape)
-                                             for n in self.kernel_slot_names}, p)
+        """``(p, (s0, s1, s2), used)`` reshaped to ``shape``, as ``VariableState.kernel_arrays``
+        (16-bit arrays as their ``uint16`` views)."""
+        p = (lowp.as_bits(self.var) if self.kind else self.var).reshape(shape)
+        slots, used = cpu.place(rule_slots, {
+            n: (lowp.as_bits(self.slots[n]) if self.slot_kind else self.slots[n]).reshape(shape)
+            for n in self.kernel_slot_names}, p)
         return p, slots, used
+
+    def kernel_step(self, c):
+        """``(lowp, c)`` as ``VariableState.kernel_step``: for a 16-bit variable the step's
+        rounding and ``c`` with its key."""
+        if self.kind is None:
+            return None, c
+        return self.lowp, lowp.keyed(c, self.rounding_key)
 
     def kernel_views(self, key, make):
         return make()

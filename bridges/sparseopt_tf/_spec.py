@@ -52,13 +52,14 @@ class OptimizerSpec:
         return None
 
     def make_core(self, learning_rate, name, values, weight_decay=None, legacy=False,
-                  sparse_mode="lazy", exact_history=None):
+                  sparse_mode="lazy", exact_history=None, rounding=None):
         """A configured core instance; non-float hyperparameters get their defaults.
 
-        The instance is never stepped: it validates the configuration (``sparse_mode`` and
-        ``exact_history`` included) and answers ``_slot_names()``,
-        ``_slot_initial_value(slot)``, ``_coefficients(hypers, step)``, ``sparse_mode``
-        and ``exact_history``.
+        The instance is never stepped: it validates the configuration (``sparse_mode``,
+        ``exact_history`` and the 16-bit ``rounding`` arguments, :data:`ROUNDING_ARGS`,
+        included) and answers ``_slot_names()``, ``_slot_initial_value(slot)``,
+        ``_coefficients(hypers, step)``, ``sparse_mode``, ``exact_history``, and the
+        rounding of 16-bit variables (``_set_rounding``, ``slot_dtype``, ``seed``).
         """
         kwargs = {}
         for arg, default in self.args:
@@ -73,7 +74,25 @@ class OptimizerSpec:
         if legacy and getattr(self.core_class, "_has_legacy_math", False):
             kwargs["_legacy"] = True     # the rule's tf_keras variant (see rule_for)
         return self.core_class(learning_rate=learning_rate, name=name, sparse_mode=sparse_mode,
-                               exact_history=exact_history, **kwargs)
+                               exact_history=exact_history, **(rounding or {}), **kwargs)
+
+
+#: The core's arguments for 16-bit variables (bfloat16, float16), which both bridges take
+#: as keyword arguments: ``stochastic_rounding`` (default True), ``slot_dtype`` (None:
+#: float32 slots; ``"bfloat16"``) and ``seed`` (of the rounding's random bits, default 0).
+ROUNDING_ARGS = ("stochastic_rounding", "slot_dtype", "seed")
+
+
+def pop_rounding(kwargs):
+    """The :data:`ROUNDING_ARGS` given in ``kwargs``, taken out of it."""
+    return {k: kwargs.pop(k) for k in ROUNDING_ARGS if k in kwargs}
+
+
+def rounding_config(core):
+    """The core's config entries of :data:`ROUNDING_ARGS` (only those not at their defaults,
+    so that a float32 user's config keeps Keras' keys)."""
+    config = core.get_config()
+    return {k: config[k] for k in ROUNDING_ARGS if k in config}
 
 
 def _is_plain_number(value):

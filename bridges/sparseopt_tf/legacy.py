@@ -78,6 +78,13 @@ class Optimizer(_V2):
 
     ``sparse_mode="exact"`` and ``exact_history`` as in the core; not under a
     ``tf.distribute`` strategy (see :class:`sparseopt_tf.optimizers.Optimizer`).
+
+    ``tf.half`` (float16) and ``tf.bfloat16`` variables: the math in float32 from float32
+    hyperparameters, float32 slots (``slot_dtype="bfloat16"`` for bfloat16 ones), the new
+    values rounded to 16 bits **to nearest even by default** (``stochastic_rounding=False``,
+    unlike the core and the Keras 3 classes): tf_keras rounds its half math to nearest, and
+    code ported from it keeps the results its tests expect within tf_keras' half tolerances.
+    ``stochastic_rounding=True`` (with ``seed``) rounds stochastically, as the core does.
     """
 
     _spec = None
@@ -124,7 +131,8 @@ class Optimizer(_V2):
         weight_decay = kwargs.pop("weight_decay", spec.default_weight_decay)
         core = spec.make_core(learning_rate, name, {**own, **structural}, weight_decay=weight_decay,
                               legacy=True, sparse_mode=kwargs.pop("sparse_mode", "lazy"),
-                              exact_history=kwargs.pop("exact_history", None))
+                              exact_history=kwargs.pop("exact_history", None),
+                              rounding={"stochastic_rounding": False, **_spec.pop_rounding(kwargs)})
         if schedule_decay is not None:
             core._schedule_decay = schedule_decay
         if structural:
@@ -151,6 +159,22 @@ class Optimizer(_V2):
         self._slotted = {}      # var key -> variable with slots (a plain dict: not tracked)
         self._read = {"caught_up": set(), "warned": set()}   # see _exact.warn_unread
 
+    @property
+    def stochastic_rounding(self):
+        """Whether 16-bit variables' new values are rounded stochastically, or to nearest
+        even (the default here, as tf_keras rounds its half math; see the class docstring)."""
+        return self._core.stochastic_rounding
+
+    @property
+    def slot_dtype(self):
+        """The slots' dtype for 16-bit variables: None (float32) or ``"bfloat16"``."""
+        return self._core.slot_dtype
+
+    @property
+    def seed(self):
+        """The seed of the stochastic rounding's random bits (in the config)."""
+        return self._core.seed
+
     @classmethod
     def _structural_hypers(cls):
         return tuple(a for a in _STRUCTURAL_HYPERS
@@ -164,6 +188,8 @@ class Optimizer(_V2):
     def _create_slots(self, var_list):
         _handover.check_variables(self._name, var_list)
         _handover.check_strategy(self._name)
+        for var in var_list:            # the core's dtype checks, before anything is made
+            self._host.check_dtype(var.name, var.dtype.base_dtype.as_numpy_dtype)
         if self._state_variables is None:
             self._state_variables = []
             # tf_keras keeps its state (Nadam's momentum_cache) in the first variable's dtype.
@@ -181,14 +207,17 @@ class Optimizer(_V2):
         order = ([(var, n) for var in var_list for n in slot_names] if self._spec.name in _VAR_MAJOR_SLOTS
                  else [(var, n) for n in slot_names for var in var_list])
         for var, slot_name in order:
-            self.add_slot(var, _TF_KERAS_NAMES.get(slot_name, slot_name),
-                          tf_keras.initializers.Constant(self._core._slot_initial_value(slot_name)))
+            dtype = _host.slot_dtypes(self._core, var.dtype.base_dtype.as_numpy_dtype)[0]
+            with _slot_dtype(var, dtype):
+                self.add_slot(var, _TF_KERAS_NAMES.get(slot_name, slot_name),
+                              tf_keras.initializers.Constant(self._core._slot_initial_value(slot_name)))
         for var in var_list:
             self._slotted[_var_key(var)] = var
+            row_dtype = _host.slot_dtypes(self._core, var.dtype.base_dtype.as_numpy_dtype)[1]
             for slot_name in _spec.row_slots(self._core)[0]:
-                self.add_slot(var, slot_name,
-                              tf_keras.initializers.Constant(self._core._slot_initial_value(slot_name)),
-                              shape=var.shape[:1])
+                initial = tf_keras.initializers.Constant(self._core._slot_initial_value(slot_name))
+                with _slot_dtype(var, row_dtype):
+                    self.add_slot(var, slot_name, initial, shape=var.shape[:1])
 
     def _prepare(self, var_list):
         apply_state = super()._prepare(var_list)
@@ -278,12 +307,17 @@ class Optimizer(_V2):
         return self.iterations.assign_add(1)
 
     def _prepare_local(self, var_device, var_dtype, apply_state):
-        super()._prepare_local(var_device, var_dtype, apply_state)
+        # A 16-bit variable's math is float32 (sparseopt.kernels.lowp): its hyperparameters are
+        # taken in float32, as for a float32 variable, not rounded to 16 bits as tf_keras'
+        # half math takes them.
+        math_dtype = tf.float32 if var_dtype in (tf.float16, tf.bfloat16) else var_dtype
+        coefficients = apply_state[(var_device, var_dtype)]
+        super()._prepare_local(var_device, math_dtype, {(var_device, math_dtype): coefficients})
         step = tf.cast(self.iterations + 1, tf.float64)
-        lr = tf.cast(apply_state[(var_device, var_dtype)]["lr_t"], tf.float64)
-        hypers = [tf.cast(self._hyper_value(h, var_dtype), tf.float64) for h in self._hyper_names()]
+        lr = tf.cast(coefficients["lr_t"], tf.float64)
+        hypers = [tf.cast(self._hyper_value(h, math_dtype), tf.float64) for h in self._hyper_names()]
         wd_lr = lr * float(self.weight_decay) if self.weight_decay else tf.zeros([], tf.float64)
-        apply_state[(var_device, var_dtype)]["sparseopt_scalars"] = tf.stack([step, wd_lr, lr] + hypers)
+        coefficients["sparseopt_scalars"] = tf.stack([step, wd_lr, lr] + hypers)
 
     def _hyper_value(self, name, var_dtype):
         if name not in _ATTRIBUTE_HYPERS:
@@ -442,6 +476,11 @@ class Optimizer(_V2):
         config["sparse_mode"] = self.sparse_mode
         if self.sparse_mode == "exact":
             config["exact_history"] = self.exact_history
+        # (the legacy classes round to nearest by default, as tf_keras: only True is written)
+        config.update({k: v for k, v in _spec.rounding_config(self._core).items()
+                       if k != "stochastic_rounding"})
+        if self._core.stochastic_rounding:
+            config["stochastic_rounding"] = True
         return config
 
 
@@ -483,6 +522,22 @@ class ExactFlush(FlushMixin, tf_keras.callbacks.Callback):
 @contextlib.contextmanager
 def _no_scope():
     yield
+
+
+@contextlib.contextmanager
+def _slot_dtype(var, dtype):
+    """``OptimizerV2.add_slot`` makes slots of ``var.true_dtype`` where a variable has one (a
+    mixed-precision variable's own dtype): a 16-bit variable lends it the dtype of its slots
+    (float32, or bfloat16 with ``slot_dtype="bfloat16"``) while its slots are made."""
+    dtype = tf.as_dtype(dtype)
+    if dtype == var.dtype.base_dtype or hasattr(var, "true_dtype"):
+        yield
+        return
+    var.true_dtype = dtype
+    try:
+        yield
+    finally:
+        del var.true_dtype
 
 
 def _structural_coefficients(core, hypers, step):

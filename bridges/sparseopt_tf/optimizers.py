@@ -128,6 +128,7 @@ class Optimizer(keras.optimizers.Optimizer):
         name = kwargs.pop("name", None)     # None: Keras' unique automatic name (adam, adam_1, ...)
         sparse_mode = kwargs.pop("sparse_mode", "lazy")
         exact_history = kwargs.pop("exact_history", None)
+        rounding = _spec.pop_rounding(kwargs)
         own = {arg: values.get(arg, default) for arg, default in spec.args}
         if spec.unsupported():
             raise NotImplementedError(f"sparseopt_tf.{spec.name}: {spec.unsupported()}")
@@ -137,7 +138,8 @@ class Optimizer(keras.optimizers.Optimizer):
         _check_arguments_as_keras(spec.name, own)
         # The core validates the configuration (ranges, NaN) and owns slots and coefficients.
         self._core = spec.make_core(learning_rate, self.name, own, weight_decay=self.weight_decay,
-                                    sparse_mode=sparse_mode, exact_history=exact_history)
+                                    sparse_mode=sparse_mode, exact_history=exact_history,
+                                    rounding=rounding)
         self._core.weight_decay = self.weight_decay        # the same value on both sides, always
         self.sparse_mode = self._core.sparse_mode
         self.exact_history = self._core.exact_history
@@ -171,6 +173,23 @@ class Optimizer(keras.optimizers.Optimizer):
             core.weight_decay = value
         self.__dict__["_sparseopt_weight_decay"] = value
 
+    @property
+    def stochastic_rounding(self):
+        """Whether 16-bit variables' new values are rounded stochastically (the default) or
+        to nearest even (see :class:`sparseopt.Optimizer`)."""
+        return self._core.stochastic_rounding
+
+    @property
+    def slot_dtype(self):
+        """The slots' dtype for 16-bit variables: None (float32) or ``"bfloat16"``."""
+        return self._core.slot_dtype
+
+    @property
+    def seed(self):
+        """The seed of the stochastic rounding's random bits (saved in configs and in
+        ``tf.train.Checkpoint`` checkpoints, with ``iterations``)."""
+        return self._core.seed
+
     # ------------------------------------------------------------------- slots
 
     def __dir__(self):
@@ -189,6 +208,8 @@ class Optimizer(keras.optimizers.Optimizer):
         _handover.check_variables(self.name, variables)
         _handover.check_strategy(self.name)
         self._check_exact_mode_can_run()
+        for var in variables:           # the core's dtype checks, before anything is made
+            self._host.check_dtype(getattr(var, "path", None) or var.name, _numpy_dtype(var))
         if self._untracked.restored_layout is not None:   # restored before it was built: check first
             self._check_layout(self._untracked.restored_layout, variables)
         super().build(variables)
@@ -207,28 +228,35 @@ class Optimizer(keras.optimizers.Optimizer):
             self._create_kernel_slots(var)
 
     def _create_kernel_slots(self, var):
+        _, row_dtype = _host.slot_dtypes(self._core, _numpy_dtype(var))
         for slot_name in _spec.kernel_slots(self._core)[0]:
             self.add_slot(var, slot_name,
                           keras.initializers.Constant(self._core._slot_initial_value(slot_name)))
         for slot_name in _spec.row_slots(self._core)[0]:          # row-wise rules: one value per row
             self.add_slot(var, slot_name,
                           keras.initializers.Constant(self._core._slot_initial_value(slot_name)),
-                          shape=tuple(var.shape[:1]))
+                          shape=tuple(var.shape[:1]), dtype=row_dtype.name)
 
-    def add_slot(self, var, slot_name, initializer="zeros", shape=None):
+    def add_slot(self, var, slot_name, initializer="zeros", shape=None, dtype=None):
         """Add slot ``slot_name`` for ``var`` (a Keras or TF variable) and return it.
 
-        Returns the existing slot if there is one. ``shape`` defaults to the variable's.
+        Returns the existing slot if there is one. ``shape`` defaults to the variable's;
+        ``dtype`` to that of the variable's slots, as in the core: the variable's, but
+        float32 for a bfloat16 or float16 variable (its math's), or bfloat16 with
+        ``slot_dtype="bfloat16"``.
         """
         key = self._var_key(var)
         slots = self._slot_table.slots.setdefault(key, {})
         if slot_name in slots:
             return slots[slot_name]
-        if shape is None:
+        if dtype is None:
+            dtype = _host.slot_dtypes(self._core, _numpy_dtype(var))[0].name
+        if shape is None and dtype == _dtype_name(var):
             slot = self.add_variable_from_reference(var, name=slot_name, initializer=initializer)
         else:
             base = getattr(var, "path", None) or str(var.name)
-            slot = self.add_variable(shape=tuple(shape), initializer=initializer, dtype=var.dtype,
+            slot = self.add_variable(shape=tuple(var.shape if shape is None else shape),
+                                     initializer=initializer, dtype=dtype,
                                      name=f"{base.replace('/', '_').replace(':', '_')}_{slot_name}")
         slots[slot_name] = slot
         self._slot_table.names[key] = getattr(var, "path", None) or var.name
@@ -330,7 +358,9 @@ class Optimizer(keras.optimizers.Optimizer):
                 "gradient_accumulation_steps": self.gradient_accumulation_steps or 0}
 
     def _layout(self):
-        return {**self._identity(),
+        # The seed of the 16-bit rounding is state, as iterations: restoring adopts it, so
+        # that a resumed run draws the random bits of the run it continues.
+        return {**self._identity(), "seed": self._core.seed,
                 "trainable": [[list(v.shape), _dtype_name(v)] for v in self._trainable_variables],
                 "variables": [[v.path, list(v.shape), _dtype_name(v)] for v in self.variables]}
 
@@ -355,6 +385,8 @@ class Optimizer(keras.optimizers.Optimizer):
         else:                               # the variables are restored when build creates them
             self._check_identity(layout)
             self._untracked.restored_layout = layout
+        if "seed" in layout:                # (checkpoints written before 16-bit variables have none)
+            self._core.seed = int(layout["seed"])
         return tf.no_op()
 
     def _check_identity(self, layout):
@@ -639,14 +671,16 @@ class Optimizer(keras.optimizers.Optimizer):
             sparse = isinstance(grad, tf.IndexedSlices)
             job, job_refs = self._job(var, sparse)
             if sparse:
-                if grad.values.dtype != var.dtype:
-                    grad = tf.IndexedSlices(tf.cast(grad.values, var.dtype), grad.indices, grad.dense_shape)
+                dtype = _gradient_dtype(grad.values.dtype, var.dtype)
+                if grad.values.dtype != dtype:
+                    grad = tf.IndexedSlices(tf.cast(grad.values, dtype), grad.indices, grad.dense_shape)
                 key = self._var_key(var)
                 _exact.warn_unread(self, key, var, self._untracked.read)
                 if key in self._untracked.row_constraints:
                     constrained.append((var, grad.indices, self._untracked.row_constraints[key][0]))
             else:
-                grad = tf.cast(tf.convert_to_tensor(grad), var.dtype)
+                grad = tf.convert_to_tensor(grad)
+                grad = tf.cast(grad, _gradient_dtype(grad.dtype, var.dtype))
             jobs.append(job)
             refs.append(job_refs)
             grads.append(grad)
@@ -755,6 +789,7 @@ class Optimizer(keras.optimizers.Optimizer):
         config["sparse_mode"] = self.sparse_mode
         if self.sparse_mode == "exact":
             config["exact_history"] = self.exact_history
+        config.update(_spec.rounding_config(self._core))
         for arg, _ in self._spec.args:
             value = getattr(self, arg)
             if callable(value) and not isinstance(value, keras.optimizers.schedules.LearningRateSchedule):
@@ -908,8 +943,22 @@ def _flush(host, jobs_and_refs, name):
     return _handover.run_on_host(body, inputs, name, "flush")
 
 
+def _gradient_dtype(grad_dtype, var_dtype):
+    """The dtype a gradient reaches the kernels in: the variable's, or float32 for a 16-bit
+    variable whose gradient is float32 (the core takes both; float32 keeps its bits)."""
+    var_dtype = tf.as_dtype(var_dtype)
+    if var_dtype in (tf.bfloat16, tf.float16) and grad_dtype != var_dtype:
+        return tf.float32
+    return var_dtype
+
+
 def _dtype_name(v):
     return tf.as_dtype(v.dtype).name
+
+
+def _numpy_dtype(v):
+    """The NumPy dtype of a variable (``ml_dtypes.bfloat16`` for ``tf.bfloat16``)."""
+    return np.dtype(tf.as_dtype(v.dtype).as_numpy_dtype)
 
 
 def _describe(identity):
