@@ -4,7 +4,8 @@ A variable in exact mode keeps (see :mod:`sparseopt._exact`)
 
 * ``hist``: a ring of the last ``H`` steps' coefficients, a NumPy structured array
   whose fields are the rule's ``Coefficients`` plus ``wd`` (the decoupled weight decay
-  factor of the step), in the variable's dtype; step ``tau`` lives at ``hist[tau % H]``.
+  factor of the step), in the variable's math dtype (float32 for a 16-bit variable, whose
+  records also keep the step's ``rounding_key``); step ``tau`` lives at ``hist[tau % H]``.
   A Numba record reads ``rec.alpha`` as the NamedTuple does, so ``RULE`` replays a
   past step with the very coefficients it had;
 * ``last``: int64 per row, the step through which the row is current (effective value
@@ -17,7 +18,9 @@ window (the rule's ``idle_apply`` closed form or truncated series, in a vectoriz
 over the row; the elements where that fails are retried with the full series, then by a
 replay of ``RULE`` with a zero gradient, always bounded by ``H``), then the ordinary element step
 (``cpu._step_template``) runs in the same pass; ``last[r]`` becomes ``hi + 1``.
-Each row is owned by one thread, as in the lazy kernels.
+Each row is owned by one thread, as in the lazy kernels. A 16-bit variable's caught-up
+values are rounded once per window, with the random bits of its last step
+(:func:`_save_template`).
 """
 
 import functools
