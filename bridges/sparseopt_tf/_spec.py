@@ -71,6 +71,10 @@ class OptimizerSpec:
             learning_rate = self.default_learning_rate
         if self.explicit_weight_decay:
             kwargs["weight_decay"] = weight_decay if _is_plain_number(weight_decay) else self.default_weight_decay
+        elif legacy and weight_decay is not None:
+            # OptimizerV2 has no weight decay: the legacy classes keep a given one in the
+            # core (which checks it), decoupled and fused into the kernels as in Keras 3.
+            kwargs["weight_decay"] = weight_decay
         if legacy and getattr(self.core_class, "_has_legacy_math", False):
             kwargs["_legacy"] = True     # the rule's tf_keras variant (see rule_for)
         return self.core_class(learning_rate=learning_rate, name=name, sparse_mode=sparse_mode,

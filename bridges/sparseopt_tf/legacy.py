@@ -31,6 +31,7 @@ import copy
 import functools
 import inspect
 
+import numpy as np
 import tensorflow as tf
 import tf_keras
 
@@ -139,8 +140,8 @@ class Optimizer(_V2):
             # The step's value of a structural hyperparameter comes with the others.
             core._coefficients = functools.partial(_structural_coefficients, core)
         super().__init__(name, **kwargs)
-        # OptimizerV2 has no weight decay; optimizers whose core class takes one (AdamW)
-        # keep it here, decoupled and fused into the kernels as in Keras 3.
+        # OptimizerV2 has no weight decay; a given one (or AdamW's default) is kept here,
+        # decoupled and fused into the kernels as in Keras 3.
         self.weight_decay = core.weight_decay
         self._core = core
         self._schedule_decay = schedule_decay
@@ -316,7 +317,8 @@ class Optimizer(_V2):
         step = tf.cast(self.iterations + 1, tf.float64)
         lr = tf.cast(coefficients["lr_t"], tf.float64)
         hypers = [tf.cast(self._hyper_value(h, math_dtype), tf.float64) for h in self._hyper_names()]
-        wd_lr = lr * float(self.weight_decay) if self.weight_decay else tf.zeros([], tf.float64)
+        # Keras casts weight_decay through float32, as the core does (sparseopt.rules._floatx)
+        wd_lr = lr * float(np.float32(self.weight_decay)) if self.weight_decay else tf.zeros([], tf.float64)
         coefficients["sparseopt_scalars"] = tf.stack([step, wd_lr, lr] + hypers)
 
     def _hyper_value(self, name, var_dtype):
@@ -462,7 +464,7 @@ class Optimizer(_V2):
         config = super().get_config()
         config["learning_rate"] = self._serialize_hyperparameter("learning_rate")
         config["decay"] = self._initial_decay if self._schedule_decay is None else self._schedule_decay
-        if self._spec.explicit_weight_decay:
+        if self._spec.explicit_weight_decay or self.weight_decay is not None:
             config["weight_decay"] = self.weight_decay
         for arg, _ in self._spec.args:
             if arg in self._hyper_names() and arg not in _ATTRIBUTE_HYPERS:

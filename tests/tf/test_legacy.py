@@ -9,6 +9,7 @@ import numpy as np  # noqa: E402
 
 import sparseopt as so  # noqa: E402
 import sparseopt_tf  # noqa: E402
+from tests.optimizer_table import CASES, IDS  # noqa: E402
 from tests.tf.helpers import BRIDGED, bridge_class, core_dense_run, rel_close, sparse_batches  # noqa: E402
 
 STEPS = 20
@@ -219,3 +220,33 @@ def test_one_hand_over_per_step_bit_identical_to_one_per_variable(case, mode):
         np.testing.assert_array_equal(a, b)
     assert hand_overs == [4, 8]
     assert len(calls) == 4 if mode == "eager" else calls     # in a tf.function: when traced
+
+
+@pytest.mark.parametrize("name", ["sgd_momentum", "adam", "rowwise_adagrad"])
+def test_weight_decay_is_applied_as_the_core_applies_it(name):
+    """tf_keras' legacy classes take no ``weight_decay`` (a TypeError); ours take it for every
+    optimizer, as Keras 3 does, decoupled: a dense and a sparse step equal the core's with the
+    same ``weight_decay`` (the core: ``p -= p * f32(weight_decay) * lr``, tests/test_optimizers.py),
+    bit for bit, and ``get_config`` keeps it. (It was dropped silently, AdamW's aside.)"""
+    case = CASES[IDS.index(name)]
+    legacy = {"_legacy": True} if getattr(case.cls, "_has_legacy_math", False) else {}
+    rng = np.random.default_rng(4)
+    init = rng.normal(size=(12, 3)).astype(np.float32)
+    dense = rng.normal(size=init.shape).astype(np.float32)
+    values, idx = rng.normal(size=(4, 3)).astype(np.float32), np.array([1, 5, 5, 9])
+
+    def core_run(**extra):
+        out = init.copy()
+        core_opt = case.make(**legacy, **extra)
+        core_opt.apply_gradients([(dense, out)])
+        core_opt.apply_gradients([(so.IndexedSlices(values, idx), out)])
+        return out
+
+    var = tf.Variable(init)
+    opt = bridge_class(case, legacy=True)(**case.kwargs, weight_decay=0.004)
+    opt.apply_gradients([(tf.constant(dense), var)])
+    opt.apply_gradients([(tf.IndexedSlices(tf.constant(values), tf.constant(idx), [12, 3]), var)])
+    np.testing.assert_array_equal(var.numpy(), core_run(weight_decay=0.004))
+    assert not np.array_equal(var.numpy(), core_run())      # the decay moved the weights
+    assert opt.get_config()["weight_decay"] == 0.004
+    assert type(opt).from_config(opt.get_config()).weight_decay == 0.004
