@@ -889,12 +889,10 @@ class ExactDevice:
         with _on_device(rt, self.device):
             if has_wd and p.size:
                 grid = kernels.blocks_for(k * p.shape[1], threads), threads, self.stream
-                if self.lowp is None:
-                    rt.exact.decay_rows[grid](p, ids, k, every, self.last, floor, hi, self.tab)
-                else:
-                    key = self.host_hist[hi % self.host_hist.shape[0]]["rounding_key"]
-                    rt.exact.decay_rows_lowp(*self.lowp[:2])[grid](
-                        p, ids, k, every, self.last, floor, hi, self.tab, key)
+                key = (np.uint64(0) if self.lowp is None else
+                       self.host_hist[hi % self.host_hist.shape[0]]["rounding_key"])
+                rt.exact.decay_rows(self.lowp)[grid](p, ids, k, every, self.last, floor, hi,
+                                                     self.tab, key)
             if not every:
                 self.set_last(rows, hi, self.stream)
 

@@ -33,6 +33,7 @@ from sparseopt.kernels._specialize import rule_key, specialize
 from sparseopt.rules import _idle
 
 CATCH = STEP = WIDEN = NARROW = STOCHASTIC = element_bits = None  # bound per specialization
+LOWP = False  # bound per specialization (decay_rows: a 16-bit variable)
 
 
 def _device(fn, suffix, **constants):
@@ -153,13 +154,14 @@ def catch_up_kernel(rule_module, used, has_wd, lowp_config=None):
     return cuda.jit(**ck.KERNEL_FLAGS)(specialize(_exact_catch_up_template, suffix, CATCH=catch))
 
 
-@cuda.jit(**ck.KERNEL_FLAGS)
-def decay_rows(p, rows, k, every_row, last, floor, hi, tab):
+def _decay_rows_template(p, rows, k, every_row, last, floor, hi, tab, key):
     """Row-wise rules, whose zero-gradient step changes a row only by weight decay: scale
     each element of the ``k`` listed rows (or every row) behind ``hi`` by its idle
     window's weight decay product ``tab[L % H, 0]``, as
     :func:`sparseopt.kernels.exact._decay_rows_template` does (launched only when
-    some step had weight decay). Grid-stride over the elements."""
+    some step had weight decay); a 16-bit variable's (``LOWP``: its ``uint16`` bits)
+    rounded to float32, then to 16 bits with the random bits of step ``hi`` (``key``).
+    Grid-stride over the elements."""
     n = tab.shape[0]
     d = p.shape[1]
     count = numba.int64(p.shape[0]) if every_row else k
@@ -171,40 +173,29 @@ def decay_rows(p, rows, k, every_row, last, floor, hi, tab):
         r = u if every_row else rows[u]
         lo = max(last[r], floor)
         if lo < hi:
-            p[r, j] = p[r, j] * tab[lo % n, 0]
-        i += stride
-
-
-def _decay_rows_lowp_template(p, rows, k, every_row, last, floor, hi, tab, key):
-    """:func:`decay_rows` on a 16-bit variable's ``uint16`` bits: each scaled element rounded
-    to float32, then to 16 bits with the random bits of step ``hi`` (``key``), as
-    :func:`sparseopt.kernels.exact._decay_rows_template` rounds it on the CPU."""
-    n = tab.shape[0]
-    d = p.shape[1]
-    count = numba.int64(p.shape[0]) if every_row else k
-    i = numba.int64(cuda.grid(1))
-    stride = numba.int64(cuda.gridsize(1))
-    while i < count * d:
-        u = i // d
-        j = i - u * d
-        r = u if every_row else rows[u]
-        lo = max(last[r], floor)
-        if lo < hi:
-            bits = element_bits(key, r * d + j) if STOCHASTIC else np.uint64(0)
-            p[r, j] = NARROW(np.float32(WIDEN(p[r, j]) * tab[lo % n, 0]), bits, STOCHASTIC)
+            if LOWP:
+                bits = element_bits(key, r * d + j) if STOCHASTIC else np.uint64(0)
+                p[r, j] = NARROW(np.float32(WIDEN(p[r, j]) * tab[lo % n, 0]), bits, STOCHASTIC)
+            else:
+                p[r, j] = p[r, j] * tab[lo % n, 0]
         i += stride
 
 
 @functools.lru_cache(maxsize=None)
-def decay_rows_lowp(kind, stochastic):
-    """``kernel[blocks, threads, stream](p, rows, k, every_row, last, floor, hi, tab, key)``:
-    :func:`decay_rows` for a 16-bit variable (``key``: step ``hi``'s rounding key)."""
+def decay_rows(lowp_config=None):
+    """``kernel[blocks, threads, stream](p, rows, k, every_row, last, floor, hi, tab, key)``
+    (``lowp_config``: a 16-bit variable's ``(kind, stochastic, ...)``, ``key`` then step
+    ``hi``'s rounding key; else None, ``key`` unread)."""
+    if lowp_config is None:
+        return cuda.jit(**ck.KERNEL_FLAGS)(specialize(_decay_rows_template, "f", LOWP=False))
+    kind, stochastic = lowp_config[:2]
     widen, narrow = ck._conversions(kind)
-    constants = dict(WIDEN=widen, NARROW=narrow, STOCHASTIC=bool(stochastic), element_bits=lowp.element_bits)
+    constants = dict(LOWP=True, WIDEN=widen, NARROW=narrow, STOCHASTIC=bool(stochastic),
+                     element_bits=lowp.element_bits)
     if ck._simulator():
         constants["element_bits"] = ck._simulated_lowp({})["element_bits"]
     return cuda.jit(**ck.KERNEL_FLAGS)(specialize(
-        _decay_rows_lowp_template, f"{kind}{'_sr' if stochastic else '_rne'}", **constants))
+        _decay_rows_template, f"{kind}{'_sr' if stochastic else '_rne'}", **constants))
 
 
 @cuda.jit(**ck.KERNEL_FLAGS)

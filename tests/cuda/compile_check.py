@@ -114,8 +114,8 @@ def compile_low_precision(kc, i64):
                 count += 2
     for kind in ("bfloat16", "float16"):
         compile_one(kc.widen_kernel(kind), (u16, f1))
-        compile_one(ce.decay_rows_lowp(kind, True), (b2, i64, types.int64, types.boolean, i64, types.int64,
-                                                     types.int64, arr(np.float64, 2), types.uint64))
+        compile_one(ce.decay_rows((kind, True)), (b2, i64, types.int64, types.boolean, i64, types.int64,
+                                                  types.int64, arr(np.float64, 2), types.uint64))
         count += 2
     return count
 
@@ -220,8 +220,8 @@ def main():
         compile_one(kc.gather_rows, (arr(dtype, 2), i64, types.int64, arr(dtype, 2)))
         compile_one(kc.scatter_rows, (arr(dtype, 2), i64, types.int64, arr(dtype, 2)))
         compile_one(kc.sum_kernel(256, True), (f1, arr(np.float64, 1)))
-        compile_one(ce.decay_rows, (arr(dtype, 2), i64, types.int64, types.boolean, i64, types.int64,
-                                    types.int64, arr(np.float64, 2)))
+        compile_one(ce.decay_rows(), (arr(dtype, 2), i64, types.int64, types.boolean, i64, types.int64,
+                                      types.int64, arr(np.float64, 2), types.uint64))
         count += 9
     compile_one(kc.sum_kernel(256, False), (arr(np.float64, 1), arr(np.float64, 1)))
     compile_one(kc.fill, (i64, types.int64))
