@@ -194,7 +194,7 @@ def _write_record(ex, step, rec):
         ex.device.write_record(ex.hist, index)
 
 
-def run(opt, updates, coefficients, wd, sparse_type, dense_run):
+def run(opt, updates, coefficients, wd, sparse_type, dense_run, lazy_run):
     """One exact-mode step: ``updates`` are the base class's ``(state, update)`` pairs.
 
     Where the rule declares this step's idle step the identity (``idle_is_identity(c, wd)``,
@@ -205,10 +205,15 @@ def run(opt, updates, coefficients, wd, sparse_type, dense_run):
     the full path runs.
 
     ``sparse_type``: the class of a sparse update (``optimizer._SparseUpdate``);
-    ``dense_run(state, update, c, wd, has_wd)`` runs an update the ordinary way.
+    ``dense_run(state, update, c, wd, has_wd)`` runs an update the ordinary way;
+    ``lazy_run(pairs)`` runs ``(state, update)`` pairs as a lazy step does
+    (``optimizer.run_lazy``: the tables of one kernel configuration in one parallel
+    region): the lazy updates of this step (those above, and dense updates of variables
+    with no row behind) run through it together, after the others.
     """
     rule = opt._rule
     identity = getattr(rule, "idle_is_identity", None)
+    lazy = []
     for state, update in updates:
         has_wd = wd != 0.0 and opt._uses_weight_decay(state)
         dtype = state.math_dtype
@@ -225,13 +230,15 @@ def run(opt, updates, coefficients, wd, sparse_type, dense_run):
                 ex.steps += 1
                 _write_record(ex, ex.steps, _record(state, ex, c, wd_v))
                 ex.mark_current()
-            dense_run(state, update, c, wd_v, has_wd)
+                dense_run(state, update, c, wd_v, has_wd)
+            else:
+                lazy.append((state, update))
             continue
         ex = opt._exact_states.get(id(state.var))
         if identity is not None and (ex is None or not ex.pending()) and identity(c, wd_v):
             # The idle step is the identity and no row is behind: every row stays current
             # without bookkeeping, and the step is a lazy one.
-            dense_run(state, update, c, wd_v, has_wd)
+            lazy.append((state, update))
             if ex is not None:
                 ex.steps += 1
                 ex.mark_current()
@@ -265,6 +272,8 @@ def run(opt, updates, coefficients, wd, sparse_type, dense_run):
                     ex.floor, ex.steps, ex.hist, ex.tab, c_step, wd_v, _idle_coefficients(rule, ex),
                     dtype(0), _tol(ex.dtype))
         ex.steps += 1
+    if lazy:
+        lazy_run(lazy)
 
 
 def flush(opt):
