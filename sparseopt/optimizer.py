@@ -973,6 +973,8 @@ def _table_key(rule, state, update, dtype, has_wd):
     if getattr(update, "on_device", False):  # a CUDA update: one launch per group (_cuda.run_tables)
         key = _cuda.table_key(state, update)
         return None if key is None else (rule, dtype, has_wd, (state.kernel_slot_names, key), None, None)
+    if cpu.has_reduction(rule):  # its own two-pass kernel per table (sparseopt.kernels.cpu)
+        return None
     if type(update) is _SparseUpdate:
         inner = update
         row_names = None

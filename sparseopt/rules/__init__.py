@@ -41,8 +41,8 @@ slots; the row-reduction kernels run them.
 (:func:`sparseopt.rules.nadam.next_u_product`); the optimizer keeps it.
 """
 
-from sparseopt.rules import (adadelta, adagrad, adam, adamax, ftrl, lion, nadam, rmsprop,
+from sparseopt.rules import (adadelta, adagrad, adam, adamax, ftrl, lamb, lion, nadam, rmsprop,
                              rowwise_adagrad, sgd)
 
-__all__ = ["adadelta", "adagrad", "adam", "adamax", "ftrl", "lion", "nadam", "rmsprop",
+__all__ = ["adadelta", "adagrad", "adam", "adamax", "ftrl", "lamb", "lion", "nadam", "rmsprop",
            "rowwise_adagrad", "sgd"]
