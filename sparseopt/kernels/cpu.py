@@ -26,6 +26,10 @@ row: per row, a first pass over its columns sums ``ROW_TERM`` (the rule's
 ``row_term``) and divides by the width, ``ROW_RULE`` (``row_update``) updates the row
 slots ``r0, r1, r2`` (arrays of shape ``(rows,)``), then the element pass runs
 ``RULE`` with the new row values. One thread owns a whole row.
+
+Rules with a reduction stage (:mod:`sparseopt.rules.lamb`: a norm of the update) run two
+passes per unit, the whole variable (dense) or each unique row (sparse): see "reduction
+rules" below; :func:`dense_kernel` and :func:`sparse_kernel` return those kernels for them.
 """
 
 import functools
