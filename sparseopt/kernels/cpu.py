@@ -736,8 +736,9 @@ def _reduce_sparse_template(p, s0, s1, s2, rows, offsets, order, values, c, wd_l
 
 
 def has_reduction(rule_module):
-    """Whether a rule declares a reduction stage (``REDUCTION = True``)."""
-    return bool(getattr(rule_module, "REDUCTION", False))
+    """Whether a rule declares a reduction stage (``REDUCTION = True``). Asked per kernel
+    call: a dict lookup, no AttributeError raised and caught for the other rules."""
+    return vars(rule_module).get("REDUCTION", False) is True
 
 
 @functools.lru_cache(maxsize=None)

@@ -61,3 +61,31 @@ def test_sparse_steps_are_the_cores_per_row_steps():
 def test_exact_mode_is_refused():
     with pytest.raises(errors.HyperparameterError, match="Lamb has no sparse_mode='exact'"):
         sparseopt_tf.Lamb(sparse_mode="exact")
+
+
+def test_legacy_class_runs_the_cores_steps():
+    """``sparseopt_tf.legacy.Lamb`` (tf_keras has no legacy Lamb): dense and sparse steps in a
+    ``tf.function`` are the core's, bit for bit, with the betas in float32 (the legacy
+    classes keep hyperparameters in float32 variables, as ``OptimizerV2._set_hyper``)."""
+    rng = np.random.default_rng(2)
+    init = rng.normal(size=(30, 4)).astype(np.float32)
+    grads = [rng.normal(size=init.shape).astype(np.float32) for _ in range(3)]
+    batches = sparse_batches(rng, 30, 4, 3, 12)
+    var = tf.Variable(init)
+    opt = sparseopt_tf.legacy.Lamb(learning_rate=0.05)
+
+    @tf.function
+    def dense(g):
+        opt.apply_gradients([(g, var)])
+
+    @tf.function
+    def sparse(values, indices):
+        opt.apply_gradients([(tf.IndexedSlices(values, indices, tf.constant([30, 4], tf.int64)), var)])
+    expected = init.copy()
+    core = so.Lamb(learning_rate=0.05, beta_1=float(np.float32(0.9)), beta_2=float(np.float32(0.999)))
+    for g, (values, indices) in zip(grads, batches):
+        dense(tf.constant(g))
+        sparse(tf.constant(values), tf.constant(indices))
+        core.apply_gradients([(g, expected)])
+        core.apply_gradients([(so.IndexedSlices(values, indices), expected)])
+    np.testing.assert_array_equal(var.numpy(), expected)
