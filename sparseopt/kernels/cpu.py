@@ -33,6 +33,7 @@ rules" below; :func:`dense_kernel` and :func:`sparse_kernel` return those kernel
 """
 
 import functools
+import threading
 
 import numba
 import numpy as np
@@ -580,7 +581,7 @@ def dense_kernel(rule_module, used, has_wd, lowp=None):
     whole variable (:func:`_reduce_dense_template`).
     """
     if has_reduction(rule_module):
-        return _reduce_kernel(_reduce_dense_template, rule_module, tuple(used), has_wd, lowp)
+        return _reduce_dense_kernel(rule_module, tuple(used), has_wd, lowp)
     return _dense_kernel(rule_module, used, has_wd, lowp)
 
 
@@ -677,35 +678,80 @@ def _apply_as_row_rule(x, d, a, b, e, scale, rb, re, c):
     return REDUCE_APPLY(x, d, scale, c), a, b, e
 
 
-def _reduce_row_template(p, s0, s1, s2, row, grad, src, c, wd_lr, direction):
-    """Both passes on row ``row`` with the gradient row ``grad[src]`` (``direction``: a
-    scratch row of the math dtype)."""
+#: Elements whose terms a dense first pass keeps in scratch before summing them (per thread,
+#: in L1): the element loop stores, the sum loop adds, so the element loop (divisions, square
+#: roots) vectorizes, which a loop carrying a float sum does not (no fast-math reassociation).
+REDUCE_CHUNK = 512
+
+
+@numba.njit(**_config.CPU_RULE_FLAGS)
+def _lane_sum(x, n, zero):
+    """``x[0] + ... + x[n - 1]`` in a fixed order: eight running sums (element ``i`` in sum
+    ``i % 8``), then added pairwise. Eight independent chains instead of one: the sum is not
+    bound by the latency of one addition per element. The same bits for any thread count."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = zero
+    i = 0
+    while i + 8 <= n:
+        a0 += x[i]
+        a1 += x[i + 1]
+        a2 += x[i + 2]
+        a3 += x[i + 3]
+        a4 += x[i + 4]
+        a5 += x[i + 5]
+        a6 += x[i + 6]
+        a7 += x[i + 7]
+        i += 8
+    while i < n:
+        a0 += x[i]
+        i += 1
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+
+
+def _reduce_row_template(p, s0, s1, s2, row, grad, src, c, wd_lr, work):
+    """Both passes on row ``row`` with the gradient row ``grad[src]`` (``work``: a ``(3, d)``
+    scratch of the math dtype: directions, then the two terms)."""
     PREFETCH(p, s0, s1, s2, p, p, p, row)
-    t0 = wd_lr - wd_lr  # a zero of the math dtype (wd_lr is finite)
-    t1 = t0
-    for j in range(p.shape[1]):
-        d, a, b = TERMS(p, s0, s1, s2, (row, j), grad[src, j], c, wd_lr)
-        direction[j] = d
-        t0 += a
-        t1 += b
-    scale = REDUCE_SCALE(t0, t1, c)
-    for j in range(p.shape[1]):
-        APPLY_STEP(p, s0, s1, s2, (row, j), direction[j], scale, scale, scale, c, wd_lr)
+    d = p.shape[1]
+    for j in range(d):
+        dj, a, b = TERMS(p, s0, s1, s2, (row, j), grad[src, j], c, wd_lr)
+        work[0, j] = dj
+        work[1, j] = a
+        work[2, j] = b
+    zero = wd_lr - wd_lr  # a zero of the math dtype (wd_lr is finite)
+    scale = REDUCE_SCALE(_lane_sum(work[1], d, zero), _lane_sum(work[2], d, zero), c)
+    for j in range(d):
+        APPLY_STEP(p, s0, s1, s2, (row, j), work[0, j], scale, scale, scale, c, wd_lr)
 
 
-def _reduce_dense_template(p, g, s0, s1, s2, c, wd_lr):
-    """The whole flat variable as one unit (see the comment above)."""
+def _reduce_dense_template(p, g, s0, s1, s2, c, wd_lr, direction):
+    """The whole flat variable as one unit (see the comment above); ``direction``: scratch of
+    ``p.size`` elements of the math dtype. Block ``t`` of ``PARTS`` sums its terms chunk by
+    chunk (:data:`REDUCE_CHUNK`, :func:`_lane_sum`); the blocks' sums are added in order."""
     n = p.size
-    direction = np.empty(n, g.dtype)
-    sums = np.zeros((PARTS, 2), g.dtype)
+    zero = wd_lr - wd_lr
+    sums = np.empty((PARTS, 2), g.dtype)
+    terms = np.empty((PARTS, 2, REDUCE_CHUNK), g.dtype)
     for t in prange(PARTS):
-        t0 = sums[t, 0]
-        t1 = sums[t, 1]
-        for i in range(t * n // PARTS, (t + 1) * n // PARTS):
-            d, a, b = TERMS(p, s0, s1, s2, i, g[i], c, wd_lr)
-            direction[i] = d
-            t0 += a
-            t1 += b
+        t0 = zero
+        t1 = zero
+        terms0 = terms[t, 0]
+        terms1 = terms[t, 1]
+        lo = t * n // PARTS
+        hi = (t + 1) * n // PARTS
+        while lo < hi:
+            count = min(REDUCE_CHUNK, hi - lo)
+            # unsigned indices: no negative-index wraparound in the loop, which would stop
+            # it from vectorizing (measured: 12 ms instead of 31 for 4M float32 elements)
+            base = numba.uint64(lo)
+            for j in range(numba.uint64(count)):
+                i = base + j
+                d, a, b = TERMS(p, s0, s1, s2, i, g[i], c, wd_lr)
+                direction[i] = d
+                terms0[j] = a
+                terms1[j] = b
+            t0 += _lane_sum(terms0, count, zero)
+            t1 += _lane_sum(terms1, count, zero)
+            lo += count
         sums[t, 0] = t0
         sums[t, 1] = t1
     t0 = sums[0, 0]
@@ -724,15 +770,34 @@ def _reduce_sparse_template(p, s0, s1, s2, rows, offsets, order, values, c, wd_l
     d = p.shape[1]
     bounds = balanced_parts(offsets, PARTS, ROW_COST)
     scratch = np.empty((PARTS, d), values.dtype)
-    directions = np.empty((PARTS, d), values.dtype)
+    works = np.empty((PARTS, 3, d), values.dtype)
     for t in prange(PARTS):
         buf = scratch[t:t + 1]
-        direction = directions[t]
+        work = works[t]
         end = bounds[t + 1]
         for u in range(bounds[t], end):
             AHEAD(p, s0, s1, s2, p, p, p, rows, offsets, order, values, u, end)
             grad, src = _gradient_row(buf, values, order, offsets[u], offsets[u + 1])
-            REDUCE_ROW(p, s0, s1, s2, rows[u], grad, src, c, wd_lr, direction)
+            REDUCE_ROW(p, s0, s1, s2, rows[u], grad, src, c, wd_lr, work)
+
+
+class _DenseScratch:
+    """A dense reduction kernel called as :func:`dense_kernel`'s are, with its directions'
+    scratch: one buffer per thread and dtype, kept between steps and grown to the largest
+    variable seen (a fresh array of a variable's size per step would cost its page faults,
+    about half of a large step)."""
+
+    _local = threading.local()
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __call__(self, p, g, s0, s1, s2, c, wd_lr):
+        buffers = self._local.__dict__.setdefault("buffers", {})
+        buf = buffers.get(g.dtype)
+        if buf is None or buf.size < p.size:
+            buf = buffers[g.dtype] = np.empty(p.size, g.dtype)
+        self.kernel(p, g, s0, s1, s2, c, wd_lr, buf[:p.size])
 
 
 def has_reduction(rule_module):
@@ -775,7 +840,7 @@ def _reduce_helpers(rule_module, used, has_wd, lowp):
     constants["APPLY_STEP"] = inline(specialize(_step_template, f"{suffix}_a", **apply))
     constants["PREFETCH"] = inline(specialize(_prefetch_template, suffix, **constants))
     constants["AHEAD"] = inline(specialize(_ahead_template, suffix, **constants))
-    constants["ROW_COST"] = 2 * (1 + sum(used)) + 2  # and the direction's scratch row
+    constants["ROW_COST"] = 2 * (1 + sum(used))
     constants["REDUCE_ROW"] = inline(specialize(_reduce_row_template, suffix, **constants))
     return f"{suffix}_reduce", constants
 
@@ -785,6 +850,11 @@ def _reduce_kernel(template, rule_module, used, has_wd, lowp):
     suffix, constants = _reduce_helpers(rule_module, tuple(used), has_wd, lowp)
     return _config.parallel_kernel(
         numba.njit(**_config.CPU_KERNEL_FLAGS)(specialize(template, suffix, **constants)))
+
+
+@functools.lru_cache(maxsize=None)
+def _reduce_dense_kernel(rule_module, used, has_wd, lowp):
+    return _DenseScratch(_reduce_kernel(_reduce_dense_template, rule_module, used, has_wd, lowp))
 
 
 def place(rule_slots, kept, placeholder):
