@@ -645,7 +645,8 @@ def _row_sparse_kernel(rule_module, used, row_used, has_wd, lowp):
 # ``dense_kernel`` and ``sparse_kernel`` return these kernels for such a rule (the same
 # signatures), so every caller of those runs it.
 
-TERMS = APPLY_STEP = REDUCE_ROW = REDUCE_TERMS = REDUCE_SCALE = REDUCE_APPLY = STORE_SLOTS = None  # bound per specialization
+TERMS = APPLY_STEP = REDUCE_ROW = STORE_SLOTS = None  # bound per reduction specialization
+REDUCE_TERMS = REDUCE_SCALE = REDUCE_APPLY = None  # the rule's stage, bound likewise
 
 
 def _store_slots_template(p, s0, s1, s2, at, x, a, b, e, c):
@@ -821,19 +822,17 @@ def _reduce_helpers(rule_module, used, has_wd, lowp):
         kind, stochastic, slot_kind = lowp
         suffix += f"_{kind}{'_sr' if stochastic else '_rne'}{'_s' + slot_kind if slot_kind else ''}"
         widen, narrow = lowp_kernels.CONVERSIONS[kind]
-        constants.update(WIDEN=widen, NARROW=narrow, STOCHASTIC=bool(stochastic), SLOT16=slot_kind is not None,
+        constants.update(WIDEN=widen, NARROW=narrow, STOCHASTIC=bool(stochastic),
+                         SLOT16=slot_kind is not None,
                          WIDEN_SLOT=lowp_kernels.bf16_to_f32 if slot_kind else lowp_kernels.same)
-        templates = lowp_kernels._load_template, lowp_kernels._store_template
+        load, store = lowp_kernels._load_template, lowp_kernels._store_template
     else:
-        templates = _load_template, _store_template
+        load, store = _load_template, _store_template
     # The second pass touches only the parameter: its load and store keep no slot.
     apply = dict(constants, U0=False, U1=False, U2=False)
-    for names, where, tag in ((("LOAD", "STORE_ROUNDED"), constants, "t"), (("LOAD", "STORE_ROUNDED"), apply, "a")):
-        where[names[0]] = inline(specialize(templates[0], f"{suffix}_{tag}", **where))
-        if lowp is not None:
-            where[names[1]] = inline(specialize(templates[1], f"{suffix}_{tag}", **where))
-        else:
-            where["STORE"] = inline(specialize(templates[1], f"{suffix}_{tag}", **where))
+    for where, tag in ((constants, "t"), (apply, "a")):
+        where["LOAD"] = inline(specialize(load, f"{suffix}_{tag}", **where))
+        where["STORE_ROUNDED" if lowp else "STORE"] = inline(specialize(store, f"{suffix}_{tag}", **where))
     apply["RULE"] = inline(specialize(_apply_as_row_rule, suffix, **apply))
     constants["STORE_SLOTS"] = inline(specialize(_store_slots_template, suffix, **constants))
     constants["TERMS"] = inline(specialize(_terms_template, suffix, **constants))

@@ -606,8 +606,8 @@ def _reduce_helpers(rule_module, used, has_wd, lowp_config):
         kind, stochastic, slot_kind = lowp_config
         suffix += f"_{kind}{'_sr' if stochastic else '_rne'}{'_s' + slot_kind if slot_kind else ''}_cuda"
         widen, narrow = lowp.CONVERSIONS[kind]
-        constants.update(WIDEN=widen, NARROW=narrow, STOCHASTIC=bool(stochastic), SLOT16=slot_kind is not None,
-                         WIDEN_SLOT=lowp.bf16_to_f32 if slot_kind else lowp.same)
+        constants.update(WIDEN=widen, NARROW=narrow, STOCHASTIC=bool(stochastic),
+                         SLOT16=slot_kind is not None, WIDEN_SLOT=lowp.bf16_to_f32 if slot_kind else lowp.same)
         constants["flat_index"] = device_flat_index
         if _simulator():
             constants.update(_simulated_lowp(constants))
@@ -616,7 +616,8 @@ def _reduce_helpers(rule_module, used, has_wd, lowp_config):
     apply = dict(constants, U0=False, U1=False, U2=False)  # the second pass keeps no slot
     for where, tag in ((constants, "t"), (apply, "a")):
         where["LOAD"] = device(specialize(load, f"{suffix}_{tag}", **where))
-        where["STORE_ROUNDED" if lowp_config else "STORE"] = device(specialize(store, f"{suffix}_{tag}", **where))
+        stored = "STORE_ROUNDED" if lowp_config else "STORE"
+        where[stored] = device(specialize(store, f"{suffix}_{tag}", **where))
     apply["RULE"] = device(specialize(cpu._apply_as_row_rule, suffix, **apply))
     constants["STORE_SLOTS"] = device(specialize(cpu._store_slots_template, suffix, **constants))
     out = dict(TERMS=device(specialize(cpu._terms_template, suffix, **constants)),

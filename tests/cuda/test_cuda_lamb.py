@@ -40,7 +40,7 @@ def test_sparse_steps_match_the_cpu(dtype):
     p0 = rng.normal(size=(ROWS, WIDTH)).astype(dtype)
     batches = [sparse_batch(rng, ROWS, WIDTH, K, dtype) for _ in range(3)]
     var, cpu_var = dev(p0), p0.copy()
-    opt, cpu_opt = so.Lamb(learning_rate=0.05, weight_decay=0.1), so.Lamb(learning_rate=0.05, weight_decay=0.1)
+    opt, cpu_opt = (so.Lamb(learning_rate=0.05, weight_decay=0.1) for _ in range(2))
     for values, idx in batches:
         opt.apply_gradients([(dev_slices(values, idx, p0.shape), var)])
         cpu_opt.apply_gradients([(so.IndexedSlices(values, idx), cpu_var)])
@@ -59,7 +59,7 @@ def test_dense_steps_match_the_cpu():
     p0 = rng.normal(size=(ROWS, WIDTH))
     grads = [rng.normal(size=p0.shape) for _ in range(3)]
     var, cpu_var = dev(p0), p0.copy()
-    opt, cpu_opt = so.Lamb(learning_rate=0.05, clipnorm=2.0), so.Lamb(learning_rate=0.05, clipnorm=2.0)
+    opt, cpu_opt = (so.Lamb(learning_rate=0.05, clipnorm=2.0) for _ in range(2))
     for g in grads:
         opt.apply_gradients([(dev(g), var)])
         cpu_opt.apply_gradients([(g, cpu_var)])
