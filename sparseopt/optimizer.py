@@ -974,6 +974,8 @@ def _table_key(rule, state, update, dtype, has_wd):
     in a table-batched region (:func:`_run_tables`), or None (it runs on its own). A 16-bit
     variable's includes its rounding (``state.lowp``: kind, stochastic, slot kind), so
     bfloat16, float16 and float32 tables of one call run in regions of their own."""
+    if cpu.has_reduction(rule):  # its own two-pass kernel per table (sparseopt.kernels.cpu, .cuda)
+        return None
     if getattr(update, "on_device", False):  # a CUDA update: one launch per group (_cuda.run_tables)
         key = _cuda.table_key(state, update)
         return None if key is None else (rule, dtype, has_wd, (state.kernel_slot_names, key), None, None)
