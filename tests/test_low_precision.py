@@ -256,18 +256,29 @@ def test_round_to_nearest_step_is_the_float32_step_cast(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", KINDS, ids=KIND_IDS)
-def test_16_bit_gradients_equal_float32_gradients_of_the_same_values(dtype):
+@pytest.mark.parametrize("name, options", [
+    ("adam", {}), ("rowwise_adagrad", {}), ("adam", {"clipnorm": 0.5}),
+    ("adamw", {"sparse_mode": "exact"})], ids=["adam", "rowwise_adagrad", "adam_clipnorm", "adamw_exact"])
+def test_16_bit_gradients_equal_float32_gradients_of_the_same_values(dtype, name, options):
+    """A 16-bit gradient gives the bits of the float32 gradient of the same values: the
+    sparse kernels widen its rows as they read them (elementwise and row-wise rules; a row
+    with duplicates is summed in float32), clipping and exact mode widen it first."""
     rng = np.random.default_rng(3)
     table32, idx, values, dense = _inputs(rng)
     values16, dense16 = values.astype(dtype), dense.astype(dtype)
+    case = CASES[IDS.index(name)]
     tables = []
     for vals, dns in ((values16, dense16), (values16.astype(np.float32), dense16.astype(np.float32))):
         t = table32.astype(dtype)
-        opt = so.Adam(0.01, seed=9)
-        opt.apply_gradients([(so.IndexedSlices(vals, idx), t)])
+        opt = case.make(seed=9, **options)
+        for _ in range(2):
+            opt.apply_gradients([(so.IndexedSlices(vals, idx), t)])
+            opt.apply_gradients([(so.IndexedSlices(vals[:2], idx[1:3]), t)])  # row 7 idle (exact: caught up)
         opt.apply_gradients([(dns, t)])
-        tables.append(t)
-    assert same16(tables[0], tables[1])
+        tables.append((t, [v.copy() for v in opt.variables()]))
+    (a, slots_a), (b, slots_b) = tables
+    assert same16(a, b) and not same16(a, table32.astype(dtype))
+    assert all(np.array_equal(x, y) for x, y in zip(slots_a, slots_b))
 
 
 def test_dense_and_sparse_steps_draw_the_same_bits():

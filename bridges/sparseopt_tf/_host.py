@@ -159,6 +159,7 @@ class HostStep:
             if self.rowwise:  # the core's row-reduction kernels (sparseopt.optimizers._rowwise)
                 updates = [(state, _RowUpdate(update, state.row_slots)) for state, update in updates]
             if self.exact is not None:
+                _core.widen_sparse(updates)  # exact mode's kernels read float gradient values
                 rule = self.rule
                 self.exact.step(updates, coefficients, wd_lr, _core._SparseUpdate,
                                 lambda state, update, c, wd, has_wd: update.run(

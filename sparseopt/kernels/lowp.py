@@ -112,6 +112,11 @@ def widen(array):
     return out.view(np.float32)
 
 
+def widen_bits(bits, kind):
+    """:func:`widen` of the ``uint16`` bits of a 16-bit array of ``kind``."""
+    return widen(bits.view(BFLOAT16 if kind == "bfloat16" else FLOAT16))
+
+
 @functools.lru_cache(maxsize=None)
 def _keyed_class(cls):
     """``cls`` (a rule's ``Coefficients``) with one more field, ``rounding_key``.
