@@ -470,6 +470,20 @@ def slot_bits(seed, step, index, k):
     return element_bits(seed, step, index) >> (16 * (k + 1))
 
 
+def test_slot_storage_starts_on_a_cache_line():
+    """Slot storage is 64-byte aligned (slots.aligned_empty): a 256-byte float32 or 128-byte
+    bfloat16 row lies on 4 or 2 whole lines; the slots are ordinary zeroed, writable views."""
+    for dtype, slot_dtype in ((np.float32, None), (BF16, None), (BF16, "bfloat16")):
+        for _ in range(3):  # other allocations in between: a fresh address each time
+            table = np.zeros((10, 64), dtype)
+            opt = so.Adam(0.01, slot_dtype=slot_dtype)
+            opt.build([table])
+            for name in ("m", "v"):
+                slot = opt.get_slot(table, name)
+                assert slot.ctypes.data % 64 == 0 and slot.flags.c_contiguous and slot.flags.writeable
+                assert slot.dtype == (BF16 if slot_dtype else np.float32) and not np.any(slot.astype(np.float32))
+
+
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: c.id)
 def test_bfloat16_slots_are_the_float32_step_rounded(case):
     """slot_dtype="bfloat16" on a bfloat16 table: each step (sparse, dense, sparse) equals
