@@ -663,6 +663,7 @@ class Optimizer:
                      self._converted)
 
         if self.sparse_mode == "exact":
+            widen_sparse(updates)
             _exact.run(self, updates, coefficients, wd, _SparseUpdate,
                        lambda state, update, c, wd_v, has_wd: update.run(
                            _variant.for_step(rule, c), state, c, wd_v, has_wd), lazy_run)
@@ -807,10 +808,16 @@ class _DenseUpdate:
 
 
 class _SparseUpdate:
-    __slots__ = ("values", "indices", "rows", "offsets", "order", "name", "summed", "at")
+    """A validated sparse gradient. ``values``: float32/float64 rows, or the ``uint16`` bits
+    of a 16-bit variable's own-dtype gradient (``kind`` says which: None, ``"bfloat16"``
+    or ``"float16"``), which the lazy kernels widen as they read each row; what needs the
+    values as floats (clipping, exact mode) calls :meth:`widen` first."""
+
+    __slots__ = ("values", "indices", "rows", "offsets", "order", "name", "summed", "at", "kind")
 
     def __init__(self, values, indices, name):
-        self.values = values
+        self.kind = lowp.kind(values.dtype)
+        self.values = lowp.as_bits(values) if self.kind else values
         self.indices = indices
         self.name = name
         self.summed = False
@@ -821,10 +828,17 @@ class _SparseUpdate:
         values, indices = _validation.sparse_gradient(g, var, name)
         return cls(values, indices, name)
 
+    def widen(self):
+        """16-bit gradient values widened to a float32 copy (exact), as the kernels widen them."""
+        if self.kind:
+            self.values = lowp.widen_bits(self.values, self.kind)
+            self.kind = None
+
     def plan(self, var):
         self.rows, self.offsets, self.order = _validation.plan(self.indices, var.shape[0], self.name)
 
     def _sum_duplicates(self):
+        self.widen()
         if not self.summed:
             self.values = dedup.segment_sum(self.values, self.offsets, self.order)
             self.offsets, self.order = dedup.identity_plan(self.rows.size)
@@ -958,6 +972,16 @@ def run_lazy(rule, updates, coefficients, wd, has_wd, batch, convert=None):
                 _run_tables(step_rule, group, c, wd_v, uses_wd, row_used)
 
 
+def widen_sparse(updates):
+    """16-bit sparse gradient values of ``updates`` (``(state, update)`` pairs, a row-wise
+    rule's wrapped) widened to float32 (:meth:`_SparseUpdate.widen`): exact mode's kernels
+    read float values."""
+    for _, update in updates:
+        inner = getattr(update, "update", update)
+        if type(inner) is _SparseUpdate:
+            inner.widen()
+
+
 def kernel_step(state, c):
     """``(lowp, c)`` for a kernel on ``state``'s variable (:meth:`VariableState.kernel_step`:
     ``(None, c)`` for a float32/float64 variable, or a state without it)."""
@@ -973,7 +997,8 @@ def _table_key(rule, state, update, dtype, has_wd):
     """The kernel configuration under which a lazy sparse update of a NumPy variable runs
     in a table-batched region (:func:`_run_tables`), or None (it runs on its own). A 16-bit
     variable's includes its rounding (``state.lowp``: kind, stochastic, slot kind), so
-    bfloat16, float16 and float32 tables of one call run in regions of their own."""
+    bfloat16, float16 and float32 tables of one call run in regions of their own, and whether
+    its gradient values are 16-bit (``inner.kind``), which the region reads as bits."""
     if cpu.has_reduction(rule):  # its own two-pass kernel per table (sparseopt.kernels.cpu, .cuda)
         return None
     if getattr(update, "on_device", False):  # a CUDA update: one launch per group (_cuda.run_tables)
@@ -991,7 +1016,7 @@ def _table_key(rule, state, update, dtype, has_wd):
     if not inner.rows.size or type(state.var) is not np.ndarray or (
             lowp_config is None and getattr(state, "kind", None) is not None):
         return None
-    return rule, dtype, has_wd, state.kernel_slot_names, row_names, lowp_config
+    return rule, dtype, has_wd, state.kernel_slot_names, row_names, (lowp_config, inner.kind)
 
 
 def _table_views(rule, state, row_names):
@@ -1057,14 +1082,15 @@ def _run_tables(rule, group, c, wd, has_wd, row_names):
     vstart = np.array(ks, np.int64)
     dtype = type(wd)
     lowp_config, c = kernel_step(group[0][0], c)  # one rounding and key for the whole group
+    grad16 = inners[0].kind is not None  # the group's gradient values are all 16-bit bits, or none
     if row_names is None:
         w = _NO_WIDTHS.get(dtype)
         if w is None:
             w = _NO_WIDTHS[dtype] = np.empty(0, dtype)
-        kernel = cpu.batched_sparse_kernel(rule, used, has_wd, lowp_config)
+        kernel = cpu.batched_sparse_kernel(rule, used, has_wd, lowp_config, grad16)
     else:
         w = np.array(widths, dtype)
-        kernel = cpu.batched_row_sparse_kernel(rule, used, row_used, has_wd, lowp_config)
+        kernel = cpu.batched_row_sparse_kernel(rule, used, row_used, has_wd, lowp_config, grad16)
     kernel(meta, vstart, rows, offsets, order, like, slot_like, c, wd, w)
 
 

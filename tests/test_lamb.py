@@ -164,6 +164,21 @@ def test_bfloat16_table_rounds_the_float32_step():
     np.testing.assert_array_equal(table.view(np.uint16), wide.astype(lowp.bfloat16).view(np.uint16))
 
 
+def test_bfloat16_gradients_give_the_bits_of_their_float32_values():
+    """A bfloat16 table's sparse gradient in bfloat16 (read as bits by the kernel, widened as
+    each row is read) steps as the same values given in float32 (duplicates included)."""
+    lowp = pytest.importorskip("ml_dtypes")
+    rng = np.random.default_rng(7)
+    table = rng.normal(size=(100, 8)).astype(lowp.bfloat16)
+    other, start = table.copy(), table.copy()
+    values = rng.normal(size=(30, 8)).astype(lowp.bfloat16)
+    idx = rng.integers(0, 20, 30)
+    for t, v in ((table, values), (other, values.astype(np.float32))):
+        so.Lamb(learning_rate=0.1, seed=3).apply_gradients([(so.IndexedSlices(v, idx), t)])
+    assert not np.array_equal(table.view(np.uint16), start.view(np.uint16))
+    np.testing.assert_array_equal(table.view(np.uint16), other.view(np.uint16))
+
+
 def test_exact_mode_is_refused_at_construction():
     with pytest.raises(errors.HyperparameterError, match=r"lamb: Lamb has no sparse_mode='exact'"):
         so.Lamb(sparse_mode="exact")

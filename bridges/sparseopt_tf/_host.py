@@ -163,6 +163,7 @@ class HostStep:
                                self.core._batch_tables)
 
             if self.exact is not None:
+                _core.widen_sparse(updates)  # exact mode's kernels read float gradient values
                 rule = self.rule
                 self.exact.step(updates, coefficients, wd_lr, _core._SparseUpdate,
                                 lambda state, update, c, wd, has_wd: update.run(

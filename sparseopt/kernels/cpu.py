@@ -18,7 +18,10 @@ rules, ``ROWWISE``, ``ROW_TERM``, ``ROW_RULE`` and ``V0``, ``V1``, ``V2`` (which
 are kept; all False for the other rules), ``LOWP`` (a 16-bit variable: ``LOAD``,
 ``VALUE`` and ``STORE_ROUNDED`` are :mod:`sparseopt.kernels.lowp`'s, which widen its
 ``uint16`` bits to float32 and round the new value back with the step's random bits,
-passed as ``c.rounding_key``) and ``VALUE`` (the parameter's element as the rule sees it).
+passed as ``c.rounding_key``), ``VALUE`` (the parameter's element as the rule sees it),
+``GRADIENT_ROW`` (a unique row's gradient: :func:`_gradient_row`, or for a 16-bit
+variable :func:`_gradient_reader`'s, which also reads gradient rows of the variable's own
+16-bit dtype, widening them as it reads) and ``SCRATCH`` (the scratch rows, in the math dtype).
 
 The row-reduction family (:func:`row_dense_kernel`, :func:`row_sparse_kernel`) runs
 *row-wise rules* (:mod:`sparseopt.rules.rowwise_adagrad`), which keep some state per
@@ -40,7 +43,7 @@ import numpy as np
 from llvmlite import ir
 from numba import prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from sparseopt import _config
 from sparseopt.kernels import lowp as lowp_kernels
@@ -53,6 +56,7 @@ ROWWISE = ROW = ROW_TERM = ROW_RULE = ROW_SLOTS = None  # bound per row-wise spe
 TABLE_ROWS = None  # bound per table-batched specialization
 LOWP = False  # bound per specialization: a 16-bit variable (sparseopt.kernels.lowp)
 VALUE = STORE_ROUNDED = None  # bound per specialization (STORE_ROUNDED: 16-bit variables)
+GRADIENT_ROW = WIDEN = GRAD_LIKE = SCRATCH = None  # bound per specialization (see _gradient_reader)
 
 #: Runs of :func:`balanced_parts` per sparse step. A fixed number, not the thread
 #: count: ``numba.get_num_threads()`` inside a kernel would stop it from being cached.
@@ -147,6 +151,74 @@ def _gradient_row(buf, values, order, lo, hi):
     return buf, 0
 
 
+def _widened_row_template(buf, values, order, lo, hi):
+    """:func:`_gradient_row` for 16-bit gradient rows (the ``uint16`` bits of a 16-bit
+    variable's dtype): the unique row's gradient rows widened to float32 (``WIDEN``) as
+    they are read, into ``buf[0]``, duplicates summed in position order. Widening is
+    exact, so these are the bits of widening the whole gradient first and then
+    :func:`_gradient_row`, without that float32 copy (a pass that writes twice the
+    gradient's bytes, which the kernel then reads again)."""
+    first = order[lo]
+    for j in range(buf.shape[1]):
+        buf[0, j] = WIDEN(values[first, j])
+    for q in range(lo + 1, hi):
+        src = order[q]
+        for j in range(buf.shape[1]):
+            buf[0, j] += WIDEN(values[src, j])
+    return buf, 0
+
+
+@functools.lru_cache(maxsize=None)
+def _gradient_reader(kind):
+    """``GRADIENT_ROW`` of the kernels of a variable of 16-bit ``kind`` (``"bfloat16"``,
+    ``"float16"``; None: :func:`_gradient_row`): by the gradient values' type, float32
+    rows as :func:`_gradient_row` reads them, ``uint16`` rows (a gradient of the
+    variable's own dtype) through :func:`_widened_row_template`."""
+    if kind is None:
+        return _gradient_row
+    widened = numba.njit(**_config.CPU_RULE_FLAGS)(specialize(
+        _widened_row_template, kind, WIDEN=lowp_kernels.CONVERSIONS[kind][0]))
+
+    def gradient_row(buf, values, order, lo, hi):
+        if values.dtype == np.uint16:  # as Python (NUMBA_DISABLE_JIT); compiled: the overload
+            return widened(buf, values, order, lo, hi)
+        return _gradient_row(buf, values, order, lo, hi)
+
+    # Not ``inline="always"``: Numba's IR inlining of this overload into the row-wise
+    # kernels lost their row slots' writes (numba 0.68); LLVM inlines it anyway.
+    @overload(gradient_row)
+    def _gradient_row_typed(buf, values, order, lo, hi):
+        if values.dtype == types.uint16:
+            return lambda buf, values, order, lo, hi: widened(buf, values, order, lo, hi)
+        return lambda buf, values, order, lo, hi: _gradient_row(buf, values, order, lo, hi)
+    return gradient_row
+
+
+@numba.njit(**_config.CPU_RULE_FLAGS)
+def _scratch_like(shape, values):
+    """``SCRATCH``: the sparse kernels' scratch rows, in the gradient values' dtype."""
+    return np.empty(shape, values.dtype)
+
+
+@numba.njit(**_config.CPU_RULE_FLAGS)
+def _scratch_float32(shape, values):
+    """``SCRATCH`` of a 16-bit variable: float32 (its math's), whether the gradient
+    values are float32 or 16-bit bits (summed widened)."""
+    return np.empty(shape, np.float32)
+
+
+@numba.njit(**_config.CPU_RULE_FLAGS)
+def _math_like(like, widths):
+    """``GRAD_LIKE`` of the table-batched kernels for gradients in the math dtype."""
+    return widths
+
+
+@numba.njit(**_config.CPU_RULE_FLAGS)
+def _bits_like(like, widths):
+    """``GRAD_LIKE`` for 16-bit gradients: their bits are the tables' (``uint16``)."""
+    return like
+
+
 @numba.njit(**_config.CPU_SERIAL_FLAGS)
 def balanced_parts(offsets, parts, row_cost):
     """Split the unique rows ``0..k-1`` into ``parts`` contiguous runs of equal cost.
@@ -200,13 +272,13 @@ def _sparse_template(p, s0, s1, s2, rows, offsets, order, values, c, wd_lr):
     """
     d = p.shape[1]
     bounds = balanced_parts(offsets, PARTS, ROW_COST)
-    scratch = np.empty((PARTS, d), values.dtype)
+    scratch = SCRATCH((PARTS, d), values)
     for t in prange(PARTS):
         buf = scratch[t:t + 1]
         end = bounds[t + 1]
         for u in range(bounds[t], end):
             AHEAD(p, s0, s1, s2, p, p, p, rows, offsets, order, values, u, end)
-            grad, src = _gradient_row(buf, values, order, offsets[u], offsets[u + 1])
+            grad, src = GRADIENT_ROW(buf, values, order, offsets[u], offsets[u + 1])
             ROW_STEP(p, s0, s1, s2, rows[u], grad, src, c, wd_lr)
 
 
@@ -271,7 +343,7 @@ def _elementwise_rows_template(meta, t, like, slot_like, rows, offsets, order, b
     s0 = numba.carray(pointer(meta[t, M_S0], slot_like), (n_rows, d))
     s1 = numba.carray(pointer(meta[t, M_S1], slot_like), (n_rows, d))
     s2 = numba.carray(pointer(meta[t, M_S2], slot_like), (n_rows, d))
-    values = numba.carray(pointer(meta[t, M_VALUES], widths), (meta[t, M_N], d))
+    values = numba.carray(pointer(meta[t, M_VALUES], GRAD_LIKE(like, widths)), (meta[t, M_N], d))
     u0 = meta[t, M_UNIQUE]
     f0 = meta[t, M_OFFSETS]
     o0 = meta[t, M_ORDER]
@@ -280,7 +352,7 @@ def _elementwise_rows_template(meta, t, like, slot_like, rows, offsets, order, b
     order_t = order[o0:o0 + meta[t, M_N]]
     for u in range(lo, hi):
         AHEAD(p, s0, s1, s2, p, p, p, rows_t, offsets_t, order_t, values, u, hi)
-        grad, src = _gradient_row(buf, values, order_t, offsets_t[u], offsets_t[u + 1])
+        grad, src = GRADIENT_ROW(buf, values, order_t, offsets_t[u], offsets_t[u + 1])
         ROW_STEP(p, s0, s1, s2, rows_t[u], grad, src, c, wd_lr)
 
 
@@ -295,7 +367,7 @@ def _rowwise_rows_template(meta, t, like, slot_like, rows, offsets, order, buf, 
     r0 = numba.carray(pointer(meta[t, M_R0], widths), (n_rows,))
     r1 = numba.carray(pointer(meta[t, M_R1], widths), (n_rows,))
     r2 = numba.carray(pointer(meta[t, M_R2], widths), (n_rows,))
-    values = numba.carray(pointer(meta[t, M_VALUES], widths), (meta[t, M_N], d))
+    values = numba.carray(pointer(meta[t, M_VALUES], GRAD_LIKE(like, widths)), (meta[t, M_N], d))
     width = widths[t]
     u0 = meta[t, M_UNIQUE]
     f0 = meta[t, M_OFFSETS]
@@ -305,7 +377,7 @@ def _rowwise_rows_template(meta, t, like, slot_like, rows, offsets, order, buf, 
     order_t = order[o0:o0 + meta[t, M_N]]
     for u in range(lo, hi):
         AHEAD(p, s0, s1, s2, r0, r1, r2, rows_t, offsets_t, order_t, values, u, hi)
-        grad, src = _gradient_row(buf, values, order_t, offsets_t[u], offsets_t[u + 1])
+        grad, src = GRADIENT_ROW(buf, values, order_t, offsets_t[u], offsets_t[u + 1])
         ROW(p, s0, s1, s2, r0, r1, r2, rows_t[u], grad, src, c, wd_lr, width)
 
 
@@ -341,37 +413,41 @@ def _batched_template(meta, vstart, rows, offsets, order, like, slot_like, c, wd
             t += 1
 
 
-def _batched_kernel(rule_module, used, row_used, has_wd, lowp):
+def _batched_kernel(rule_module, used, row_used, has_wd, lowp, grad16):
     suffix, constants = _helpers(rule_module, tuple(used), row_used, has_wd, lowp)
+    if grad16:  # 16-bit gradient values, the tables' dtype: read as the tables' bits
+        suffix += "_g16"
     inline = numba.njit(**_config.CPU_RULE_FLAGS)
     rows_template = _rowwise_rows_template if row_used is not None else _elementwise_rows_template
-    constants = dict(constants, TABLE_ROWS=inline(specialize(rows_template, suffix, **constants)))
+    constants = dict(constants, GRAD_LIKE=_bits_like if grad16 else _math_like)
+    constants["TABLE_ROWS"] = inline(specialize(rows_template, suffix, **constants))
     return _config.parallel_kernel(
         numba.njit(**_config.CPU_KERNEL_FLAGS)(specialize(_batched_template, suffix, **constants)))
 
 
-def batched_sparse_kernel(rule_module, used, has_wd, lowp=None):
+def batched_sparse_kernel(rule_module, used, has_wd, lowp=None, grad16=False):
     """``kernel(meta, vstart, rows, offsets, order, like, slot_like, c, wd_lr, widths)``:
     the sparse updates of many tables of one configuration in one parallel region (columns
     of ``meta`` above: ``M_R0..M_R2`` unused; ``lowp`` as for :func:`sparse_kernel`: 16-bit
-    tables, each rounded with the same bits as by its own kernel)."""
-    return _batched_sparse_kernel(rule_module, used, has_wd, lowp)
+    tables, each rounded with the same bits as by its own kernel; ``grad16``: their gradient
+    values are of their own dtype, read as ``uint16`` bits and widened row by row)."""
+    return _batched_sparse_kernel(rule_module, used, has_wd, lowp, bool(grad16))
 
 
 @functools.lru_cache(maxsize=None)
-def _batched_sparse_kernel(rule_module, used, has_wd, lowp):
-    return _batched_kernel(rule_module, used, None, has_wd, lowp)
+def _batched_sparse_kernel(rule_module, used, has_wd, lowp, grad16):
+    return _batched_kernel(rule_module, used, None, has_wd, lowp, grad16)
 
 
-def batched_row_sparse_kernel(rule_module, used, row_used, has_wd, lowp=None):
+def batched_row_sparse_kernel(rule_module, used, row_used, has_wd, lowp=None, grad16=False):
     """:func:`batched_sparse_kernel` for a row-wise rule (``row_used``: which of its
     ``ROW_SLOTS`` are kept; ``widths``: each table's width in the math dtype)."""
-    return _batched_row_sparse_kernel(rule_module, used, tuple(row_used), has_wd, lowp)
+    return _batched_row_sparse_kernel(rule_module, used, tuple(row_used), has_wd, lowp, bool(grad16))
 
 
 @functools.lru_cache(maxsize=None)
-def _batched_row_sparse_kernel(rule_module, used, row_used, has_wd, lowp):
-    return _batched_kernel(rule_module, used, row_used, has_wd, lowp)
+def _batched_row_sparse_kernel(rule_module, used, row_used, has_wd, lowp, grad16):
+    return _batched_kernel(rule_module, used, row_used, has_wd, lowp, grad16)
 
 
 def _row_slots_template(r0, r1, r2, row, mean, c):
@@ -498,13 +574,13 @@ def _row_sparse_template(p, s0, s1, s2, r0, r1, r2, rows, offsets, order, values
     if d == 0:
         return
     bounds = balanced_parts(offsets, PARTS, ROW_COST)
-    scratch = np.empty((PARTS, d), values.dtype)
+    scratch = SCRATCH((PARTS, d), values)
     for t in prange(PARTS):
         buf = scratch[t:t + 1]
         end = bounds[t + 1]
         for u in range(bounds[t], end):
             AHEAD(p, s0, s1, s2, r0, r1, r2, rows, offsets, order, values, u, end)
-            grad, src = _gradient_row(buf, values, order, offsets[u], offsets[u + 1])
+            grad, src = GRADIENT_ROW(buf, values, order, offsets[u], offsets[u + 1])
             ROW(p, s0, s1, s2, r0, r1, r2, rows[u], grad, src, c, wd_lr, width)
 
 
@@ -537,6 +613,8 @@ def _specialized_helpers(rule_module, used, row_used, has_wd, lowp):
                      HAS_WD=bool(has_wd), ROWWISE=rowwise, LOWP=lowp is not None)
     suffix = f"{rule_key(rule_module)}_{_flags(used)}{'_wd' if has_wd else ''}"
     inline = numba.njit(**_config.CPU_RULE_FLAGS)
+    constants["GRADIENT_ROW"] = _gradient_reader(lowp[0] if lowp else None)
+    constants["SCRATCH"] = _scratch_float32 if lowp else _scratch_like
     if lowp is None:
         constants["LOAD"] = inline(specialize(_load_template, suffix, **constants))
         constants["STORE"] = inline(specialize(_store_template, suffix, **constants))
@@ -770,15 +848,15 @@ def _reduce_sparse_template(p, s0, s1, s2, rows, offsets, order, values, c, wd_l
     :func:`balanced_parts`, each row through :func:`_reduce_row_template`."""
     d = p.shape[1]
     bounds = balanced_parts(offsets, PARTS, ROW_COST)
-    scratch = np.empty((PARTS, d), values.dtype)
-    works = np.empty((PARTS, 3, d), values.dtype)
+    scratch = SCRATCH((PARTS, d), values)
+    works = SCRATCH((PARTS, 3, d), values)
     for t in prange(PARTS):
         buf = scratch[t:t + 1]
         work = works[t]
         end = bounds[t + 1]
         for u in range(bounds[t], end):
             AHEAD(p, s0, s1, s2, p, p, p, rows, offsets, order, values, u, end)
-            grad, src = _gradient_row(buf, values, order, offsets[u], offsets[u + 1])
+            grad, src = GRADIENT_ROW(buf, values, order, offsets[u], offsets[u + 1])
             REDUCE_ROW(p, s0, s1, s2, rows[u], grad, src, c, wd_lr, work)
 
 
@@ -817,7 +895,10 @@ def _reduce_helpers(rule_module, used, has_wd, lowp):
                      HAS_WD=bool(has_wd), ROWWISE=True, LOWP=lowp is not None,
                      REDUCE_TERMS=_rule_function(rule_module, "reduce_terms"),
                      REDUCE_SCALE=_rule_function(rule_module, "reduce_scale"),
-                     REDUCE_APPLY=_rule_function(rule_module, "reduce_apply"))
+                     REDUCE_APPLY=_rule_function(rule_module, "reduce_apply"),
+                     # a sparse step's gradient rows: 16-bit ones widened as they are read
+                     GRADIENT_ROW=_gradient_reader(lowp[0] if lowp else None),
+                     SCRATCH=_scratch_float32 if lowp else _scratch_like)
     if lowp is not None:
         kind, stochastic, slot_kind = lowp
         suffix += f"_{kind}{'_sr' if stochastic else '_rne'}{'_s' + slot_kind if slot_kind else ''}"
