@@ -198,7 +198,7 @@ def _write_record(ex, step, rec):
         ex.device.write_record(ex.hist, index)
 
 
-def run(opt, updates, coefficients, wd, sparse_type, dense_run):
+def run(opt, updates, coefficients, wd, sparse_type, dense_run, lazy_run):
     """One exact-mode step: ``updates`` are the base class's ``(state, update)`` pairs.
 
     Where the rule declares this step's idle step the identity (``idle_is_identity(c, wd)``,
@@ -209,7 +209,11 @@ def run(opt, updates, coefficients, wd, sparse_type, dense_run):
     the full path runs.
 
     ``sparse_type``: the class of a sparse update (``optimizer._SparseUpdate``);
-    ``dense_run(state, update, c, wd, has_wd)`` runs an update the ordinary way.
+    ``dense_run(state, update, c, wd, has_wd)`` runs an update the ordinary way;
+    ``lazy_run(pairs)`` runs ``(state, update)`` pairs as a lazy step does
+    (``optimizer.run_lazy``: the tables of one kernel configuration in one parallel
+    region): the lazy updates of this step (those above, and dense updates of variables
+    with no row behind) run through it together, after the others.
 
     With ``opt._batch_tables`` (the core's switch; the bridge's ``_Scope`` reads its core's),
     the fused catch-up + update of the NumPy variables (elementwise rules) whose kernel
@@ -219,6 +223,7 @@ def run(opt, updates, coefficients, wd, sparse_type, dense_run):
     """
     rule = opt._rule
     identity = getattr(rule, "idle_is_identity", None)
+    lazy = []
     batch = {} if getattr(opt, "_batch_tables", False) and len(updates) > 1 else None
     for state, update in updates:
         has_wd = wd != 0.0 and opt._uses_weight_decay(state)
@@ -236,13 +241,15 @@ def run(opt, updates, coefficients, wd, sparse_type, dense_run):
                 ex.steps += 1
                 _write_record(ex, ex.steps, _record(state, ex, c, wd_v))
                 ex.mark_current()
-            dense_run(state, update, c, wd_v, has_wd)
+                dense_run(state, update, c, wd_v, has_wd)
+            else:
+                lazy.append((state, update))
             continue
         ex = opt._exact_states.get(id(state.var))
         if identity is not None and (ex is None or not ex.pending()) and identity(c, wd_v):
             # The idle step is the identity and no row is behind: every row stays current
             # without bookkeeping, and the step is a lazy one.
-            dense_run(state, update, c, wd_v, has_wd)
+            lazy.append((state, update))
             if ex is not None:
                 ex.steps += 1
                 ex.mark_current()
@@ -281,6 +288,8 @@ def run(opt, updates, coefficients, wd, sparse_type, dense_run):
         ex.steps += 1
     if batch:
         _run_tables(rule, batch)
+    if lazy:
+        lazy_run(lazy)
 
 
 def _sparse_step(rule, state, inner, ex, floor, hi, c, wd_v):

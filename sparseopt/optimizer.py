@@ -657,14 +657,18 @@ class Optimizer:
 
     def _run(self, updates, coefficients, wd):
         rule = self._rule
+
+        def lazy_run(pairs):
+            run_lazy(rule, pairs, coefficients, wd,
+                     lambda state: wd != 0.0 and self._uses_weight_decay(state), self._batch_tables,
+                     self._converted)
+
         if self.sparse_mode == "exact":
             _exact.run(self, updates, coefficients, wd, _SparseUpdate,
                        lambda state, update, c, wd_v, has_wd: update.run(
-                           _variant.for_step(rule, c), state, c, wd_v, has_wd))
+                           _variant.for_step(rule, c), state, c, wd_v, has_wd), lazy_run)
             return
-        run_lazy(rule, updates, coefficients, wd,
-                 lambda state: wd != 0.0 and self._uses_weight_decay(state), self._batch_tables,
-                 self._converted)
+        lazy_run(updates)
 
     def _converted(self, coefficients, dtype):
         """``coefficients`` with each value as a ``dtype`` scalar, the kernels' argument.
