@@ -5,9 +5,11 @@ False``, the per-table exact kernel of ``tests/test_exact.py``, tested there aga
 dense rule).
 
 Few kernel configurations (each compiles its kernels cold): Adam (the series catch-up,
-float32 and float64 tables: a region per dtype), SGD with momentum (a closed form), Ftrl (a
-rule whose catch-up replays steps), and bfloat16 Adam tables with stochastic rounding beside
-float32 ones. The rows of each table fall behind by several steps before they are touched
+float32 and float64 tables: a region per dtype), SGD with momentum (a closed form), Ftrl
+(its catch-up is one recompute with the coefficients of the last idle step, which a
+learning-rate schedule makes differ from step to step: each table's own ``c_idle``), and
+bfloat16 Adam tables with stochastic rounding beside float32 ones (each table's catch-up
+rounded with the bits of its last idle step). The rows of each table fall behind by several steps before they are touched
 again (``assert_rows_fall_behind``), so the catch-ups run inside the region.
 """
 
@@ -33,8 +35,9 @@ TABLES = [
 ]
 FLOAT32 = [t for t in TABLES if t[2] == np.float32]
 
-#: (case, tables, regions per step: tables in each, the empty gradient runs no kernel).
-KERNEL_CASES = [("adam", TABLES, [2, 5]), ("sgd_momentum", FLOAT32, [5]), ("ftrl", FLOAT32, [5])]
+#: (case, options, tables, regions per step: tables in each; the empty gradient runs no kernel).
+KERNEL_CASES = [("adam", {}, TABLES, [2, 5]), ("sgd_momentum", {}, FLOAT32, [5]),
+                ("ftrl", dict(learning_rate=so.schedules.ExponentialDecay(0.1, 1, 0.8)), FLOAT32, [5])]
 
 #: A short history: the ring is full every few steps and each table is caught up whole
 #: (``_exact._push``), so the region sees tables with ``floor > 0``.
@@ -120,13 +123,14 @@ def assert_same_bits(got, expected):
         assert np.array_equal(np.atleast_1d(x).view(np.uint8), np.atleast_1d(y).view(np.uint8))
 
 
-@pytest.mark.parametrize("name, tables, per_step", KERNEL_CASES, ids=[c[0] for c in KERNEL_CASES])
-def test_exact_batched_step_is_bit_identical_to_the_per_table_path(name, tables, per_step, threads, regions):
+@pytest.mark.parametrize("name, options, tables, per_step", KERNEL_CASES, ids=[c[0] for c in KERNEL_CASES])
+def test_exact_batched_step_is_bit_identical_to_the_per_table_path(name, options, tables, per_step, threads,
+                                                                   regions):
     steps = make_steps(tables)
     assert_rows_fall_behind(tables, steps)
-    reference = run(name, tables, steps, batched=False)
+    reference = run(name, tables, steps, batched=False, **options)
     assert not regions
-    got = run(name, tables, steps, batched=True)
+    got = run(name, tables, steps, batched=True, **options)
     assert len(regions) == STEPS * len(per_step) and sorted(regions[:len(per_step)]) == per_step
     assert_same_bits(got, reference)
     flushed = got[len(got) // 2 + 1:]
