@@ -34,6 +34,7 @@ from sparseopt import _config, _cuda, _exact, _hyperparameters, _rollback, _vali
 from sparseopt.rules import _variant
 from sparseopt.indexed_slices import IndexedSlices
 from sparseopt.kernels import cpu, dedup, lowp
+from sparseopt.kernels import exact as exact_kernels
 from sparseopt.rules._floatx import f32
 from sparseopt.slots import VariableState
 
@@ -1051,25 +1052,55 @@ def _run_tables(rule, group, c, wd, has_wd, row_names):
     if getattr(group[0][1], "on_device", False):
         _cuda.run_tables(rule, group, c, wd, has_wd)
         return
+    inners = [update if row_names is None else update.update for _, update in group]
+    meta, vstart, plan, (used, row_used, like, slot_like) = _tables_meta(
+        rule, [state for state, _ in group], inners, row_names)
+    dtype = type(wd)
+    lowp_config, c = kernel_step(group[0][0], c)  # one rounding and key for the whole group
+    grad16 = inners[0].kind is not None  # the group's gradient values are all 16-bit bits, or none
+    if row_names is None:
+        kernel = cpu.batched_sparse_kernel(rule, used, has_wd, lowp_config, grad16)
+        w = _no_widths(dtype)
+    else:
+        w = np.array(meta[:, cpu.M_WIDTH], dtype)
+        kernel = cpu.batched_row_sparse_kernel(rule, used, row_used, has_wd, lowp_config, grad16)
+    kernel(meta, vstart, *plan, like, slot_like, c, wd, w)
+
+
+def _no_widths(dtype):
+    """An empty array of ``dtype``: the widths argument of elementwise rules."""
+    w = _NO_WIDTHS.get(dtype)
+    if w is None:
+        w = _NO_WIDTHS[dtype] = np.empty(0, dtype)
+    return w
+
+
+def _tables_meta(rule, states, inners, row_names, extra=None):
+    """``(meta, vstart, (rows, offsets, order), (used, row_used, like, slot_like))`` of the
+    table-batched kernels for the planned sparse updates ``inners`` of ``states``: ``meta``
+    (:mod:`sparseopt.kernels.cpu`'s columns, then each table's ``extra`` columns, a tuple
+    per table) and the concatenated plan, which is the plan the updates were made in together
+    (:func:`_plan_sparse`) when it is one, else their own plans concatenated. The used slots
+    and kernel views are the first table's (the group shares its configuration)."""
     flat = []
     ks = [0]
-    widths = []
-    plan = group[0][1].at if row_names is None else group[0][1].update.at
+    plan = inners[0].at
     plan = plan[0] if plan is not None else None
-    inners = []
-    for state, update in group:
-        inner = update if row_names is None else update.update
-        inners.append(inner)
+    views = None
+    for t, (state, inner) in enumerate(zip(states, inners)):
         meta, used, row_used, like, slot_like = _table_views(rule, state, row_names)
+        if views is None:
+            views = (used, row_used, like, slot_like)
         flat += meta
         at = inner.at
         if at is None or at[0] is not plan:
             plan = None
         flat += (dedup.address(inner.values), 0, 0, 0, inner.order.size) if at is None else \
             (dedup.address(inner.values), at[1], at[2], at[3], inner.order.size)
+        if extra is not None:
+            flat += extra[t]
         ks.append(ks[-1] + inner.rows.size)
-        widths.append(meta[cpu.M_WIDTH])
-    meta = np.array(flat, np.int64).reshape(len(group), cpu.META_COLUMNS)
+    meta = np.array(flat, np.int64).reshape(len(inners), -1)
     if plan is not None:
         rows, offsets, order = plan
     else:  # plans of their own (summed by clipping, or made alone): concatenated
@@ -1077,21 +1108,28 @@ def _run_tables(rule, group, c, wd, has_wd, row_names):
         offsets = np.concatenate([u.offsets for u in inners])
         order = np.concatenate([u.order for u in inners])
         meta[:, cpu.M_UNIQUE] = ks[:-1]
-        meta[:, cpu.M_OFFSETS] = np.array(ks[:-1]) + np.arange(len(group))
+        meta[:, cpu.M_OFFSETS] = np.array(ks[:-1]) + np.arange(len(inners))
         meta[:, cpu.M_ORDER] = np.cumsum([0] + [u.order.size for u in inners[:-1]])
-    vstart = np.array(ks, np.int64)
-    dtype = type(wd)
-    lowp_config, c = kernel_step(group[0][0], c)  # one rounding and key for the whole group
-    grad16 = inners[0].kind is not None  # the group's gradient values are all 16-bit bits, or none
-    if row_names is None:
-        w = _NO_WIDTHS.get(dtype)
-        if w is None:
-            w = _NO_WIDTHS[dtype] = np.empty(0, dtype)
-        kernel = cpu.batched_sparse_kernel(rule, used, has_wd, lowp_config, grad16)
-    else:
-        w = np.array(widths, dtype)
-        kernel = cpu.batched_row_sparse_kernel(rule, used, row_used, has_wd, lowp_config, grad16)
-    kernel(meta, vstart, rows, offsets, order, like, slot_like, c, wd, w)
+    return meta, np.array(ks, np.int64), (rows, offsets, order), views
+
+
+def run_exact_tables(rule, group, c, wd, has_wd, lowp_config, zero, tol):
+    """Exact mode's sparse updates ``group`` (``[(state, update, ex, floor, hi)]``: a planned
+    :class:`_SparseUpdate` of a NumPy variable, its :class:`~sparseopt._exact.ExactState`
+    and the ``floor`` and step count ``hi`` it is caught up from and to; two or more tables
+    of one kernel configuration, any rows and widths) in one parallel region
+    (:func:`sparseopt.kernels.exact.batched_sparse_kernel`): the same catch-ups and row
+    steps, so the same bits, as :func:`sparseopt.kernels.exact.sparse_kernel` table by
+    table. ``c``: the step's coefficients (a 16-bit group's with the step's rounding key),
+    ``has_wd``: the tables' ``ex.has_wd``, ``lowp_config`` their ``ex.lowp``."""
+    # each table's exact-mode columns of meta (exact_kernels.X_LAST to X_TAB_COLUMNS)
+    extra = [(dedup.address(ex.last), dedup.address(ex.hist), dedup.address(ex.tab), floor, hi,
+              ex.hist.shape[0], ex.tab.shape[1]) for _, _, ex, floor, hi in group]
+    meta, vstart, plan, (used, _, like, slot_like) = _tables_meta(
+        rule, [g[0] for g in group], [g[1] for g in group], None, extra)
+    ex = group[0][2]
+    kernel = exact_kernels.batched_sparse_kernel(rule, used, has_wd, lowp_config)
+    kernel(meta, vstart, *plan, like, slot_like, ex.hist, ex.tab, _no_widths(type(wd)), c, wd, zero, tol)
 
 
 class _Elementwise:

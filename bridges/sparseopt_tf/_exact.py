@@ -180,6 +180,7 @@ class _Scope:
         self.exact_history = book.history
         self.stochastic_rounding = book.stochastic_rounding
         self.name = book.name
+        self._batch_tables = book.core._batch_tables  # the core's switch (tests turn it off)
         self._variables = list(variables)
         self._states = {id(v.var): v for v in self._variables}
         self._exact_states = {id(v.var): book.states[v.key] for v in self._variables
@@ -209,6 +210,7 @@ class ExactBook:
     """
 
     def __init__(self, core):
+        self.core = core
         self.rule = core._rule
         self.history = core.exact_history
         self.stochastic_rounding = core.stochastic_rounding
