@@ -18,9 +18,9 @@ runs on the same thread count (Numba's, or ``--threads``): with the adaptive cho
 prints a Markdown section (medians, min/max, ratio to the float32 step, the bytes a step
 must move by the floor of PERF.md, and the 64-byte cache lines those bytes lie on, counted
 from the arrays' actual addresses: random rows are read and written by whole lines, and a
-row that does not start on a line touches one more; bfloat16 gradients are counted as handed
-over, though the host widens them to a float32 copy in one sequential pass, which the kernel
-then reads) and, with ``--report``, puts it into
+row that does not start on a line touches one more; the tables, like the optimizer's slot
+storage, start on a line; bfloat16 gradients are read as they are, each row widened as the
+kernel reads it) and, with ``--report``, puts it into
 that file in place of an earlier one (``peers.py`` keeps the section when it rewrites cpu.md).
 """
 
@@ -41,6 +41,7 @@ import common  # noqa: E402
 
 so = common.so
 from sparseopt import _config  # noqa: E402
+from sparseopt.slots import aligned_empty  # noqa: E402
 import ml_dtypes  # noqa: E402
 
 ROWS, WIDTH, LOOKUPS = 1_000_000, 64, 16_384
@@ -116,7 +117,8 @@ def main(argv=None):
     base = rng.standard_normal((rows, WIDTH), dtype=np.float32)
     runs = {}
     for label, (dtype, options, _) in IMPLS.items():
-        table = base.astype(dtype)
+        table = aligned_empty(base.shape, dtype)  # on whole cache lines, as the slots are
+        table[...] = base.astype(dtype)
         opt = so.Adam(learning_rate=1e-3, seed=1, **options)
         opt.build([table])
         runs[label] = (table, opt)
@@ -156,8 +158,8 @@ def main(argv=None):
     out = [title + (" (CPU time)" if args.cpu_time else ""), "",
            f"Issue 18. `{command}` ({workload}); {platform.processor() or platform.machine()}, "
            f"{os.cpu_count()} CPUs, Numba threads {threads}, {args.steps} interleaved cold-cache steps "
-           f"each ({elapsed:.0f} s). Float32 gradients unless the row says bfloat16 (widened to float32 on the "
-           f"host). Targets (issue 18): bfloat16 table + float32 slots within "
+           f"each ({elapsed:.0f} s). Float32 gradients unless the row says bfloat16 (read as "
+           f"bfloat16 by the kernel); tables and slots 64-byte aligned. Targets (issue 18): bfloat16 table + float32 slots within "
            f"0.9x of the float32 step, + bfloat16 slots within 0.65x. Where the time goes, the example's "
            f"quality and the memory per row: [lowp.md](lowp.md).", "",
            "| table | median ms | min ms | max ms | ratio to float32 | bytes per step (floor) | bytes ratio "

@@ -10,14 +10,15 @@ Run::
 features of the Kaggle display-advertising set, as DLRM's preprocessing counts them), capped
 at ``--cap`` rows (2,000,000), width 16; each step one Zipf(1.05) batch of ``--lookups`` (4,096)
 ids per table. For each optimizer (Adam, Adagrad, SGD with momentum, RowwiseAdagrad and plain
-SGD, all lazy) these implementations are timed interleaved in one process, in a fresh random
+SGD, all lazy, and Adam in exact mode, ``adam_exact``) these implementations are timed interleaved in one process, in a fresh random
 order each step, each step cold (an untimed write of 3x the last-level cache first), with
 :func:`peers.time_group`:
 
 * ``sparseopt, 26 tables``: one ``apply_gradients`` call with the 26 (IndexedSlices, table) pairs;
-* ``sparseopt, 26 tables, per-table path`` (with ``--before``): the same call with the optimizer's
-  private ``_batch_tables = False``, the step before the table-batched region (one plan and one
-  kernel call per table), for before/after figures in one process;
+* ``sparseopt, 26 tables, per-table path`` (with ``--before``, and always for ``adam_exact``): the
+  same call with the optimizer's private ``_batch_tables = False``, the step before the
+  table-batched region (one plan and one kernel call per table), for before/after figures in
+  one process;
 * ``sparseopt, 1 table (control)``: one table of the same total rows (the 26 tables stacked) and
   one gradient of the same 26 x 4,096 lookups (ids shifted by each table's offset), so the same
   unique rows, the same bytes; (26-table step - control) / 25 is the fixed cost of an extra table;
@@ -81,9 +82,13 @@ import sparseopt as so  # noqa: E402
 FBGEMM_RULES = {"adagrad": ("EXACT_ADAGRAD", True), "rowwise_adagrad": ("EXACT_ROWWISE_ADAGRAD", True),
                 "sgd": ("EXACT_SGD", True), "sgd_momentum": ("EXACT_SGD", False)}
 
-OPTIMIZERS = {"sgd": lambda: so.SGD(learning_rate=0.01)}  # besides peers.make_optimizer's
+#: Besides peers.make_optimizer's. ``adam_exact``: Adam with ``sparse_mode="exact"`` (every
+#: step catches the touched rows up over their idle steps in the same pass); its 26-table step
+#: is always timed next to its per-table path (``--before`` or not).
+OPTIMIZERS = {"sgd": lambda: so.SGD(learning_rate=0.01),
+              "adam_exact": lambda: so.Adam(learning_rate=1e-3, sparse_mode="exact")}
 
-DEFAULT_OPTIMIZERS = ("adam", "adagrad", "sgd_momentum", "rowwise_adagrad", "sgd")
+DEFAULT_OPTIMIZERS = ("adam", "adagrad", "sgd_momentum", "rowwise_adagrad", "sgd", "adam_exact")
 
 TARGET_PROBE = 1.5        # W4 step / probe at most
 TARGET_TABLE_US = 20.0    # fixed cost of an extra table below this
@@ -213,14 +218,19 @@ def make_fbgemm(data, opt_name, hyper):
 def breakdown(impls, data, steps, evict_buf):
     """sparseopt's validation, de-duplication plans and kernels inside the call, on ``steps``
     more cold steps (``validate`` is ``Optimizer._validate``, the plans included)."""
+    from sparseopt import _exact
     from sparseopt import optimizer as so_opt
     from sparseopt.optimizers import _rowwise
     spent = {"plan": 0.0, "run": 0.0, "validate": 0.0}
     # (class or module, name) -> counter: RowwiseAdagrad's kernels run from _RowUpdate.run,
-    # the table-batched step's from _plan_sparse and _run_tables
+    # the table-batched step's from _plan_sparse and _run_tables; exact mode's from
+    # _exact._sparse_step (per table), run_exact_tables (batched) and _exact._tables (each
+    # table's idle tables, a serial kernel per table and step)
     patched = {(so_opt._SparseUpdate, "plan"): "plan", (so_opt._SparseUpdate, "run"): "run",
                (_rowwise._RowUpdate, "run"): "run", (so_opt, "_plan_sparse"): "plan",
-               (so_opt, "_run_tables"): "run", (so_opt.Optimizer, "_validate"): "validate"}
+               (so_opt, "_run_tables"): "run", (so_opt, "run_exact_tables"): "run",
+               (_exact, "_sparse_step"): "run", (_exact, "_tables"): "run",
+               (so_opt.Optimizer, "_validate"): "validate"}
     originals = {key: getattr(*key) for key in patched}
 
     def wrap(key):
@@ -268,7 +278,7 @@ def run_core(args, data, opt_name, evict_buf, log):
     load0 = os.getloadavg()[0]
     impls, absent = [], []
     makers = [lambda: make_w4(data, opt_name)]
-    if args.before:
+    if args.before or base.sparse_mode == "exact":
         makers.append(lambda: make_w4(data, opt_name, batched=False))
     for maker in (*makers, lambda: make_control(data, opt_name),
                   lambda: make_probe(data, nslots, nrowslots),

@@ -53,7 +53,7 @@ or an interface exporter whose typestr is ``<V2`` (torch's for ``torch.bfloat16`
 ``ml_dtypes.bfloat16``'s ``dtype.str``; no other 2-byte void is a float). The kernels
 update the variable's ``uint16`` view (:func:`bits`), with the CPU's element code, slots
 float32 (or bfloat16 bits), row slots float32; a 16-bit gradient is widened to float32 on
-the device first, as the CPU widens it.
+the device first (exact: the bits of the CPU, whose kernels widen each row as they read it).
 """
 
 import contextlib
@@ -494,7 +494,7 @@ def _rounding(state, c):
 
 def _widened(rt, scratch, key, array, stream):
     """A gradient as the kernels read it: float32 for a 16-bit one (widened, exactly, into
-    scratch ``key``, as the CPU widens it: ``sparseopt._validation``), else ``array``."""
+    scratch ``key``; the CPU kernels widen each row as they read it, the same values), else ``array``."""
     kind = lowp.kind(array.dtype)
     if kind is None:
         return array

@@ -16,6 +16,9 @@ rules keep moving it, decoupled weight decay shrinks it). Exact mode defers that
   steps at most), and before a dense gradient, the variable is flushed (one parallel
   pass over its rows): the amortized cost is ``1/H`` of a full pass per step;
 * :func:`flush` catches every row of every variable up; :func:`catch_up` given rows;
+* the sparse steps of one call whose kernel configuration is the same run in one parallel
+  region over the unique rows of all their tables, with the same bits (issue 21,
+  :func:`sparseopt.optimizer.run_exact_tables`);
 * where the rule declares a step's idle step the identity (``idle_is_identity``: Adagrad
   with ``epsilon > 0``, plain SGD, RowwiseAdagrad, each without weight decay) and no row
   is behind, none of this is needed: the sparse step runs as a lazy one (:func:`run`).
@@ -152,10 +155,11 @@ def catch_up_rows(opt, state, ex, rows=None):
         ex.mark_current()
 
 
-def _idle_coefficients(rule, ex):
-    """The coefficients of step ``ex.steps`` (the last idle step), as the rule's NamedTuple
-    (for a 16-bit variable with that step's ``rounding_key``: the catch-up rounds with it)."""
-    rec = ex.hist[ex.steps % ex.history]
+def _idle_coefficients(rule, ex, step=None):
+    """The coefficients of step ``step`` (default ``ex.steps``: the last idle step), as the
+    rule's NamedTuple (for a 16-bit variable with that step's ``rounding_key``: the catch-up
+    rounds with it)."""
+    rec = ex.hist[(ex.steps if step is None else step) % ex.history]
     c = rule.Coefficients(*(rec[name] for name in rule.Coefficients._fields))
     return lowp.keyed(c, rec["rounding_key"]) if ex.lowp else c
 
@@ -194,7 +198,7 @@ def _write_record(ex, step, rec):
         ex.device.write_record(ex.hist, index)
 
 
-def run(opt, updates, coefficients, wd, sparse_type, dense_run):
+def run(opt, updates, coefficients, wd, sparse_type, dense_run, lazy_run):
     """One exact-mode step: ``updates`` are the base class's ``(state, update)`` pairs.
 
     Where the rule declares this step's idle step the identity (``idle_is_identity(c, wd)``,
@@ -205,10 +209,22 @@ def run(opt, updates, coefficients, wd, sparse_type, dense_run):
     the full path runs.
 
     ``sparse_type``: the class of a sparse update (``optimizer._SparseUpdate``);
-    ``dense_run(state, update, c, wd, has_wd)`` runs an update the ordinary way.
+    ``dense_run(state, update, c, wd, has_wd)`` runs an update the ordinary way;
+    ``lazy_run(pairs)`` runs ``(state, update)`` pairs as a lazy step does
+    (``optimizer.run_lazy``: the tables of one kernel configuration in one parallel
+    region): the lazy updates of this step (those above, and dense updates of variables
+    with no row behind) run through it together, after the others.
+
+    With ``opt._batch_tables`` (the core's switch; the bridge's ``_Scope`` reads its core's),
+    the fused catch-up + update of the NumPy variables (elementwise rules) whose kernel
+    configuration is the same run in one parallel region after the loop
+    (:func:`_run_tables`), with the same bits. Row-wise rules (a weight-decay pass over the
+    touched rows, then the row kernel) and CUDA variables run variable by variable.
     """
     rule = opt._rule
     identity = getattr(rule, "idle_is_identity", None)
+    lazy = []
+    batch = {} if getattr(opt, "_batch_tables", False) and len(updates) > 1 else None
     for state, update in updates:
         has_wd = wd != 0.0 and opt._uses_weight_decay(state)
         dtype = state.math_dtype
@@ -225,13 +241,15 @@ def run(opt, updates, coefficients, wd, sparse_type, dense_run):
                 ex.steps += 1
                 _write_record(ex, ex.steps, _record(state, ex, c, wd_v))
                 ex.mark_current()
-            dense_run(state, update, c, wd_v, has_wd)
+                dense_run(state, update, c, wd_v, has_wd)
+            else:
+                lazy.append((state, update))
             continue
         ex = opt._exact_states.get(id(state.var))
         if identity is not None and (ex is None or not ex.pending()) and identity(c, wd_v):
             # The idle step is the identity and no row is behind: every row stays current
             # without bookkeeping, and the step is a lazy one.
-            dense_run(state, update, c, wd_v, has_wd)
+            lazy.append((state, update))
             if ex is not None:
                 ex.steps += 1
                 ex.mark_current()
@@ -258,13 +276,42 @@ def run(opt, updates, coefficients, wd, sparse_type, dense_run):
                                       _idle_coefficients(rule, ex), dtype(0), _tol(ex.dtype))
             else:
                 _tables(rule, ex)
-                p, slots, used = _arrays(rule, state, ex)
                 c_step = lowp.keyed(c, state.rounding_key) if ex.lowp else c
-                kernels.sparse_kernel(rule, used, ex.has_wd, ex.lowp)(
-                    p, *slots, inner.rows, inner.offsets, inner.order, inner.values, ex.last,
-                    ex.floor, ex.steps, ex.hist, ex.tab, c_step, wd_v, _idle_coefficients(rule, ex),
-                    dtype(0), _tol(ex.dtype))
+                if batch is None:
+                    _sparse_step(rule, state, inner, ex, ex.floor, ex.steps, c_step, wd_v)
+                else:  # run after the loop, with the tables of the same configuration
+                    key = (dtype, has_wd, ex.has_wd, state.kernel_slot_names, ex.lowp)
+                    group = batch.get(key)
+                    if group is None:
+                        group = batch[key] = (c_step, wd_v, [])
+                    group[2].append((state, inner, ex, ex.floor, ex.steps))
         ex.steps += 1
+    if batch:
+        _run_tables(rule, batch)
+    if lazy:
+        lazy_run(lazy)
+
+
+def _sparse_step(rule, state, inner, ex, floor, hi, c, wd_v):
+    """The fused catch-up + update of one NumPy variable: the rows of the planned sparse
+    update ``inner`` caught up to step ``hi`` (from ``max(last, floor)``), then step ``hi + 1``
+    with coefficients ``c`` (a 16-bit variable's with the step's rounding key)."""
+    p, slots, used = _arrays(rule, state, ex)
+    kernels.sparse_kernel(rule, used, ex.has_wd, ex.lowp)(
+        p, *slots, inner.rows, inner.offsets, inner.order, inner.values, ex.last, floor, hi,
+        ex.hist, ex.tab, c, wd_v, _idle_coefficients(rule, ex, hi), ex.dtype.type(0), _tol(ex.dtype))
+
+
+def _run_tables(rule, batch):
+    """The sparse steps ``run`` collected, ``{configuration: (c, wd_v, [(state, update, ex,
+    floor, hi)])}``: a configuration's tables in one parallel region
+    (:func:`sparseopt.optimizer.run_exact_tables`), a lone table by :func:`_sparse_step`."""
+    from sparseopt import optimizer  # (which imports this module)
+    for (dtype, _, has_wd, _, lowp_config), (c, wd_v, group) in batch.items():
+        if len(group) == 1:
+            _sparse_step(rule, *group[0], c, wd_v)
+        else:
+            optimizer.run_exact_tables(rule, group, c, wd_v, has_wd, lowp_config, dtype(0), _tol(dtype))
 
 
 def flush(opt):

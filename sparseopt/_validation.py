@@ -70,7 +70,9 @@ def sparse_gradient(g, var, name):
     variable ``var``, checked.
 
     Returns:
-        ``(values, indices)``: ``values`` C-contiguous of shape ``(k, row size)``,
+        ``(values, indices)``: ``values`` C-contiguous of shape ``(k, row size)``, of the
+        gradient's dtype (16-bit values are not widened: the sparse kernels widen them
+        row by row as they read them, ``sparseopt.optimizer._SparseUpdate``),
         ``indices`` a C-contiguous 1-D int32 or int64 array of ``k`` entries (not yet
         range-checked: :func:`plan` does that).
     """
@@ -88,7 +90,7 @@ def sparse_gradient(g, var, name):
         indices = np.ascontiguousarray(indices)
     if values.ndim != 2 or not values.flags.c_contiguous:  # else already (k, row size)
         values = np.ascontiguousarray(values).reshape(values.shape[0], math.prod(var.shape[1:]))
-    return _math_values(values), indices
+    return values, indices
 
 
 _INT32, _INT64 = np.dtype(np.int32), np.dtype(np.int64)

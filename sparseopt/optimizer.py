@@ -34,6 +34,7 @@ from sparseopt import _config, _cuda, _exact, _hyperparameters, _rollback, _vali
 from sparseopt.rules import _variant
 from sparseopt.indexed_slices import IndexedSlices
 from sparseopt.kernels import cpu, dedup, lowp
+from sparseopt.kernels import exact as exact_kernels
 from sparseopt.rules._floatx import f32
 from sparseopt.slots import VariableState
 
@@ -667,14 +668,19 @@ class Optimizer:
 
     def _run(self, updates, coefficients, wd):
         rule = self._rule
+
+        def lazy_run(pairs):
+            run_lazy(rule, pairs, coefficients, wd,
+                     lambda state: wd != 0.0 and self._uses_weight_decay(state), self._batch_tables,
+                     self._converted)
+
         if self.sparse_mode == "exact":
+            widen_sparse(updates)
             _exact.run(self, updates, coefficients, wd, _SparseUpdate,
                        lambda state, update, c, wd_v, has_wd: update.run(
-                           _variant.for_step(rule, c), state, c, wd_v, has_wd))
+                           _variant.for_step(rule, c), state, c, wd_v, has_wd), lazy_run)
             return
-        run_lazy(rule, updates, coefficients, wd,
-                 lambda state: wd != 0.0 and self._uses_weight_decay(state), self._batch_tables,
-                 self._converted)
+        lazy_run(updates)
 
     def _converted(self, coefficients, dtype):
         """``coefficients`` with each value as a ``dtype`` scalar, the kernels' argument.
@@ -814,10 +820,16 @@ class _DenseUpdate:
 
 
 class _SparseUpdate:
-    __slots__ = ("values", "indices", "rows", "offsets", "order", "name", "summed", "at")
+    """A validated sparse gradient. ``values``: float32/float64 rows, or the ``uint16`` bits
+    of a 16-bit variable's own-dtype gradient (``kind`` says which: None, ``"bfloat16"``
+    or ``"float16"``), which the lazy kernels widen as they read each row; what needs the
+    values as floats (clipping, exact mode) calls :meth:`widen` first."""
+
+    __slots__ = ("values", "indices", "rows", "offsets", "order", "name", "summed", "at", "kind")
 
     def __init__(self, values, indices, name):
-        self.values = values
+        self.kind = lowp.kind(values.dtype)
+        self.values = lowp.as_bits(values) if self.kind else values
         self.indices = indices
         self.name = name
         self.summed = False
@@ -828,10 +840,17 @@ class _SparseUpdate:
         values, indices = _validation.sparse_gradient(g, var, name)
         return cls(values, indices, name)
 
+    def widen(self):
+        """16-bit gradient values widened to a float32 copy (exact), as the kernels widen them."""
+        if self.kind:
+            self.values = lowp.widen_bits(self.values, self.kind)
+            self.kind = None
+
     def plan(self, var):
         self.rows, self.offsets, self.order = _validation.plan(self.indices, var.shape[0], self.name)
 
     def _sum_duplicates(self):
+        self.widen()
         if not self.summed:
             self.values = dedup.segment_sum(self.values, self.offsets, self.order)
             self.offsets, self.order = dedup.identity_plan(self.rows.size)
@@ -965,6 +984,16 @@ def run_lazy(rule, updates, coefficients, wd, has_wd, batch, convert=None):
                 _run_tables(step_rule, group, c, wd_v, uses_wd, row_used)
 
 
+def widen_sparse(updates):
+    """16-bit sparse gradient values of ``updates`` (``(state, update)`` pairs, a row-wise
+    rule's wrapped) widened to float32 (:meth:`_SparseUpdate.widen`): exact mode's kernels
+    read float values."""
+    for _, update in updates:
+        inner = getattr(update, "update", update)
+        if type(inner) is _SparseUpdate:
+            inner.widen()
+
+
 def kernel_step(state, c):
     """``(lowp, c)`` for a kernel on ``state``'s variable (:meth:`VariableState.kernel_step`:
     ``(None, c)`` for a float32/float64 variable, or a state without it)."""
@@ -980,7 +1009,10 @@ def _table_key(rule, state, update, dtype, has_wd):
     """The kernel configuration under which a lazy sparse update of a NumPy variable runs
     in a table-batched region (:func:`_run_tables`), or None (it runs on its own). A 16-bit
     variable's includes its rounding (``state.lowp``: kind, stochastic, slot kind), so
-    bfloat16, float16 and float32 tables of one call run in regions of their own."""
+    bfloat16, float16 and float32 tables of one call run in regions of their own, and whether
+    its gradient values are 16-bit (``inner.kind``), which the region reads as bits."""
+    if cpu.has_reduction(rule):  # its own two-pass kernel per table (sparseopt.kernels.cpu, .cuda)
+        return None
     if getattr(update, "on_device", False):  # a CUDA update: one launch per group (_cuda.run_tables)
         key = _cuda.table_key(state, update)
         return None if key is None else (rule, dtype, has_wd, (state.kernel_slot_names, key), None, None)
@@ -996,7 +1028,7 @@ def _table_key(rule, state, update, dtype, has_wd):
     if not inner.rows.size or type(state.var) is not np.ndarray or (
             lowp_config is None and getattr(state, "kind", None) is not None):
         return None
-    return rule, dtype, has_wd, state.kernel_slot_names, row_names, lowp_config
+    return rule, dtype, has_wd, state.kernel_slot_names, row_names, (lowp_config, inner.kind)
 
 
 def _table_views(rule, state, row_names):
@@ -1031,25 +1063,55 @@ def _run_tables(rule, group, c, wd, has_wd, row_names):
     if getattr(group[0][1], "on_device", False):
         _cuda.run_tables(rule, group, c, wd, has_wd)
         return
+    inners = [update if row_names is None else update.update for _, update in group]
+    meta, vstart, plan, (used, row_used, like, slot_like) = _tables_meta(
+        rule, [state for state, _ in group], inners, row_names)
+    dtype = type(wd)
+    lowp_config, c = kernel_step(group[0][0], c)  # one rounding and key for the whole group
+    grad16 = inners[0].kind is not None  # the group's gradient values are all 16-bit bits, or none
+    if row_names is None:
+        kernel = cpu.batched_sparse_kernel(rule, used, has_wd, lowp_config, grad16)
+        w = _no_widths(dtype)
+    else:
+        w = np.array(meta[:, cpu.M_WIDTH], dtype)
+        kernel = cpu.batched_row_sparse_kernel(rule, used, row_used, has_wd, lowp_config, grad16)
+    kernel(meta, vstart, *plan, like, slot_like, c, wd, w)
+
+
+def _no_widths(dtype):
+    """An empty array of ``dtype``: the widths argument of elementwise rules."""
+    w = _NO_WIDTHS.get(dtype)
+    if w is None:
+        w = _NO_WIDTHS[dtype] = np.empty(0, dtype)
+    return w
+
+
+def _tables_meta(rule, states, inners, row_names, extra=None):
+    """``(meta, vstart, (rows, offsets, order), (used, row_used, like, slot_like))`` of the
+    table-batched kernels for the planned sparse updates ``inners`` of ``states``: ``meta``
+    (:mod:`sparseopt.kernels.cpu`'s columns, then each table's ``extra`` columns, a tuple
+    per table) and the concatenated plan, which is the plan the updates were made in together
+    (:func:`_plan_sparse`) when it is one, else their own plans concatenated. The used slots
+    and kernel views are the first table's (the group shares its configuration)."""
     flat = []
     ks = [0]
-    widths = []
-    plan = group[0][1].at if row_names is None else group[0][1].update.at
+    plan = inners[0].at
     plan = plan[0] if plan is not None else None
-    inners = []
-    for state, update in group:
-        inner = update if row_names is None else update.update
-        inners.append(inner)
+    views = None
+    for t, (state, inner) in enumerate(zip(states, inners)):
         meta, used, row_used, like, slot_like = _table_views(rule, state, row_names)
+        if views is None:
+            views = (used, row_used, like, slot_like)
         flat += meta
         at = inner.at
         if at is None or at[0] is not plan:
             plan = None
         flat += (dedup.address(inner.values), 0, 0, 0, inner.order.size) if at is None else \
             (dedup.address(inner.values), at[1], at[2], at[3], inner.order.size)
+        if extra is not None:
+            flat += extra[t]
         ks.append(ks[-1] + inner.rows.size)
-        widths.append(meta[cpu.M_WIDTH])
-    meta = np.array(flat, np.int64).reshape(len(group), cpu.META_COLUMNS)
+    meta = np.array(flat, np.int64).reshape(len(inners), -1)
     if plan is not None:
         rows, offsets, order = plan
     else:  # plans of their own (summed by clipping, or made alone): concatenated
@@ -1057,20 +1119,28 @@ def _run_tables(rule, group, c, wd, has_wd, row_names):
         offsets = np.concatenate([u.offsets for u in inners])
         order = np.concatenate([u.order for u in inners])
         meta[:, cpu.M_UNIQUE] = ks[:-1]
-        meta[:, cpu.M_OFFSETS] = np.array(ks[:-1]) + np.arange(len(group))
+        meta[:, cpu.M_OFFSETS] = np.array(ks[:-1]) + np.arange(len(inners))
         meta[:, cpu.M_ORDER] = np.cumsum([0] + [u.order.size for u in inners[:-1]])
-    vstart = np.array(ks, np.int64)
-    dtype = type(wd)
-    lowp_config, c = kernel_step(group[0][0], c)  # one rounding and key for the whole group
-    if row_names is None:
-        w = _NO_WIDTHS.get(dtype)
-        if w is None:
-            w = _NO_WIDTHS[dtype] = np.empty(0, dtype)
-        kernel = cpu.batched_sparse_kernel(rule, used, has_wd, lowp_config)
-    else:
-        w = np.array(widths, dtype)
-        kernel = cpu.batched_row_sparse_kernel(rule, used, row_used, has_wd, lowp_config)
-    kernel(meta, vstart, rows, offsets, order, like, slot_like, c, wd, w)
+    return meta, np.array(ks, np.int64), (rows, offsets, order), views
+
+
+def run_exact_tables(rule, group, c, wd, has_wd, lowp_config, zero, tol):
+    """Exact mode's sparse updates ``group`` (``[(state, update, ex, floor, hi)]``: a planned
+    :class:`_SparseUpdate` of a NumPy variable, its :class:`~sparseopt._exact.ExactState`
+    and the ``floor`` and step count ``hi`` it is caught up from and to; two or more tables
+    of one kernel configuration, any rows and widths) in one parallel region
+    (:func:`sparseopt.kernels.exact.batched_sparse_kernel`): the same catch-ups and row
+    steps, so the same bits, as :func:`sparseopt.kernels.exact.sparse_kernel` table by
+    table. ``c``: the step's coefficients (a 16-bit group's with the step's rounding key),
+    ``has_wd``: the tables' ``ex.has_wd``, ``lowp_config`` their ``ex.lowp``."""
+    # each table's exact-mode columns of meta (exact_kernels.X_LAST to X_TAB_COLUMNS)
+    extra = [(dedup.address(ex.last), dedup.address(ex.hist), dedup.address(ex.tab), floor, hi,
+              ex.hist.shape[0], ex.tab.shape[1]) for _, _, ex, floor, hi in group]
+    meta, vstart, plan, (used, _, like, slot_like) = _tables_meta(
+        rule, [g[0] for g in group], [g[1] for g in group], None, extra)
+    ex = group[0][2]
+    kernel = exact_kernels.batched_sparse_kernel(rule, used, has_wd, lowp_config)
+    kernel(meta, vstart, *plan, like, slot_like, ex.hist, ex.tab, _no_widths(type(wd)), c, wd, zero, tol)
 
 
 class _Elementwise:

@@ -249,6 +249,30 @@ def legacy_ftrl(p, g, s, t, learning_rate=0.001, learning_rate_power=-0.5, initi
     return np.where(np.abs(z) > l1, (np.sign(z) * l1 - z) / (n_new ** power / lr + 2 * l2), 0.0)
 
 
+def lamb(p, g, s, t, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
+    """Keras 3's Lamb: Adam's moments, ``u = m_hat / (sqrt(v_hat) + epsilon)``, then
+    ``p -= lr * ||p|| / ||u|| * u`` (ratio 1 where a norm is 0), norms over all of ``p``."""
+    m = s.setdefault("m", np.zeros_like(p))
+    v = s.setdefault("v", np.zeros_like(p))
+    m[...] = m + (g - m) * (1 - beta_1)
+    v[...] = v + (g * g - v) * (1 - beta_2)
+    u = (m / (1 - f32(beta_1) ** t)) / (np.sqrt(v / (1 - f32(beta_2) ** t)) + epsilon)
+    w_norm, u_norm = np.sqrt(np.sum(p * p)), np.sqrt(np.sum(u * u))
+    ratio = w_norm / u_norm if w_norm > 0 and u_norm > 0 else 1.0
+    return p - ratio * learning_rate * u
+
+
+def lamb_rows(p, g, s, t, **hp):
+    """:func:`lamb` on each row of ``p`` on its own (the sparse rule: per-row norms)."""
+    out = np.empty_like(p)
+    for r in range(p.shape[0]):
+        row = {k: v[r] for k, v in s.items()} if s else {}
+        out[r] = lamb(p[r], g[r], row, t, **hp)
+        for k, v in row.items():
+            s.setdefault(k, np.zeros_like(p))[r] = v
+    return out
+
+
 def weight_decayed(reference, weight_decay):
     """Keras 3's decoupled weight decay before the update: ``p -= p * wd * lr``."""
     def step(p, g, s, t, **hp):

@@ -311,8 +311,9 @@ TABLES16 = [(300, (7,), "bfloat16", 50), (40, (4,), np.float16, 30), (1000, (16,
             (20, (4,), np.float32, 12), (12, (3,), "bfloat16", 40)]
 
 
-def run16(case, batched, steps=2, **options):
-    """``steps`` sparse steps (Zipf ids, float32 gradients) of the TABLES16 tables in one call each."""
+def run16(case, batched, steps=2, grads="float32", **options):
+    """``steps`` sparse steps (Zipf ids) of the TABLES16 tables in one call each. ``grads``:
+    ``"float32"`` gradients, each table's ``"own"`` dtype, or those values as ``"widened"`` float32."""
     ml_dtypes = pytest.importorskip("ml_dtypes")
     rng = np.random.default_rng(7)
     dtypes = [np.dtype(ml_dtypes.bfloat16) if d == "bfloat16" else np.dtype(d) for _, _, d, _ in TABLES16]
@@ -323,7 +324,11 @@ def run16(case, batched, steps=2, **options):
         pairs = []
         for (rows, shape, _, n), t in zip(TABLES16, tables):
             idx = np.minimum(rng.zipf(1.3, n) - 1, rows - 1)
-            pairs.append((so.IndexedSlices(rng.normal(size=(n,) + shape).astype(np.float32), idx, t.shape), t))
+            values = rng.normal(size=(n,) + shape).astype(np.float32)
+            if grads != "float32":
+                values = values.astype(t.dtype)
+                values = values.astype(np.float32) if grads == "widened" else values
+            pairs.append((so.IndexedSlices(values, idx, t.shape), t))
         opt.apply_gradients(pairs)
     return tables + list(opt.variables())
 
@@ -340,6 +345,21 @@ def test_16_bit_tables_run_batched_with_the_per_table_bits(name, options, thread
     got = run16(case, True, **options)
     assert sorted(batched_calls[:3]) == [2, 2, 4] and len(batched_calls) == 6
     assert len(got) == len(reference)
+    for x, y in zip(got, reference):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert np.array_equal(np.atleast_1d(x).view(np.uint8), np.atleast_1d(y).view(np.uint8))
+
+
+@pytest.mark.parametrize("name", ["adam", "rowwise_adagrad"])
+def test_16_bit_gradients_run_batched_with_the_bits_of_float32_gradients(name, threads, batched_calls):
+    """Tables with gradients of their own 16-bit dtype, read as bits and widened row by row
+    in the region: bit-identical to the per-table kernels, and to float32 gradients of the
+    same values."""
+    case = CASES[IDS.index(name)]
+    reference = run16(case, False, grads="widened")
+    assert not batched_calls
+    got = run16(case, True, grads="own")
+    assert sorted(batched_calls[:3]) == [2, 2, 4] and len(batched_calls) == 6
     for x, y in zip(got, reference):
         assert x.dtype == y.dtype and x.shape == y.shape
         assert np.array_equal(np.atleast_1d(x).view(np.uint8), np.atleast_1d(y).view(np.uint8))

@@ -207,3 +207,25 @@ def test_rollback_of_a_shortcut_step(rng):
     assert ex.steps == steps_before and ex.floor == steps_before
     np.testing.assert_array_equal(p, before)
 
+
+
+@pytest.mark.parametrize("cls", [so.Adagrad, so.RowwiseAdagrad], ids=["adagrad", "rowwise_adagrad"])
+def test_shortcut_steps_of_several_tables_run_in_one_region(cls, rng, monkeypatch):
+    """The shortcut's updates run as a lazy step does: tables of one kernel configuration in
+    one parallel region (``optimizer._run_tables``), with the bits of lazy mode's step."""
+    from sparseopt import optimizer as core
+    regions = []
+    real = core._run_tables
+    monkeypatch.setattr(core, "_run_tables", lambda *a: regions.append(len(a[1])) or real(*a))
+    tables = [rng.normal(size=(ROWS, w)).astype(np.float32) for w in (WIDTH, WIDTH + 2, WIDTH)]
+    lazy_tables = [t.copy() for t in tables]
+    exact, lazy = cls(0.1, sparse_mode="exact"), cls(0.1)
+    for _ in range(3):
+        grads = [so.IndexedSlices(rng.normal(size=(5, t.shape[1])).astype(np.float32),
+                                  rng.integers(0, ROWS, 5), t.shape) for t in tables]
+        exact.apply_gradients(list(zip(grads, tables)))
+        lazy.apply_gradients(list(zip(grads, lazy_tables)))
+    assert regions and regions[0] == 3 and len(regions) == 6   # 3 steps, exact and lazy
+    assert exact._exact_states == {}
+    for a, b in zip(tables, lazy_tables):
+        np.testing.assert_array_equal(a, b)

@@ -256,18 +256,29 @@ def test_round_to_nearest_step_is_the_float32_step_cast(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", KINDS, ids=KIND_IDS)
-def test_16_bit_gradients_equal_float32_gradients_of_the_same_values(dtype):
+@pytest.mark.parametrize("name, options", [
+    ("adam", {}), ("rowwise_adagrad", {}), ("adam", {"clipnorm": 0.5}),
+    ("adamw", {"sparse_mode": "exact"})], ids=["adam", "rowwise_adagrad", "adam_clipnorm", "adamw_exact"])
+def test_16_bit_gradients_equal_float32_gradients_of_the_same_values(dtype, name, options):
+    """A 16-bit gradient gives the bits of the float32 gradient of the same values: the
+    sparse kernels widen its rows as they read them (elementwise and row-wise rules; a row
+    with duplicates is summed in float32), clipping and exact mode widen it first."""
     rng = np.random.default_rng(3)
     table32, idx, values, dense = _inputs(rng)
     values16, dense16 = values.astype(dtype), dense.astype(dtype)
+    case = CASES[IDS.index(name)]
     tables = []
     for vals, dns in ((values16, dense16), (values16.astype(np.float32), dense16.astype(np.float32))):
         t = table32.astype(dtype)
-        opt = so.Adam(0.01, seed=9)
-        opt.apply_gradients([(so.IndexedSlices(vals, idx), t)])
+        opt = case.make(seed=9, **options)
+        for _ in range(2):
+            opt.apply_gradients([(so.IndexedSlices(vals, idx), t)])
+            opt.apply_gradients([(so.IndexedSlices(vals[:2], idx[1:3]), t)])  # row 7 idle (exact: caught up)
         opt.apply_gradients([(dns, t)])
-        tables.append(t)
-    assert same16(tables[0], tables[1])
+        tables.append((t, [v.copy() for v in opt.variables()]))
+    (a, slots_a), (b, slots_b) = tables
+    assert same16(a, b) and not same16(a, table32.astype(dtype))
+    assert all(np.array_equal(x, y) for x, y in zip(slots_a, slots_b))
 
 
 def test_dense_and_sparse_steps_draw_the_same_bits():
@@ -454,8 +465,23 @@ def test_a_custom_rule_runs_on_16_bit_variables():
 # ------------------------------------------------------------------- bfloat16 slots
 
 def slot_bits(seed, step, index, k):
-    """The bits of slot ``k`` of element ``index``: bits 16k.. of mix(the parameter's bits)."""
-    return mix(element_bits(seed, step, index)) >> (16 * k)
+    """The bits of slot ``k`` of element ``index``: bits 16 (k + 1).. of the parameter's 64
+    (one hash per element; the parameter's bfloat16 rounding reads bits 0-15)."""
+    return element_bits(seed, step, index) >> (16 * (k + 1))
+
+
+def test_slot_storage_starts_on_a_cache_line():
+    """Slot storage is 64-byte aligned (slots.aligned_empty): a 256-byte float32 or 128-byte
+    bfloat16 row lies on 4 or 2 whole lines; the slots are ordinary zeroed, writable views."""
+    for dtype, slot_dtype in ((np.float32, None), (BF16, None), (BF16, "bfloat16")):
+        for _ in range(3):  # other allocations in between: a fresh address each time
+            table = np.zeros((10, 64), dtype)
+            opt = so.Adam(0.01, slot_dtype=slot_dtype)
+            opt.build([table])
+            for name in ("m", "v"):
+                slot = opt.get_slot(table, name)
+                assert slot.ctypes.data % 64 == 0 and slot.flags.c_contiguous and slot.flags.writeable
+                assert slot.dtype == (BF16 if slot_dtype else np.float32) and not np.any(slot.astype(np.float32))
 
 
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: c.id)

@@ -99,6 +99,32 @@ def group(ops):
     return tf.group(ops) if ops else None
 
 
+def idle_always_identity(core, hypers, weight_decay, dtype):
+    """Whether, in a function being traced now, every step's idle step of a variable of
+    ``dtype`` is the identity, so that its lookups need no catch-up (decided while tracing
+    the lookup's ``catch_up``).
+
+    True where the rule declares it (``idle_is_identity``, see :mod:`sparseopt.rules._idle`:
+    it depends on the hyperparameters other than the learning rate and on the weight
+    decay only) for the values a traced step bakes in: ``hypers`` (``{name: value}``, every
+    float hyperparameter but the learning rate) all plain numbers, and ``weight_decay``
+    (the variable's: 0 where it does not apply), which the step's graph takes as it was
+    when traced (the caller checks the variable's ``has_wd``). A tensor, variable, callable or schedule among ``hypers``, or host state
+    (Nadam), and the answer is False: the catch-up stays.
+    """
+    identity = getattr(core._rule, "idle_is_identity", None)
+    if identity is None or type(core)._scalar_state_names:
+        return False
+    values = {"learning_rate": 1.0}
+    for name, value in hypers.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+            return False
+        values[name] = float(value)
+    math_dtype = np.float64 if dtype == tf.float64 else np.float32
+    c = core._coefficients(values, 1)
+    return bool(identity(type(c)(*(math_dtype(x) for x in c)), math_dtype(weight_decay)))
+
+
 class Variable:
     """One variable of one hand-over, as the core's ``VariableState``.
 
@@ -154,6 +180,7 @@ class _Scope:
         self.exact_history = book.history
         self.stochastic_rounding = book.stochastic_rounding
         self.name = book.name
+        self._batch_tables = book.core._batch_tables  # the core's switch (tests turn it off)
         self._variables = list(variables)
         self._states = {id(v.var): v for v in self._variables}
         self._exact_states = {id(v.var): book.states[v.key] for v in self._variables
@@ -183,20 +210,49 @@ class ExactBook:
     """
 
     def __init__(self, core):
+        self.core = core
         self.rule = core._rule
         self.history = core.exact_history
         self.stochastic_rounding = core.stochastic_rounding
         self.name = core.name
         self.states = {}
+        #: Keys of the variables whose lookups a traced function reads without a catch-up
+        #: (:func:`idle_always_identity`); a step that leaves rows of one behind (another
+        #: function traced with weight decay) brings them all current (:meth:`step`).
+        self.traced_current = set()
         self._lock = threading.Lock()
 
-    def step(self, updates, coefficients, wd_lr, sparse_type, dense_run):
+    def step(self, updates, coefficients, wd_lr, sparse_type, dense_run, lazy_run):
         """One step, by :func:`sparseopt._exact.run`: ``updates`` are ``(Variable, update)``
         pairs, validated; a sparse update is a ``sparse_type`` (``rows``, ``offsets``,
         ``order``, ``values``); ``dense_run(variable, update, c, wd, has_wd)`` runs an
-        update the lazy way (a dense one, or a row-wise rule's rows)."""
+        update the lazy way (a dense one, or a row-wise rule's rows); ``lazy_run(pairs)``
+        runs pairs as a lazy step (tables batched)."""
         with self._lock, _Scope(self, [v for v, _ in updates]) as scope:
-            _exact.run(scope, updates, coefficients, wd_lr, sparse_type, dense_run)
+            _exact.run(scope, updates, coefficients, wd_lr, sparse_type, dense_run, lazy_run)
+            for v, _ in updates:
+                ex = scope._exact_states.get(id(v.var)) if v.key in self.traced_current else None
+                if ex is not None and ex.pending():
+                    # Lookups traced without a catch-up read this variable: no row may stay
+                    # behind. Correct, at a dense pass per step, until they are traced again.
+                    warnings.warn(
+                        f"{self.name}: a step left rows of {v.name!r} behind (its idle step is "
+                        "not the identity: weight decay, or a hyperparameter changed), but a "
+                        "function traced when it was reads them without a catch-up: every row "
+                        "is brought current after each such step (a pass over the whole "
+                        "table). Trace that function again (e.g. compile the model again).",
+                        stacklevel=2)
+                    _exact.catch_up_rows(scope, v, ex)
+
+    def assume_current(self, key):
+        """A lookup of the variable ``key`` is traced without a catch-up: say whether it may
+        be (no row is behind now) and, if so, keep every row current from now on."""
+        with self._lock:
+            ex = self.states.get(key)
+            if ex is not None and ex.pending():
+                return False
+            self.traced_current.add(key)
+            return True
 
     def catch_up(self, variable, indices):
         """Bring rows ``indices`` of ``variable`` (a :class:`Variable`) current; the indices

@@ -158,14 +158,18 @@ class HostStep:
         try:
             if self.rowwise:  # the core's row-reduction kernels (sparseopt.optimizers._rowwise)
                 updates = [(state, _RowUpdate(update, state.row_slots)) for state, update in updates]
+            def lazy_run(pairs):
+                _core.run_lazy(self.rule, pairs, coefficients, wd_lr, _has_wd,
+                               self.core._batch_tables)
+
             if self.exact is not None:
+                _core.widen_sparse(updates)  # exact mode's kernels read float gradient values
                 rule = self.rule
                 self.exact.step(updates, coefficients, wd_lr, _core._SparseUpdate,
                                 lambda state, update, c, wd, has_wd: update.run(
-                                    _variant.for_step(rule, c), state, c, wd, has_wd))
+                                    _variant.for_step(rule, c), state, c, wd, has_wd), lazy_run)
             else:
-                _core.run_lazy(self.rule, updates, coefficients, wd_lr, _has_wd,
-                               self.core._batch_tables)
+                lazy_run(updates)
             return np.int32(0)
         finally:
             _config.leave_step(threads)

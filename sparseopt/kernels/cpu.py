@@ -18,7 +18,10 @@ rules, ``ROWWISE``, ``ROW_TERM``, ``ROW_RULE`` and ``V0``, ``V1``, ``V2`` (which
 are kept; all False for the other rules), ``LOWP`` (a 16-bit variable: ``LOAD``,
 ``VALUE`` and ``STORE_ROUNDED`` are :mod:`sparseopt.kernels.lowp`'s, which widen its
 ``uint16`` bits to float32 and round the new value back with the step's random bits,
-passed as ``c.rounding_key``) and ``VALUE`` (the parameter's element as the rule sees it).
+passed as ``c.rounding_key``), ``VALUE`` (the parameter's element as the rule sees it),
+``GRADIENT_ROW`` (a unique row's gradient: :func:`_gradient_row`, or for a 16-bit
+variable :func:`_gradient_reader`'s, which also reads gradient rows of the variable's own
+16-bit dtype, widening them as it reads) and ``SCRATCH`` (the scratch rows, in the math dtype).
 
 The row-reduction family (:func:`row_dense_kernel`, :func:`row_sparse_kernel`) runs
 *row-wise rules* (:mod:`sparseopt.rules.rowwise_adagrad`), which keep some state per
@@ -26,16 +29,21 @@ row: per row, a first pass over its columns sums ``ROW_TERM`` (the rule's
 ``row_term``) and divides by the width, ``ROW_RULE`` (``row_update``) updates the row
 slots ``r0, r1, r2`` (arrays of shape ``(rows,)``), then the element pass runs
 ``RULE`` with the new row values. One thread owns a whole row.
+
+Rules with a reduction stage (:mod:`sparseopt.rules.lamb`: a norm of the update) run two
+passes per unit, the whole variable (dense) or each unique row (sparse): see "reduction
+rules" below; :func:`dense_kernel` and :func:`sparse_kernel` return those kernels for them.
 """
 
 import functools
+import threading
 
 import numba
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from sparseopt import _config
 from sparseopt.kernels import lowp as lowp_kernels
@@ -48,6 +56,7 @@ ROWWISE = ROW = ROW_TERM = ROW_RULE = ROW_SLOTS = None  # bound per row-wise spe
 TABLE_ROWS = None  # bound per table-batched specialization
 LOWP = False  # bound per specialization: a 16-bit variable (sparseopt.kernels.lowp)
 VALUE = STORE_ROUNDED = None  # bound per specialization (STORE_ROUNDED: 16-bit variables)
+GRADIENT_ROW = WIDEN = GRAD_LIKE = SCRATCH = None  # bound per specialization (see _gradient_reader)
 
 #: Runs of :func:`balanced_parts` per sparse step. A fixed number, not the thread
 #: count: ``numba.get_num_threads()`` inside a kernel would stop it from being cached.
@@ -142,6 +151,74 @@ def _gradient_row(buf, values, order, lo, hi):
     return buf, 0
 
 
+def _widened_row_template(buf, values, order, lo, hi):
+    """:func:`_gradient_row` for 16-bit gradient rows (the ``uint16`` bits of a 16-bit
+    variable's dtype): the unique row's gradient rows widened to float32 (``WIDEN``) as
+    they are read, into ``buf[0]``, duplicates summed in position order. Widening is
+    exact, so these are the bits of widening the whole gradient first and then
+    :func:`_gradient_row`, without that float32 copy (a pass that writes twice the
+    gradient's bytes, which the kernel then reads again)."""
+    first = order[lo]
+    for j in range(buf.shape[1]):
+        buf[0, j] = WIDEN(values[first, j])
+    for q in range(lo + 1, hi):
+        src = order[q]
+        for j in range(buf.shape[1]):
+            buf[0, j] += WIDEN(values[src, j])
+    return buf, 0
+
+
+@functools.lru_cache(maxsize=None)
+def _gradient_reader(kind):
+    """``GRADIENT_ROW`` of the kernels of a variable of 16-bit ``kind`` (``"bfloat16"``,
+    ``"float16"``; None: :func:`_gradient_row`): by the gradient values' type, float32
+    rows as :func:`_gradient_row` reads them, ``uint16`` rows (a gradient of the
+    variable's own dtype) through :func:`_widened_row_template`."""
+    if kind is None:
+        return _gradient_row
+    widened = numba.njit(**_config.CPU_RULE_FLAGS)(specialize(
+        _widened_row_template, kind, WIDEN=lowp_kernels.CONVERSIONS[kind][0]))
+
+    def gradient_row(buf, values, order, lo, hi):
+        if values.dtype == np.uint16:  # as Python (NUMBA_DISABLE_JIT); compiled: the overload
+            return widened(buf, values, order, lo, hi)
+        return _gradient_row(buf, values, order, lo, hi)
+
+    # Not ``inline="always"``: Numba's IR inlining of this overload into the row-wise
+    # kernels lost their row slots' writes (numba 0.68); LLVM inlines it anyway.
+    @overload(gradient_row)
+    def _gradient_row_typed(buf, values, order, lo, hi):
+        if values.dtype == types.uint16:
+            return lambda buf, values, order, lo, hi: widened(buf, values, order, lo, hi)
+        return lambda buf, values, order, lo, hi: _gradient_row(buf, values, order, lo, hi)
+    return gradient_row
+
+
+@numba.njit(**_config.CPU_RULE_FLAGS)
+def _scratch_like(shape, values):
+    """``SCRATCH``: the sparse kernels' scratch rows, in the gradient values' dtype."""
+    return np.empty(shape, values.dtype)
+
+
+@numba.njit(**_config.CPU_RULE_FLAGS)
+def _scratch_float32(shape, values):
+    """``SCRATCH`` of a 16-bit variable: float32 (its math's), whether the gradient
+    values are float32 or 16-bit bits (summed widened)."""
+    return np.empty(shape, np.float32)
+
+
+@numba.njit(**_config.CPU_RULE_FLAGS)
+def _math_like(like, widths):
+    """``GRAD_LIKE`` of the table-batched kernels for gradients in the math dtype."""
+    return widths
+
+
+@numba.njit(**_config.CPU_RULE_FLAGS)
+def _bits_like(like, widths):
+    """``GRAD_LIKE`` for 16-bit gradients: their bits are the tables' (``uint16``)."""
+    return like
+
+
 @numba.njit(**_config.CPU_SERIAL_FLAGS)
 def balanced_parts(offsets, parts, row_cost):
     """Split the unique rows ``0..k-1`` into ``parts`` contiguous runs of equal cost.
@@ -195,13 +272,13 @@ def _sparse_template(p, s0, s1, s2, rows, offsets, order, values, c, wd_lr):
     """
     d = p.shape[1]
     bounds = balanced_parts(offsets, PARTS, ROW_COST)
-    scratch = np.empty((PARTS, d), values.dtype)
+    scratch = SCRATCH((PARTS, d), values)
     for t in prange(PARTS):
         buf = scratch[t:t + 1]
         end = bounds[t + 1]
         for u in range(bounds[t], end):
             AHEAD(p, s0, s1, s2, p, p, p, rows, offsets, order, values, u, end)
-            grad, src = _gradient_row(buf, values, order, offsets[u], offsets[u + 1])
+            grad, src = GRADIENT_ROW(buf, values, order, offsets[u], offsets[u + 1])
             ROW_STEP(p, s0, s1, s2, rows[u], grad, src, c, wd_lr)
 
 
@@ -266,7 +343,7 @@ def _elementwise_rows_template(meta, t, like, slot_like, rows, offsets, order, b
     s0 = numba.carray(pointer(meta[t, M_S0], slot_like), (n_rows, d))
     s1 = numba.carray(pointer(meta[t, M_S1], slot_like), (n_rows, d))
     s2 = numba.carray(pointer(meta[t, M_S2], slot_like), (n_rows, d))
-    values = numba.carray(pointer(meta[t, M_VALUES], widths), (meta[t, M_N], d))
+    values = numba.carray(pointer(meta[t, M_VALUES], GRAD_LIKE(like, widths)), (meta[t, M_N], d))
     u0 = meta[t, M_UNIQUE]
     f0 = meta[t, M_OFFSETS]
     o0 = meta[t, M_ORDER]
@@ -275,7 +352,7 @@ def _elementwise_rows_template(meta, t, like, slot_like, rows, offsets, order, b
     order_t = order[o0:o0 + meta[t, M_N]]
     for u in range(lo, hi):
         AHEAD(p, s0, s1, s2, p, p, p, rows_t, offsets_t, order_t, values, u, hi)
-        grad, src = _gradient_row(buf, values, order_t, offsets_t[u], offsets_t[u + 1])
+        grad, src = GRADIENT_ROW(buf, values, order_t, offsets_t[u], offsets_t[u + 1])
         ROW_STEP(p, s0, s1, s2, rows_t[u], grad, src, c, wd_lr)
 
 
@@ -290,7 +367,7 @@ def _rowwise_rows_template(meta, t, like, slot_like, rows, offsets, order, buf, 
     r0 = numba.carray(pointer(meta[t, M_R0], widths), (n_rows,))
     r1 = numba.carray(pointer(meta[t, M_R1], widths), (n_rows,))
     r2 = numba.carray(pointer(meta[t, M_R2], widths), (n_rows,))
-    values = numba.carray(pointer(meta[t, M_VALUES], widths), (meta[t, M_N], d))
+    values = numba.carray(pointer(meta[t, M_VALUES], GRAD_LIKE(like, widths)), (meta[t, M_N], d))
     width = widths[t]
     u0 = meta[t, M_UNIQUE]
     f0 = meta[t, M_OFFSETS]
@@ -300,7 +377,7 @@ def _rowwise_rows_template(meta, t, like, slot_like, rows, offsets, order, buf, 
     order_t = order[o0:o0 + meta[t, M_N]]
     for u in range(lo, hi):
         AHEAD(p, s0, s1, s2, r0, r1, r2, rows_t, offsets_t, order_t, values, u, hi)
-        grad, src = _gradient_row(buf, values, order_t, offsets_t[u], offsets_t[u + 1])
+        grad, src = GRADIENT_ROW(buf, values, order_t, offsets_t[u], offsets_t[u + 1])
         ROW(p, s0, s1, s2, r0, r1, r2, rows_t[u], grad, src, c, wd_lr, width)
 
 
@@ -336,37 +413,41 @@ def _batched_template(meta, vstart, rows, offsets, order, like, slot_like, c, wd
             t += 1
 
 
-def _batched_kernel(rule_module, used, row_used, has_wd, lowp):
+def _batched_kernel(rule_module, used, row_used, has_wd, lowp, grad16):
     suffix, constants = _helpers(rule_module, tuple(used), row_used, has_wd, lowp)
+    if grad16:  # 16-bit gradient values, the tables' dtype: read as the tables' bits
+        suffix += "_g16"
     inline = numba.njit(**_config.CPU_RULE_FLAGS)
     rows_template = _rowwise_rows_template if row_used is not None else _elementwise_rows_template
-    constants = dict(constants, TABLE_ROWS=inline(specialize(rows_template, suffix, **constants)))
+    constants = dict(constants, GRAD_LIKE=_bits_like if grad16 else _math_like)
+    constants["TABLE_ROWS"] = inline(specialize(rows_template, suffix, **constants))
     return _config.parallel_kernel(
         numba.njit(**_config.CPU_KERNEL_FLAGS)(specialize(_batched_template, suffix, **constants)))
 
 
-def batched_sparse_kernel(rule_module, used, has_wd, lowp=None):
+def batched_sparse_kernel(rule_module, used, has_wd, lowp=None, grad16=False):
     """``kernel(meta, vstart, rows, offsets, order, like, slot_like, c, wd_lr, widths)``:
     the sparse updates of many tables of one configuration in one parallel region (columns
     of ``meta`` above: ``M_R0..M_R2`` unused; ``lowp`` as for :func:`sparse_kernel`: 16-bit
-    tables, each rounded with the same bits as by its own kernel)."""
-    return _batched_sparse_kernel(rule_module, used, has_wd, lowp)
+    tables, each rounded with the same bits as by its own kernel; ``grad16``: their gradient
+    values are of their own dtype, read as ``uint16`` bits and widened row by row)."""
+    return _batched_sparse_kernel(rule_module, used, has_wd, lowp, bool(grad16))
 
 
 @functools.lru_cache(maxsize=None)
-def _batched_sparse_kernel(rule_module, used, has_wd, lowp):
-    return _batched_kernel(rule_module, used, None, has_wd, lowp)
+def _batched_sparse_kernel(rule_module, used, has_wd, lowp, grad16):
+    return _batched_kernel(rule_module, used, None, has_wd, lowp, grad16)
 
 
-def batched_row_sparse_kernel(rule_module, used, row_used, has_wd, lowp=None):
+def batched_row_sparse_kernel(rule_module, used, row_used, has_wd, lowp=None, grad16=False):
     """:func:`batched_sparse_kernel` for a row-wise rule (``row_used``: which of its
     ``ROW_SLOTS`` are kept; ``widths``: each table's width in the math dtype)."""
-    return _batched_row_sparse_kernel(rule_module, used, tuple(row_used), has_wd, lowp)
+    return _batched_row_sparse_kernel(rule_module, used, tuple(row_used), has_wd, lowp, bool(grad16))
 
 
 @functools.lru_cache(maxsize=None)
-def _batched_row_sparse_kernel(rule_module, used, row_used, has_wd, lowp):
-    return _batched_kernel(rule_module, used, row_used, has_wd, lowp)
+def _batched_row_sparse_kernel(rule_module, used, row_used, has_wd, lowp, grad16):
+    return _batched_kernel(rule_module, used, row_used, has_wd, lowp, grad16)
 
 
 def _row_slots_template(r0, r1, r2, row, mean, c):
@@ -493,13 +574,13 @@ def _row_sparse_template(p, s0, s1, s2, r0, r1, r2, rows, offsets, order, values
     if d == 0:
         return
     bounds = balanced_parts(offsets, PARTS, ROW_COST)
-    scratch = np.empty((PARTS, d), values.dtype)
+    scratch = SCRATCH((PARTS, d), values)
     for t in prange(PARTS):
         buf = scratch[t:t + 1]
         end = bounds[t + 1]
         for u in range(bounds[t], end):
             AHEAD(p, s0, s1, s2, r0, r1, r2, rows, offsets, order, values, u, end)
-            grad, src = _gradient_row(buf, values, order, offsets[u], offsets[u + 1])
+            grad, src = GRADIENT_ROW(buf, values, order, offsets[u], offsets[u + 1])
             ROW(p, s0, s1, s2, r0, r1, r2, rows[u], grad, src, c, wd_lr, width)
 
 
@@ -532,6 +613,8 @@ def _specialized_helpers(rule_module, used, row_used, has_wd, lowp):
                      HAS_WD=bool(has_wd), ROWWISE=rowwise, LOWP=lowp is not None)
     suffix = f"{rule_key(rule_module)}_{_flags(used)}{'_wd' if has_wd else ''}"
     inline = numba.njit(**_config.CPU_RULE_FLAGS)
+    constants["GRADIENT_ROW"] = _gradient_reader(lowp[0] if lowp else None)
+    constants["SCRATCH"] = _scratch_float32 if lowp else _scratch_like
     if lowp is None:
         constants["LOAD"] = inline(specialize(_load_template, suffix, **constants))
         constants["STORE"] = inline(specialize(_store_template, suffix, **constants))
@@ -572,8 +655,11 @@ def dense_kernel(rule_module, used, has_wd, lowp=None):
     """``kernel(p, g, s0, s1, s2, c, wd_lr)`` on flat C-contiguous arrays.
 
     ``used``: three booleans, whether the configuration keeps the rule's slot 0, 1,
-    2 (see :func:`place`).
+    2 (see :func:`place`). For a rule with a reduction stage, the two-pass kernel over the
+    whole variable (:func:`_reduce_dense_template`).
     """
+    if has_reduction(rule_module):
+        return _reduce_dense_kernel(rule_module, tuple(used), has_wd, lowp)
     return _dense_kernel(rule_module, used, has_wd, lowp)
 
 
@@ -583,7 +669,10 @@ def _dense_kernel(rule_module, used, has_wd, lowp):
 
 
 def sparse_kernel(rule_module, used, has_wd, lowp=None):
-    """``kernel(p, s0, s1, s2, rows, offsets, order, values, c, wd_lr)`` on 2-D rows."""
+    """``kernel(p, s0, s1, s2, rows, offsets, order, values, c, wd_lr)`` on 2-D rows (for a
+    rule with a reduction stage, the two passes on each row: :func:`_reduce_sparse_template`)."""
+    if has_reduction(rule_module):
+        return _reduce_kernel(_reduce_sparse_template, rule_module, tuple(used), has_wd, lowp)
     return _sparse_kernel(rule_module, used, has_wd, lowp)
 
 
@@ -618,6 +707,234 @@ def row_sparse_kernel(rule_module, used, row_used, has_wd, lowp=None):
 @functools.lru_cache(maxsize=None)
 def _row_sparse_kernel(rule_module, used, row_used, has_wd, lowp):
     return _kernel(_row_sparse_template, rule_module, used, tuple(row_used), has_wd, lowp)
+
+
+# ---------------------------------------------------------------- reduction rules
+#
+# A rule with a reduction stage (``REDUCTION = True``, :mod:`sparseopt.rules.lamb`) updates
+# in two passes over a unit: the whole variable in a dense step, each unique row in a sparse
+# step. The first pass runs ``reduce_terms`` on every element (after the weight decay): it
+# writes the slots, keeps the element's update direction in scratch and sums two terms over
+# the unit; ``reduce_scale`` turns the two sums into one scale; the second pass runs
+# ``reduce_apply`` on the parameter (the element step of :func:`_step_template`, reading the
+# direction as its gradient and the scale as a row value: its weight decay, 16-bit loads and
+# rounding are the elementwise kernels'). The dense sums are taken over ``PARTS`` fixed
+# blocks, then across blocks in order: the same bits for any number of threads.
+# ``dense_kernel`` and ``sparse_kernel`` return these kernels for such a rule (the same
+# signatures), so every caller of those runs it.
+
+TERMS = APPLY_STEP = REDUCE_ROW = STORE_SLOTS = None  # bound per reduction specialization
+REDUCE_TERMS = REDUCE_SCALE = REDUCE_APPLY = None  # the rule's stage, bound likewise
+
+
+def _store_slots_template(p, s0, s1, s2, at, x, a, b, e, c):
+    """Write the kept slots at ``at``; a 16-bit parameter is written back as it was loaded
+    (``x``: an exact 16-bit value, which rounding leaves as it is) with its slots."""
+    if LOWP:
+        STORE_ROUNDED(p, s0, s1, s2, at, x, a, b, e, c)
+    else:
+        if U0:
+            s0[at] = a
+        if U1:
+            s1[at] = b
+        if U2:
+            s2[at] = e
+
+
+def _terms_template(p, s0, s1, s2, at, g, c, wd_lr):
+    """First pass on element ``at``: ``(direction, term 0, term 1)``; writes the slots."""
+    x, a, b, e = LOAD(p, s0, s1, s2, at)
+    y = x
+    if HAS_WD:
+        y = x - x * wd_lr
+    d, a, b, e, t0, t1 = REDUCE_TERMS(y, g, a, b, e, c)
+    STORE_SLOTS(p, s0, s1, s2, at, x, a, b, e, c)
+    return d, t0, t1
+
+
+def _apply_as_row_rule(x, d, a, b, e, scale, rb, re, c):
+    """``reduce_apply`` in the element step's row-wise form (``d`` as the gradient)."""
+    return REDUCE_APPLY(x, d, scale, c), a, b, e
+
+
+#: Elements whose terms a dense first pass keeps in scratch before summing them (per thread,
+#: in L1): the element loop stores, the sum loop adds, so the element loop (divisions, square
+#: roots) vectorizes, which a loop carrying a float sum does not (no fast-math reassociation).
+REDUCE_CHUNK = 512
+
+
+@numba.njit(**_config.CPU_RULE_FLAGS)
+def _lane_sum(x, n, zero):
+    """``x[0] + ... + x[n - 1]`` in a fixed order: eight running sums (element ``i`` in sum
+    ``i % 8``), then added pairwise. Eight independent chains instead of one: the sum is not
+    bound by the latency of one addition per element. The same bits for any thread count."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = zero
+    i = 0
+    while i + 8 <= n:
+        a0 += x[i]
+        a1 += x[i + 1]
+        a2 += x[i + 2]
+        a3 += x[i + 3]
+        a4 += x[i + 4]
+        a5 += x[i + 5]
+        a6 += x[i + 6]
+        a7 += x[i + 7]
+        i += 8
+    while i < n:
+        a0 += x[i]
+        i += 1
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+
+
+def _reduce_row_template(p, s0, s1, s2, row, grad, src, c, wd_lr, work):
+    """Both passes on row ``row`` with the gradient row ``grad[src]`` (``work``: a ``(3, d)``
+    scratch of the math dtype: directions, then the two terms)."""
+    PREFETCH(p, s0, s1, s2, p, p, p, row)
+    d = p.shape[1]
+    for j in range(d):
+        dj, a, b = TERMS(p, s0, s1, s2, (row, j), grad[src, j], c, wd_lr)
+        work[0, j] = dj
+        work[1, j] = a
+        work[2, j] = b
+    zero = wd_lr - wd_lr  # a zero of the math dtype (wd_lr is finite)
+    scale = REDUCE_SCALE(_lane_sum(work[1], d, zero), _lane_sum(work[2], d, zero), c)
+    for j in range(d):
+        APPLY_STEP(p, s0, s1, s2, (row, j), work[0, j], scale, scale, scale, c, wd_lr)
+
+
+def _reduce_dense_template(p, g, s0, s1, s2, c, wd_lr, direction):
+    """The whole flat variable as one unit (see the comment above); ``direction``: scratch of
+    ``p.size`` elements of the math dtype. Block ``t`` of ``PARTS`` sums its terms chunk by
+    chunk (:data:`REDUCE_CHUNK`, :func:`_lane_sum`); the blocks' sums are added in order."""
+    n = p.size
+    zero = wd_lr - wd_lr
+    sums = np.empty((PARTS, 2), g.dtype)
+    terms = np.empty((PARTS, 2, REDUCE_CHUNK), g.dtype)
+    for t in prange(PARTS):
+        t0 = zero
+        t1 = zero
+        terms0 = terms[t, 0]
+        terms1 = terms[t, 1]
+        lo = t * n // PARTS
+        hi = (t + 1) * n // PARTS
+        while lo < hi:
+            count = min(REDUCE_CHUNK, hi - lo)
+            # unsigned indices: no negative-index wraparound in the loop, which would stop
+            # it from vectorizing (measured: 12 ms instead of 31 for 4M float32 elements)
+            base = numba.uint64(lo)
+            for j in range(numba.uint64(count)):
+                i = base + j
+                d, a, b = TERMS(p, s0, s1, s2, i, g[i], c, wd_lr)
+                direction[i] = d
+                terms0[j] = a
+                terms1[j] = b
+            t0 += _lane_sum(terms0, count, zero)
+            t1 += _lane_sum(terms1, count, zero)
+            lo += count
+        sums[t, 0] = t0
+        sums[t, 1] = t1
+    t0 = sums[0, 0]
+    t1 = sums[0, 1]
+    for t in range(1, PARTS):
+        t0 += sums[t, 0]
+        t1 += sums[t, 1]
+    scale = REDUCE_SCALE(t0, t1, c)
+    for i in prange(n):
+        APPLY_STEP(p, s0, s1, s2, i, direction[i], scale, scale, scale, c, wd_lr)
+
+
+def _reduce_sparse_template(p, s0, s1, s2, rows, offsets, order, values, c, wd_lr):
+    """Each unique row as one unit: :func:`_sparse_template`'s loop over the runs of
+    :func:`balanced_parts`, each row through :func:`_reduce_row_template`."""
+    d = p.shape[1]
+    bounds = balanced_parts(offsets, PARTS, ROW_COST)
+    scratch = SCRATCH((PARTS, d), values)
+    works = SCRATCH((PARTS, 3, d), values)
+    for t in prange(PARTS):
+        buf = scratch[t:t + 1]
+        work = works[t]
+        end = bounds[t + 1]
+        for u in range(bounds[t], end):
+            AHEAD(p, s0, s1, s2, p, p, p, rows, offsets, order, values, u, end)
+            grad, src = GRADIENT_ROW(buf, values, order, offsets[u], offsets[u + 1])
+            REDUCE_ROW(p, s0, s1, s2, rows[u], grad, src, c, wd_lr, work)
+
+
+class _DenseScratch:
+    """A dense reduction kernel called as :func:`dense_kernel`'s are, with its directions'
+    scratch: one buffer per thread and dtype, kept between steps and grown to the largest
+    variable seen (a fresh array of a variable's size per step would cost its page faults,
+    about half of a large step)."""
+
+    _local = threading.local()
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __call__(self, p, g, s0, s1, s2, c, wd_lr):
+        buffers = self._local.__dict__.setdefault("buffers", {})
+        buf = buffers.get(g.dtype)
+        if buf is None or buf.size < p.size:
+            buf = buffers[g.dtype] = np.empty(p.size, g.dtype)
+        self.kernel(p, g, s0, s1, s2, c, wd_lr, buf[:p.size])
+
+
+def has_reduction(rule_module):
+    """Whether a rule declares a reduction stage (``REDUCTION = True``). Asked per kernel
+    call: a dict lookup, no AttributeError raised and caught for the other rules."""
+    return vars(rule_module).get("REDUCTION", False) is True
+
+
+@functools.lru_cache(maxsize=None)
+def _reduce_helpers(rule_module, used, has_wd, lowp):
+    """The inline passes of a reduction rule for one slot configuration (``lowp`` as in
+    :func:`_specialized_helpers`)."""
+    inline = numba.njit(**_config.CPU_RULE_FLAGS)
+    suffix = f"{rule_key(rule_module)}_{_flags(used)}{'_wd' if has_wd else ''}"
+    constants = dict(U0=used[0], U1=used[1], U2=used[2], V0=False, V1=False, V2=False,
+                     HAS_WD=bool(has_wd), ROWWISE=True, LOWP=lowp is not None,
+                     REDUCE_TERMS=_rule_function(rule_module, "reduce_terms"),
+                     REDUCE_SCALE=_rule_function(rule_module, "reduce_scale"),
+                     REDUCE_APPLY=_rule_function(rule_module, "reduce_apply"),
+                     # a sparse step's gradient rows: 16-bit ones widened as they are read
+                     GRADIENT_ROW=_gradient_reader(lowp[0] if lowp else None),
+                     SCRATCH=_scratch_float32 if lowp else _scratch_like)
+    if lowp is not None:
+        kind, stochastic, slot_kind = lowp
+        suffix += f"_{kind}{'_sr' if stochastic else '_rne'}{'_s' + slot_kind if slot_kind else ''}"
+        widen, narrow = lowp_kernels.CONVERSIONS[kind]
+        constants.update(WIDEN=widen, NARROW=narrow, STOCHASTIC=bool(stochastic),
+                         SLOT16=slot_kind is not None,
+                         WIDEN_SLOT=lowp_kernels.bf16_to_f32 if slot_kind else lowp_kernels.same)
+        load, store = lowp_kernels._load_template, lowp_kernels._store_template
+    else:
+        load, store = _load_template, _store_template
+    # The second pass touches only the parameter: its load and store keep no slot.
+    apply = dict(constants, U0=False, U1=False, U2=False)
+    for where, tag in ((constants, "t"), (apply, "a")):
+        where["LOAD"] = inline(specialize(load, f"{suffix}_{tag}", **where))
+        where["STORE_ROUNDED" if lowp else "STORE"] = inline(specialize(store, f"{suffix}_{tag}", **where))
+    apply["RULE"] = inline(specialize(_apply_as_row_rule, suffix, **apply))
+    constants["STORE_SLOTS"] = inline(specialize(_store_slots_template, suffix, **constants))
+    constants["TERMS"] = inline(specialize(_terms_template, suffix, **constants))
+    constants["APPLY_STEP"] = inline(specialize(_step_template, f"{suffix}_a", **apply))
+    constants["PREFETCH"] = inline(specialize(_prefetch_template, suffix, **constants))
+    constants["AHEAD"] = inline(specialize(_ahead_template, suffix, **constants))
+    constants["ROW_COST"] = 2 * (1 + sum(used))
+    constants["REDUCE_ROW"] = inline(specialize(_reduce_row_template, suffix, **constants))
+    return f"{suffix}_reduce", constants
+
+
+@functools.lru_cache(maxsize=None)
+def _reduce_kernel(template, rule_module, used, has_wd, lowp):
+    suffix, constants = _reduce_helpers(rule_module, tuple(used), has_wd, lowp)
+    return _config.parallel_kernel(
+        numba.njit(**_config.CPU_KERNEL_FLAGS)(specialize(template, suffix, **constants)))
+
+
+@functools.lru_cache(maxsize=None)
+def _reduce_dense_kernel(rule_module, used, has_wd, lowp):
+    return _DenseScratch(_reduce_kernel(_reduce_dense_template, rule_module, used, has_wd, lowp))
 
 
 def place(rule_slots, kept, placeholder):

@@ -16,6 +16,9 @@ families; the kernels own memory access, the rule supplies only the element upda
   (four loads kept in flight), where a tree reduction would round differently.
 * **Table-batched** (:func:`batched_sparse_kernel`): the row-wise sparse kernel over the
   unique rows of several tables in one launch, each table's arrays reached by address.
+* **Reduction rules** (Lamb: ``reduce_terms``, ``reduce_scale``, ``reduce_apply``): two passes
+  with two sums between them, over the variable (dense: three launches) or each unique row
+  (sparse: one launch); see "reduction rules" below.
 * **Row reduction** (row-wise rules such as RowwiseAdagrad, dense or sparse): the
   same thread groups, one per row; each thread sums the rule's ``row_term`` over its
   columns, the group adds those partial sums in a shared-memory tree of fixed shape,
@@ -322,15 +325,21 @@ def dense_kernel(rule_module, used, has_wd, lowp_config=None):
     :func:`sparseopt.kernels.cpu.place`; a slot not kept gets a placeholder).
     ``lowp_config``: None, or a 16-bit variable's rounding (:func:`_helpers`): then ``p``
     (and bfloat16 slots) are ``uint16`` views, ``g`` float32, and ``c`` carries the
-    step's ``rounding_key`` (:func:`sparseopt.kernels.lowp.keyed`).
+    step's ``rounding_key`` (:func:`sparseopt.kernels.lowp.keyed`). For a rule with a reduction
+    stage, :func:`reduce_dense_kernel`'s launcher (the same launch and arguments).
     """
+    if cpu.has_reduction(rule_module):
+        return reduce_dense_kernel(rule_module, used, has_wd, lowp_config)
     return _rule_kernel(_dense_template, rule_module, used, has_wd, lowp_config)
 
 
 @functools.lru_cache(maxsize=None)
 def sparse_kernel(rule_module, used, has_wd, lowp_config=None):
     """``kernel[blocks, (lanes, rows), stream](p, s0, s1, s2, rows, offsets, order, values, k, c, wd_lr)``
-    (``lowp_config``: as :func:`dense_kernel`'s)."""
+    (``lowp_config``: as :func:`dense_kernel`'s; a rule with a reduction stage:
+    :func:`reduce_sparse_kernel`'s launcher)."""
+    if cpu.has_reduction(rule_module):
+        return reduce_sparse_kernel(rule_module, used, has_wd, lowp_config)
     return _rule_kernel(_sparse_template, rule_module, used, has_wd, lowp_config)
 
 
@@ -562,6 +571,218 @@ def row_kernel(rule_module, used, row_used, has_wd, dense, dtype, threads, lowp_
                     DTYPE=numba.from_dtype(dtype), DENSE=bool(dense),
                     ROW_TERM=_rule_function(rule_module, "row_term"), ROW_SLOTS=row_slots)
     return cuda.jit(**KERNEL_FLAGS)(fn)
+
+
+# ------------------------------------------------------------- reduction rules
+#
+# Rules with a reduction stage (``REDUCTION = True``, :mod:`sparseopt.rules.lamb`; the CPU
+# side and the contract: :mod:`sparseopt.kernels.cpu`, "reduction rules"). The element
+# passes are the CPU's (``TERMS``: load, weight decay, ``reduce_terms``, store the slots;
+# ``APPLY_STEP``: the element step running ``reduce_apply``) compiled as device functions.
+# Dense: three launches over the flat variable: the first pass with one pair of partial sums
+# per block (each thread's elements in grid-stride order, then a shared-memory tree of fixed
+# shape), one thread adding the blocks' sums in order and computing the scale, the second
+# pass. Sparse: one launch, a thread group per unique row as in ``_row_template``: the first
+# pass, the group's two sums in a fixed tree, the scale, a barrier, the second pass. The
+# directions wait in device scratch between the passes. Deterministic (no atomics); the sums'
+# order differs from the CPU's left-to-right loop, so results agree with the CPU to a few ulps.
+
+TERMS = APPLY_STEP = REDUCE_SCALE = None  # bound per reduction specialization
+
+
+@functools.lru_cache(maxsize=None)
+def _reduce_helpers(rule_module, used, has_wd, lowp_config):
+    """``(suffix, constants)``: ``TERMS``, ``APPLY_STEP`` and ``REDUCE_SCALE`` as device
+    functions (the CPU's templates, :func:`sparseopt.kernels.cpu._reduce_helpers`)."""
+    suffix = f"{rule_key(rule_module)}_{''.join('1' if u else '0' for u in used)}{'_wd' if has_wd else ''}"
+    constants = dict(U0=used[0], U1=used[1], U2=used[2], HAS_WD=bool(has_wd), ROWWISE=True,
+                     LOWP=lowp_config is not None,
+                     REDUCE_TERMS=_rule_function(rule_module, "reduce_terms"),
+                     REDUCE_APPLY=_rule_function(rule_module, "reduce_apply"))
+    if lowp_config is None:
+        suffix += "_cuda"
+        load, store = cpu._load_template, cpu._store_template
+    else:
+        kind, stochastic, slot_kind = lowp_config
+        suffix += f"_{kind}{'_sr' if stochastic else '_rne'}{'_s' + slot_kind if slot_kind else ''}_cuda"
+        widen, narrow = lowp.CONVERSIONS[kind]
+        constants.update(WIDEN=widen, NARROW=narrow, STOCHASTIC=bool(stochastic),
+                         SLOT16=slot_kind is not None, WIDEN_SLOT=lowp.bf16_to_f32 if slot_kind else lowp.same)
+        constants["flat_index"] = device_flat_index
+        if _simulator():
+            constants.update(_simulated_lowp(constants))
+        load, store = lowp._load_template, lowp._store_template
+    device = cuda.jit(device=True)
+    apply = dict(constants, U0=False, U1=False, U2=False)  # the second pass keeps no slot
+    for where, tag in ((constants, "t"), (apply, "a")):
+        where["LOAD"] = device(specialize(load, f"{suffix}_{tag}", **where))
+        stored = "STORE_ROUNDED" if lowp_config else "STORE"
+        where[stored] = device(specialize(store, f"{suffix}_{tag}", **where))
+    apply["RULE"] = device(specialize(cpu._apply_as_row_rule, suffix, **apply))
+    constants["STORE_SLOTS"] = device(specialize(cpu._store_slots_template, suffix, **constants))
+    out = dict(TERMS=device(specialize(cpu._terms_template, suffix, **constants)),
+               APPLY_STEP=device(specialize(cpu._step_template, f"{suffix}_a", **apply)),
+               REDUCE_SCALE=_rule_function(rule_module, "reduce_scale"))
+    return suffix, out
+
+
+def _reduce_terms_template(p, g, s0, s1, s2, c, wd_lr, direction, partial):
+    """Dense first pass: the grid-stride elements of ``p``; block ``b``'s two sums to ``partial[b]``."""
+    sum0 = cuda.shared.array(THREADS, DTYPE)
+    sum1 = cuda.shared.array(THREADS, DTYPE)
+    t = cuda.threadIdx.x
+    i = numba.int64(cuda.grid(1))
+    stride = numba.int64(cuda.gridsize(1))
+    t0 = wd_lr - wd_lr  # a zero of the math dtype (wd_lr is finite)
+    t1 = t0
+    while i < p.size:
+        d, a, b = TERMS(p, s0, s1, s2, i, g[i], c, wd_lr)
+        direction[i] = d
+        t0 += a
+        t1 += b
+        i += stride
+    sum0[t] = t0
+    sum1[t] = t1
+    cuda.syncthreads()
+    n = cuda.blockDim.x
+    while n > 1:
+        half = (n + 1) // 2
+        if t < n - half:
+            sum0[t] += sum0[t + half]
+            sum1[t] += sum1[t + half]
+        cuda.syncthreads()
+        n = half
+    if t == 0:
+        partial[cuda.blockIdx.x, 0] = sum0[0]
+        partial[cuda.blockIdx.x, 1] = sum1[0]
+
+
+def _reduce_scale_template(partial, scale, c):
+    """One thread: the blocks' sums added in order, then ``REDUCE_SCALE``, to ``scale[0]``."""
+    if cuda.grid(1) == 0:
+        t0 = partial[0, 0]
+        t1 = partial[0, 1]
+        for b in range(1, partial.shape[0]):
+            t0 += partial[b, 0]
+            t1 += partial[b, 1]
+        scale[0] = REDUCE_SCALE(t0, t1, c)
+
+
+def _reduce_apply_template(p, s0, s1, s2, c, wd_lr, direction, scale):
+    """Dense second pass: ``reduce_apply`` on every element with the one scale."""
+    i = numba.int64(cuda.grid(1))
+    stride = numba.int64(cuda.gridsize(1))
+    r = scale[0]
+    while i < p.size:
+        APPLY_STEP(p, s0, s1, s2, i, direction[i], r, r, r, c, wd_lr)
+        i += stride
+
+
+def _reduce_rows_template(p, s0, s1, s2, rows, offsets, order, values, k, c, wd_lr, direction):
+    """Sparse: both passes on each of the ``k`` unique rows (``direction``: ``(k, d)``
+    scratch), one thread group per row as in ``_row_template``."""
+    sum0 = cuda.shared.array(THREADS, DTYPE)
+    sum1 = cuda.shared.array(THREADS, DTYPE)
+    shared_scale = cuda.shared.array(THREADS, DTYPE)
+    d = p.shape[1]
+    lanes = cuda.blockDim.x
+    x = cuda.threadIdx.x
+    y = cuda.threadIdx.y
+    slot = y * lanes + x
+    zero = wd_lr - wd_lr
+    first = numba.int64(cuda.blockIdx.x) * cuda.blockDim.y
+    stride = numba.int64(cuda.gridDim.x) * cuda.blockDim.y
+    while first < k:
+        u = first + y
+        active = u < k
+        row = u
+        t0 = zero
+        t1 = zero
+        if active:
+            row = rows[u]
+            lo = offsets[u]
+            hi = offsets[u + 1]
+            j = numba.int64(x)
+            while j < d:
+                dj, a, b = TERMS(p, s0, s1, s2, (row, j), _row_sum(values, order, lo, hi, j), c, wd_lr)
+                direction[u, j] = dj
+                t0 += a
+                t1 += b
+                j += lanes
+        sum0[slot] = t0
+        sum1[slot] = t1
+        cuda.syncthreads()
+        n = lanes
+        while n > 1:
+            half = (n + 1) // 2
+            if x < n - half:
+                sum0[slot] += sum0[slot + half]
+                sum1[slot] += sum1[slot + half]
+            cuda.syncthreads()
+            n = half
+        if active and x == 0:
+            shared_scale[y] = REDUCE_SCALE(sum0[slot], sum1[slot], c)
+        cuda.syncthreads()
+        if active:
+            r = shared_scale[y]
+            j = numba.int64(x)
+            while j < d:
+                APPLY_STEP(p, s0, s1, s2, (row, j), direction[u, j], r, r, r, c, wd_lr)
+                j += lanes
+        first += stride
+
+
+@functools.lru_cache(maxsize=None)
+def _reduce_kernel(template, rule_module, used, has_wd, lowp_config, dtype, threads):
+    suffix, constants = _reduce_helpers(rule_module, tuple(used), has_wd, lowp_config)
+    dtype = np.dtype(dtype)
+    fn = specialize(template, f"{suffix}_{dtype.name}_t{threads}", THREADS=threads,
+                    DTYPE=numba.from_dtype(dtype), **constants)
+    return cuda.jit(**KERNEL_FLAGS)(fn)
+
+
+class _Launcher:
+    """``launcher[grid, block, stream](*args)``, as a kernel is launched, for the steps of a
+    reduction rule that take several launches (``run(grid, block, stream, *args)``)."""
+
+    def __init__(self, run):
+        self._run = run
+
+    def __getitem__(self, config):
+        grid, block, stream = config
+        return functools.partial(self._run, grid, block, stream)
+
+
+def reduce_dense_kernel(rule_module, used, has_wd, lowp_config=None):
+    """:func:`dense_kernel` for a rule with a reduction stage: ``launcher[blocks, threads,
+    stream](p, g, s0, s1, s2, c, wd_lr)``, the three launches above over the flat variable."""
+    used = tuple(used)
+
+    def run(blocks, threads, stream, p, g, s0, s1, s2, c, wd_lr):
+        dtype = g.dtype
+        direction = cuda.device_array(p.size, dtype, stream=stream)
+        partial = cuda.device_array((blocks, 2), dtype, stream=stream)
+        scale = cuda.device_array(1, dtype, stream=stream)
+        _reduce_kernel(_reduce_terms_template, rule_module, used, has_wd, lowp_config, dtype, threads)[
+            blocks, threads, stream](p, g, s0, s1, s2, c, wd_lr, direction, partial)
+        _reduce_kernel(_reduce_scale_template, rule_module, used, has_wd, lowp_config, dtype, 1)[
+            1, 1, stream](partial, scale, c)
+        _reduce_kernel(_reduce_apply_template, rule_module, used, has_wd, lowp_config, dtype, threads)[
+            blocks, threads, stream](p, s0, s1, s2, c, wd_lr, direction, scale)
+    return _Launcher(run)
+
+
+def reduce_sparse_kernel(rule_module, used, has_wd, lowp_config=None):
+    """:func:`sparse_kernel` for a rule with a reduction stage: ``launcher[blocks, (lanes,
+    rows), stream](p, s0, s1, s2, rows, offsets, order, values, k, c, wd_lr)``, one launch."""
+    used = tuple(used)
+
+    def run(blocks, block, stream, p, s0, s1, s2, rows, offsets, order, values, k, c, wd_lr):
+        threads = _launch.row_threads
+        direction = cuda.device_array((k, p.shape[1]), values.dtype, stream=stream)
+        _reduce_kernel(_reduce_rows_template, rule_module, used, has_wd, lowp_config, values.dtype, threads)[
+            blocks, block, stream](p, s0, s1, s2, rows, offsets, order, values, k, c, wd_lr, direction)
+    return _Launcher(run)
 
 
 # ---------------------------------------------------- gradient and slot helpers

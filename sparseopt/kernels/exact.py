@@ -34,6 +34,7 @@ from sparseopt import _config
 from sparseopt.kernels import cpu
 from sparseopt.kernels import lowp as lowp_kernels
 from sparseopt.kernels._specialize import rule_key, specialize
+from sparseopt.kernels.dedup import pointer
 from sparseopt.rules import _idle
 
 RULE = STEP = LOAD = STORE = CATCH = CATCH_ROW = REPLAY = AHEAD = IDLE_APPLY = IDLE_APPLY_FAST = None  # bound per specialization
@@ -45,6 +46,7 @@ LOWP = STOCHASTIC = False  # bound per specialization: a 16-bit variable (sparse
 #: small, as it is in practice; an element where they are not is retried with all terms.
 FAST_SERIES_TERMS = 6
 U0 = U1 = U2 = HAS_WD = ROW_STEP = ROW_COST = None
+TABLE_ROWS = None  # bound per table-batched specialization
 
 
 def _replay_template(p, s0, s1, s2, at, hist, lo, hi, zero):
@@ -174,6 +176,90 @@ def _exact_catch_up_template(p, s0, s1, s2, rows, every_row, last, floor, hi, hi
                     last[r] = hi
 
 
+# ------------------------------------------------------------------ table-batched steps
+#
+# The exact sparse updates of many tables of one kernel configuration in one parallel region
+# (issue 21), as :func:`sparseopt.kernels.cpu.batched_sparse_kernel` runs lazy ones: a table
+# is one row of ``meta``, :mod:`sparseopt.kernels.cpu`'s columns (``M_R0..M_R2`` unused) and
+# then its exact-mode bookkeeping (below). Unique row ``u`` of table ``t`` takes the same row
+# step as in :func:`_exact_sparse_template` (the same catch-up, gradient sum and element
+# code), so the bits are the per-table kernel's.
+
+#: Columns of ``meta`` after :data:`sparseopt.kernels.cpu.META_COLUMNS`: the addresses of the
+#: table's ``last``, ``hist`` and ``tab``, its ``floor`` and ``hi`` (its step count before
+#: this step), ``hist``'s length ``H`` and ``tab``'s columns.
+X_LAST, X_HIST, X_TAB, X_FLOOR, X_HI, X_HISTORY, X_TAB_COLUMNS = range(cpu.META_COLUMNS, cpu.META_COLUMNS + 7)
+META_COLUMNS = cpu.META_COLUMNS + 7
+
+
+def _exact_rows_template(meta, t, like, slot_like, hist_like, tab_like, rows, offsets, order, buf, redo,
+                         lo, hi, c, wd_lr, zero, tol):
+    """Unique rows ``lo:hi`` (its own numbering) of table ``t``: :func:`_exact_sparse_template`'s
+    loop. Its ``c_idle`` is the record of the table's step ``hi`` in ``hist``: the values of
+    the coefficients the per-table kernel is given (the record is what they are read from)."""
+    n_rows = meta[t, cpu.M_ROWS]
+    d = meta[t, cpu.M_WIDTH]
+    p = numba.carray(pointer(meta[t, cpu.M_P], like), (n_rows, d))
+    s0 = numba.carray(pointer(meta[t, cpu.M_S0], slot_like), (n_rows, d))
+    s1 = numba.carray(pointer(meta[t, cpu.M_S1], slot_like), (n_rows, d))
+    s2 = numba.carray(pointer(meta[t, cpu.M_S2], slot_like), (n_rows, d))
+    values = numba.carray(pointer(meta[t, cpu.M_VALUES], buf), (meta[t, cpu.M_N], d))
+    last = numba.carray(pointer(meta[t, X_LAST], meta), (n_rows,))
+    n = meta[t, X_HISTORY]
+    hist = numba.carray(pointer(meta[t, X_HIST], hist_like), (n,))
+    tab = numba.carray(pointer(meta[t, X_TAB], tab_like), (n, meta[t, X_TAB_COLUMNS]))
+    floor = meta[t, X_FLOOR]
+    step = meta[t, X_HI]
+    c_idle = hist[step % n]
+    u0 = meta[t, cpu.M_UNIQUE]
+    f0 = meta[t, cpu.M_OFFSETS]
+    o0 = meta[t, cpu.M_ORDER]
+    rows_t = rows[u0:u0 + hi]
+    offsets_t = offsets[f0:f0 + hi + 1]
+    order_t = order[o0:o0 + meta[t, cpu.M_N]]
+    for u in range(lo, hi):
+        AHEAD(p, s0, s1, s2, p, p, p, rows_t, offsets_t, order_t, values, u, hi)
+        r = rows_t[u]
+        behind = max(last[r], floor)
+        if behind < step:
+            CATCH_ROW(p, s0, s1, s2, r, hist, behind, step, tab[behind % n], c_idle, zero, tol, redo)
+        grad, src = cpu._gradient_row(buf, values, order_t, offsets_t[u], offsets_t[u + 1])
+        ROW_STEP(p, s0, s1, s2, r, grad, src, c, wd_lr)
+        last[r] = step + 1
+
+
+def _exact_batched_template(meta, vstart, rows, offsets, order, like, slot_like, hist_like, tab_like,
+                            values_like, c, wd_lr, zero, tol):
+    """The exact sparse updates of the tables of ``meta`` in one parallel region: the runs of
+    :func:`sparseopt.kernels.cpu.table_parts` over all their unique rows, each run table by
+    table (:func:`_exact_rows_template`). ``like``, ``slot_like``: as for the lazy batched
+    kernel; ``hist_like``, ``tab_like``: one table's ``hist`` and ``tab`` (all have their
+    dtypes); ``values_like``: an array of the math dtype (the gradients')."""
+    tables = vstart.size - 1
+    bounds = cpu.table_parts(meta, vstart, offsets, cpu.PARTS, ROW_COST)
+    widest = 1
+    for t in range(tables):
+        widest = max(widest, meta[t, cpu.M_WIDTH])
+    scratch = np.empty(cpu.PARTS * widest, values_like.dtype)
+    start = scratch.ctypes.data
+    redo = np.empty((cpu.PARTS, widest), np.bool_)
+    for r in prange(cpu.PARTS):
+        u = bounds[r]
+        end = bounds[r + 1]
+        t = 0
+        while t < tables and vstart[t + 1] <= u:
+            t += 1
+        while u < end:
+            stop = min(end, vstart[t + 1])
+            if stop > u:  # (a table of width 0 too: its rows' ``last`` advance, as per table)
+                buf = numba.carray(pointer(start + r * widest * scratch.itemsize, values_like),
+                                   (1, meta[t, cpu.M_WIDTH]))
+                TABLE_ROWS(meta, t, like, slot_like, hist_like, tab_like, rows, offsets, order, buf, redo[r],
+                           u - vstart[t], stop - vstart[t], c, wd_lr, zero, tol)
+            u = stop
+            t += 1
+
+
 def _decay_rows_template(p, rows, every_row, last, floor, hi, tab, set_last, key):
     """Row-wise rules: scale the listed rows (or every row) by their idle windows' weight
     decay product ``tab[L % H, 0]`` (a zero gradient changes nothing else). A 16-bit
@@ -292,6 +378,19 @@ def sparse_kernel(rule_module, used, has_wd, lowp=None):
     c_idle, zero, tol)``. ``lowp``: as :func:`sparseopt.kernels.cpu.sparse_kernel`'s (``c``
     and ``c_idle`` then carry their steps' ``rounding_key``)."""
     return _kernel(_exact_sparse_template, rule_module, used, has_wd, lowp)
+
+
+@functools.lru_cache(maxsize=None)
+def batched_sparse_kernel(rule_module, used, has_wd, lowp=None):
+    """``kernel(meta, vstart, rows, offsets, order, like, slot_like, hist_like, tab_like, values_like,
+    c, wd_lr, zero, tol)``: the exact sparse updates of many tables of one configuration in one
+    parallel region (``meta``'s columns above; ``c``, ``wd_lr``, ``zero``, ``tol`` as for
+    :func:`sparse_kernel`, the same for every table; each table's ``c_idle`` is read from its
+    ``hist``)."""
+    suffix, constants = _exact_helpers(rule_module, tuple(used), bool(has_wd), lowp)
+    inline = numba.njit(**_config.CPU_RULE_FLAGS)
+    constants = dict(constants, TABLE_ROWS=inline(specialize(_exact_rows_template, suffix, **constants)))
+    return _compiled(_config.CPU_KERNEL_FLAGS, specialize(_exact_batched_template, suffix, **constants))
 
 
 @functools.lru_cache(maxsize=None)

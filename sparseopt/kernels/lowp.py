@@ -27,7 +27,11 @@ or whether the step is dense or sparse, and a run resumed from a checkpoint (whi
 the seed and ``iterations``) draws the same bits as the run that was not interrupted.
 bfloat16 uses the lowest 16 bits of the 64; float16 the lowest 13 (normal range) or up
 to 63 (subnormal range). bfloat16 slots (``slot_dtype="bfloat16"``) are rounded the same
-way, slot ``k`` with the bits ``16 k .. 16 k + 15`` of ``mix`` of the parameter's 64 bits.
+way from the same 64 bits, slot ``k`` with bits ``16 (k + 1) .. 16 (k + 1) + 15``: one hash
+per element gives all its roundings (a second hash for the slots cost two more 64-bit
+multiplies per element). Each rounding's 16 bits are uniform, so each is unbiased; only a
+float16 parameter in float16's subnormal range, which reads more than 16 bits, shares
+bits with its bfloat16 slots.
 """
 
 import collections
@@ -64,7 +68,7 @@ MIX2 = 0x94D049BB133111EB
 _U = np.uint64
 _GOLDEN, _MIX1, _MIX2 = _U(GOLDEN), _U(MIX1), _U(MIX2)
 _0, _1, _10, _13, _16, _23, _27, _30, _31, _32 = (_U(v) for v in (0, 1, 10, 13, 16, 23, 27, 30, 31, 32))
-_63, _64, _112, _113, _125, _126 = (_U(v) for v in (63, 64, 112, 113, 125, 126))
+_48, _63, _64, _112, _113, _125, _126 = (_U(v) for v in (48, 63, 64, 112, 113, 125, 126))
 _X3FF, _X1F, _X40, _XFFF, _X1FFF, _X7FFF, _XFFFF = (_U(v) for v in (0x3FF, 0x1F, 0x40, 0xFFF, 0x1FFF, 0x7FFF,
                                                                   0xFFFF))
 _X7C00, _X7E00, _X8000 = _U(0x7C00), _U(0x7E00), _U(0x8000)
@@ -110,6 +114,11 @@ def widen(array):
     out = np.empty(array.shape, np.uint32)
     np.left_shift(array.view(np.uint16), np.uint32(16), out=out, dtype=np.uint32)
     return out.view(np.float32)
+
+
+def widen_bits(bits, kind):
+    """:func:`widen` of the ``uint16`` bits of a 16-bit array of ``kind``."""
+    return widen(bits.view(BFLOAT16 if kind == "bfloat16" else FLOAT16))
 
 
 @functools.lru_cache(maxsize=None)
@@ -295,22 +304,22 @@ def _value_template(p, at):
 
 
 def _store_template(p, s0, s1, s2, at, x, a, b, e, c):
-    """Write element ``at``: ``x`` rounded to ``p``'s 16 bits with the step's bits
-    (``c.rounding_key``); the kept slots as they are, or rounded to bfloat16 (``SLOT16``)
-    with the bits ``16 k .. 16 k + 15`` of ``mix`` of the parameter's bits for slot ``k``."""
+    """Write element ``at``: ``x`` rounded to ``p``'s 16 bits with the element's 64 bits
+    of the step (``c.rounding_key``); the kept slots as they are, or rounded to bfloat16
+    (``SLOT16``) with bits ``16 (k + 1) .. 16 (k + 1) + 15`` of the same 64 for slot ``k``:
+    one hash per element for all its roundings."""
     if STOCHASTIC:
         r = element_bits(c.rounding_key, flat_index(p, at))
     else:
         r = _0
     p[at] = NARROW(x, r, STOCHASTIC)
     if SLOT16:
-        rs = mix(r) if STOCHASTIC else _0
         if U0:
-            s0[at] = f32_to_bf16(a, rs, STOCHASTIC)
+            s0[at] = f32_to_bf16(a, r >> _16, STOCHASTIC)
         if U1:
-            s1[at] = f32_to_bf16(b, rs >> _16, STOCHASTIC)
+            s1[at] = f32_to_bf16(b, r >> _32, STOCHASTIC)
         if U2:
-            s2[at] = f32_to_bf16(e, rs >> _32, STOCHASTIC)
+            s2[at] = f32_to_bf16(e, r >> _48, STOCHASTIC)
     else:
         if U0:
             s0[at] = a

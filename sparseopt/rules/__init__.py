@@ -36,13 +36,23 @@ rule file per optimizer, never one per variant.
 element update ``update(p, g, s0, s1, s2, r0, r1, r2, c)`` that reads the new row
 slots; the row-reduction kernels run them.
 
+**Reduction rules** (:mod:`~sparseopt.rules.lamb`) declare ``REDUCTION = True`` and, in
+place of ``update``, a stage that needs a sum over a *unit* of elements before any of them
+moves: ``reduce_terms(p, g, s0, s1, s2, c) -> (d, s0, s1, s2, t0, t1)`` (per element: the
+new slots, a direction ``d`` kept in scratch, and two terms summed over the unit),
+``reduce_scale(sum_t0, sum_t1, c) -> scale`` (once per unit) and ``reduce_apply(p, d,
+scale, c) -> p`` (per element). The unit is the whole variable in a dense step and each
+touched row in a sparse step (a per-row norm, as FBGEMM's row-wise LAMB). The kernels
+(:func:`sparseopt.kernels.cpu.dense_kernel` and ``sparse_kernel``) run it in two passes;
+``p`` is the parameter after decoupled weight decay in both.
+
 **Host state.** A rule whose per-step scalars depend on state carried across steps
 (Nadam's momentum-schedule product) computes that state with a plain host function
 (:func:`sparseopt.rules.nadam.next_u_product`); the optimizer keeps it.
 """
 
-from sparseopt.rules import (adadelta, adagrad, adam, adamax, ftrl, lion, nadam, rmsprop,
+from sparseopt.rules import (adadelta, adagrad, adam, adamax, ftrl, lamb, lion, nadam, rmsprop,
                              rowwise_adagrad, sgd)
 
-__all__ = ["adadelta", "adagrad", "adam", "adamax", "ftrl", "lion", "nadam", "rmsprop",
+__all__ = ["adadelta", "adagrad", "adam", "adamax", "ftrl", "lamb", "lion", "nadam", "rmsprop",
            "rowwise_adagrad", "sgd"]

@@ -29,6 +29,10 @@ that can do this faster than replaying ``update`` step by step defines, besides 
   a sparse exact-mode step is a lazy step: no history record, no idle tables, no per-row
   bookkeeping, no catch-up (:func:`sparseopt._exact.run`). It must be ``False`` wherever
   the closed form would fail (``ok`` False, e.g. ``epsilon == 0``, see :data:`EPSILON_ZERO`).
+  It may read the coefficients that come from hyperparameters other than the learning
+  rate, and ``wd``'s being zero, nothing else (not the learning rate, not the step): the
+  TensorFlow bridge decides it once while tracing a lookup, and leaves out the lookup's
+  catch-up where it holds (``sparseopt_tf._exact.idle_always_identity``).
 
 These functions (and the two helpers here, compiled for inlining) read arrays (the window's table row); ``update`` stays pure scalar math.
 A rule without them is caught up by the replay, which equals the dense rule bit for bit.

@@ -12,6 +12,7 @@ libdevice and NVRTC. Run: ``python tests/cuda/compile_check.py`` (it prints
 when this script exits 77 (no complete toolchain here; it says what is missing).
 """
 
+import functools
 import os
 import sys
 
@@ -120,6 +121,38 @@ def compile_low_precision(kc, i64):
     return count
 
 
+def compile_reductions(kc, i64):
+    """The kernels of a rule with a reduction stage (Lamb; not in the optimizer table, whose
+    generic suites include exact mode): dense (terms, scale, apply) and sparse, float32 and
+    float64, with and without weight decay, and a bfloat16 table's."""
+    import sparseopt as so
+    from sparseopt.kernels import lowp
+    opt = so.Lamb()
+    rule = opt._rule
+    coefficients = opt._coefficients(opt._resolved_hypers(), 1)
+    used = (True, True, False)
+    count = 0
+    configs = [(np.float32, np.float32, None, has_wd) for has_wd in (False, True)]
+    configs += [(np.float64, np.float64, None, has_wd) for has_wd in (False, True)]
+    configs.append((np.uint16, np.float32, ("bfloat16", True, None), True))
+    for storage, dtype, lowp_config, has_wd in configs:
+        c = type(coefficients)(*(np.dtype(dtype).type(x) for x in coefficients))
+        if lowp_config is not None:
+            c = lowp.keyed(c, 1)
+        ctype, scal = numba.typeof(c), numba.from_dtype(np.dtype(dtype))
+        p1, p2, m1, m2 = arr(storage, 1), arr(storage, 2), arr(dtype, 1), arr(dtype, 2)
+        kernel = functools.partial(kc._reduce_kernel, rule_module=rule, used=used, has_wd=has_wd,
+                                   lowp_config=lowp_config, dtype=dtype)
+        compile_one(kernel(kc._reduce_terms_template, threads=256),
+                    (p1, m1, m1, m1, p1, ctype, scal, m1, m2))
+        compile_one(kernel(kc._reduce_scale_template, threads=1), (m2, m1, ctype))
+        compile_one(kernel(kc._reduce_apply_template, threads=256), (p1, m1, m1, p1, ctype, scal, m1, m1))
+        compile_one(kernel(kc._reduce_rows_template, threads=256),
+                    (p2, m2, m2, p2, i64, i64, i64, m2, types.int64, ctype, scal, m2))
+        count += 4
+    return count
+
+
 def compile_batched(kc, dd, i64):
     """The table-batched kernels (issue 21): the shared plan's, and the one-launch update of a
     few representative rules, float32 and a 16-bit table (slots reached by address)."""
@@ -209,6 +242,7 @@ def main():
                 count += 4
     count += compile_low_precision(kc, i64)
     count += compile_batched(kc, dd, i64)
+    count += compile_reductions(kc, i64)
     for dtype in (np.float32, np.float64):
         scal = numba.from_dtype(np.dtype(dtype))
         f1 = arr(dtype, 1)

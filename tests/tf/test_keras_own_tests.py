@@ -15,7 +15,7 @@ nothing here changes it for anyone else), with Keras' optimizer classes rebound 
   ``MultiOptimizer`` stay Keras'). The attribute is restored right after.
 
 pytest collects one subclass of each Keras test class. The test modules of optimizers
-sparseopt does not have (Adafactor, Lamb, Muon, ScheduleFreeAdamW) are not loaded, and
+sparseopt does not have (Adafactor, Muon, ScheduleFreeAdamW) are not loaded, and
 their cases in the shared tables are skipped (:data:`NOT_OURS`). :data:`EXPECTED` lists
 the tests that fail on purpose: each is a documented deliberate difference, marked
 ``xfail(strict=True)`` (it must keep failing, with an ``AssertionError``: if it passes,
@@ -23,7 +23,7 @@ the difference is gone and the entry must go) and pinned by a test of ours that 
 our behaviour. :data:`PENDING` would list failures that another change is fixing
 (``xfail(strict=False)``).
 
-With Keras 3.15.1: 179 of Keras' tests pass, 6 are expected failures, 12 are skipped (the
+With Keras 3.15.1: 188 of Keras' tests pass, 6 are expected failures, 12 are skipped (the
 4 Adafactor cases, and 8 of ``stateless_apply``, which Keras itself skips on TensorFlow).
 """
 
@@ -47,9 +47,10 @@ pytestmark = pytest.mark.tf
 
 _KERAS_TESTS = pathlib.Path(keras_optimizers.__file__).parent
 
-#: Our class for each Keras optimizer class of the same name.
+#: Our class for each Keras optimizer class of the same name (``keras.optimizers.Lamb`` is
+#: public but not in ``keras.src.optimizers``' namespace).
 OURS = {name: getattr(sparseopt_tf, name) for name in sparseopt_tf.optimizers.__all__
-        if name != "Optimizer" and hasattr(keras_optimizers, name)}
+        if name != "Optimizer" and (hasattr(keras_optimizers, name) or hasattr(keras.optimizers, name))}
 _OURS_BY_KEY = {name.lower(): cls for name, cls in OURS.items()}
 
 
@@ -166,7 +167,7 @@ def _subclass(base):
 _FILES = {                      # test module: the names it imports and we rebind
     "adadelta_test": ["Adadelta"], "adagrad_test": ["Adagrad"], "adam_test": ["Adam"],
     "adamax_test": ["Adamax"], "adamw_test": ["AdamW"], "ftrl_test": ["Ftrl"],
-    "lion_test": ["Lion"], "nadam_test": ["Nadam"], "rmsprop_test": ["RMSprop"],
+    "lamb_test": ["Lamb"], "lion_test": ["Lion"], "nadam_test": ["Nadam"], "rmsprop_test": ["RMSprop"],
     "sgd_test": ["SGD"], "optimizer_test": [], "optimizer_sparse_test": [],
     "loss_scale_optimizer_test": ["SGD"], "multi_optimizer_test": [],
 }
