@@ -216,11 +216,12 @@ def make_fbgemm(data, opt_name, hyper):
 
 
 def breakdown(impls, data, steps, evict_buf):
-    """sparseopt's de-duplication plans and kernels inside the call, on ``steps`` more cold steps."""
+    """sparseopt's validation, de-duplication plans and kernels inside the call, on ``steps``
+    more cold steps (``validate`` is ``Optimizer._validate``, the plans included)."""
     from sparseopt import _exact
     from sparseopt import optimizer as so_opt
     from sparseopt.optimizers import _rowwise
-    spent = {"plan": 0.0, "run": 0.0}
+    spent = {"plan": 0.0, "run": 0.0, "validate": 0.0}
     # (class or module, name) -> counter: RowwiseAdagrad's kernels run from _RowUpdate.run,
     # the table-batched step's from _plan_sparse and _run_tables; exact mode's from
     # _exact._sparse_step (per table), run_exact_tables (batched) and _exact._tables (each
@@ -228,7 +229,8 @@ def breakdown(impls, data, steps, evict_buf):
     patched = {(so_opt._SparseUpdate, "plan"): "plan", (so_opt._SparseUpdate, "run"): "run",
                (_rowwise._RowUpdate, "run"): "run", (so_opt, "_plan_sparse"): "plan",
                (so_opt, "_run_tables"): "run", (so_opt, "run_exact_tables"): "run",
-               (_exact, "_sparse_step"): "run", (_exact, "_tables"): "run"}
+               (_exact, "_sparse_step"): "run", (_exact, "_tables"): "run",
+               (so_opt.Optimizer, "_validate"): "validate"}
     originals = {key: getattr(*key) for key in patched}
 
     def wrap(key):
@@ -251,13 +253,13 @@ def breakdown(impls, data, steps, evict_buf):
             for s in range(steps):
                 b = s % data.nbatches
                 common.evict(evict_buf)
-                spent.update(plan=0.0, run=0.0)
+                spent.update(plan=0.0, run=0.0, validate=0.0)
                 t = time.perf_counter()
                 impl.step(b)
                 total = time.perf_counter() - t
-                rows.append((total, spent["plan"], spent["run"]))
+                rows.append((total, spent["validate"] - spent["plan"], spent["plan"], spent["run"]))
             out[impl.family] = {k: statistics.median(r[i] for r in rows) * 1e3
-                                for i, k in enumerate(("total", "plan", "kernel"))}
+                                for i, k in enumerate(("total", "validate", "plan", "kernel"))}
     finally:
         for key, original in originals.items():
             setattr(*key, original)
@@ -611,17 +613,17 @@ def report(args, argv, machine, bandwidth, data, core, keras_runs, elapsed):
             add("")
         if any(res["breakdown"] for res in core):
             add(f"Breakdown inside `apply_gradients` ({args.breakdown_steps} more cold steps, medians, ms; "
-                "`plan` = range check + de-duplication plan of each table, `kernel` = the row kernels, "
-                "`rest` = validation, slots, thread setup, Python):")
+                "`validate` = the checks of every pair, `plan` = range check + de-duplication plan of "
+                "each table, `kernel` = the row kernels, `rest` = slots, coefficients, thread setup, Python):")
             add("")
-            add("| optimizer | step | total | plan | kernel | rest |")
-            add("|---|---|---:|---:|---:|---:|")
+            add("| optimizer | step | total | validate | plan | kernel | rest |")
+            add("|---|---|---:|---:|---:|---:|---:|")
             for res in core:
                 for fam, b in res["breakdown"].items():
                     step = {"sparseopt": "26 tables", "pertable": "26 tables, per-table path"}.get(fam, "1 table")
                     add(f"| {res['optimizer']} | {step} | "
-                        f"{b['total']:.2f} | {b['plan']:.2f} | {b['kernel']:.2f} | "
-                        f"{b['total'] - b['plan'] - b['kernel']:.2f} |")
+                        f"{b['total']:.2f} | {b['validate']:.2f} | {b['plan']:.2f} | {b['kernel']:.2f} | "
+                        f"{b['total'] - b['validate'] - b['plan'] - b['kernel']:.2f} |")
             add("")
     for keras_res in keras_runs:
         c = keras_res["configs"]

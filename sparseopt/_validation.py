@@ -93,6 +93,54 @@ def sparse_gradient(g, var, name):
     return values, indices
 
 
+_INT32, _INT64 = np.dtype(np.int32), np.dtype(np.int64)
+_FLOAT64 = np.dtype(np.float64)
+
+
+def sparse_gradients(items):
+    """:func:`sparse_gradient` of several pairs in one pass (the sparse pairs of a step).
+
+    The common case (NumPy values and indices, int32 or int64 indices, 2-D C-contiguous
+    values of a 2-D float32 or float64 variable's dtype and row width, a matching or
+    absent ``dense_shape``) is recognised with a few attribute reads (dtypes compared by
+    identity: NumPy's built-in dtypes are singletons) and returns the arrays themselves,
+    as :func:`sparse_gradient` would; any other pair goes through :func:`sparse_gradient`,
+    which converts it or raises its error (the same exception and message either way).
+
+    Args:
+        items: ``(gradient, variable, name)`` triples; the variables already checked
+            (:func:`check_host_variable`).
+
+    Returns:
+        ``(checked, error)``: ``(values, indices)`` of each item before the first bad one,
+        and that item's exception (None if every item passed). Nothing is raised, so the
+        caller can order this error among its other checks.
+    """
+    checked = []
+    append = checked.append
+    for g, var, name in items:
+        values = g.values
+        indices = g.indices
+        if type(values) is np.ndarray and type(indices) is np.ndarray:
+            dtype = values.dtype
+            index_dtype = indices.dtype
+            shape = var.shape
+            row_shape = values.shape
+            dense_shape = getattr(g, "dense_shape", None)
+            if ((dtype is _FLOAT32 or dtype is _FLOAT64) and dtype is var.dtype
+                    and (index_dtype is _INT64 or index_dtype is _INT32) and indices.ndim == 1
+                    and len(row_shape) == 2 and len(shape) == 2 and row_shape[1] == shape[1]
+                    and row_shape[0] == indices.shape[0] and (dense_shape is None or dense_shape == shape)
+                    and values.flags.c_contiguous and indices.flags.c_contiguous):
+                append((values, indices))
+                continue
+        try:
+            append(sparse_gradient(g, var, name))
+        except Exception as exc:  # returned, not raised: no chained traceback in the caller
+            return checked, exc
+    return checked, None
+
+
 def check_sparse_layout(name, var, values, indices, dense_shape):
     """The checks of a sparse gradient that read only dtypes and shapes (host or device arrays)."""
     var_shape, values_shape = tuple(var.shape), tuple(values.shape)

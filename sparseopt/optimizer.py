@@ -567,10 +567,11 @@ class Optimizer:
         seen = set()
         checked = []
         on_device = False
-        # The sparse NumPy updates' plans are made together (_plan_sparse) once every pair
-        # is checked; a pair that fails a check first has the plans of the pairs before it
-        # made, so the first bad pair in order raises, as if each were planned in turn.
-        pending = []
+        # With several pairs, the sparse NumPy gradients are checked in one pass
+        # (_validation.sparse_gradients) after the loop and planned together (_plan_sparse):
+        # a pair that fails a check first has the pairs before it checked and planned, so
+        # the first bad pair in order raises, as if each were checked and planned in turn.
+        deferred = []  # (place in checked, gradient, variable, name)
         batch = self._batch_tables and len(pairs) > 1
         states = self._states
         new = 0  # variables without a state so far (their default names count them)
@@ -592,11 +593,12 @@ class Optimizer:
                     update = _cuda.validate(g, var, name, self._markers)
                     on_device = True
                 elif isinstance(g, IndexedSlices):
-                    update = _SparseUpdate.validate(g, var, name)
                     if batch:
-                        pending.append((update, var.shape[0]))
-                    else:
-                        update.plan(var)
+                        deferred.append((len(checked), g, var, name))
+                        checked.append(None)
+                        continue
+                    update = _SparseUpdate.validate(g, var, name)
+                    update.plan(var)
                 else:
                     update = _DenseUpdate.validate(g, var, name)
                 checked.append((name, var, update))
@@ -604,7 +606,16 @@ class Optimizer:
             error = exc
         else:
             error = None
-        _plan_sparse(pending)
+        if deferred:  # every deferred pair comes before the pair that raised, if one did
+            arrays, failed = _validation.sparse_gradients([item[1:] for item in deferred])
+            if failed is not None:
+                error = failed
+            pending = []
+            for (at, _, var, name), (values, indices) in zip(deferred, arrays):
+                update = _SparseUpdate(values, indices, name)
+                checked[at] = (name, var, update)
+                pending.append((update, var.shape[0]))
+            _plan_sparse(pending)
         if error is not None:
             raise error
         if on_device:  # the device plans and range checks: one small read per plan

@@ -217,6 +217,49 @@ def test_the_first_bad_pair_in_order_raises(bad_index_at, bad_shape_at, expected
     assert messages[0] == messages[1]
 
 
+#: A bad sparse gradient of a table: (what, (values, indices, table) -> gradient, error)
+BAD_SPARSE = [
+    ("float indices", lambda v, i, t: so.IndexedSlices(v, i.astype(np.float64), t.shape), errors.IndicesTypeError),
+    ("2-D indices", lambda v, i, t: so.IndexedSlices(v, i[:, None], t.shape), errors.IndicesTypeError),
+    ("a value row short", lambda v, i, t: so.IndexedSlices(v[1:], i, t.shape), errors.ShapeMismatchError),
+    ("float64 values", lambda v, i, t: so.IndexedSlices(v.astype(np.float64), i, t.shape),
+     errors.DtypeMismatchError),
+    ("dense_shape", lambda v, i, t: so.IndexedSlices(v, i, (t.shape[0] + 1, t.shape[1])), errors.ShapeMismatchError),
+]
+
+
+@pytest.mark.parametrize("bad", BAD_SPARSE, ids=[b[0] for b in BAD_SPARSE])
+@pytest.mark.parametrize("bad_dense_at", [None, 1, 8], ids=["no_bad_dense", "bad_dense_before", "bad_dense_after"])
+def test_batched_validation_raises_for_the_first_bad_pair(bad, bad_dense_at):
+    """The sparse gradients of a step are checked in one pass after the other pairs
+    (``_validation.sparse_gradients``): the error is the per-pair checks' (the per-table
+    path's), for the first bad pair in order, naming its variable; nothing is written."""
+    _, spoil, error_type = bad
+    tables = make_tables()
+    dense = np.zeros((6, 5), np.float32)
+    grads, g_dense = make_steps(1)[0]
+    messages = []
+    for batched in (True, False):
+        opt = so.Adam(0.01)
+        opt._batch_tables = batched
+        opt.build(tables + [dense], names=[f"t{i}" for i in range(len(tables))] + ["dense"])
+        pairs = [(so.IndexedSlices(v, i, t.shape), t) for (v, i), t in zip(grads, tables)]
+        pairs[3] = (spoil(*grads[3], tables[3]), tables[3])
+        if bad_dense_at is not None:
+            pairs.insert(bad_dense_at, (g_dense[:, :4], dense))  # a gradient of the wrong shape
+        before = snapshot(opt, tables + [dense])
+        with pytest.raises(errors.SparseoptError) as error:
+            opt.apply_gradients(pairs)
+        assert_same(snapshot(opt, tables + [dense]), before)
+        assert opt.iterations == 0
+        if bad_dense_at == 1:
+            assert type(error.value) is errors.ShapeMismatchError and str(error.value).startswith("'dense'")
+        else:
+            assert type(error.value) is error_type and str(error.value).startswith("'t3'")
+        messages.append(str(error.value))
+    assert messages[0] == messages[1]
+
+
 def test_batched_plans_equal_the_per_table_plans():
     rng = np.random.default_rng(3)
     for idx_dtype in (np.int32, np.int64):

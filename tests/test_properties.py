@@ -186,8 +186,9 @@ def reference_plan(idx):
        dtype=st.sampled_from([np.int32, np.int64]), seed=st.integers(0, 2**31))
 @settings(max_examples=150, deadline=None)
 def test_plan_rows_groups_the_positions_of_each_row_in_order(bits, n, hot, dtype, seed):
-    """The de-duplication plan (one, two or three radix passes; the merge sort of tables
-    of 2**31 rows or more) equals NumPy's: unique rows increasing, positions increasing."""
+    """The de-duplication plan (a counting sort up to 4096 rows, then one, two or three
+    radix passes; the merge sort of tables of 2**31 rows or more) equals NumPy's: unique
+    rows increasing, positions increasing."""
     from sparseopt.kernels import dedup
     num_rows = int(np.random.default_rng(seed).integers(1, 2**bits + 1)) if bits else 1
     if dtype is np.int32:
@@ -200,6 +201,53 @@ def test_plan_rows_groups_the_positions_of_each_row_in_order(bits, n, hot, dtype
     for got, want in zip((rows, offsets, order), reference_plan(idx)):
         assert got.dtype == np.int64
         np.testing.assert_array_equal(got, want)
+
+
+@st.composite
+def table_indices(draw):
+    """1-6 tables' index arrays of one dtype: row counts for the counting sort (up to 4096)
+    and for the radix passes, 0-300 ids each (runs of the counting sort's lanes of any
+    length), sometimes a hot row."""
+    dtype = draw(st.sampled_from([np.int32, np.int64]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    tables = []
+    for _ in range(draw(st.integers(1, 6))):
+        num_rows = draw(st.one_of(st.integers(1, 40), st.integers(1, 4097), st.integers(4097, 2**25)))
+        n = draw(st.integers(0, 300))
+        idx = rng.integers(0, num_rows, n).astype(dtype)
+        idx[rng.random(n) < draw(st.floats(0, 0.9))] = rng.integers(0, num_rows)
+        tables.append((idx, num_rows))
+    return tables
+
+
+@given(tables=table_indices(), bad=st.data())
+@settings(max_examples=100, deadline=None)
+def test_plan_tables_equals_each_tables_plan(tables, bad):
+    """The plans of several tables made in one call (the table-batched step) are each
+    table's NumPy plan, at the places ``ustart``/``ostart`` say; with indices out of range
+    in some tables, the first such table is reported (every table's range is checked)."""
+    from sparseopt.kernels import dedup
+    indices = [idx for idx, _ in tables]
+    num_rows = [m for _, m in tables]
+    rows, offsets, order, ustart, ostart, failed = dedup.plan_tables(indices, num_rows)
+    assert failed == -1
+    assert ustart[-1] == rows.size and ostart[-1] == order.size == sum(i.size for i in indices)
+    for t, idx in enumerate(indices):
+        want = reference_plan(idx)
+        np.testing.assert_array_equal(rows[ustart[t]:ustart[t + 1]], want[0])
+        np.testing.assert_array_equal(offsets[ustart[t] + t:ustart[t + 1] + t + 1], want[1])
+        np.testing.assert_array_equal(order[ostart[t]:ostart[t + 1]], want[2])
+    spoilt = bad.draw(st.lists(st.integers(0, len(tables) - 1), min_size=1, max_size=3, unique=True))
+    spoilt = [t for t in spoilt if indices[t].size]
+    for t in spoilt:
+        idx = indices[t]
+        for _ in range(bad.draw(st.integers(1, 3))):  # a bad index anywhere, maybe several
+            idx[bad.draw(st.integers(0, idx.size - 1))] = bad.draw(st.sampled_from([-1, num_rows[t]]))
+    failed = dedup.plan_tables(indices, num_rows)[-1]
+    assert failed == (min(spoilt) if spoilt else -1)
+    for t in spoilt:  # and each bad table's own plan names its first bad position
+        want = int(np.flatnonzero((indices[t] < 0) | (indices[t] >= num_rows[t]))[0])
+        assert dedup.plan_rows(indices[t], num_rows[t])[-1] == want
 
 
 @pytest.mark.parametrize("num_rows", [10, 5000, 2**31 + 7])
