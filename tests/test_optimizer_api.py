@@ -16,8 +16,11 @@ def test_get_slot_is_a_view_into_contiguous_storage():
     opt.build([table])
     m, v, vhat = (opt.get_slot(table, n) for n in ("m", "v", "vhat"))
     assert m.shape == table.shape and m.dtype == table.dtype
-    assert m.base is v.base is vhat.base and m.base.flags.c_contiguous
-    assert m.base.shape == (3, 6, 3)
+    # one contiguous block (the slots in the rule's order), starting on a cache line
+    assert m.base is v.base is vhat.base
+    assert all(s.flags.c_contiguous for s in (m, v, vhat))
+    assert v.ctypes.data - m.ctypes.data == vhat.ctypes.data - v.ctypes.data == m.nbytes
+    assert m.ctypes.data % 64 == 0
     m[2] = 5.0  # writing through the view changes the optimizer's state
     opt.apply_gradients([(so.IndexedSlices(np.zeros((1, 3), np.float32), [2]), table)])
     np.testing.assert_allclose(opt.get_slot(table, "m")[2], 5.0 * 0.9, rtol=1e-6)

@@ -89,7 +89,10 @@ def on_each_copy(variable, fn):
                 return on_each_copy(variable, fn)
         if tf.distribute.in_cross_replica_context():
             results = strategy.extended.update(variable, fn, group=False)
-            return [r for r in strategy.experimental_local_results(results) if r is not None]
+            # (each copy's result, None where it had nothing to do: flattened, so that a
+            # list of Nones is no result)
+            return [r for r in tf.nest.flatten(strategy.experimental_local_results(results))
+                    if r is not None]
     result = fn(variable)
     return [] if result is None else [result]
 
