@@ -111,9 +111,10 @@ def idle_always_identity(core, hypers, weight_decay, dtype):
     it depends on the hyperparameters other than the learning rate and on the weight
     decay only) for the values a traced step bakes in: ``hypers`` (``{name: value}``, every
     float hyperparameter but the learning rate) all plain numbers, and ``weight_decay``
-    (the variable's: 0 where it does not apply), which the step's graph takes as it was
-    when traced (the caller checks the variable's ``has_wd``). A tensor, variable, callable or schedule among ``hypers``, or host state
-    (Nadam), and the answer is False: the catch-up stays.
+    (the variable's: 0 where it does not apply; the caller checks the variable's
+    ``has_wd``), which the step's graph takes as it was when traced. A tensor, variable,
+    callable or schedule among ``hypers``, or host state (Nadam), and the answer is False:
+    the catch-up stays.
     """
     identity = getattr(core._rule, "idle_is_identity", None)
     if identity is None or type(core)._scalar_state_names:
