@@ -419,6 +419,22 @@ def _flat_row_sum(values, d, order, lo, hi, j):
     return gj
 
 
+@cuda.jit(device=True)
+def table_of(starts, tables, i):
+    """The last ``t < tables`` with ``starts[t] <= i`` (``starts`` non-decreasing): the table
+    whose range ``starts[t]:starts[t + 1]`` holds ``i`` (empty tables are skipped). Shared by
+    the table-batched update kernels and :mod:`sparseopt.kernels.cuda_dedup`."""
+    lo = 0
+    hi = tables
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if starts[mid] <= i:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 def _batched_template(meta, gstart, tables, rows, offsets, order, like_p, like_s, like_v, c, wd_lr):
     """:func:`_sparse_template` over the unique rows of ``tables`` tables in one launch: row
     ``u`` of the group (table ``t``'s are ``gstart[t]:gstart[t + 1]``) is the plan's unique
@@ -429,15 +445,7 @@ def _batched_template(meta, gstart, tables, rows, offsets, order, like_p, like_s
     u = numba.int64(cuda.blockIdx.x) * cuda.blockDim.y + cuda.threadIdx.y
     ustride = numba.int64(cuda.gridDim.x) * cuda.blockDim.y
     while u < k:
-        lo_t = 0
-        hi_t = tables
-        while hi_t - lo_t > 1:
-            mid = (lo_t + hi_t) // 2
-            if gstart[mid] <= u:
-                lo_t = mid
-            else:
-                hi_t = mid
-        t = lo_t
+        t = table_of(gstart, tables, u)
         d = meta[t, B_WIDTH]
         size = meta[t, B_ROWS] * d
         p = POINTER(meta[t, B_P], like_p, size)

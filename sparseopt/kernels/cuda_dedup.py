@@ -313,20 +313,6 @@ class Planner:
 # ----------------------------------------------------------- several tables, one plan
 
 
-@cuda.jit(device=True)
-def _table_of(starts, tables, i):
-    """The last ``t < tables`` with ``starts[t] <= i`` (``starts`` non-decreasing): the table
-    whose range ``starts[t]:starts[t + 1]`` holds ``i`` (empty tables are skipped)."""
-    lo = 0
-    hi = tables
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if starts[mid] <= i:
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
 
 def _prepare_tables_template(meta, tables, like, keys, vals, info):
     """:func:`_prepare` over the indices of several tables, concatenated in table order
@@ -338,7 +324,7 @@ def _prepare_tables_template(meta, tables, like, keys, vals, info):
     i = numba.int64(cuda.grid(1))
     stride = numba.int64(cuda.gridsize(1))
     while i < n:
-        t = _table_of(starts, tables, i)
+        t = ck.table_of(starts, tables, i)
         local = i - starts[t]
         idx = POINTER(meta[T_ADDRESS, t], like, starts[t + 1] - starts[t])
         r = numba.int64(idx[local])
@@ -358,15 +344,15 @@ def _localize_template(keys, meta, tables, rows, info, ustart):
     u = numba.int64(cuda.grid(1))
     stride = numba.int64(cuda.gridsize(1))
     if u == 0:
-        t0 = _table_of(firsts, tables, keys[0]) if k > 0 else tables
+        t0 = ck.table_of(firsts, tables, keys[0]) if k > 0 else tables
         for t in range(t0 + 1):
             ustart[t] = 0
     while u < k:
-        t = _table_of(firsts, tables, keys[u])
+        t = ck.table_of(firsts, tables, keys[u])
         rows[u] = keys[u] - firsts[t]
         after = tables
         if u + 1 < k:
-            after = _table_of(firsts, tables, keys[u + 1])
+            after = ck.table_of(firsts, tables, keys[u + 1])
         for q in range(t + 1, after + 1):
             ustart[q] = u + 1
         u += stride
