@@ -137,10 +137,11 @@ def test_a_bad_gradient_of_a_host_step_raises_before_anything_is_written():
 
 
 def test_the_bridge_reads_no_private_name_of_a_core_optimizer():
-    """The TensorFlow bridge runs the core through ``step_config()`` and public attributes:
-    no ``core._x`` / ``self._core._x`` / ``config._x`` in its sources, but for the two
-    settings the legacy classes give the core they make (tf_keras' Nadam ``decay``, and the
-    step's ``momentum`` taken with the coefficients)."""
+    """The TensorFlow bridge runs a core optimizer through ``step_config()`` and public
+    attributes: no ``core._x`` / ``self._core._x`` / ``config._x`` in its sources, but for
+    the two settings the legacy classes give the core they make (tf_keras' Nadam
+    ``decay``, and the step's ``momentum`` taken with the coefficients). (``_spec`` reads
+    the core classes' declarations, ``_hyper_names`` and the like, to learn each class.)"""
     import ast
     import pathlib
 

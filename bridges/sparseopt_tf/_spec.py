@@ -81,6 +81,23 @@ class OptimizerSpec:
                                exact_history=exact_history, **(rounding or {}), **kwargs)
 
 
+def signed_init(init, spec):
+    """``init`` (a bridge base class's ``__init__``) with the signature of ``spec``'s class:
+    ``learning_rate``, then the core optimizer's own arguments with their defaults, then
+    ``**kwargs`` (what ``inspect.signature`` and Keras' ``get_config`` checks show)."""
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+              inspect.Parameter("learning_rate", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                default=spec.default_learning_rate)]
+    params += [inspect.Parameter(a, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d) for a, d in spec.args]
+    params += [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
+
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+    __init__.__signature__ = inspect.Signature(params)
+    __init__.__qualname__ = f"{spec.name}.__init__"
+    return __init__
+
+
 #: The core's arguments for 16-bit variables (bfloat16, float16), which both bridges take
 #: as keyword arguments: ``stochastic_rounding`` (default True), ``slot_dtype`` (None:
 #: float32 slots; ``"bfloat16"``) and ``seed`` (of the rounding's random bits, default 0).

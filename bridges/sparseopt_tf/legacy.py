@@ -30,7 +30,6 @@ variables). :class:`ExactFlush` is the ``tf_keras`` callback.
 import contextlib
 import copy
 import functools
-import inspect
 
 import numpy as np
 import tensorflow as tf
@@ -575,18 +574,8 @@ def _make_class(spec):
     doc = (f"{spec.name}, as ``tf_keras.optimizers.legacy.{spec.name}`` (Keras 2 ``OptimizerV2``), "
            "on sparseopt's Numba kernels.\n\nSparse gradients update the touched rows in place: lazily, or\n"
            "with ``sparse_mode=\"exact\"`` as dense training would (see ``Optimizer``).\n")
-    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-              inspect.Parameter("learning_rate", inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                default=spec.default_learning_rate)]
-    params += [inspect.Parameter(a, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d) for a, d in spec.args]
-    params += [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
     cls = type(spec.name, (Optimizer,), {"_spec": spec, "__doc__": doc, "__module__": __name__})
-
-    def __init__(self, *args, **kwargs):
-        Optimizer.__init__(self, *args, **kwargs)
-    __init__.__signature__ = inspect.Signature(params)
-    __init__.__qualname__ = f"{spec.name}.__init__"
-    cls.__init__ = __init__
+    cls.__init__ = _spec.signed_init(Optimizer.__init__, spec)
     return tf_keras.utils.register_keras_serializable(package="sparseopt_tf.legacy")(cls)
 
 

@@ -28,7 +28,6 @@ variables to save or return them (``get_weights``, ``save_own_variables``,
 ``model.fit``) flushes first, and every path that sets them marks every row current.
 """
 
-import inspect
 import json
 import math
 
@@ -996,16 +995,11 @@ def _make_class(spec):
            f"({', '.join(f'{a}={d!r}' for a, d in spec.args) or 'none'}), plus Keras 3's.\n"
            "Sparse (``IndexedSlices``) gradients update the touched rows in place: lazily, or\n"
            "with ``sparse_mode=\"exact\"`` as dense training would (see ``Optimizer``).\n")
-    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-              inspect.Parameter("learning_rate", inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                default=spec.default_learning_rate)]
-    params += [inspect.Parameter(a, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d) for a, d in spec.args]
-    params += [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
     namespace = {"_spec": spec, "__doc__": doc, "__module__": __name__}
     for index, state in enumerate(spec.core_class._scalar_state_names):
         namespace[f"_{state}"] = _state_alias(index, state)    # as Keras names it (Nadam's _u_product)
     cls = type(spec.name, (Optimizer,), namespace)
-    cls.__init__ = _with_signature(Optimizer.__init__, inspect.Signature(params), spec.name)
+    cls.__init__ = _spec.signed_init(Optimizer.__init__, spec)
     return keras.saving.register_keras_serializable(package="sparseopt_tf")(cls)
 
 
@@ -1015,14 +1009,6 @@ def _state_alias(index, state):
             raise AttributeError(f"{self.name}: {state!r} exists once the optimizer is built")
         return self._state_variables[index]
     return property(get, doc=f"The host state variable {state!r} (0-d, float64), once built.")
-
-
-def _with_signature(init, signature, name):
-    def __init__(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-    __init__.__signature__ = signature
-    __init__.__qualname__ = f"{name}.__init__"
-    return __init__
 
 
 _SPECS = _spec.optimizer_specs()
