@@ -175,10 +175,11 @@ class HostTimes:
     of ``sparseopt_tf.Embedding``), per optimizer, by wrapping both methods."""
 
     def __init__(self):
-        from sparseopt_tf import _exact, _host
+        from sparseopt import engine
+        from sparseopt_tf import _host
         self.step, self.catch_up = {}, {}
-        self._patched = [(_host.HostStep, "__call__", self.step, lambda obj: id(obj.core)),
-                         (_exact.ExactBook, "catch_up", self.catch_up, lambda obj: obj.owner)]
+        self._patched = [(_host.HostStep, "__call__", self.step, lambda obj: id(obj.config)),
+                         (engine.ExactBook, "catch_up", self.catch_up, lambda obj: obj.owner)]
         self._originals = []
         for cls, name, store, key in self._patched:
             original = getattr(cls, name)
@@ -210,7 +211,7 @@ def time_issue16(args, n_items, n_users, dim, batch):
     import keras
 
     import sparseopt_tf
-    from sparseopt_tf import _exact
+    from sparseopt import engine
     configs = [
         ("Adam lazy", lambda: sparseopt_tf.Adam(1e-3)),
         ("Adam exact", lambda: sparseopt_tf.Adam(1e-3, sparse_mode="exact")),
@@ -224,12 +225,12 @@ def time_issue16(args, n_items, n_users, dim, batch):
     x, y = clicks(n_items, n_users, batch, 8 * steps, seed=3)
     batches = [(x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch]) for i in range(8 * steps)]
     # ExactBook.catch_up gets no optimizer: file each book under its optimizer's name.
-    original_init = _exact.ExactBook.__init__
+    original_init = engine.ExactBook.__init__
 
-    def init(book, core):
-        original_init(book, core)
-        book.owner = id(core)
-    _exact.ExactBook.__init__ = init
+    def init(book, config):
+        original_init(book, config)
+        book.owner = id(config)
+    engine.ExactBook.__init__ = init
     made, cursor = {}, 0
     try:
         for name, make in configs:
@@ -241,7 +242,7 @@ def time_issue16(args, n_items, n_users, dim, batch):
                 model.train_on_batch(xb, yb)
             made[name] = (model, opt, [])
     finally:
-        _exact.ExactBook.__init__ = original_init
+        engine.ExactBook.__init__ = original_init
     host = HostTimes()
     loads = []
     try:
@@ -262,7 +263,7 @@ def time_issue16(args, n_items, n_users, dim, batch):
         host.restore()
     out = {}
     for name, (model, opt, times) in made.items():
-        core = id(opt._host.core) if getattr(opt, "_host", None) is not None else None
+        core = id(opt._host.config) if getattr(opt, "_host", None) is not None else None
         groups = np.asarray(times).reshape(-1, 4).mean(axis=1)
         out[name] = dict(median=float(np.median(times)), per_call=float(np.median(groups)),
                          host=host.step.get(core, 0.0) / len(times),

@@ -521,7 +521,7 @@ def run_keras(args, mlp, log):
 
 def _per_table(opt):
     """``opt`` with its host step on the per-table path (the core's ``_batch_tables = False``)."""
-    opt._host.core._batch_tables = False
+    opt._core._batch_tables = False
     return opt
 
 

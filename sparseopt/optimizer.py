@@ -30,7 +30,8 @@ import threading
 import numba
 import numpy as np
 
-from sparseopt import _config, _cuda, _exact, _hyperparameters, _rollback, _validation, errors, schedules
+from sparseopt import (_config, _cuda, _exact, _hyperparameters, _rollback, _validation, engine, errors,
+                       schedules)
 from sparseopt.rules import _variant
 from sparseopt.indexed_slices import IndexedSlices
 from sparseopt.kernels import cpu, dedup, lowp
@@ -622,6 +623,13 @@ class Optimizer:
             _cuda.finish_validation([update for _, _, update in checked], batch)
         return checked
 
+    def step_config(self):
+        """This optimizer's step for a host that keeps the variables, slots and host state
+        itself (:class:`sparseopt.engine.StepConfig`; the TensorFlow bridge runs its steps
+        so). Made anew on each call: it reflects the optimizer's structure (rule, kept
+        slots) at that time."""
+        return engine.StepConfig(self)
+
     def _check_variable(self, var, name):
         if not isinstance(var, np.ndarray):
             if _cuda.is_device_array(var):
@@ -667,20 +675,9 @@ class Optimizer:
             _exact.catch_up(self, var, indices, rows)
 
     def _run(self, updates, coefficients, wd):
-        rule = self._rule
-
-        def lazy_run(pairs):
-            run_lazy(rule, pairs, coefficients, wd,
-                     lambda state: wd != 0.0 and self._uses_weight_decay(state), self._batch_tables,
-                     self._converted)
-
-        if self.sparse_mode == "exact":
-            widen_sparse(updates)
-            _exact.run(self, updates, coefficients, wd, _SparseUpdate,
-                       lambda state, update, c, wd_v, has_wd: update.run(
-                           _variant.for_step(rule, c), state, c, wd_v, has_wd), lazy_run)
-            return
-        lazy_run(updates)
+        engine.run_step(self._rule, updates, coefficients, wd,
+                        lambda state: wd != 0.0 and self._uses_weight_decay(state), self._batch_tables,
+                        engine.exact_run(self) if self.sparse_mode == "exact" else None, self._converted)
 
     def _converted(self, coefficients, dtype):
         """``coefficients`` with each value as a ``dtype`` scalar, the kernels' argument.

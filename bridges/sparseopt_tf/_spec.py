@@ -2,12 +2,12 @@
 
 The bridge holds no per-optimizer code. For every class listed in
 ``sparseopt.optimizers.__all__`` it reads the constructor's signature (arguments and
-defaults), the float hyperparameters (``_hyper_names``) and the rule; a configured
-core instance then answers the per-configuration questions (which slots, their
-initial values, the per-step ``Coefficients``). A new core optimizer therefore
-appears in ``sparseopt_tf`` and ``sparseopt_tf.legacy`` without any change here.
-
-:func:`rule_for` is the one place that chooses the rule module a bridge class runs.
+defaults) and the float hyperparameters (``_hyper_names``); a configured core instance
+(:meth:`OptimizerSpec.make_core`) then answers the per-configuration questions through
+its public ``step_config()`` (:class:`sparseopt.engine.StepConfig`: the rule, which
+slots, their initial values and dtypes, the per-step ``Coefficients``). A new core
+optimizer therefore appears in ``sparseopt_tf`` and ``sparseopt_tf.legacy`` without any
+change here.
 """
 
 import inspect
@@ -57,9 +57,9 @@ class OptimizerSpec:
 
         The instance is never stepped: it validates the configuration (``sparse_mode``,
         ``exact_history`` and the 16-bit ``rounding`` arguments, :data:`ROUNDING_ARGS`,
-        included) and answers ``_slot_names()``, ``_slot_initial_value(slot)``,
-        ``_coefficients(hypers, step)``, ``sparse_mode``, ``exact_history``, and the
-        rounding of 16-bit variables (``_set_rounding``, ``slot_dtype``, ``seed``).
+        included), and its ``step_config()`` (:class:`sparseopt.engine.StepConfig`) answers
+        the rest: the rule, the kept slots and their initial values, the coefficients of a
+        step, the host state, the checks, and the step itself.
         """
         kwargs = {}
         for arg, default in self.args:
@@ -76,9 +76,26 @@ class OptimizerSpec:
             # core (which checks it), decoupled and fused into the kernels as in Keras 3.
             kwargs["weight_decay"] = weight_decay
         if legacy and getattr(self.core_class, "_has_legacy_math", False):
-            kwargs["_legacy"] = True     # the rule's tf_keras variant (see rule_for)
+            kwargs["_legacy"] = True     # the rule's tf_keras variant (coefficients(..., legacy=True))
         return self.core_class(learning_rate=learning_rate, name=name, sparse_mode=sparse_mode,
                                exact_history=exact_history, **(rounding or {}), **kwargs)
+
+
+def signed_init(init, spec):
+    """``init`` (a bridge base class's ``__init__``) with the signature of ``spec``'s class:
+    ``learning_rate``, then the core optimizer's own arguments with their defaults, then
+    ``**kwargs`` (what ``inspect.signature`` and Keras' ``get_config`` checks show)."""
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+              inspect.Parameter("learning_rate", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                default=spec.default_learning_rate)]
+    params += [inspect.Parameter(a, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d) for a, d in spec.args]
+    params += [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
+
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+    __init__.__signature__ = inspect.Signature(params)
+    __init__.__qualname__ = f"{spec.name}.__init__"
+    return __init__
 
 
 #: The core's arguments for 16-bit variables (bfloat16, float16), which both bridges take
@@ -129,45 +146,6 @@ def spec_of(core_class):
 def optimizer_specs():
     """``{class name: OptimizerSpec}`` for every optimizer the core exports."""
     return {name: spec_of(getattr(core_optimizers, name)) for name in core_optimizers.__all__}
-
-
-def rule_for(core):
-    """The rule module a bridge class runs, and with it the math variant.
-
-    The core keeps tf_keras' legacy math inside each rule (``coefficients(...,
-    legacy=True)`` sets a flag of ``c``); a core optimizer built with ``_legacy=True``
-    (:meth:`OptimizerSpec.make_core` with ``legacy=True``, for classes whose
-    ``_has_legacy_math`` is set) computes those coefficients. So the selection is:
-    the core's rule module, configured by ``make_core``'s ``legacy`` flag.
-    """
-    return core._rule
-
-
-def kernel_slots(core):
-    """``(slot names, used)``: the kept slots in the rule's ``SLOTS`` order, and three
-    booleans saying which of the rule's slots are kept."""
-    kept = set(core._slot_names())
-    names = tuple(n for n in core._rule.SLOTS if n in kept)
-    used = tuple(n in kept for n in core._rule.SLOTS) + (False,) * (3 - len(core._rule.SLOTS))
-    return names, used
-
-
-def row_slots(core):
-    """``(row slot names, row_used)`` of a row-wise rule (``rule.ROW_SLOTS``): the kept
-    per-row slots in ``ROW_SLOTS`` order and three booleans saying which of the rule's
-    row slots they are; ``((), None)`` for an elementwise rule."""
-    rule = core._rule
-    if not hasattr(rule, "ROW_SLOTS"):
-        return (), None
-    kept = set(core._row_slot_names())
-    names = tuple(n for n in rule.ROW_SLOTS if n in kept)
-    used = tuple(n in kept for n in rule.ROW_SLOTS) + (False,) * (3 - len(rule.ROW_SLOTS))
-    return names, used
-
-
-def scalar_state(core):
-    """``(name, initial value)`` of the core's host state, in ``_scalar_state_names`` order."""
-    return tuple((name, core._scalar_state_initial_value(name)) for name in type(core)._scalar_state_names)
 
 
 def bind_arguments(class_name, spec, args, kwargs):

@@ -16,7 +16,8 @@ checkpointed by name), advanced once per step by the core's own function and wri
 after the step's updates. Row-wise rules (``RowwiseAdagrad``) keep their per-row slots
 as slot variables of shape ``(rows,)``.
 
-The rule comes from :func:`sparseopt_tf._spec.rule_for` with ``legacy=True``.
+The core is made with ``legacy=True`` (:meth:`sparseopt_tf._spec.OptimizerSpec.make_core`):
+its rule computes tf_keras' legacy coefficients.
 
 ``sparse_mode="exact"`` runs the core's exact-mode steps as the Keras 3 classes do (see
 :mod:`sparseopt_tf.optimizers`), with :meth:`Optimizer.catch_up` (which
@@ -29,7 +30,6 @@ variables). :class:`ExactFlush` is the ``tf_keras`` callback.
 import contextlib
 import copy
 import functools
-import inspect
 
 import numpy as np
 import tensorflow as tf
@@ -155,7 +155,7 @@ class Optimizer(_V2):
         self._own_args = own
         self.sparse_mode = core.sparse_mode
         self.exact_history = core.exact_history
-        self._host = _host.HostStep(core, _spec.rule_for(core), ("learning_rate",) + self._hyper_names())
+        self._host = _host.HostStep(core.step_config(), ("learning_rate",) + self._hyper_names())
         self._state_variables = None
         self._slotted = {}      # var key -> variable with slots (a plain dict: not tracked)
         self._read = {"caught_up": set(), "warned": set()}   # see _exact.warn_unread
@@ -196,27 +196,28 @@ class Optimizer(_V2):
             # tf_keras keeps its state (Nadam's momentum_cache) in the first variable's dtype.
             dtype = var_list[0].dtype.base_dtype if var_list else tf.float32
             dtype = dtype if dtype in (tf.float32, tf.float64) else tf.float32
-            for name, value in _spec.scalar_state(self._core):
+            for name, value in self._host.config.scalar_state:
                 weight = self.add_weight(_TF_KERAS_NAMES.get(name, name), shape=[], dtype=dtype,
                                          initializer=tf_keras.initializers.Constant(value),
                                          trainable=False,
                                          aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
                 self._weights.append(weight)
                 self._state_variables.append(weight)
-        slot_names = _spec.kernel_slots(self._core)[0]
+        step = self._host.config
+        slot_names = step.slot_names
         # In tf_keras' order (which fixes that of ``weights``) and under its names.
         order = ([(var, n) for var in var_list for n in slot_names] if self._spec.name in _VAR_MAJOR_SLOTS
                  else [(var, n) for n in slot_names for var in var_list])
         for var, slot_name in order:
-            dtype = _host.slot_dtypes(self._core, var.dtype.base_dtype.as_numpy_dtype)[0]
+            dtype = step.slot_dtypes(var.dtype.base_dtype.as_numpy_dtype)[0]
             with _slot_dtype(var, dtype):
                 self.add_slot(var, _TF_KERAS_NAMES.get(slot_name, slot_name),
-                              tf_keras.initializers.Constant(self._core._slot_initial_value(slot_name)))
+                              tf_keras.initializers.Constant(step.slot_initial_values[slot_name]))
         for var in var_list:
             self._slotted[_var_key(var)] = var
-            row_dtype = _host.slot_dtypes(self._core, var.dtype.base_dtype.as_numpy_dtype)[1]
-            for slot_name in _spec.row_slots(self._core)[0]:
-                initial = tf_keras.initializers.Constant(self._core._slot_initial_value(slot_name))
+            row_dtype = step.slot_dtypes(var.dtype.base_dtype.as_numpy_dtype)[1]
+            for slot_name in step.row_slot_names:
+                initial = tf_keras.initializers.Constant(step.slot_initial_values[slot_name])
                 with _slot_dtype(var, row_dtype):
                     self.add_slot(var, slot_name, initial, shape=var.shape[:1])
 
@@ -342,8 +343,9 @@ class Optimizer(_V2):
         return coefficients["sparseopt_scalars"]
 
     def _job(self, var, sparse):
-        slot_names, used = _spec.kernel_slots(self._core)
-        row_names, row_used = _spec.row_slots(self._core)
+        step = self._host.config
+        slot_names, used = step.slot_names, step.slot_used
+        row_names, row_used = step.row_slot_names, step.row_slot_used
         ref = _handover.Ref(var)
         job = _host.Job(ref.name, sparse, len(slot_names), used, bool(self.weight_decay),
                         (_var_key(var), ref.device), len(row_names), row_used)
@@ -370,7 +372,7 @@ class Optimizer(_V2):
                 continue
             # The variables trained stay the user's (their keys name the copied slots).
             new.__dict__[key] = dict(value) if key == "_slotted" else copy.deepcopy(value, memo)
-        new.__dict__["_host"] = _host.HostStep(new._core, self._host.rule, self._host.hyper_names)
+        new.__dict__["_host"] = _host.HostStep(new._core.step_config(), self._host.hyper_names)
         return new
 
     def _resource_apply_dense(self, grad, var, apply_state=None):
@@ -412,7 +414,7 @@ class Optimizer(_V2):
                 self._create_all_weights([variable])
 
         identity = tf.inside_function() and not self.weight_decay and _exact.idle_always_identity(
-            self._core, {h: getattr(self, h) if h in _ATTRIBUTE_HYPERS else self._hyper.get(h)
+            self._host.config, {h: getattr(self, h) if h in _ATTRIBUTE_HYPERS else self._hyper.get(h)
                          for h in self._spec.hyper_names}, 0.0, variable.dtype)
 
         def catch_up(var):                  # one copy (of each, under a strategy)
@@ -572,18 +574,8 @@ def _make_class(spec):
     doc = (f"{spec.name}, as ``tf_keras.optimizers.legacy.{spec.name}`` (Keras 2 ``OptimizerV2``), "
            "on sparseopt's Numba kernels.\n\nSparse gradients update the touched rows in place: lazily, or\n"
            "with ``sparse_mode=\"exact\"`` as dense training would (see ``Optimizer``).\n")
-    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-              inspect.Parameter("learning_rate", inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                default=spec.default_learning_rate)]
-    params += [inspect.Parameter(a, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d) for a, d in spec.args]
-    params += [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
     cls = type(spec.name, (Optimizer,), {"_spec": spec, "__doc__": doc, "__module__": __name__})
-
-    def __init__(self, *args, **kwargs):
-        Optimizer.__init__(self, *args, **kwargs)
-    __init__.__signature__ = inspect.Signature(params)
-    __init__.__qualname__ = f"{spec.name}.__init__"
-    cls.__init__ = __init__
+    cls.__init__ = _spec.signed_init(Optimizer.__init__, spec)
     return tf_keras.utils.register_keras_serializable(package="sparseopt_tf.legacy")(cls)
 
 

@@ -28,7 +28,6 @@ variables to save or return them (``get_weights``, ``save_own_variables``,
 ``model.fit``) flushes first, and every path that sets them marks every row current.
 """
 
-import inspect
 import json
 import math
 
@@ -147,8 +146,8 @@ class Optimizer(keras.optimizers.Optimizer):
         for arg, _ in spec.args:
             setattr(self, arg, own[arg])
         self._slot_table = _SlotTable()
-        self._host = _host.HostStep(self._core, _spec.rule_for(self._core),
-                                    ("learning_rate",) + spec.hyper_names)
+        # the core's step (sparseopt.engine.StepConfig), run by the host step
+        self._host = _host.HostStep(self._core.step_config(), ("learning_rate",) + spec.hyper_names)
         self._state_variables = []
         self._untracked = _Untracked()
 
@@ -199,7 +198,8 @@ class Optimizer(keras.optimizers.Optimizer):
         # stays callable; it is only hidden from that duck-typing check.
         # The aliases of the host state (Nadam's ``_u_product``) are hidden too: the
         # variables are tracked once, in ``variables``.
-        hidden = {"get_slot_names"} | {f"_{n}" for n in self._spec.core_class._scalar_state_names}
+        host = self.__dict__.get("_host")
+        hidden = {"get_slot_names"} | {f"_{n}" for n, _ in (host.config.scalar_state if host else ())}
         return [n for n in super().__dir__() if n not in hidden]
 
     def build(self, variables):
@@ -223,18 +223,17 @@ class Optimizer(keras.optimizers.Optimizer):
         self._state_variables = [
             self.add_variable(shape=(), initializer=keras.initializers.Constant(value),
                               dtype="float64", aggregation="only_first_replica", name=name)
-            for name, value in _spec.scalar_state(self._core)]
+            for name, value in self._host.config.scalar_state]
         for var in variables:
             self._create_kernel_slots(var)
 
     def _create_kernel_slots(self, var):
-        _, row_dtype = _host.slot_dtypes(self._core, _numpy_dtype(var))
-        for slot_name in _spec.kernel_slots(self._core)[0]:
-            self.add_slot(var, slot_name,
-                          keras.initializers.Constant(self._core._slot_initial_value(slot_name)))
-        for slot_name in _spec.row_slots(self._core)[0]:          # row-wise rules: one value per row
-            self.add_slot(var, slot_name,
-                          keras.initializers.Constant(self._core._slot_initial_value(slot_name)),
+        step = self._host.config
+        _, row_dtype = step.slot_dtypes(_numpy_dtype(var))
+        for slot_name in step.slot_names:
+            self.add_slot(var, slot_name, keras.initializers.Constant(step.slot_initial_values[slot_name]))
+        for slot_name in step.row_slot_names:          # row-wise rules: one value per row
+            self.add_slot(var, slot_name, keras.initializers.Constant(step.slot_initial_values[slot_name]),
                           shape=tuple(var.shape[:1]), dtype=row_dtype.name)
 
     def add_slot(self, var, slot_name, initializer="zeros", shape=None, dtype=None):
@@ -250,7 +249,7 @@ class Optimizer(keras.optimizers.Optimizer):
         if slot_name in slots:
             return slots[slot_name]
         if dtype is None:
-            dtype = _host.slot_dtypes(self._core, _numpy_dtype(var))[0].name
+            dtype = self._host.config.slot_dtypes(_numpy_dtype(var))[0].name
         if shape is None and dtype == _dtype_name(var):
             slot = self.add_variable_from_reference(var, name=slot_name, initializer=initializer)
         else:
@@ -278,7 +277,7 @@ class Optimizer(keras.optimizers.Optimizer):
 
     def get_slot_names(self):
         """Names of the slots this optimizer keeps (the rule's, then any added)."""
-        names = list(self._core._slot_names()) + list(_spec.row_slots(self._core)[0])
+        names = list(self._host.config.slot_names) + list(self._host.config.row_slot_names)
         for slots in self._slot_table.slots.values():
             names += [n for n in slots if n not in names]
         return names
@@ -351,9 +350,9 @@ class Optimizer(keras.optimizers.Optimizer):
 
     def _identity(self):
         return {"class": f"sparseopt_tf.{type(self).__name__}",
-                "slots": list(_spec.kernel_slots(self._core)[0]),
-                "row_slots": list(_spec.row_slots(self._core)[0]),
-                "state": [name for name, _ in _spec.scalar_state(self._core)],
+                "slots": list(self._host.config.slot_names),
+                "row_slots": list(self._host.config.row_slot_names),
+                "state": [name for name, _ in self._host.config.scalar_state],
                 "use_ema": bool(self.use_ema),
                 "gradient_accumulation_steps": self.gradient_accumulation_steps or 0}
 
@@ -649,8 +648,9 @@ class Optimizer(keras.optimizers.Optimizer):
     def _job(self, var, sparse):
         """The host :class:`~sparseopt_tf._host.Job` of ``var`` (a ``tf.Variable``) and the
         :class:`~sparseopt_tf._handover.Ref` of it and of its slots (element, then row slots)."""
-        slot_names, used = _spec.kernel_slots(self._core)
-        row_names, row_used = _spec.row_slots(self._core)
+        step = self._host.config
+        slot_names, used = step.slot_names, step.slot_used
+        row_names, row_used = step.row_slot_names, step.row_slot_used
         key = self._var_key(var)
         slots = self._slot_table.slots.get(key, {})
         missing = [n for n in slot_names + row_names if n not in slots]
@@ -731,7 +731,7 @@ class Optimizer(keras.optimizers.Optimizer):
             return None                     # not built: no step has been deferred
         self._check_exact_mode_can_run()
         identity = tf.inside_function() and _exact.idle_always_identity(
-            self._core, {h: getattr(self, h) for h in self._spec.hyper_names}, 0.0, variable.dtype)
+            self._host.config, {h: getattr(self, h) for h in self._spec.hyper_names}, 0.0, variable.dtype)
 
         def catch_up(var):                  # one copy (of each, under a strategy)
             job, refs = self._job(var, True)
@@ -995,16 +995,11 @@ def _make_class(spec):
            f"({', '.join(f'{a}={d!r}' for a, d in spec.args) or 'none'}), plus Keras 3's.\n"
            "Sparse (``IndexedSlices``) gradients update the touched rows in place: lazily, or\n"
            "with ``sparse_mode=\"exact\"`` as dense training would (see ``Optimizer``).\n")
-    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
-              inspect.Parameter("learning_rate", inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                default=spec.default_learning_rate)]
-    params += [inspect.Parameter(a, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d) for a, d in spec.args]
-    params += [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)]
     namespace = {"_spec": spec, "__doc__": doc, "__module__": __name__}
     for index, state in enumerate(spec.core_class._scalar_state_names):
         namespace[f"_{state}"] = _state_alias(index, state)    # as Keras names it (Nadam's _u_product)
     cls = type(spec.name, (Optimizer,), namespace)
-    cls.__init__ = _with_signature(Optimizer.__init__, inspect.Signature(params), spec.name)
+    cls.__init__ = _spec.signed_init(Optimizer.__init__, spec)
     return keras.saving.register_keras_serializable(package="sparseopt_tf")(cls)
 
 
@@ -1014,14 +1009,6 @@ def _state_alias(index, state):
             raise AttributeError(f"{self.name}: {state!r} exists once the optimizer is built")
         return self._state_variables[index]
     return property(get, doc=f"The host state variable {state!r} (0-d, float64), once built.")
-
-
-def _with_signature(init, signature, name):
-    def __init__(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-    __init__.__signature__ = signature
-    __init__.__qualname__ = f"{name}.__init__"
-    return __init__
 
 
 _SPECS = _spec.optimizer_specs()

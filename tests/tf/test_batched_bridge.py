@@ -90,7 +90,7 @@ def _train(name, kwargs, batched, legacy=False, eager=False):
     k.utils.set_random_seed(0)
     model = _model(k)
     opt = getattr(module, name)(learning_rate=0.05, **kwargs)
-    opt._host.core._batch_tables = batched
+    opt._core._batch_tables = batched
     model.compile(optimizer=opt, loss="mse", run_eagerly=eager)
     if kwargs.get("weight_decay"):
         opt.exclude_from_weight_decay(var_list=[model.get_layer("table0").embeddings])
@@ -145,7 +145,7 @@ def _loop(name, batched, graph):
     dense_init = rng.normal(size=(6, 5)).astype(np.float32)
     variables = [tf.Variable(v) for v in init] + [tf.Variable(dense_init)]
     opt = getattr(sparseopt_tf, name)(learning_rate=0.05)
-    opt._host.core._batch_tables = batched
+    opt._core._batch_tables = batched
 
     def step(grads):
         opt.apply_gradients(zip(grads, variables))
@@ -184,7 +184,7 @@ def test_first_bad_table_in_order_raises_before_any_write(batched):
     variables = [tf.Variable(tf.fill((rows, 3), 1.0)) for rows in (10, 6, 4, 8)]
     opt = sparseopt_tf.Adam(0.1)
     opt.build(variables)
-    opt._host.core._batch_tables = batched
+    opt._core._batch_tables = batched
 
     def grads(bad):
         out = []

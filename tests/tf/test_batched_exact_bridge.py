@@ -1,6 +1,6 @@
 """The bridge's exact-mode step batches too: a Keras 3 model's exact sparse updates of one
 kernel configuration run in one region (``sparseopt.optimizer.run_exact_tables``, reached
-through ``sparseopt_tf._exact.ExactBook.step``), with the same bits as the per-table path
+through ``sparseopt.engine.ExactBook.step``), with the same bits as the per-table path
 (the core's ``_batch_tables = False``; ``tests/tf/test_exact_bridge.py`` checks that path
 against Keras' dense training)."""
 
@@ -30,7 +30,7 @@ def _train(batched):
     rng = np.random.default_rng(0)
     model = _model()
     opt = sparseopt_tf.Adam(learning_rate=0.05, sparse_mode="exact")
-    opt._host.core._batch_tables = batched
+    opt._core._batch_tables = batched
     model.compile(optimizer=opt, loss="mse")
     for _ in range(STEPS):
         # Zipf-like ids: duplicates, and rows idle for several steps before they come back

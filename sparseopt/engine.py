@@ -1,0 +1,455 @@
+"""The step of a configured optimizer, for a host that keeps the variables itself.
+
+``sparseopt.Optimizer`` owns its slots and state and runs its steps on NumPy or CUDA
+arrays. A host that keeps the variables, the slots and the host state elsewhere (the
+TensorFlow bridge keeps them in ``tf.Variable`` buffers, handed over as NumPy views for
+each step) runs the same step through :meth:`sparseopt.Optimizer.step_config`: a
+:class:`StepConfig` says what the optimizer keeps (its slots, their initial values and
+dtypes, its host state), computes a step's coefficients and next host state, checks
+and plans a step's gradients with the core's checks, and runs the step by the core's own
+code (:func:`run_step`, which ``Optimizer`` runs too), lazy or exact. Nothing in it
+reads or writes the optimizer's own variables, slots or ``iterations``.
+
+A variable of the host is shown to the step as a :class:`HostVariable`: its array and
+its slots' arrays (views of the host's buffers), as the optimizer's own
+:class:`sparseopt.slots.VariableState` shows its own.
+"""
+
+import threading
+import warnings
+
+import numpy as np
+
+from sparseopt import _exact, _validation
+from sparseopt.indexed_slices import IndexedSlices
+from sparseopt.kernels import cpu, lowp
+from sparseopt.rules import _variant
+from sparseopt.rules._floatx import f32
+
+__all__ = ["ExactBook", "HostVariable", "StepConfig", "run_step"]
+
+
+class StepConfig:
+    """A configured optimizer's step (``optimizer.step_config()``).
+
+    Attributes (fixed at construction, as the optimizer's structure is):
+        name: the optimizer's name, for messages.
+        rule: the rule module (or :class:`sparseopt.Rule`) its kernels run.
+        slot_names: the element slots it keeps (each of the variable's shape), in the
+            rule's ``SLOTS`` order; ``slot_used``: three booleans, which of ``SLOTS`` those are.
+        rowwise: whether the rule keeps per-row slots (``RowwiseAdagrad``).
+        row_slot_names: a row-wise rule's kept per-row slots (shape ``(rows,)``), in
+            ``ROW_SLOTS`` order; ``row_slot_used``: three booleans (``None`` for an
+            elementwise rule).
+        slot_initial_values: ``{slot name: float}`` for every kept slot.
+        scalar_state: ``((name, initial value), ...)``: the host state the host keeps
+            across steps (Nadam's ``u_product``), advanced by :meth:`next_scalar_state`.
+        zero_learning_rate_is_no_step: a valid step at learning rate 0 writes nothing
+            (Ftrl, whose rule divides by the learning rate).
+        hyper_names: the float hyperparameters :meth:`coefficients` reads, the learning
+            rate first (their values: :meth:`hypers`, or the host's own).
+        sparse_mode, exact_history: as the optimizer's.
+
+    ``stochastic_rounding``, ``slot_dtype``, ``seed`` and ``batch_tables`` are read from
+    the optimizer when asked (a host may restore the seed).
+    """
+
+    def __init__(self, optimizer):
+        self._opt = optimizer
+        rule = optimizer._rule
+        self.name = optimizer.name
+        self.rule = rule
+        kept = set(optimizer._slot_names())
+        self.slot_names = tuple(n for n in rule.SLOTS if n in kept)
+        self.slot_used = _used(rule.SLOTS, kept)
+        self.rowwise = hasattr(rule, "ROW_SLOTS")
+        if self.rowwise:
+            kept_rows = set(optimizer._row_slot_names())
+            self.row_slot_names = tuple(n for n in rule.ROW_SLOTS if n in kept_rows)
+            self.row_slot_used = _used(rule.ROW_SLOTS, kept_rows)
+        else:
+            self.row_slot_names, self.row_slot_used = (), None
+        self.slot_initial_values = {n: float(optimizer._slot_initial_value(n))
+                                    for n in self.slot_names + self.row_slot_names}
+        self.scalar_state = tuple((n, float(optimizer._scalar_state_initial_value(n)))
+                                  for n in type(optimizer)._scalar_state_names)
+        self.hyper_names = tuple(type(optimizer)._hyper_names)
+        self.zero_learning_rate_is_no_step = bool(type(optimizer)._zero_learning_rate_is_no_step)
+        self.sparse_mode = optimizer.sparse_mode
+        self.exact_history = optimizer.exact_history
+        self._state_lock = threading.Lock()
+
+    @property
+    def stochastic_rounding(self):
+        return self._opt.stochastic_rounding
+
+    @property
+    def slot_dtype(self):
+        return self._opt.slot_dtype
+
+    @property
+    def seed(self):
+        return self._opt.seed
+
+    @property
+    def batch_tables(self):
+        """Whether the sparse tables of a step that share a kernel configuration run in one
+        parallel region (the core's switch; the same bits either way)."""
+        return self._opt._batch_tables
+
+    def hypers(self, iterations):
+        """``{name: float}``: the optimizer's hyperparameters for the step after
+        ``iterations`` steps (schedules and callables evaluated as its own step evaluates
+        them; the learning rate rounded through float32, as Keras holds it)."""
+        opt = self._opt
+        hypers = {k: opt._resolve(k, iterations) for k in self.hyper_names}
+        hypers["learning_rate"] = f32(hypers["learning_rate"])
+        return hypers
+
+    def weight_decay(self, learning_rate):
+        """The step's decoupled weight decay, ``weight_decay * learning_rate`` (0.0 without
+        one), with ``weight_decay`` rounded through float32 as Keras does."""
+        wd = self._opt.weight_decay
+        return f32(wd) * learning_rate if wd else 0.0
+
+    def coefficients(self, hypers, step):
+        """The rule's ``Coefficients`` of step ``step`` (``iterations + 1``), from ``hypers``
+        (``{name: float}``: the resolved hyperparameters, the learning rate first, and the
+        host state after this step)."""
+        return self._opt._coefficients(hypers, step)
+
+    def next_scalar_state(self, hypers, step, current):
+        """``{name: float}``: the host state after step ``step`` from ``current`` (the
+        values before it, in :attr:`scalar_state` order). Pure for the caller; safe to
+        call from several threads (replicas of a strategy), but not while the optimizer
+        itself steps (it lends the optimizer's own state arrays)."""
+        opt = self._opt
+        with self._state_lock:  # the optimizer reads its state from its own arrays: lent here
+            arrays = [opt._scalar_state[name] for name, _ in self.scalar_state]
+            kept = [a.copy() for a in arrays]
+            try:
+                for a, value in zip(arrays, current):
+                    a[...] = value
+                return dict(opt._next_scalar_state(hypers, step))
+            finally:
+                for a, value in zip(arrays, kept):
+                    a[...] = value
+
+    def check_variable(self, var, name):
+        """The optimizer's check of a variable (dtype, layout), raising its error."""
+        self._opt._check_variable(var, name)
+
+    def slot_dtypes(self, dtype):
+        """``(element slots' dtype, row slots' dtype)`` for a variable of NumPy ``dtype``, as
+        the optimizer keeps them: the variable's for float32 and float64; for a 16-bit
+        variable float32 (the math's), or bfloat16 element slots with
+        ``slot_dtype="bfloat16"``; row slots always in the math's dtype."""
+        if not lowp.kind(dtype):
+            return np.dtype(dtype), np.dtype(dtype)
+        f32 = np.dtype(np.float32)
+        return (lowp.BFLOAT16 if self.slot_dtype == "bfloat16" else f32), f32
+
+    def idle_is_identity(self, hypers, weight_decay, dtype):
+        """Whether exact mode's idle step (the step of a row with a zero gradient) is the
+        identity for a variable of NumPy ``dtype``, with ``hypers`` (``{name: float}``,
+        every float hyperparameter but the learning rate, which it may not read) and
+        ``weight_decay`` (0 where it does not apply). False where the rule cannot say, or
+        where the step depends on host state."""
+        identity = getattr(self.rule, "idle_is_identity", None)
+        if identity is None or self.scalar_state:
+            return False
+        math_dtype = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+        c = self.coefficients({"learning_rate": 1.0, **hypers}, 1)
+        return bool(identity(type(c)(*(math_dtype(x) for x in c)), math_dtype(weight_decay)))
+
+    def set_rounding(self, updates, step):
+        """This step's rounding of each 16-bit variable of ``updates`` (``(state, update)``)."""
+        self._opt._set_rounding(updates, step)
+
+    def validate(self, items):
+        """Check every ``(state, gradient)`` of a step and plan every sparse gradient, with the
+        optimizer's checks and in its order: the first bad item raises, before anything is
+        written. ``gradient``: an :class:`~sparseopt.IndexedSlices` or a dense array.
+        ``items`` may be a generator that checks each state as it makes it: an error it
+        raises is an error of that item, in order. Returns the ``(state, update)`` pairs
+        :func:`run_step` takes."""
+        from sparseopt import optimizer as core
+        pending = []   # sparse updates, planned once every item is checked
+        updates = []
+        try:
+            for state, g in items:
+                var = state.var
+                if isinstance(g, IndexedSlices):
+                    update = core._SparseUpdate.validate(g, var, state.name)
+                    pending.append((update, var))
+                else:
+                    update = core._DenseUpdate.validate(g, var, state.name)
+                updates.append((state, update))
+        except Exception as exc:  # planned outside the handler: no chained traceback
+            error = exc
+        else:
+            error = None
+        # Every pending item comes before the item that raised, if one did: the first bad
+        # index among them raises first, as if each were checked and planned in turn.
+        if self.batch_tables and len(pending) > 1:
+            core._plan_sparse([(update, var.shape[0]) for update, var in pending])
+        else:
+            for update, var in pending:
+                update.plan(var)
+        if error is not None:
+            raise error
+        return updates
+
+    def rows_of(self, var, name, indices):
+        """The unique rows of ``indices`` into ``var``'s rows, checked as a sparse gradient's
+        indices (type, range), for a catch-up."""
+        idx = np.asarray(indices).reshape(-1)
+        values = np.empty((idx.shape[0],) + var.shape[1:], var.dtype)
+        _, idx = _validation.sparse_gradient(IndexedSlices(values, idx), var, name)
+        return _validation.plan(idx, var.shape[0], name)[0]
+
+    def run(self, updates, coefficients, wd, has_wd, exact=None, convert=None):
+        """Run a validated step (``updates`` from :meth:`validate`): :func:`run_step` with
+        this optimizer's rule and switches. ``wd``: :meth:`weight_decay`; ``has_wd(v)``:
+        whether it applies to the :class:`HostVariable` ``v``; ``exact``: an
+        :class:`ExactBook`'s ``step`` in exact mode (``None``: a lazy step). A row-wise
+        rule's updates run the row-reduction kernels on each variable's ``row_slots``."""
+        if self.rowwise:
+            from sparseopt.optimizers._rowwise import _RowUpdate
+            updates = [(state, _RowUpdate(update, state.row_slots)) for state, update in updates]
+        run_step(self.rule, updates, coefficients, wd, has_wd, self.batch_tables, exact, convert)
+
+    def work(self, updates):
+        """The elements a step's kernels touch (the measure of its thread count,
+        ``sparseopt._config.enter_step``)."""
+        from sparseopt import optimizer as core
+        return core._work(updates, None)
+
+
+class HostVariable:
+    """A variable that a host keeps, for one step: its array and its slots' arrays, as
+    the optimizer's own :class:`~sparseopt.slots.VariableState` presents its own to the
+    kernels (nothing is kept from one step to the next: the arrays may be new views at
+    each step).
+
+    Args:
+        var: the variable's array (float32, float64, bfloat16 or float16), written in place.
+        name: for error messages.
+        slots: ``{slot name: array}`` of the kept element slots (each of ``var``'s shape,
+            in :attr:`StepConfig.slot_dtypes`), in the rule's order.
+        row_slots: a row-wise rule's ``{slot name: (rows,) array}`` (else ``None``).
+        has_wd: whether decoupled weight decay applies to the variable.
+        slot_dtype: the optimizer's ``slot_dtype`` (``"bfloat16"``: a 16-bit variable's
+            element slots are bfloat16).
+        key: the host's key of the variable (exact mode keeps its state under it).
+
+    A 16-bit variable (and bfloat16 slots) reach the kernels as their ``uint16`` views, with
+    float32 math and the step's rounding (``kind``, ``slot_kind``, ``math_dtype``; ``lowp``
+    and ``rounding_key`` are set by :meth:`StepConfig.set_rounding`).
+    """
+
+    __slots__ = ("key", "var", "name", "slots", "kernel_slot_names", "row_slots", "has_wd",
+                 "kind", "slot_kind", "math_dtype", "lowp", "rounding_key")
+
+    def __init__(self, var, name, slots, row_slots=None, has_wd=False, slot_dtype=None, key=None):
+        self.key = key
+        self.var = var
+        self.name = name
+        self.kernel_slot_names = tuple(slots)       # the kept element slots
+        self.row_slots = row_slots                  # {name: (rows,) view} (row-wise rules)
+        self.slots = {**slots, **row_slots} if row_slots else slots  # {name: view}, all kept
+        self.has_wd = has_wd
+        self.kind = lowp.kind(var.dtype)
+        self.slot_kind = "bfloat16" if self.kind and slot_dtype == "bfloat16" else None
+        self.math_dtype = np.float32 if self.kind else var.dtype.type
+        self.lowp = None
+        self.rounding_key = 0
+
+    @property
+    def storage(self):
+        """The kernels read the slots' dtype here (as from the optimizer's slot storage)."""
+        return self.var
+
+    def kernel_arrays(self, rule_slots, shape):
+        """``(p, (s0, s1, s2), used)`` reshaped to ``shape``, as ``VariableState.kernel_arrays``
+        (16-bit arrays as their ``uint16`` views)."""
+        p = (lowp.as_bits(self.var) if self.kind else self.var).reshape(shape)
+        slots, used = cpu.place(rule_slots, {
+            n: (lowp.as_bits(self.slots[n]) if self.slot_kind else self.slots[n]).reshape(shape)
+            for n in self.kernel_slot_names}, p)
+        return p, slots, used
+
+    def kernel_step(self, c):
+        """``(lowp, c)`` as ``VariableState.kernel_step``: for a 16-bit variable the step's
+        rounding and ``c`` with its key."""
+        if self.kind is None:
+            return None, c
+        return self.lowp, lowp.keyed(c, self.rounding_key)
+
+    def kernel_views(self, key, make):
+        return make()
+
+
+class _Scope:
+    """The optimizer that :mod:`sparseopt._exact` sees during one operation of an
+    :class:`ExactBook`: the operation's variables (their arrays of this step), with the
+    book's states filed under them; new states are filed back into the book."""
+
+    def __init__(self, book, variables):
+        self._book = book
+        self._rule = book.rule
+        self.exact_history = book.history
+        self.stochastic_rounding = book.stochastic_rounding
+        self.name = book.name
+        self._batch_tables = book.config.batch_tables  # the core's switch (tests turn it off)
+        self._variables = list(variables)
+        self._states = {id(v.var): v for v in self._variables}
+        self._exact_states = {id(v.var): book.states[v.key] for v in self._variables
+                              if v.key in book.states}
+
+    def _uses_weight_decay(self, state):
+        return state.has_wd
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for v in self._variables:          # states the core created during this operation
+            ex = self._exact_states.get(id(v.var))
+            if ex is not None:
+                self._book.states[v.key] = ex
+
+
+class ExactBook:
+    """The exact-mode states (``sparse_mode="exact"``) of a host's variables, kept by each
+    :class:`HostVariable`'s ``key`` (host memory, not saved: a host saves flushed state).
+
+    Args:
+        config: the optimizer's :class:`StepConfig` (its rule, ``exact_history``,
+            rounding and name).
+
+    :meth:`step` is the ``exact`` argument of :meth:`StepConfig.run`; :meth:`catch_up`
+    brings given rows current before they are read, :meth:`flush` every row. Every method
+    takes a lock: the kernels release the GIL, and a host may run the catch-ups of two
+    tables at once.
+    """
+
+    def __init__(self, config):
+        self.config = config
+        self.rule = config.rule
+        self.history = config.exact_history
+        self.stochastic_rounding = config.stochastic_rounding
+        self.name = config.name
+        self.states = {}
+        #: Keys of the variables whose lookups a traced function reads without a catch-up
+        #: (:meth:`assume_current`, where the idle step is the identity); a step that leaves
+        #: rows of one behind (another function traced with weight decay) brings them all
+        #: current (:meth:`step`).
+        self.traced_current = set()
+        self._lock = threading.Lock()
+
+    def step(self, updates, coefficients, wd_lr, sparse_type, dense_run, lazy_run):
+        """One step, by :func:`sparseopt._exact.run`: ``updates`` are ``(HostVariable, update)``
+        pairs, validated; a sparse update is a ``sparse_type`` (``rows``, ``offsets``,
+        ``order``, ``values``); ``dense_run(variable, update, c, wd, has_wd)`` runs an
+        update the lazy way (a dense one, or a row-wise rule's rows); ``lazy_run(pairs)``
+        runs pairs as a lazy step (tables batched)."""
+        with self._lock, _Scope(self, [v for v, _ in updates]) as scope:
+            _exact.run(scope, updates, coefficients, wd_lr, sparse_type, dense_run, lazy_run)
+            for v, _ in updates:
+                ex = scope._exact_states.get(id(v.var)) if v.key in self.traced_current else None
+                if ex is not None and ex.pending():
+                    # Lookups traced without a catch-up read this variable: no row may stay
+                    # behind. Correct, at a dense pass per step, until they are traced again.
+                    warnings.warn(
+                        f"{self.name}: a step left rows of {v.name!r} behind (its idle step is "
+                        "not the identity: weight decay, or a hyperparameter changed), but a "
+                        "function traced when it was reads them without a catch-up: every row "
+                        "is brought current after each such step (a pass over the whole "
+                        "table). Trace that function again (e.g. compile the model again).",
+                        stacklevel=2)
+                    _exact.catch_up_rows(scope, v, ex)
+
+    def assume_current(self, key):
+        """A lookup of the variable ``key`` is traced without a catch-up: say whether it may
+        be (no row is behind now) and, if so, keep every row current from now on."""
+        with self._lock:
+            ex = self.states.get(key)
+            if ex is not None and ex.pending():
+                return False
+            self.traced_current.add(key)
+            return True
+
+    def catch_up(self, variable, indices):
+        """Bring rows ``indices`` of ``variable`` (a :class:`sparseopt.engine.HostVariable`)
+        current; the indices are checked as a sparse gradient's (type, range) before
+        anything is written."""
+        var = variable.var
+
+        def rows(state, idx):
+            return self.config.rows_of(var, state.name, idx)
+
+        with self._lock, _Scope(self, [variable]) as scope:
+            _exact.catch_up(scope, var, indices, rows)
+
+    def flush(self, variables):
+        """Bring every row of ``variables`` (:class:`sparseopt.engine.HostVariable`) current."""
+        with self._lock, _Scope(self, variables) as scope:
+            _exact.flush(scope)
+
+    def pending(self, key=None):
+        """Whether some row (of the variable ``key``, or of any) may be behind."""
+        states = self.states.values() if key is None else [self.states.get(key)]
+        return any(ex is not None and ex.pending() for ex in states)
+
+    def reset(self):
+        """Every row is current: the variables and slots were just set (restored, loaded)."""
+        with self._lock:
+            for ex in self.states.values():
+                ex.mark_current()
+
+
+def run_step(rule, updates, coefficients, wd, has_wd, batch, exact=None, convert=None):
+    """Step 4 of every step (after validation, coefficients and clipping): run ``updates``.
+
+    The one place a step's kernels are chosen, for ``Optimizer`` and for the hosts of
+    :class:`StepConfig`: lazily, the tables of one kernel configuration batched
+    (``sparseopt.optimizer.run_lazy``); in exact mode through ``exact(updates,
+    coefficients, wd, sparse_type, dense_run, lazy_run)`` (:func:`sparseopt._exact.run`
+    with the optimizer, or a host's book that keeps the exact-mode states), after
+    16-bit gradient values are widened (exact mode's kernels read floats).
+
+    Args:
+        rule: the rule the kernels run (the step's variant is picked per dtype).
+        updates: ``(state, update)`` pairs, validated, planned and clipped.
+        coefficients: the rule's ``Coefficients`` (floats).
+        wd: ``weight_decay * learning_rate``.
+        has_wd: ``has_wd(state)``: whether weight decay applies to the state's variable.
+        batch: the tables-in-one-region switch.
+        exact: ``None`` for a lazy step.
+        convert: ``convert(coefficients, dtype)`` (default: value by value).
+    """
+    from sparseopt import optimizer as core
+
+    def lazy_run(pairs):
+        core.run_lazy(rule, pairs, coefficients, wd, has_wd, batch, convert)
+
+    if exact is None:
+        lazy_run(updates)
+        return
+    core.widen_sparse(updates)
+    exact(updates, coefficients, wd, core._SparseUpdate,
+          lambda state, update, c, wd_v, uses_wd: update.run(
+              _variant.for_step(rule, c), state, c, wd_v, uses_wd), lazy_run)
+
+
+def exact_run(opt):
+    """The ``exact`` argument of :func:`run_step` for an optimizer that keeps its own
+    exact-mode states (:func:`sparseopt._exact.run`)."""
+    def run(*args):
+        _exact.run(opt, *args)
+    return run
+
+
+def _used(names, kept):
+    return tuple(n in kept for n in names) + (False,) * (3 - len(names))
