@@ -28,6 +28,7 @@ from sparseopt import optimizer as _core
 from sparseopt.indexed_slices import IndexedSlices
 from sparseopt.kernels import cpu, lowp
 from sparseopt.optimizers._rowwise import _RowUpdate
+from sparseopt.optimizers.adafactor import _FactoredUpdate
 from sparseopt.rules import _variant
 from sparseopt_tf import _exact
 
@@ -88,6 +89,8 @@ class HostStep:
         self.hyper_names = tuple(hyper_names)
         self.state_names = tuple(type(core)._scalar_state_names)
         self.rowwise = hasattr(rule, "ROW_SLOTS")
+        # Adafactor: its r and c come as a job's row slots (sparseopt.optimizers.adafactor)
+        self.factored = vars(rule).get("FACTORED", False) is True
         self._state_lock = threading.Lock()
         self._threads = _config.StepThreads()  # the thread count's measurements (sparseopt._config)
         #: ``sparse_mode="exact"``: the exact-mode states (:class:`sparseopt_tf._exact.ExactBook`).
@@ -158,6 +161,8 @@ class HostStep:
         try:
             if self.rowwise:  # the core's row-reduction kernels (sparseopt.optimizers._rowwise)
                 updates = [(state, _RowUpdate(update, state.row_slots)) for state, update in updates]
+            elif self.factored:
+                updates = [(state, _FactoredUpdate(update)) for state, update in updates]
             def lazy_run(pairs):
                 _core.run_lazy(self.rule, pairs, coefficients, wd_lr, _has_wd,
                                self.core._batch_tables)
@@ -223,14 +228,15 @@ class HostStep:
                 raise errors.ShapeMismatchError(
                     f"{job.name!r}: a slot has shape {s.shape} and dtype {s.dtype}; expected "
                     f"{var.shape} and {slot_dtype}")
-        for s in row_slots:
-            if s.shape != var.shape[:1] or s.dtype != row_dtype:
+        shapes = self.rule.factored_shapes(var.shape) if self.factored else [var.shape[:1]] * len(row_slots)
+        for s, shape in zip(row_slots, shapes):
+            if s.shape != shape or s.dtype != row_dtype:
                 raise errors.ShapeMismatchError(
                     f"{job.name!r}: a row slot has shape {s.shape} and dtype {s.dtype}; expected "
-                    f"{var.shape[:1]} and {row_dtype}")
+                    f"{shape} and {row_dtype}")
         names, row_names = self._names(job)
         return _State(job, var, dict(zip(names, slots)),
-                      dict(zip(row_names, row_slots)) if self.rowwise else None,
+                      dict(zip(row_names, row_slots)) if self.rowwise or self.factored else None,
                       self.core.slot_dtype)
 
     def _names(self, job):
@@ -239,7 +245,9 @@ class HostStep:
         if found is None or found[0] is not job:
             found = self._slot_names[id(job)] = (
                 job, tuple(n for n, u in zip(self.rule.SLOTS, job.used) if u),
-                tuple(n for n, u in zip(getattr(self.rule, "ROW_SLOTS", ()), job.row_used or ()) if u))
+                tuple(n for n, u in zip(getattr(self.rule, "ROW_SLOTS", None)
+                                        or getattr(self.rule, "FACTORED_SLOTS", ()),
+                                        job.row_used or ()) if u))
         names = found[1:]
         return names
 

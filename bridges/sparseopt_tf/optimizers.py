@@ -229,6 +229,11 @@ class Optimizer(keras.optimizers.Optimizer):
 
     def _create_kernel_slots(self, var):
         _, row_dtype = _host.slot_dtypes(self._core, _numpy_dtype(var))
+        factored = _factored_slots(self._core, var)
+        if factored is not None:   # Adafactor: its statistics, of their own shapes (or v)
+            for slot_name, shape in factored:
+                self.add_slot(var, slot_name, "zeros", shape=shape)
+            return
         for slot_name in _spec.kernel_slots(self._core)[0]:
             self.add_slot(var, slot_name,
                           keras.initializers.Constant(self._core._slot_initial_value(slot_name)))
@@ -651,6 +656,14 @@ class Optimizer(keras.optimizers.Optimizer):
         :class:`~sparseopt_tf._handover.Ref` of it and of its slots (element, then row slots)."""
         slot_names, used = _spec.kernel_slots(self._core)
         row_names, row_used = _spec.row_slots(self._core)
+        factored = _factored_slots(self._core, var)
+        if factored is not None:   # Adafactor: v (rank < 2), or r and c in place of row slots
+            names = tuple(n for n, _ in factored)
+            if names == ("v",):
+                row_names, row_used = (), None
+            else:
+                slot_names, used = (), (False, False, False)
+                row_names, row_used = names, (True, True, False)
         key = self._var_key(var)
         slots = self._slot_table.slots.get(key, {})
         missing = [n for n in slot_names + row_names if n not in slots]
@@ -817,6 +830,19 @@ class Optimizer(keras.optimizers.Optimizer):
 #: Keras' norm constraints: row-wise exactly when their ``axis`` leaves out axis 0.
 _NORM_CONSTRAINTS = (keras.constraints.MaxNorm, keras.constraints.UnitNorm,
                      keras.constraints.MinMaxNorm)
+
+
+def _factored_slots(core, var):
+    """``[(slot name, shape)]`` of a factored rule's variable (:mod:`sparseopt.rules.adafactor`:
+    ``v`` for rank < 2; ``r`` and ``c`` of their own shapes for rank >= 2, which the host
+    step reads in place of row slots), or None for any other rule."""
+    rule = core._rule
+    if not vars(rule).get("FACTORED", False):
+        return None
+    shape = tuple(var.shape)
+    if len(shape) < 2:
+        return [(name, None) for name in rule.SLOTS]
+    return list(zip(rule.FACTORED_SLOTS, rule.factored_shapes(shape)))
 
 
 def _check_row_wise(name, variable, constraint):
