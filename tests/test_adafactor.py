@@ -134,6 +134,26 @@ def test_sparse_step_of_every_row_is_the_dense_step():
     assert np.max(np.abs(partial - densified)) > 1e-3
 
 
+def test_tables_of_one_call_step_as_each_on_its_own():
+    """Several sparse tables and a dense variable in one call (planned together, each
+    table's kernels on their own): the bits of one call per variable."""
+    rng = np.random.default_rng(7)
+    inits = [rng.normal(size=(80, 4)), rng.normal(size=(30, 2, 3)), rng.normal(size=(5, 4))]
+    grads = [[so.IndexedSlices(rng.normal(size=(20, 4)), rng.integers(0, 80, 20)),
+              so.IndexedSlices(rng.normal(size=(9, 2, 3)), rng.integers(0, 30, 9)),
+              rng.normal(size=(5, 4))] for _ in range(3)]
+    together = [p.copy() for p in inits]
+    opt = so.Adafactor(learning_rate=0.5)
+    for gs in grads:
+        opt.apply_gradients(list(zip(gs, together)))
+    for i, p0 in enumerate(inits):
+        alone = p0.copy()
+        other = so.Adafactor(learning_rate=0.5)
+        for gs in grads:
+            other.apply_gradients([(gs[i], alone)])
+        np.testing.assert_array_equal(together[i], alone)
+
+
 @pytest.mark.parametrize("shape", [(5000,), (3, 700, 9)])
 def test_dense_kernels_are_the_same_for_any_thread_count(shape):
     rng = np.random.default_rng(5)
