@@ -27,6 +27,7 @@ from numba import prange
 
 from sparseopt import _config
 from sparseopt.kernels._specialize import rule_key, specialize
+from sparseopt.kernels.cpu import REDUCE_CHUNK, _lane_sum
 
 #: Flat blocks of :func:`plain_kernel`'s sums (as the reduction kernels of ``cpu``).
 PARTS = 256
@@ -39,26 +40,38 @@ SQUARE = DECAY = DIRECTION = SCALE = APPLY = None  # the rule's functions, bound
 
 
 def _plain_template(p, g, v, c, wd_lr, n):
-    """``p``, ``g``, ``v`` flat; ``n``: their size as a scalar of the math dtype."""
+    """``p``, ``g``, ``v`` flat; ``n``: their size as a scalar of the math dtype. Each block
+    sums its terms chunk by chunk (the element loop stores them, :func:`_lane_sum` adds
+    them: the element loop vectorizes, as in the reduction kernels of ``cpu``)."""
     size = p.size
     zero = wd_lr - wd_lr
     sums = np.empty((PARTS, 2), p.dtype)
+    terms = np.empty((PARTS, 2, REDUCE_CHUNK), p.dtype)
     for t in prange(PARTS):
         lo = t * size // PARTS
         hi = (t + 1) * size // PARTS
         sp = zero
         su = zero
-        for i in range(lo, hi):
-            x = p[i]
-            if HAS_WD:
-                x = x - x * wd_lr
-                p[i] = x
-            gi = g[i]
-            vi = DECAY(v[i], SQUARE(gi, c), c)
-            v[i] = vi
-            u = DIRECTION(gi, vi)
-            sp += x * x
-            su += u * u
+        terms0 = terms[t, 0]
+        terms1 = terms[t, 1]
+        while lo < hi:
+            count = min(REDUCE_CHUNK, hi - lo)
+            base = numba.uint64(lo)
+            for j in range(numba.uint64(count)):
+                i = base + j
+                x = p[i]
+                if HAS_WD:
+                    x = x - x * wd_lr
+                    p[i] = x
+                gi = g[i]
+                vi = DECAY(v[i], SQUARE(gi, c), c)
+                v[i] = vi
+                u = DIRECTION(gi, vi)
+                terms0[j] = x * x
+                terms1[j] = u * u
+            sp += _lane_sum(terms0, count, zero)
+            su += _lane_sum(terms1, count, zero)
+            lo += count
         sums[t, 0] = sp
         sums[t, 1] = su
     sp = sums[0, 0]
@@ -73,37 +86,43 @@ def _plain_template(p, g, v, c, wd_lr, n):
 
 def _factored_template(p, g, r, col, c, wd_lr, rows, cols, n):
     """``p``, ``g``: ``(B, R, C)``; ``r``: ``(B, R)``; ``col``: ``(B, C)``; ``rows``,
-    ``cols``, ``n``: ``R``, ``C`` and ``B * R * C`` as scalars of the math dtype."""
+    ``cols``, ``n``: ``R``, ``C`` and ``B * R * C`` as scalars of the math dtype. A row's
+    terms go to per-block scratch and :func:`_lane_sum` adds them (the element loops carry
+    no float sum, so they vectorize)."""
     nb, nr, nc = p.shape
     zero = wd_lr - wd_lr
     blocks = min(nr, ROW_BLOCKS)
     tasks = nb * blocks
     partial = np.empty((tasks, nc), p.dtype)   # column sums of q per block of rows
+    work = np.empty((tasks, 2, nc), p.dtype)   # a row's terms
     sums = np.empty((tasks, 3), p.dtype)       # per block: sum p^2, sum r, sum u^2
     rmean = np.empty(nb, p.dtype)
+    width = numba.uint64(nc)
     # pass 1: weight decay, row statistics, partial column sums, sum of p^2
     for k in prange(tasks):
         b = k // blocks
         blk = k % blocks
-        lo = blk * nr // blocks
-        hi = (blk + 1) * nr // blocks
         part = partial[k]
-        for j in range(nc):
+        w0 = work[k, 0]
+        w1 = work[k, 1]
+        for j in range(width):
             part[j] = zero
         sp = zero
         sr = zero
-        for i in range(lo, hi):
-            rs = zero
-            for j in range(nc):
-                x = p[b, i, j]
+        for i in range(blk * nr // blocks, (blk + 1) * nr // blocks):
+            prow = p[b, i]
+            grow = g[b, i]
+            for j in range(width):
+                x = prow[j]
                 if HAS_WD:
                     x = x - x * wd_lr
-                    p[b, i, j] = x
-                sp += x * x
-                q = SQUARE(g[b, i, j], c)
-                rs += q
+                    prow[j] = x
+                q = SQUARE(grow[j], c)
+                w0[j] = x * x
+                w1[j] = q
                 part[j] += q
-            ri = DECAY(r[b, i], rs / cols, c)
+            sp += _lane_sum(w0, nc, zero)
+            ri = DECAY(r[b, i], _lane_sum(w1, nc, zero) / cols, c)
             r[b, i] = ri
             sr += ri
         sums[k, 0] = sp
@@ -124,12 +143,16 @@ def _factored_template(p, g, r, col, c, wd_lr, rows, cols, n):
     for k in prange(tasks):
         b = k // blocks
         blk = k % blocks
+        crow = col[b]
+        w0 = work[k, 0]
         su = zero
         for i in range(blk * nr // blocks, (blk + 1) * nr // blocks):
             ratio = r[b, i] / rmean[b]
-            for j in range(nc):
-                u = DIRECTION(g[b, i, j], ratio * col[b, j])
-                su += u * u
+            grow = g[b, i]
+            for j in range(width):
+                u = DIRECTION(grow[j], ratio * crow[j])
+                w0[j] = u * u
+            su += _lane_sum(w0, nc, zero)
         sums[k, 2] = su
     sp = sums[0, 0]
     su = sums[0, 2]
@@ -141,10 +164,13 @@ def _factored_template(p, g, r, col, c, wd_lr, rows, cols, n):
     for k in prange(tasks):
         b = k // blocks
         blk = k % blocks
+        crow = col[b]
         for i in range(blk * nr // blocks, (blk + 1) * nr // blocks):
             ratio = r[b, i] / rmean[b]
-            for j in range(nc):
-                p[b, i, j] = APPLY(p[b, i, j], DIRECTION(g[b, i, j], ratio * col[b, j]), alpha, divisor)
+            prow = p[b, i]
+            grow = g[b, i]
+            for j in range(width):
+                prow[j] = APPLY(prow[j], DIRECTION(grow[j], ratio * crow[j]), alpha, divisor)
 
 
 @functools.lru_cache(maxsize=None)
