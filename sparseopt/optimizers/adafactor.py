@@ -156,18 +156,18 @@ class _FactoredUpdate:
         var = state.var
         if var.size == 0:
             return
-        u = self.inner
-        sparse = isinstance(u, _SparseUpdate)
+        update = self.inner
+        sparse = isinstance(update, _SparseUpdate)
         if sparse:
-            if u.rows.size == 0:
+            if update.rows.size == 0:
                 return
-            u._sum_duplicates()  # the touched rows' summed gradients, in u.rows order
-            rows = u.rows
+            update._sum_duplicates()  # the touched rows' summed gradients, in update.rows order
+            rows = update.rows
             p = var[rows]
-            g = u.values.reshape(p.shape)
+            g = update.values.reshape(p.shape)
         else:
             p = var
-            g = u.values.reshape(var.shape)
+            g = update.values.reshape(var.shape)
         dtype = type(wd)
         if var.ndim < 2:
             v = state.slots["v"]
@@ -178,7 +178,7 @@ class _FactoredUpdate:
                 v[rows] = v_unit
         else:
             r, col = state.slots["r"], state.slots["c"]
-            rows_, cols = p.shape[-2], p.shape[-1]  # a 2-D table's unit: its touched rows
+            nrows, cols = p.shape[-2], p.shape[-1]  # a 2-D table's unit: its touched rows
             if sparse:
                 r_unit = r[rows]
                 # a 2-D table's column statistics are one for all rows; a table of rank >= 3
@@ -186,10 +186,10 @@ class _FactoredUpdate:
                 c_unit = col.reshape(1, cols) if var.ndim == 2 else col[rows]
             else:
                 r_unit, c_unit = r, col
-            k = p.size // (rows_ * cols)
+            k = p.size // (nrows * cols)
             factored.factored_kernel(rule_module, has_wd)(
-                p.reshape(k, rows_, cols), g.reshape(k, rows_, cols), r_unit.reshape(k, rows_),
-                c_unit.reshape(-1, cols), c, wd, dtype(rows_), dtype(cols), dtype(p.size))
+                p.reshape(k, nrows, cols), g.reshape(k, nrows, cols), r_unit.reshape(k, nrows),
+                c_unit.reshape(-1, cols), c, wd, dtype(nrows), dtype(cols), dtype(p.size))
             if sparse:
                 r[rows] = r_unit
                 if var.ndim > 2:

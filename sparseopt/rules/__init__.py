@@ -54,7 +54,8 @@ element functions ``square(g, c)``, ``decay(s, mean, c)``, ``direction(g, v)``,
 divisor)`` (``n``: the unit's element count, for root-mean-squares). The kernels of
 :mod:`sparseopt.kernels.factored` run them over a unit: the whole variable in a dense step,
 the touched rows (gathered as a table of their own) in a sparse one. A variable of rank < 2
-keeps the element slots ``SLOTS`` instead. The optimizer class keeps the statistics
+keeps the element slots ``SLOTS`` instead; ``factored_shapes(shape)`` (host code) gives the
+statistics' shapes. The optimizer class keeps the statistics
 (:class:`sparseopt.Adafactor`); exact mode, the table-batched path and CUDA do not run them.
 
 **Host state.** A rule whose per-step scalars depend on state carried across steps
@@ -62,8 +63,8 @@ keeps the element slots ``SLOTS`` instead. The optimizer class keeps the statist
 (:func:`sparseopt.rules.nadam.next_u_product`); the optimizer keeps it.
 """
 
-from sparseopt.rules import (adadelta, adafactor, adagrad, adam, adamax, ftrl, lamb, lion, nadam, rmsprop,
-                             rowwise_adagrad, sgd)
+from sparseopt.rules import (adadelta, adafactor, adagrad, adam, adamax, ftrl, lamb, lion, nadam,
+                             rmsprop, rowwise_adagrad, sgd)
 
-__all__ = ["adadelta", "adafactor", "adagrad", "adam", "adamax", "ftrl", "lamb", "lion", "nadam", "rmsprop",
-           "rowwise_adagrad", "sgd"]
+__all__ = ["adadelta", "adafactor", "adagrad", "adam", "adamax", "ftrl", "lamb", "lion", "nadam",
+           "rmsprop", "rowwise_adagrad", "sgd"]
