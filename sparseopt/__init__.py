@@ -8,12 +8,12 @@ from sparseopt._config import get_num_threads, set_num_threads
 from sparseopt.custom import Rule
 from sparseopt.indexed_slices import IndexedSlices
 from sparseopt.optimizer import Optimizer
-from sparseopt.optimizers import (SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Ftrl, Lamb, Lion, Nadam,
+from sparseopt.optimizers import (SGD, Adadelta, Adafactor, Adagrad, Adam, Adamax, AdamW, Ftrl, Lamb, Lion, Nadam,
                                   RMSprop, RowwiseAdagrad)
 from sparseopt.saving import load, save
 
 __version__ = "0.1.0"
 
-__all__ = ["Adadelta", "Adagrad", "Adam", "Adamax", "AdamW", "Ftrl", "IndexedSlices", "Lamb", "Lion", "Nadam",
+__all__ = ["Adadelta", "Adafactor", "Adagrad", "Adam", "Adamax", "AdamW", "Ftrl", "IndexedSlices", "Lamb", "Lion", "Nadam",
            "Optimizer", "RMSprop", "RowwiseAdagrad", "Rule", "SGD", "errors", "get_num_threads", "load", "save",
            "schedules", "set_num_threads"]

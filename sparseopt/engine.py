@@ -17,6 +17,7 @@ its slots' arrays (views of the host's buffers), as the optimizer's own
 
 import threading
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 
@@ -26,7 +27,7 @@ from sparseopt.kernels import cpu, lowp
 from sparseopt.rules import _variant
 from sparseopt.rules._floatx import f32
 
-__all__ = ["ExactBook", "HostVariable", "StepConfig", "run_step"]
+__all__ = ["ExactBook", "HostVariable", "SlotLayout", "StepConfig", "run_step"]
 
 
 class StepConfig:
@@ -41,7 +42,10 @@ class StepConfig:
         row_slot_names: a row-wise rule's kept per-row slots (shape ``(rows,)``), in
             ``ROW_SLOTS`` order; ``row_slot_used``: three booleans (``None`` for an
             elementwise rule).
-        slot_initial_values: ``{slot name: float}`` for every kept slot.
+        factored: whether the rule keeps, for a variable of rank >= 2, statistics of
+            other shapes in place of its element slots (``Adafactor``: see
+            :meth:`slot_layout`).
+        slot_initial_values: ``{slot name: float}`` for every slot a variable may keep.
         scalar_state: ``((name, initial value), ...)``: the host state the host keeps
             across steps (Nadam's ``u_product``), advanced by :meth:`next_scalar_state`.
         zero_learning_rate_is_no_step: a valid step at learning rate 0 writes nothing
@@ -69,8 +73,10 @@ class StepConfig:
             self.row_slot_used = _used(rule.ROW_SLOTS, kept_rows)
         else:
             self.row_slot_names, self.row_slot_used = (), None
+        self.factored = getattr(rule, "FACTORED", False) is True
+        self._factored_names = tuple(rule.FACTORED_SLOTS) if self.factored else ()
         self.slot_initial_values = {n: float(optimizer._slot_initial_value(n))
-                                    for n in self.slot_names + self.row_slot_names}
+                                    for n in self.slot_names + self.row_slot_names + self._factored_names}
         self.scalar_state = tuple((n, float(optimizer._scalar_state_initial_value(n)))
                                   for n in type(optimizer)._scalar_state_names)
         self.hyper_names = tuple(type(optimizer)._hyper_names)
@@ -111,6 +117,19 @@ class StepConfig:
         one), with ``weight_decay`` rounded through float32 as Keras does."""
         wd = self._opt.weight_decay
         return f32(wd) * learning_rate if wd else 0.0
+
+    def slot_layout(self, shape):
+        """The slots a variable of ``shape`` keeps, as a :class:`SlotLayout`: the element
+        slots (each of the variable's shape), and the slots of other shapes: a row-wise
+        rule's per-row slots (``(rows,)``), or a factored rule's statistics of a variable of
+        rank >= 2 (``Adafactor``'s ``r`` and ``c``, which it keeps in place of ``v``)."""
+        shape = tuple(shape)
+        if self.factored and len(shape) >= 2:
+            return SlotLayout((), (False, False, False), self._factored_names,
+                              _used(self._factored_names, self._factored_names),
+                              tuple(self.rule.factored_shapes(shape)))
+        return SlotLayout(self.slot_names, self.slot_used, self.row_slot_names, self.row_slot_used,
+                          (shape[:1],) * len(self.row_slot_names))
 
     def coefficients(self, hypers, step):
         """The rule's ``Coefficients`` of step ``step`` (``iterations + 1``), from ``hypers``
@@ -212,11 +231,10 @@ class StepConfig:
         """Run a validated step (``updates`` from :meth:`validate`): :func:`run_step` with
         this optimizer's rule and switches. ``wd``: :meth:`weight_decay`; ``has_wd(v)``:
         whether it applies to the :class:`HostVariable` ``v``; ``exact``: an
-        :class:`ExactBook`'s ``step`` in exact mode (``None``: a lazy step). A row-wise
-        rule's updates run the row-reduction kernels on each variable's ``row_slots``."""
-        if self.rowwise:
-            from sparseopt.optimizers._rowwise import _RowUpdate
-            updates = [(state, _RowUpdate(update, state.row_slots)) for state, update in updates]
+        :class:`ExactBook`'s ``step`` in exact mode (``None``: a lazy step). A row-wise or
+        factored rule's updates run that rule's own kernels, as in the optimizer's steps."""
+        wrap = self._opt._wrap_update
+        updates = [(state, wrap(state, update)) for state, update in updates]
         run_step(self.rule, updates, coefficients, wd, has_wd, self.batch_tables, exact, convert)
 
     def work(self, updates):
@@ -224,6 +242,16 @@ class StepConfig:
         ``sparseopt._config.enter_step``)."""
         from sparseopt import optimizer as core
         return core._work(updates, None)
+
+
+class SlotLayout(NamedTuple):
+    """The slots of one variable (:meth:`StepConfig.slot_layout`)."""
+
+    names: tuple        #: element slots, each of the variable's shape, in the rule's order
+    used: tuple         #: three booleans: which of the rule's ``SLOTS`` those are
+    other_names: tuple  #: slots of other shapes (per-row, or a factored rule's statistics)
+    other_used: tuple   #: three booleans: which of ``ROW_SLOTS`` / ``FACTORED_SLOTS`` (or None)
+    other_shapes: tuple  #: the shape of each of ``other_names``
 
 
 class HostVariable:
@@ -237,7 +265,9 @@ class HostVariable:
         name: for error messages.
         slots: ``{slot name: array}`` of the kept element slots (each of ``var``'s shape,
             in :attr:`StepConfig.slot_dtypes`), in the rule's order.
-        row_slots: a row-wise rule's ``{slot name: (rows,) array}`` (else ``None``).
+        row_slots: the slots of other shapes (:attr:`SlotLayout.other_names`: a row-wise
+            rule's ``(rows,)`` slots, a factored rule's statistics), ``{slot name: array}``
+            (else ``None``).
         has_wd: whether decoupled weight decay applies to the variable.
         slot_dtype: the optimizer's ``slot_dtype`` (``"bfloat16"``: a 16-bit variable's
             element slots are bfloat16).

@@ -674,7 +674,14 @@ class Optimizer:
         with self._guard.held(self, "catch_up"):
             _exact.catch_up(self, var, indices, rows)
 
+    def _wrap_update(self, state, update):
+        """The update a step runs for ``state``'s variable: ``update`` itself, or (a rule with
+        stages of its own: row-wise, factored) a wrapper whose ``run`` runs that rule's
+        kernels. Used by this optimizer's steps and by :meth:`sparseopt.engine.StepConfig.run`."""
+        return update
+
     def _run(self, updates, coefficients, wd):
+        updates = [(state, self._wrap_update(state, update)) for state, update in updates]
         engine.run_step(self._rule, updates, coefficients, wd,
                         lambda state: wd != 0.0 and self._uses_weight_decay(state), self._batch_tables,
                         engine.exact_run(self) if self.sparse_mode == "exact" else None, self._converted)

@@ -273,6 +273,54 @@ def lamb_rows(p, g, s, t, **hp):
     return out
 
 
+def adafactor(p, g, s, t, learning_rate=0.001, beta_2_decay=-0.8, epsilon_1=1e-30, epsilon_2=1e-3,
+              clip_threshold=1.0):
+    """Keras 3's Adafactor: ``v`` for rank < 2; for rank >= 2 the row and column statistics
+    ``r`` (shape less the last axis), ``c`` (less the second last) and ``v = r / mean(r) (x) c``;
+    ``u = g / sqrt(v)`` clipped by ``rms(u) / clip_threshold``, scaled by
+    ``max(epsilon_2, rms(p)) * min(lr, 1 / sqrt(t))``."""
+    rho = min(learning_rate, 1 / np.sqrt(t))
+    beta = 1 - float(t) ** beta_2_decay
+    q = g * g + epsilon_1
+    if p.ndim < 2:
+        v = s.setdefault("v", np.zeros_like(p))
+        v[...] = beta * v + (1 - beta) * q
+    else:
+        r = s.setdefault("r", np.zeros(p.shape[:-1]))
+        c = s.setdefault("c", np.zeros(p.shape[:-2] + p.shape[-1:]))
+        r[...] = beta * r + (1 - beta) * q.mean(axis=-1)
+        c[...] = beta * c + (1 - beta) * q.mean(axis=-2)
+        v = (r / r.mean(axis=-1, keepdims=True))[..., None] * c[..., None, :]
+    u = g / np.sqrt(v)
+    u = u / max(1.0, np.sqrt(np.mean(u * u)) / clip_threshold)
+    return p - max(epsilon_2, np.sqrt(np.mean(p * p))) * rho * u
+
+
+def run_adafactor_lazy(reference, p0, sparse_grads, **hp):
+    """Adafactor's sparse rule (:func:`run_lazy`'s, with its slots): duplicates summed,
+    then ``reference`` (:func:`adafactor`, maybe :func:`weight_decayed`) on the touched rows
+    as a table of their own, with their ``v`` (a vector), their ``r`` and the shared ``c``
+    (a 2-D table), or their ``r`` and ``c`` (rank >= 3). Returns ``(p, slots)``."""
+    p = np.asarray(p0, np.float64).copy()
+    slots = {}
+    for t, (values, indices) in enumerate(sparse_grads, start=1):
+        rows, inverse = np.unique(np.asarray(indices), return_inverse=True)
+        summed = np.zeros((rows.size,) + p.shape[1:])
+        np.add.at(summed, inverse.reshape(-1), np.asarray(values, np.float64))
+        if p.ndim < 2:
+            names = ("v",)
+            whole = {"v": slots.setdefault("v", np.zeros_like(p))}
+        else:
+            names = ("r",) if p.ndim == 2 else ("r", "c")
+            whole = {"r": slots.setdefault("r", np.zeros(p.shape[:-1])),
+                     "c": slots.setdefault("c", np.zeros(p.shape[:-2] + p.shape[-1:]))}
+        sub = {k: (v[rows].copy() if k in names else v) for k, v in whole.items()}
+        p[rows] = reference(p[rows], summed, sub, t, **hp)
+        for k in names:
+            whole[k][rows] = sub[k]
+    return p, slots
+
+
 def weight_decayed(reference, weight_decay):
     """Keras 3's decoupled weight decay before the update: ``p -= p * wd * lr``."""
     def step(p, g, s, t, **hp):

@@ -36,10 +36,13 @@ class Job:
         used: three booleans: which of the rule's ``SLOTS`` those are.
         has_wd: whether decoupled weight decay applies to this variable.
         key: the variable's key in the exact-mode states (one per variable and device).
-        nrowslots: for a row-wise rule, how many row slot arrays (shape ``(rows,)``,
-            in ``ROW_SLOTS`` order) follow the element slots.
-        row_used: for a row-wise rule, three booleans: which of the rule's
-            ``ROW_SLOTS`` those are (``None`` for an elementwise rule).
+        nrowslots: how many slot arrays of other shapes follow the element slots (a
+            row-wise rule's ``(rows,)`` slots in ``ROW_SLOTS`` order; Adafactor's ``r``
+            and ``c``).
+        row_used: three booleans: which of the rule's ``ROW_SLOTS`` (``FACTORED_SLOTS``)
+            those are (``None`` for an elementwise rule).
+
+    A job's slots are those of its variable's :meth:`sparseopt.engine.StepConfig.slot_layout`.
     """
 
     name: str
@@ -79,7 +82,7 @@ class HostStep:
         self._threads = _config.StepThreads()  # the thread count's measurements (sparseopt._config)
         #: ``sparse_mode="exact"``: the exact-mode states (:class:`sparseopt.engine.ExactBook`).
         self.exact = engine.ExactBook(config) if config.sparse_mode == "exact" else None
-        self._slot_names = {}  # id(Job) -> (Job, kept slot names, kept row slot names)
+        self._layouts = {}  # id(Job) -> (Job, the SlotLayout of its variable)
 
     def _hypers(self, scalars, with_state):
         """``(step, weight_decay * lr, {name: value})`` from a scalars vector, checked finite."""
@@ -151,7 +154,7 @@ class HostStep:
     def exact_variable(self, job, group):
         """The :class:`sparseopt.engine.HostVariable` of a job's arrays (the variable and its
         element slots) for a catch-up or a flush."""
-        names = self._names(job)[0]
+        names = self._layout(job, group[0]).names
         return engine.HostVariable(group[0], job.name, dict(zip(names, group[1:1 + job.nslots])),
                                    None, job.has_wd, self.config.slot_dtype, job.key)
 
@@ -160,33 +163,30 @@ class HostStep:
         config = self.config
         var = group[0]
         slots = group[1:1 + job.nslots]
-        row_slots = group[1 + job.nslots:1 + job.nslots + job.nrowslots]
+        other = group[1 + job.nslots:1 + job.nslots + job.nrowslots]
         config.check_variable(var, job.name)   # the core's checks (dtype, layout)
         slot_dtype, row_dtype = config.slot_dtypes(var.dtype)
+        layout = self._layout(job, var)
         for s in slots:
             if s.shape != var.shape or s.dtype != slot_dtype:
                 raise errors.ShapeMismatchError(
                     f"{job.name!r}: a slot has shape {s.shape} and dtype {s.dtype}; expected "
                     f"{var.shape} and {slot_dtype}")
-        for s in row_slots:
-            if s.shape != var.shape[:1] or s.dtype != row_dtype:
+        for s, shape in zip(other, layout.other_shapes):
+            if s.shape != shape or s.dtype != row_dtype:
                 raise errors.ShapeMismatchError(
                     f"{job.name!r}: a row slot has shape {s.shape} and dtype {s.dtype}; expected "
-                    f"{var.shape[:1]} and {row_dtype}")
-        names, row_names = self._names(job)
-        return engine.HostVariable(var, job.name, dict(zip(names, slots)),
-                                   dict(zip(row_names, row_slots)) if config.rowwise else None,
+                    f"{shape} and {row_dtype}")
+        return engine.HostVariable(var, job.name, dict(zip(layout.names, slots)),
+                                   dict(zip(layout.other_names, other)) if other else None,
                                    job.has_wd, config.slot_dtype, job.key)
 
-    def _names(self, job):
-        """``(slot names, row slot names)`` of a job's kept slots, in the rule's order."""
-        found = self._slot_names.get(id(job))
+    def _layout(self, job, var):
+        """The :class:`sparseopt.engine.SlotLayout` of a job's variable (kept per job)."""
+        found = self._layouts.get(id(job))
         if found is None or found[0] is not job:
-            found = self._slot_names[id(job)] = (
-                job, tuple(n for n, u in zip(self.rule.SLOTS, job.used) if u),
-                tuple(n for n, u in zip(getattr(self.rule, "ROW_SLOTS", ()), job.row_used or ()) if u))
-        names = found[1:]
-        return names
+            found = self._layouts[id(job)] = (job, self.config.slot_layout(var.shape))
+        return found[1]
 
 
 def _has_wd(state):

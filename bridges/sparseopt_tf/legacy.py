@@ -101,6 +101,10 @@ class Optimizer(_V2):
         own = {arg: values.get(arg, default) for arg, default in spec.args}
         if spec.unsupported():
             raise NotImplementedError(f"sparseopt_tf.legacy.{spec.name}: {spec.unsupported()}")
+        if vars(spec.core_class._rule).get("FACTORED", False):
+            raise NotImplementedError(
+                f"sparseopt_tf.legacy.{spec.name}: tf_keras has no legacy {spec.name}, and the "
+                f"legacy classes keep no slots of other shapes; use sparseopt_tf.{spec.name}")
         if "epsilon" in own and (own["epsilon"] is None or (_spec._is_plain_number(own["epsilon"])
                                                             and not own["epsilon"])):
             # tf_keras: ``epsilon or backend.epsilon()`` (None and 0 mean the backend's 1e-7).

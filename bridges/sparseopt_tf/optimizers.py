@@ -230,11 +230,13 @@ class Optimizer(keras.optimizers.Optimizer):
     def _create_kernel_slots(self, var):
         step = self._host.config
         _, row_dtype = step.slot_dtypes(_numpy_dtype(var))
-        for slot_name in step.slot_names:
+        layout = step.slot_layout(var.shape)
+        for slot_name in layout.names:
             self.add_slot(var, slot_name, keras.initializers.Constant(step.slot_initial_values[slot_name]))
-        for slot_name in step.row_slot_names:          # row-wise rules: one value per row
+        # row-wise rules: one value per row; Adafactor: its row and column statistics
+        for slot_name, shape in zip(layout.other_names, layout.other_shapes):
             self.add_slot(var, slot_name, keras.initializers.Constant(step.slot_initial_values[slot_name]),
-                          shape=tuple(var.shape[:1]), dtype=row_dtype.name)
+                          shape=shape, dtype=row_dtype.name)
 
     def add_slot(self, var, slot_name, initializer="zeros", shape=None, dtype=None):
         """Add slot ``slot_name`` for ``var`` (a Keras or TF variable) and return it.
@@ -647,10 +649,9 @@ class Optimizer(keras.optimizers.Optimizer):
 
     def _job(self, var, sparse):
         """The host :class:`~sparseopt_tf._host.Job` of ``var`` (a ``tf.Variable``) and the
-        :class:`~sparseopt_tf._handover.Ref` of it and of its slots (element, then row slots)."""
-        step = self._host.config
-        slot_names, used = step.slot_names, step.slot_used
-        row_names, row_used = step.row_slot_names, step.row_slot_used
+        :class:`~sparseopt_tf._handover.Ref` of it and of its slots (element, then the slots
+        of other shapes: :meth:`sparseopt.engine.StepConfig.slot_layout`)."""
+        slot_names, used, row_names, row_used, _ = self._host.config.slot_layout(var.shape)
         key = self._var_key(var)
         slots = self._slot_table.slots.get(key, {})
         missing = [n for n in slot_names + row_names if n not in slots]

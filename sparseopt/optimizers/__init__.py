@@ -1,6 +1,7 @@
 """One small class per optimizer: hyperparameters, slot names, and which rule."""
 
 from sparseopt.optimizers.adadelta import Adadelta
+from sparseopt.optimizers.adafactor import Adafactor
 from sparseopt.optimizers.adagrad import Adagrad
 from sparseopt.optimizers.adam import Adam
 from sparseopt.optimizers.adamax import Adamax
@@ -13,5 +14,5 @@ from sparseopt.optimizers.rmsprop import RMSprop
 from sparseopt.optimizers.rowwise_adagrad import RowwiseAdagrad
 from sparseopt.optimizers.sgd import SGD
 
-__all__ = ["Adadelta", "Adagrad", "Adam", "Adamax", "AdamW", "Ftrl", "Lamb", "Lion", "Nadam", "RMSprop",
+__all__ = ["Adadelta", "Adafactor", "Adagrad", "Adam", "Adamax", "AdamW", "Ftrl", "Lamb", "Lion", "Nadam", "RMSprop",
            "RowwiseAdagrad", "SGD"]

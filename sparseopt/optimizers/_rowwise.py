@@ -56,10 +56,8 @@ class RowwiseOptimizer(Optimizer):
         names = list(self._slot_names()) + list(self._row_slot_names())
         return names + [n for n in super().get_slot_names() if n not in names]
 
-    def _run(self, updates, coefficients, wd):
-        names = self._row_slot_names()
-        super()._run([(state, _RowUpdate(update, {n: state.slots[n] for n in names}))
-                      for state, update in updates], coefficients, wd)
+    def _wrap_update(self, state, update):
+        return _RowUpdate(update, {n: state.slots[n] for n in self._row_slot_names()})
 
 
 class _RowUpdate:

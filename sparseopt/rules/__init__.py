@@ -46,13 +46,25 @@ touched row in a sparse step (a per-row norm, as FBGEMM's row-wise LAMB). The ke
 (:func:`sparseopt.kernels.cpu.dense_kernel` and ``sparse_kernel``) run it in two passes;
 ``p`` is the parameter after decoupled weight decay in both.
 
+**Factored rules** (:mod:`~sparseopt.rules.adafactor`) declare ``FACTORED = True`` and
+``FACTORED_SLOTS`` (statistics of other shapes: a row statistic of the variable's shape less
+its last axis, a column statistic less its second last), and in place of ``update`` the
+element functions ``square(g, c)``, ``decay(s, mean, c)``, ``direction(g, v)``,
+``apply(p, u, alpha, divisor)`` and, once per unit, ``scale(sum_p2, sum_u2, n, c) -> (alpha,
+divisor)`` (``n``: the unit's element count, for root-mean-squares). The kernels of
+:mod:`sparseopt.kernels.factored` run them over a unit: the whole variable in a dense step,
+the touched rows (gathered as a table of their own) in a sparse one. A variable of rank < 2
+keeps the element slots ``SLOTS`` instead; ``factored_shapes(shape)`` (host code) gives the
+statistics' shapes. The optimizer class keeps the statistics
+(:class:`sparseopt.Adafactor`); exact mode, the table-batched path and CUDA do not run them.
+
 **Host state.** A rule whose per-step scalars depend on state carried across steps
 (Nadam's momentum-schedule product) computes that state with a plain host function
 (:func:`sparseopt.rules.nadam.next_u_product`); the optimizer keeps it.
 """
 
-from sparseopt.rules import (adadelta, adagrad, adam, adamax, ftrl, lamb, lion, nadam, rmsprop,
-                             rowwise_adagrad, sgd)
+from sparseopt.rules import (adadelta, adafactor, adagrad, adam, adamax, ftrl, lamb, lion, nadam,
+                             rmsprop, rowwise_adagrad, sgd)
 
-__all__ = ["adadelta", "adagrad", "adam", "adamax", "ftrl", "lamb", "lion", "nadam", "rmsprop",
-           "rowwise_adagrad", "sgd"]
+__all__ = ["adadelta", "adafactor", "adagrad", "adam", "adamax", "ftrl", "lamb", "lion", "nadam",
+           "rmsprop", "rowwise_adagrad", "sgd"]
