@@ -182,15 +182,16 @@ def _estimate(costs):
     return sorted(costs)[len(costs) // 2] if costs else None
 
 
-def enter_step(work, stats=None):
+def enter_step(work, stats=None, per_thread=None):
     """Set the calling thread's Numba thread count for a step that touches ``work``
-    elements (``stats``: the optimizer's :class:`StepThreads`); returns the token
-    :func:`leave_step` takes."""
+    elements (``stats``: the optimizer's :class:`StepThreads`; ``per_thread``: the work
+    that warrants a thread, by default :data:`MIN_WORK_PER_THREAD`); returns the token :func:`leave_step` takes (its third item
+    is the thread count set)."""
     if _set_threads is None and threading_layer() is None:
         return None
     current = _get_threads()
     cap = current if _max_threads is None or _max_threads > current else _max_threads
-    want = work // MIN_WORK_PER_THREAD
+    want = work // (MIN_WORK_PER_THREAD if per_thread is None else per_thread)
     if want > cap:
         want = cap
     probe = False
