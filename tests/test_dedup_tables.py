@@ -101,3 +101,20 @@ def test_plan_tables_uses_the_threads_past_its_threshold(monkeypatch):
     assert len(calls) == (4 if threads > 1 else 0)
     for bounds in calls:  # runs of tables, one per thread, covering every table
         assert bounds[0] == 0 and bounds[-1] == len(sizes) and bounds.size == min(threads, len(sizes)) + 1
+
+
+def test_plans_start_on_one_thread_then_follow_the_measurements(monkeypatch):
+    """The plans' thread count (``dedup._PLAN_THREADS``) is one until several measured
+    faster; an optimizer's starts on several."""
+    monkeypatch.setattr(_config, "ADAPTIVE", True)
+    several = min(numba.get_num_threads(), 4)
+    for several_first, first in ((False, 1), (True, several)):
+        stats = _config.StepThreads(several_first)
+        token = _config.enter_step(4, stats, per_thread=1)
+        _config.leave_step(token)
+        assert token[2] == first
+        stats.one, stats.several = [2.0], [1.0]  # several measured faster
+        token = _config.enter_step(4, stats, per_thread=1)
+        _config.leave_step(token)
+        assert token[2] == several
+    assert dedup._PLAN_THREADS.several_first is False

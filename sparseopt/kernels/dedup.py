@@ -300,8 +300,8 @@ def plan_tables(indices, num_rows):
     With at least ``2 * MIN_IDS_PER_THREAD`` indices in all, the tables may be planned on
     several threads (:func:`_plan_tables_parallel`): as many as
     :func:`sparseopt._config.enter_step` allows for one thread per ``MIN_IDS_PER_THREAD``
-    indices, or one where that measured slower (a parallel region waits for a scheduler
-    slice while another process holds a core). The same plan either way.
+    indices, once they measured faster than one (:data:`_PLAN_THREADS`; a parallel region
+    waits for a scheduler slice while another process holds a core). The same plan either way.
     """
     addresses = np.array([address(i) for i in indices], np.int64)
     sizes = np.array([i.size for i in indices], np.int64)
@@ -329,8 +329,9 @@ def plan_tables(indices, num_rows):
 MIN_IDS_PER_THREAD = 1 << 14
 _plan_tables_parallel_run = None  # _plan_tables_parallel, serialized under the workqueue layer
 #: Times per index of recent plans on one thread and on several (process-wide: the
-#: choice depends on the machine's load, not on the optimizer).
-_PLAN_THREADS = _config.StepThreads()
+#: choice depends on the machine's load, not on the optimizer). One thread first: on a
+#: busy machine the plan's region waits for a scheduler slice (asv_benchmarks/reports/w4.md).
+_PLAN_THREADS = _config.StepThreads(several_first=False)
 
 
 @numba.njit(**_config.CPU_SERIAL_FLAGS)
