@@ -160,37 +160,40 @@ def get_num_threads():
 
 
 class StepThreads:
-    """One optimizer's measurements for :func:`enter_step`: the seconds per element of its
-    last big steps on one thread and on several (the median of the last
-    :data:`_WINDOW`: one step that the scheduler held up does not flip the choice), and
-    when to try the other count."""
+    """One optimizer's measurements for :func:`enter_step` (or the de-duplication plans',
+    :mod:`sparseopt.kernels.dedup`): the seconds per element of its last big steps on one
+    thread and on several (the median of the last :data:`_WINDOW`: one step that the
+    scheduler held up does not flip the choice), and when to try the other count.
+    ``several_first``: whether steps run on several threads until both are measured."""
 
-    __slots__ = ("one", "several", "since", "interval", "seen")
+    __slots__ = ("one", "several", "since", "interval", "seen", "several_first")
 
-    def __init__(self):
+    def __init__(self, several_first=True):
         self.one = []
         self.several = []
         self.since = 0
         self.interval = _PROBE_FIRST
         self.seen = 0  # big steps so far: the first two (which compile the kernels) are not measured
+        self.several_first = several_first  # which count runs before either is measured
 
     def __deepcopy__(self, memo):
-        return StepThreads()
+        return StepThreads(self.several_first)
 
 
 def _estimate(costs):
     return sorted(costs)[len(costs) // 2] if costs else None
 
 
-def enter_step(work, stats=None):
+def enter_step(work, stats=None, per_thread=None):
     """Set the calling thread's Numba thread count for a step that touches ``work``
-    elements (``stats``: the optimizer's :class:`StepThreads`); returns the token
-    :func:`leave_step` takes."""
+    elements (``stats``: the optimizer's :class:`StepThreads`; ``per_thread``: the work
+    that warrants a thread, by default :data:`MIN_WORK_PER_THREAD`); returns the token :func:`leave_step` takes (its third item
+    is the thread count set)."""
     if _set_threads is None and threading_layer() is None:
         return None
     current = _get_threads()
     cap = current if _max_threads is None or _max_threads > current else _max_threads
-    want = work // MIN_WORK_PER_THREAD
+    want = work // (MIN_WORK_PER_THREAD if per_thread is None else per_thread)
     if want > cap:
         want = cap
     probe = False
@@ -199,7 +202,10 @@ def enter_step(work, stats=None):
         stats = None
     elif stats is not None and ADAPTIVE:
         one, several = _estimate(stats.one), _estimate(stats.several)
-        use_several = one is None or (several is not None and several <= one)
+        if one is None or several is None:  # the measured count, else the preferred one
+            use_several = several is not None or (one is None and stats.several_first)
+        else:
+            use_several = several <= one
         stats.since += 1
         if stats.since >= stats.interval:
             stats.since = 0

@@ -966,9 +966,12 @@ def run_lazy(rule, updates, coefficients, wd, has_wd, batch, convert=None):
         found = converted.get(dtype)
         if found is None:
             c = convert(coefficients, dtype)
-            found = converted[dtype] = (c, _variant.for_step(rule, c))
-        c, step_rule = found
-        if groups is not None:
+            step_rule = _variant.for_step(rule, c)
+            # a rule with a reduction stage runs its own two-pass kernel per table
+            # (sparseopt.kernels.cpu, .cuda): asked once per dtype, not per table
+            found = converted[dtype] = (c, step_rule, groups is not None and not cpu.has_reduction(step_rule))
+        c, step_rule, batched = found
+        if batched:
             key = _table_key(step_rule, state, update, dtype, uses_wd)
             if key is not None:
                 group = groups.get(key)
@@ -1014,9 +1017,8 @@ def _table_key(rule, state, update, dtype, has_wd):
     in a table-batched region (:func:`_run_tables`), or None (it runs on its own). A 16-bit
     variable's includes its rounding (``state.lowp``: kind, stochastic, slot kind), so
     bfloat16, float16 and float32 tables of one call run in regions of their own, and whether
-    its gradient values are 16-bit (``inner.kind``), which the region reads as bits."""
-    if cpu.has_reduction(rule):  # its own two-pass kernel per table (sparseopt.kernels.cpu, .cuda)
-        return None
+    its gradient values are 16-bit (``inner.kind``), which the region reads as bits. The
+    caller has checked that ``rule`` has no reduction stage (``cpu.has_reduction``)."""
     if getattr(update, "on_device", False):  # a CUDA update: one launch per group (_cuda.run_tables)
         key = _cuda.table_key(state, update)
         return None if key is None else (rule, dtype, has_wd, (state.kernel_slot_names, key), None, None)

@@ -296,10 +296,42 @@ def plan_tables(indices, num_rows):
         ``offsets[ustart[t] + t:ustart[t + 1] + t + 1]`` and ``order[ostart[t]:ostart[t + 1]]``
         (its positions, into its own indices). ``bad`` is the first table with an index out
         of range (nothing is planned then), else -1.
+
+    With at least ``2 * MIN_IDS_PER_THREAD`` indices in all, the tables may be planned on
+    several threads (:func:`_plan_tables_parallel`): as many as
+    :func:`sparseopt._config.enter_step` allows for one thread per ``MIN_IDS_PER_THREAD``
+    indices, once they measured faster than one (:data:`_PLAN_THREADS`; a parallel region
+    waits for a scheduler slice while another process holds a core). The same plan either way.
     """
     addresses = np.array([address(i) for i in indices], np.int64)
     sizes = np.array([i.size for i in indices], np.int64)
-    return _plan_tables(addresses, sizes, np.asarray(num_rows, np.int64), indices[0])
+    num_rows = np.asarray(num_rows, np.int64)
+    total = int(sizes.sum())
+    if total < 2 * MIN_IDS_PER_THREAD or len(indices) < 2:
+        return _plan_tables(addresses, sizes, num_rows, indices[0])
+    threads = _config.enter_step(total, _PLAN_THREADS, per_thread=MIN_IDS_PER_THREAD)
+    try:
+        runs = 1 if threads is None else min(threads[2], len(indices))
+        if runs < 2:
+            return _plan_tables(addresses, sizes, num_rows, indices[0])
+        global _plan_tables_parallel_run
+        if _plan_tables_parallel_run is None:
+            _plan_tables_parallel_run = _config.parallel_kernel(_plan_tables_parallel)
+        bounds = _table_runs(sizes, num_rows, runs)
+        return _plan_tables_parallel_run(addresses, sizes, num_rows, indices[0], bounds)
+    finally:
+        _config.leave_step(threads)
+
+
+#: Indices per thread before :func:`plan_tables` uses another thread: below 2x this in
+#: all, a parallel region's fork and join cost more than it saves (measured on W4-like
+#: tables, 4,096 ids each; see asv_benchmarks/reports/w4.md).
+MIN_IDS_PER_THREAD = 1 << 14
+_plan_tables_parallel_run = None  # _plan_tables_parallel, serialized under the workqueue layer
+#: Times per index of recent plans on one thread and on several (process-wide: the
+#: choice depends on the machine's load, not on the optimizer). One thread first: on a
+#: busy machine the plan's region waits for a scheduler slice (asv_benchmarks/reports/w4.md).
+_PLAN_THREADS = _config.StepThreads(several_first=False)
 
 
 @numba.njit(**_config.CPU_SERIAL_FLAGS)
@@ -336,6 +368,75 @@ def _plan_tables(addresses, sizes, num_rows, like):
     ustart[tables] = k
     ostart[tables] = o
     return rows[:k], offsets[:k + tables], order, ustart, ostart, -1
+
+
+def _table_runs(sizes, num_rows, runs):
+    """``runs`` consecutive runs of tables of about equal cost (``bounds``: run ``j`` is
+    tables ``bounds[j]:bounds[j + 1]``), a table's cost its indices, twice that for a
+    radix-sorted one (two passes and an unpacking pass against a counting sort's two)."""
+    cost = np.where(num_rows > (1 << MAX_DIGIT), 2 * sizes, sizes)
+    ends = np.cumsum(cost)
+    cuts = np.searchsorted(ends, ends[-1] * np.arange(1, runs) / runs, side="right")
+    return np.concatenate(([0], cuts, [sizes.size])).astype(np.int64)
+
+
+@numba.njit(**_config.CPU_KERNEL_FLAGS)
+def _plan_tables_parallel(addresses, sizes, num_rows, like, bounds):
+    """:func:`_plan_tables` with the runs of tables ``bounds`` (:func:`_table_runs`) on
+    the threads, each run with its own scratch: table ``t``'s rows and offsets go first
+    to its own part of scratch arrays (where its positions go in ``order``: at
+    ``ostart[t]``, offsets at ``ostart[t] + t``), then, once every table's count of
+    unique rows is known, to their places in the concatenated plan. The same plan as
+    :func:`_plan_tables`; where tables have bad indices, the first of them is reported."""
+    tables = sizes.size
+    runs = bounds.size - 1
+    ostart = np.empty(tables + 1, np.int64)
+    o = 0
+    for t in range(tables):
+        ostart[t] = o
+        o += sizes[t]
+    ostart[tables] = o
+    order = np.empty(o, np.int64)
+    rows_at = np.empty(o, np.int64)
+    offsets_at = np.empty(o + tables, np.int64)
+    found = np.empty(tables, np.int64)  # unique rows, or -1: a bad index (-2: not planned)
+    for j in prange(runs):
+        largest = 0
+        for t in range(bounds[j], bounds[j + 1]):
+            largest = max(largest, sizes[t])
+        packed = np.empty(largest, np.int64)
+        spare = np.empty(largest, np.int64)
+        counts = np.empty(LANES << MAX_DIGIT, np.int32)
+        failed = False
+        for t in range(bounds[j], bounds[j + 1]):
+            if failed:  # only the first bad table counts, and this run has one before t
+                found[t] = -2
+                continue
+            n = sizes[t]
+            a = ostart[t]
+            idx = numba.carray(pointer(addresses[t], like), (n,))
+            bad, kt = _plan_one(idx, num_rows[t], packed, spare, counts, rows_at[a:],
+                                offsets_at[a + t:], order[a:a + n])
+            found[t] = -1 if bad >= 0 else kt
+            failed = bad >= 0
+    ustart = np.empty(tables + 1, np.int64)
+    k = 0
+    for t in range(tables):
+        if found[t] < 0:
+            return rows_at[:0], offsets_at[:1], order[:0], ustart, ostart, t
+        ustart[t] = k
+        k += found[t]
+    ustart[tables] = k
+    rows = np.empty(k, np.int64)
+    offsets = np.empty(k + tables, np.int64)
+    for j in prange(runs):
+        for t in range(bounds[j], bounds[j + 1]):
+            kt = found[t]
+            a = ostart[t]
+            u = ustart[t]
+            rows[u:u + kt] = rows_at[a:a + kt]
+            offsets[u + t:u + t + kt + 1] = offsets_at[a + t:a + t + kt + 1]
+    return rows, offsets, order, ustart, ostart, -1
 
 
 def _pointer(typingctx, addr, like):
