@@ -187,8 +187,8 @@ def _estimate(costs):
 def enter_step(work, stats=None, per_thread=None):
     """Set the calling thread's Numba thread count for a step that touches ``work``
     elements (``stats``: the optimizer's :class:`StepThreads`; ``per_thread``: the work
-    that warrants a thread, by default :data:`MIN_WORK_PER_THREAD`); returns the token :func:`leave_step` takes (its third item
-    is the thread count set)."""
+    that warrants a thread, by default :data:`MIN_WORK_PER_THREAD`); returns the token
+    :func:`leave_step` takes (its third item is the thread count set)."""
     if _set_threads is None and threading_layer() is None:
         return None
     current = _get_threads()
