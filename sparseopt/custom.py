@@ -21,6 +21,14 @@ and, through ``sparseopt_tf.keras_optimizer``, a Keras 3 class.
   ``math.*``: no arrays, no NumPy, no ``raise``, and **no float literals** (a literal is
   float64 and would turn float32 math into float64: put every constant in the
   coefficients, where it arrives cast to the variable's dtype).
+* or, in place of ``update``, a **reduction stage** (``reduction=(terms, scale, apply)``),
+  for an update scaled by sums over a *unit* of elements (LAMB's trust ratio
+  ``||p|| / ||u||``): ``terms(p, g, s0, s1, s2, c) -> (d, s0, s1, s2, t0, t1)`` per element
+  (the new slots, a direction ``d``, and two terms summed over the unit), ``scale(sum_t0,
+  sum_t1, c) -> scale`` once per unit, and ``apply(p, d, scale, c) -> p`` per element. The
+  unit is the whole variable in a dense step and each touched row in a sparse step (as the
+  built-in ``Lamb``, :mod:`sparseopt.rules.lamb`); such a rule has no
+  ``sparse_mode="exact"`` (an idle row's dense step would depend on the whole variable).
 
 Example (Adam without bias correction, checked against its formula):
 
@@ -51,13 +59,19 @@ from sparseopt.optimizer import Optimizer
 #: Slots a rule may have (the kernels' element step passes three).
 MAX_SLOTS = 3
 
+_UPDATE_ARGS = ("p", "g", "s0", "s1", "s2", "c")
+_COUNTS = {3: "three", 4: "four", 6: "six"}
+#: A reduction stage's functions and their arguments (the built-in Lamb's ``reduce_*``).
+_REDUCTION_ARGS = {"terms": ("p", "g", "s0", "s1", "s2", "c"), "scale": ("sum_t0", "sum_t1", "c"),
+                   "apply": ("p", "d", "scale", "c")}
+
 # Arguments of Optimizer.__init__ that a rule's hyperparameters may not take.
 _RESERVED = frozenset(inspect.signature(Optimizer.__init__).parameters) - {"learning_rate"}
 
 
 class Rule:
-    """An optimizer's math: ``name``, ``slots``, ``coefficients`` and ``update`` (see the
-    module docstring).
+    """An optimizer's math: ``name``, ``slots``, ``coefficients`` and ``update``, or a
+    ``reduction`` stage in place of ``update`` (see the module docstring).
 
     Attributes:
         name: the rule's name (an identifier; the default optimizer name).
@@ -65,11 +79,12 @@ class Rule:
         hyperparameters: ``{name: default}`` from ``coefficients``' keyword parameters.
         fields: the names of the coefficients, from one call of ``coefficients`` at
             step 1 with the defaults.
+        reduction: ``(terms, scale, apply)``, or ``None`` for a rule with ``update``.
         module: the rule as the kernels read a rule module (``SLOTS``, ``Coefficients``,
             ``update``, and a cache key from the two functions' sources).
     """
 
-    def __init__(self, name, slots, coefficients, update):
+    def __init__(self, name, slots, coefficients, update=None, *, reduction=None):
         if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
             raise errors.HyperparameterError(f"Rule: name must be an identifier; got {name!r}")
         slots = tuple(slots)
@@ -77,16 +92,32 @@ class Rule:
                 or not all(isinstance(s, str) and s for s in slots)):
             raise errors.HyperparameterError(
                 f"Rule {name!r}: slots must be at most {MAX_SLOTS} distinct names; got {slots!r}")
-        if not callable(coefficients) or not callable(update):
-            raise errors.HyperparameterError(f"Rule {name!r}: coefficients and update must be functions")
-        self.name, self.slots = name, slots
-        self._coefficients, self._update = coefficients, update
-        self.hyperparameters = _hyperparameters(name, coefficients)
-        update_params = inspect.signature(update).parameters
-        if len(update_params) != 6:
+        if (update is None) == (reduction is None):
             raise errors.HyperparameterError(
-                f"Rule {name!r}: update takes (p, g, s0, s1, s2, c), six arguments; got "
-                f"({', '.join(update_params)})")
+                f"Rule {name!r}: give update, or reduction=(terms, scale, apply) in its place; "
+                f"got {'both' if update is not None else 'neither'}")
+        if reduction is not None:
+            reduction = tuple(reduction) if isinstance(reduction, (tuple, list)) else (reduction,)
+            if len(reduction) != 3:
+                raise errors.HyperparameterError(
+                    f"Rule {name!r}: reduction is (terms, scale, apply), three functions; got "
+                    f"{len(reduction)} items")
+        functions = [("coefficients", coefficients)] + (
+            [("update", update)] if reduction is None
+            else [(f"reduction's {k}", fn) for k, fn in zip(_REDUCTION_ARGS, reduction)])
+        for what, fn in functions:
+            if not callable(fn):
+                raise errors.HyperparameterError(f"Rule {name!r}: {what} must be a function; got {fn!r}")
+        self.name, self.slots = name, slots
+        self._coefficients, self._update, self.reduction = coefficients, update, reduction
+        self.hyperparameters = _hyperparameters(name, coefficients)
+        arguments = list(_REDUCTION_ARGS.values()) if reduction is not None else [_UPDATE_ARGS]
+        for (what, fn), expected in zip(functions[1:], arguments):
+            params = inspect.signature(fn).parameters
+            if len(params) != len(expected):
+                raise errors.HyperparameterError(
+                    f"Rule {name!r}: {what} takes ({', '.join(expected)}), "
+                    f"{_COUNTS[len(expected)]} arguments; got ({', '.join(params)})")
         first = coefficients(1, **self.hyperparameters)
         values = first._asdict() if hasattr(first, "_asdict") else first
         if not isinstance(values, dict) or not values:
@@ -134,6 +165,11 @@ class Rule:
             values = dict(bound.arguments)
             values.pop("self")
             extra = values.pop("kwargs")
+            if rule.reduction is not None and extra.get("sparse_mode") == "exact":
+                raise errors.HyperparameterError(
+                    f"{values['name']}: a rule with a reduction stage has no sparse_mode='exact': "
+                    "the dense step of an idle row depends on sums over the whole variable; use "
+                    "sparse_mode='lazy'")
             Optimizer.__init__(self, learning_rate=values.pop("learning_rate"), name=values.pop("name"),
                                **extra)
             for key, value in values.items():
@@ -201,9 +237,15 @@ def _rule_module(rule):
     module = types.ModuleType(f"sparseopt_rule_{rule.name}", f"The rule {rule.name!r} (sparseopt.Rule).")
     module.SLOTS = rule.slots
     module.Coefficients = collections.namedtuple(f"{rule.name}_coefficients", rule.fields)
-    module.update = rule._update
     module.coefficients = rule._coefficients
-    digest = hashlib.sha1("\0".join([_source(rule._update), _source(rule._coefficients),
-                                     repr(rule.slots), repr(rule.fields)]).encode())
+    if rule.reduction is None:
+        module.update = rule._update
+        functions = [rule._update]
+    else:  # the kernels' reduction stage (sparseopt.rules, "Reduction rules")
+        module.REDUCTION = True
+        module.reduce_terms, module.reduce_scale, module.reduce_apply = rule.reduction
+        functions = list(rule.reduction)
+    digest = hashlib.sha1("\0".join([_source(fn) for fn in functions] + [
+        _source(rule._coefficients), repr(rule.slots), repr(rule.fields)]).encode())
     module.__rule_key__ = f"{rule.name}_{digest.hexdigest()[:10]}"
     return module

@@ -160,6 +160,12 @@ def test_a_rule_with_one_slot_and_a_flag():
     (dict(coefficients=lambda step, rate=0.1: {"lr": rate}), "must take learning_rate"),
     (dict(coefficients=lambda step, learning_rate=0.1, clipnorm=1.0: {"lr": 1.0}), "every optimizer"),
     (dict(coefficients=lambda step, learning_rate=0.1: [learning_rate]), "dict"),
+    (dict(update=None), "neither"),
+    (dict(reduction=(lambda p, g, s0, s1, s2, c: (g, s0, s1, s2, p, g), lambda a, b, c: a,
+                     lambda p, d, s, c: p)), "both"),
+    (dict(update=None, reduction=(lambda p, g, s0, s1, s2, c: (g, s0, s1, s2, p, g),)), "three functions"),
+    (dict(update=None, reduction=(lambda p, g, s0, s1, s2, c: (g, s0, s1, s2, p, g), lambda a, b: a,
+                                  lambda p, d, s, c: p)), "scale takes .sum_t0, sum_t1, c."),
 ])
 def test_bad_rules_are_refused_by_name(kwargs, message):
     args = dict(name="mine", slots=("m",), coefficients=lambda step, learning_rate=0.1: {"lr": learning_rate},
@@ -218,3 +224,37 @@ def test_float32_math_stays_float32():
     assert expected.dtype == np.float32
     np.testing.assert_allclose(p, expected, rtol=2 ** -22)
     assert math.isfinite(float(p[0]))
+
+
+def lamb_rule():
+    """A user's LAMB: the built-in Lamb's scalar functions (:mod:`sparseopt.rules.lamb`), given
+    to a ``Rule`` as its reduction stage."""
+    from sparseopt.rules import lamb
+
+    def coefficients(step, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
+        return lamb.coefficients(learning_rate, beta_1, beta_2, epsilon, step)
+    return so.Rule("mylamb", lamb.SLOTS, coefficients,
+                   reduction=(lamb.reduce_terms, lamb.reduce_scale, lamb.reduce_apply))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_rule_with_a_reduction_stage_steps_as_the_built_in_lamb(dtype, rng):
+    """Dense steps (the norms over the variable) and sparse steps (over each touched row),
+    with weight decay: the built-in ``Lamb`` (checked against Keras in tests/test_lamb.py)
+    and the same functions as a user's rule leave the same bits."""
+    MyLamb = lamb_rule().optimizer_class("MyLamb")
+    p0 = rng.normal(size=(ROWS, WIDTH)).astype(dtype)
+    mine, theirs = p0.copy(), p0.copy()
+    ours, builtin = MyLamb(learning_rate=0.01, weight_decay=0.01), so.Lamb(learning_rate=0.01, weight_decay=0.01)
+    for step in range(4):
+        if step % 2:
+            g = so.IndexedSlices(rng.normal(size=(9, WIDTH)).astype(dtype), rng.integers(0, ROWS, 9))
+        else:
+            g = rng.normal(size=(ROWS, WIDTH)).astype(dtype)
+        ours.apply_gradients([(g, mine)])
+        builtin.apply_gradients([(g, theirs)])
+    assert np.array_equal(mine, theirs) and not np.array_equal(mine, p0)
+    for slot in ("m", "v"):
+        assert np.array_equal(ours.get_slot(mine, slot), builtin.get_slot(theirs, slot))
+    with pytest.raises(errors.HyperparameterError, match="no sparse_mode='exact'"):
+        MyLamb(sparse_mode="exact")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import sparseopt as so
-from tests.cuda.helpers import assert_state_matches, dev, dev_slices, sparse_batch
+from tests.cuda.helpers import assert_state_matches, dev, dev_slices, host, sparse_batch
 
 _spec = importlib.util.spec_from_file_location(
     "custom_optimizer", pathlib.Path(__file__).resolve().parents[2] / "examples" / "custom_optimizer.py")
@@ -38,3 +38,29 @@ def test_custom_rule_on_the_device_matches_cpu(sparse_mode, rng):
         cpu_opt.flush()
         gpu_opt.flush()
     assert_state_matches(gpu_opt, gpu_var, cpu_opt, cpu_var)
+
+
+def test_custom_reduction_rule_on_the_device_is_the_built_in_lamb(rng):
+    """A rule with a reduction stage (the built-in Lamb's functions as a user's rule) runs the
+    device's two-pass kernels as ``sparseopt.Lamb`` does, bit for bit, dense (norms over the
+    variable) and sparse (norms per touched row); ``tests/cuda/test_cuda_lamb.py`` checks
+    those kernels against the CPU."""
+    from sparseopt.rules import lamb
+
+    def coefficients(step, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
+        return lamb.coefficients(learning_rate, beta_1, beta_2, epsilon, step)
+    MyLamb = so.Rule("mylamb", lamb.SLOTS, coefficients,
+                     reduction=(lamb.reduce_terms, lamb.reduce_scale, lamb.reduce_apply)).optimizer_class()
+    p0 = rng.normal(size=(ROWS, WIDTH)).astype(np.float32)
+    mine, builtin = dev(p0), dev(p0)
+    ours, theirs = MyLamb(learning_rate=0.01, weight_decay=0.01), so.Lamb(learning_rate=0.01, weight_decay=0.01)
+    for step in [sparse_batch(rng, ROWS, WIDTH, K, np.float32), rng.normal(size=(ROWS, WIDTH)).astype(np.float32)]:
+        if isinstance(step, tuple):
+            ours.apply_gradients([(dev_slices(step[0], step[1], p0.shape), mine)])
+            theirs.apply_gradients([(dev_slices(step[0], step[1], p0.shape), builtin)])
+        else:
+            ours.apply_gradients([(dev(step), mine)])
+            theirs.apply_gradients([(dev(step), builtin)])
+    assert np.array_equal(host(mine), host(builtin)) and not np.array_equal(host(mine), p0)
+    for slot in ("m", "v"):
+        assert np.array_equal(host(ours.get_slot(mine, slot)), host(theirs.get_slot(builtin, slot)))

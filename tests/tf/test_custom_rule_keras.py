@@ -76,3 +76,36 @@ def test_model_fit_and_a_keras_file_continue_identically(tmp_path):
 def test_only_core_optimizer_classes_are_accepted():
     with pytest.raises(TypeError, match="subclass of sparseopt.Optimizer"):
         sparseopt_tf.keras_optimizer(keras.optimizers.Adam)
+
+
+def test_a_rule_with_a_reduction_stage_in_a_graph_step():
+    """A user's LAMB (the built-in Lamb's functions as a ``Rule`` with a reduction stage)
+    through ``tf.function``: the core class's bits, dense and sparse; and no exact mode."""
+    from sparseopt.rules import lamb
+
+    def coefficients(step, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
+        return lamb.coefficients(learning_rate, beta_1, beta_2, epsilon, step)
+    core_class = so.Rule("mylamb", lamb.SLOTS, coefficients,
+                         reduction=(lamb.reduce_terms, lamb.reduce_scale, lamb.reduce_apply)).optimizer_class()
+    KerasLamb = sparseopt_tf.keras_optimizer(core_class)
+    rng = np.random.default_rng(1)
+    table0, kernel0 = rng.normal(size=(30, 4)).astype(np.float32), rng.normal(size=(4, 3)).astype(np.float32)
+    table, kernel = tf.Variable(table0), tf.Variable(kernel0)
+    opt = KerasLamb(learning_rate=0.01)
+
+    @tf.function
+    def step(values, indices, g_kernel):
+        opt.apply_gradients([(tf.IndexedSlices(values, indices, tf.constant([30, 4], tf.int64)), table),
+                             (g_kernel, kernel)])
+
+    core, core_table, core_kernel = core_class(learning_rate=0.01), table0.copy(), kernel0.copy()
+    for _ in range(3):
+        values, indices = rng.normal(size=(6, 4)).astype(np.float32), rng.integers(0, 30, 6)
+        g_kernel = rng.normal(size=(4, 3)).astype(np.float32)
+        step(tf.constant(values), tf.constant(indices), tf.constant(g_kernel))
+        core.apply_gradients([(so.IndexedSlices(values, indices, table0.shape), core_table), (g_kernel, core_kernel)])
+    np.testing.assert_array_equal(table.numpy(), core_table)
+    np.testing.assert_array_equal(kernel.numpy(), core_kernel)
+    assert not np.array_equal(core_table, table0)
+    with pytest.raises(so.errors.HyperparameterError, match="no sparse_mode='exact'"):
+        KerasLamb(sparse_mode="exact")
