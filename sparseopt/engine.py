@@ -84,6 +84,10 @@ class StepConfig:
         self.sparse_mode = optimizer.sparse_mode
         self.exact_history = optimizer.exact_history
         self._state_lock = threading.Lock()
+        #: ``check_variable(var, name)``: the optimizer's check of a variable (dtype,
+        #: layout), raising its error (its own method: a host calls it for every variable
+        #: of every step).
+        self.check_variable = optimizer._check_variable
 
     @property
     def stochastic_rounding(self):
@@ -154,10 +158,6 @@ class StepConfig:
                 for a, value in zip(arrays, kept):
                     a[...] = value
 
-    def check_variable(self, var, name):
-        """The optimizer's check of a variable (dtype, layout), raising its error."""
-        self._opt._check_variable(var, name)
-
     def slot_dtypes(self, dtype):
         """``(element slots' dtype, row slots' dtype)`` for a variable of NumPy ``dtype``, as
         the optimizer keeps them: the variable's for float32 and float64; for a 16-bit
@@ -185,13 +185,13 @@ class StepConfig:
         """This step's rounding of each 16-bit variable of ``updates`` (``(state, update)``)."""
         self._opt._set_rounding(updates, step)
 
-    def validate(self, items):
+    def validate(self, items, then=None):
         """Check every ``(state, gradient)`` of a step and plan every sparse gradient, with the
         optimizer's checks and in its order: the first bad item raises, before anything is
         written. ``gradient``: an :class:`~sparseopt.IndexedSlices` or a dense array.
-        ``items`` may be a generator that checks each state as it makes it: an error it
-        raises is an error of that item, in order. Returns the ``(state, update)`` pairs
-        :func:`run_step` takes."""
+        ``then``: an error the host found in the item after the last of ``items`` (making
+        its state), raised if none of ``items`` fails. Returns the ``(state, update)``
+        pairs :func:`run_step` takes."""
         from sparseopt import optimizer as core
         pending = []   # sparse updates, planned once every item is checked
         updates = []
@@ -215,6 +215,8 @@ class StepConfig:
         else:
             for update, var in pending:
                 update.plan(var)
+        if error is None:
+            error = then
         if error is not None:
             raise error
         return updates
@@ -233,8 +235,9 @@ class StepConfig:
         whether it applies to the :class:`HostVariable` ``v``; ``exact``: an
         :class:`ExactBook`'s ``step`` in exact mode (``None``: a lazy step). A row-wise or
         factored rule's updates run that rule's own kernels, as in the optimizer's steps."""
-        wrap = self._opt._wrap_update
-        updates = [(state, wrap(state, update)) for state, update in updates]
+        opt = self._opt
+        if type(opt)._wrap_update is not _base_wrap_update():
+            updates = [(state, opt._wrap_update(state, update)) for state, update in updates]
         run_step(self.rule, updates, coefficients, wd, has_wd, self.batch_tables, exact, convert)
 
     def work(self, updates):
@@ -479,6 +482,11 @@ def exact_run(opt):
     def run(*args):
         _exact.run(opt, *args)
     return run
+
+
+def _base_wrap_update():
+    from sparseopt.optimizer import Optimizer
+    return Optimizer._wrap_update
 
 
 def _used(names, kept):

@@ -681,7 +681,8 @@ class Optimizer:
         return update
 
     def _run(self, updates, coefficients, wd):
-        updates = [(state, self._wrap_update(state, update)) for state, update in updates]
+        if type(self)._wrap_update is not Optimizer._wrap_update:
+            updates = [(state, self._wrap_update(state, update)) for state, update in updates]
         engine.run_step(self._rule, updates, coefficients, wd,
                         lambda state: wd != 0.0 and self._uses_weight_decay(state), self._batch_tables,
                         engine.exact_run(self) if self.sparse_mode == "exact" else None, self._converted)

@@ -127,12 +127,20 @@ class HostStep:
         if sum(job.num_arrays for job in jobs) != len(arrays):
             raise ValueError(f"{config.name}: internal error: {len(arrays)} arrays for "
                              f"{sum(job.num_arrays for job in jobs)} expected")
-        # Each job's state is made (and checked) as the core reaches it: the first bad job
-        # in order raises, before anything is written.
-        updates = config.validate(
-            (self._state(job, group),
-             IndexedSlices(group[-2], group[-1]) if job.sparse else group[-1])
-            for job, group in zip(jobs, _groups(jobs, arrays)))
+        # Each job's state is made (and checked) in order; the core checks the jobs before
+        # the first bad state, which raises after them: the first bad job in order raises,
+        # before anything is written.
+        items = []
+        slot_setting = config.slot_dtype
+        try:
+            for job, group in zip(jobs, _groups(jobs, arrays)):
+                items.append((self._state(job, group, slot_setting),
+                              IndexedSlices(group[-2], group[-1]) if job.sparse else group[-1]))
+        except Exception as exc:  # raised by validate, after the jobs before it
+            bad_state = exc
+        else:
+            bad_state = None
+        updates = config.validate(items, bad_state)
         if config.zero_learning_rate_is_no_step and hypers["learning_rate"] == 0.0:
             # As in the core (Ftrl, whose rule divides by the learning rate): a valid step
             # at learning rate 0 writes nothing; the optimizer's iterations still advance.
@@ -158,8 +166,9 @@ class HostStep:
         return engine.HostVariable(group[0], job.name, dict(zip(names, group[1:1 + job.nslots])),
                                    None, job.has_wd, self.config.slot_dtype, job.key)
 
-    def _state(self, job, group):
-        """One job's variable and slots, checked, as a :class:`sparseopt.engine.HostVariable`."""
+    def _state(self, job, group, slot_setting):
+        """One job's variable and slots, checked, as a :class:`sparseopt.engine.HostVariable`
+        (``slot_setting``: the config's ``slot_dtype``, read once per step)."""
         config = self.config
         var = group[0]
         slots = group[1:1 + job.nslots]
@@ -179,7 +188,7 @@ class HostStep:
                     f"{shape} and {row_dtype}")
         return engine.HostVariable(var, job.name, dict(zip(layout.names, slots)),
                                    dict(zip(layout.other_names, other)) if other else None,
-                                   job.has_wd, config.slot_dtype, job.key)
+                                   job.has_wd, slot_setting, job.key)
 
     def _layout(self, job, var):
         """The :class:`sparseopt.engine.SlotLayout` of a job's variable (kept per job)."""
