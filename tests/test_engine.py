@@ -157,3 +157,20 @@ def test_the_bridge_reads_no_private_name_of_a_core_optimizer():
             if owner in ("core", "_core", "config") and (path.name, node.attr) not in allowed:
                 found.append(f"{path.name}:{node.lineno}: {owner}.{node.attr}")
     assert bridge.is_dir() and not found, found
+
+
+def test_validate_raises_the_first_bad_item_in_order():
+    """``then`` (a host's error in making the state of the item after ``items``) raises only
+    when every item before it is good: a bad index of an earlier item comes first."""
+    config = sparseopt.SGD(0.1).step_config()
+    tables = _tables(np.float32)[:2]
+    good = _grads(0, np.float32)[:2]
+    bad = [good[0], sparseopt.IndexedSlices(good[1].values, np.full(9, 30))]   # row 30 of 30
+    items = lambda grads: [(engine.HostVariable(v, f"table{i}", {}), g)  # noqa: E731
+                           for i, (v, g) in enumerate(zip(tables, grads))]
+    later = errors.ShapeMismatchError("the third item's slot")
+    with pytest.raises(errors.IndexOutOfRangeError, match="table1"):
+        config.validate(items(bad), later)
+    with pytest.raises(errors.ShapeMismatchError, match="third item"):
+        config.validate(items(good), later)
+    assert len(config.validate(items(good))) == 2
