@@ -407,9 +407,9 @@ HOST_PARTS = ("host", "validate", "plan", "run")
 
 class HostParts:
     """Seconds per ``train_on_batch`` call inside the bridge's host step (``host``: all of
-    ``HostStep.__call__``), its validation (``validate``: the checks and the plans), the
-    de-duplication plans (``plan``: ``optimizer._plan_sparse``, or ``_SparseUpdate.plan`` table
-    by table on the per-table path) and the kernels (``run``:
+    ``HostStep.__call__``), its validation (``validate``: ``StepConfig.validate``, the core's
+    checks and the plans), the de-duplication plans (``plan``: ``optimizer._plan_sparse``, or
+    ``_SparseUpdate.plan`` table by table on the per-table path) and the kernels (``run``:
     ``optimizer.run_lazy``, with its Python), by wrapping those functions. The models run
     one at a time: :meth:`call` names the one that runs."""
 
@@ -417,11 +417,12 @@ class HostParts:
         from sparseopt_tf import _host
 
         import sparseopt.optimizer as so_opt
+        from sparseopt import engine
         self.calls = {}          # config name -> [{part: seconds}, one per call]
         self._now = None
         self._originals = []
         for owner, attr, part in ((_host.HostStep, "__call__", "host"),
-                                  (_host.HostStep, "_validate", "validate"),
+                                  (engine.StepConfig, "validate", "validate"),
                                   (so_opt, "_plan_sparse", "plan"),
                                   (so_opt._SparseUpdate, "plan", "plan"),
                                   (so_opt, "run_lazy", "run")):
