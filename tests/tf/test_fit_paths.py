@@ -117,3 +117,35 @@ def test_legacy_fit_mixed_float16_equals_tf_keras(name, kwargs):
     for a, b in zip(ours, theirs):
         rel_close(a, b, np.float32)
     assert np.max(np.abs(ours[0] - initial)) > 1e-3  # the table moved
+
+
+@pytest.mark.parametrize("framework", ["keras", "tf_keras"])
+def test_learning_rate_callbacks_reach_the_step(framework):
+    """``LearningRateScheduler`` and ``ReduceLROnPlateau`` set the optimizer's learning rate
+    between epochs; the step must use the new value (plain SGD: Keras' own sparse step equals
+    ours, duplicates or not)."""
+    k = pytest.importorskip(framework)
+    ours_cls = sparseopt_tf.SGD if framework == "keras" else sparseopt_tf.legacy.SGD
+    theirs_cls = k.optimizers.SGD if framework == "keras" else k.optimizers.legacy.SGD
+    (ids, _), y = _data(distinct=False)
+
+    def fit(optimizer, callbacks):
+        k.utils.set_random_seed(1)
+        inputs = k.Input((IDS,), dtype="int32")
+        out = k.layers.Dense(1)(k.layers.Flatten()(k.layers.Embedding(ROWS, WIDTH)(inputs)))
+        model = k.Model(inputs, out)
+        model.compile(optimizer=optimizer, loss="mse")
+        model.fit(ids, y, batch_size=BATCH, epochs=4, shuffle=False, verbose=0, callbacks=callbacks)
+        return model.get_weights(), float(np.asarray(model.optimizer.learning_rate))
+
+    def callbacks():
+        return [k.callbacks.LearningRateScheduler(lambda epoch, lr: lr * 0.5 if epoch else lr),
+                k.callbacks.ReduceLROnPlateau(monitor="loss", factor=0.2, patience=0, min_delta=10.0)]
+
+    ours, ours_lr = fit(ours_cls(0.1), callbacks())
+    theirs, theirs_lr = fit(theirs_cls(0.1), callbacks())
+    steady, _ = fit(theirs_cls(0.1), [])
+    assert ours_lr == theirs_lr < 0.01  # both callbacks lowered it
+    for a, b in zip(ours, theirs):
+        rel_close(a, b, np.float32)
+    assert np.max(np.abs(theirs[0] - steady[0])) > 1e-3  # the callbacks changed the training
