@@ -64,3 +64,30 @@ def test_custom_reduction_rule_on_the_device_is_the_built_in_lamb(rng):
     assert np.array_equal(host(mine), host(builtin)) and not np.array_equal(host(mine), p0)
     for slot in ("m", "v"):
         assert np.array_equal(host(ours.get_slot(mine, slot)), host(theirs.get_slot(builtin, slot)))
+
+
+def test_custom_row_stage_on_the_device_matches_cpu(rng):
+    """A rule with per-row slots (``tests/test_custom_rule.py``'s RowRMS, checked there against
+    its formula) runs the device's row-reduction kernels: the CPU's results, dense and sparse,
+    with weight decay, to the rounding of the row sums (a tree over a row's lanes on the
+    device, in order on the CPU: ``tests/cuda/test_cuda_rowwise.py``'s tolerance)."""
+    from tests.test_custom_rule import ROWRMS
+    RowRMS = ROWRMS.optimizer_class("RowRMS")
+    p0 = rng.normal(size=(ROWS, WIDTH)).astype(np.float32)
+    cpu_var, gpu_var = p0.copy(), dev(p0)
+    cpu_opt, gpu_opt = RowRMS(learning_rate=0.05, weight_decay=0.01), RowRMS(learning_rate=0.05, weight_decay=0.01)
+    for step in [sparse_batch(rng, ROWS, WIDTH, K, np.float32), rng.normal(size=(ROWS, WIDTH)).astype(np.float32),
+                 sparse_batch(rng, ROWS, WIDTH, K // 2, np.float32)]:
+        if isinstance(step, tuple):
+            cpu_opt.apply_gradients([(so.IndexedSlices(step[0], step[1], p0.shape), cpu_var)])
+            gpu_opt.apply_gradients([(dev_slices(step[0], step[1], p0.shape), gpu_var)])
+        else:
+            cpu_opt.apply_gradients([(step, cpu_var)])
+            gpu_opt.apply_gradients([(dev(step), gpu_var)])
+    assert not np.array_equal(cpu_var, p0)
+    from tests.cuda.test_cuda_rowwise import assert_close, row_tolerance
+    tol = row_tolerance(3, WIDTH, np.float32)
+    assert gpu_opt.get_slot_names() == cpu_opt.get_slot_names() == ["m", "v"]
+    for name in ("m", "v"):
+        assert_close(gpu_opt.get_slot(gpu_var, name), cpu_opt.get_slot(cpu_var, name), tol)
+    assert_close(gpu_var, cpu_var, tol)

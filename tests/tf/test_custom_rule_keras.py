@@ -109,3 +109,34 @@ def test_a_rule_with_a_reduction_stage_in_a_graph_step():
     assert not np.array_equal(core_table, table0)
     with pytest.raises(so.errors.HyperparameterError, match="no sparse_mode='exact'"):
         KerasLamb(sparse_mode="exact")
+
+
+def test_a_rule_with_a_row_stage_in_a_graph_step():
+    """A user's rule with per-row slots (``tests/test_custom_rule.py``'s RowRMS) through
+    ``tf.function``: the core class's bits, sparse and dense, and its row slot a ``(rows,)``
+    Keras variable; no exact mode."""
+    from tests.test_custom_rule import ROWRMS
+    core_class = ROWRMS.optimizer_class("RowRMS")
+    KerasRowRMS = sparseopt_tf.keras_optimizer(core_class)
+    rng = np.random.default_rng(2)
+    table0, kernel0 = rng.normal(size=(30, 4)).astype(np.float32), rng.normal(size=(4, 3)).astype(np.float32)
+    table, kernel = tf.Variable(table0), tf.Variable(kernel0)
+    opt = KerasRowRMS(learning_rate=0.05, weight_decay=0.01)
+
+    @tf.function
+    def step(values, indices, g_kernel):
+        opt.apply_gradients([(tf.IndexedSlices(values, indices, tf.constant([30, 4], tf.int64)), table),
+                             (g_kernel, kernel)])
+
+    core, core_table, core_kernel = core_class(learning_rate=0.05, weight_decay=0.01), table0.copy(), kernel0.copy()
+    for _ in range(3):
+        values, indices = rng.normal(size=(6, 4)).astype(np.float32), rng.integers(0, 30, 6)
+        g_kernel = rng.normal(size=(4, 3)).astype(np.float32)
+        step(tf.constant(values), tf.constant(indices), tf.constant(g_kernel))
+        core.apply_gradients([(so.IndexedSlices(values, indices, table0.shape), core_table), (g_kernel, core_kernel)])
+    np.testing.assert_array_equal(table.numpy(), core_table)
+    np.testing.assert_array_equal(kernel.numpy(), core_kernel)
+    np.testing.assert_array_equal(opt.get_slot(table, "v").numpy(), core.get_slot(core_table, "v"))
+    assert opt.get_slot(table, "v").shape == (30,) and not np.array_equal(core_table, table0)
+    with pytest.raises(so.errors.HyperparameterError, match="no sparse_mode='exact'"):
+        KerasRowRMS(sparse_mode="exact")
