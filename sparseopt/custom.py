@@ -102,17 +102,8 @@ class Rule:
     def __init__(self, name, slots, coefficients, update=None, *, reduction=None, row_slots=(), row=None):
         if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
             raise errors.HyperparameterError(f"Rule: name must be an identifier; got {name!r}")
-        slots = tuple(slots)
-        if (len(slots) > MAX_SLOTS or len(set(slots)) != len(slots)
-                or not all(isinstance(s, str) and s for s in slots)):
-            raise errors.HyperparameterError(
-                f"Rule {name!r}: slots must be at most {MAX_SLOTS} distinct names; got {slots!r}")
-        row_slots = tuple(row_slots)
-        if (len(row_slots) > MAX_SLOTS or len(set(row_slots)) != len(row_slots) or set(row_slots) & set(slots)
-                or not all(isinstance(s, str) and s for s in row_slots)):
-            raise errors.HyperparameterError(
-                f"Rule {name!r}: row_slots must be at most {MAX_SLOTS} distinct names, none of them "
-                f"also in slots; got {row_slots!r}")
+        slots = _slot_names(name, "slots", slots)
+        row_slots = _slot_names(name, "row_slots", row_slots, taken=slots)
         if bool(row_slots) != (row is not None):
             raise errors.HyperparameterError(
                 f"Rule {name!r}: per-row slots need a row stage: give row_slots and row=(term, update) "
@@ -239,6 +230,17 @@ class Rule:
     def __repr__(self):
         rows = f", row_slots={self.row_slots}" if self.row_slots else ""
         return f"Rule({self.name!r}, slots={self.slots}{rows}, hyperparameters={self.hyperparameters})"
+
+
+def _slot_names(rule_name, what, names, taken=()):
+    """``names`` as a tuple: at most ``MAX_SLOTS`` distinct non-empty strings, none in ``taken``."""
+    names = tuple(names)
+    if (len(names) > MAX_SLOTS or len(set(names)) != len(names) or set(names) & set(taken)
+            or not all(isinstance(s, str) and s for s in names)):
+        also = ", none of them also in slots" if taken else ""
+        raise errors.HyperparameterError(
+            f"Rule {rule_name!r}: {what} must be at most {MAX_SLOTS} distinct names{also}; got {names!r}")
+    return names
 
 
 def _hyperparameters(name, coefficients):
