@@ -25,8 +25,8 @@ rules keep moving it, decoupled weight decay shrinks it). Exact mode defers that
 
 A CUDA variable keeps the same bookkeeping on the host (step counts, ``hist``, and
 ``tab``, computed by the same host kernel) and its device half, which its backend makes
-(``exact_device``: :class:`sparseopt.backends.cuda.ExactDevice`, ``ex.device``): ``last`` on the device, a device
-mirror of ``hist`` written one record per step, and a device copy of the windows of
+(``exact_device``: :class:`sparseopt.backends.cuda.ExactDevice`, ``ex.device``): ``last``
+on the device, a device mirror of ``hist`` written one record per step, and a device copy of the windows of
 ``tab`` in use; the kernels are :mod:`sparseopt.kernels.cuda_exact`, the same math
 compiled for the device. Nothing is read back from the device except a ``catch_up``'s
 index range check, as for a sparse gradient.

@@ -519,7 +519,8 @@ def run_lazy(rule, updates, coefficients, wd, has_wd, batch, convert=None):
             step_rule = _variant.for_step(rule, c)
             # a rule with a reduction stage runs its own two-pass kernel per table
             # (sparseopt.kernels.cpu, .cuda): asked once per dtype, not per table
-            found = converted[dtype] = (c, step_rule, groups is not None and not cpu_kernels.has_reduction(step_rule))
+            found = converted[dtype] = (c, step_rule,
+                                        groups is not None and not cpu_kernels.has_reduction(step_rule))
         c, step_rule, batched = found
         if batched:
             key = state.backend.table_key(step_rule, state, update, dtype, uses_wd)
@@ -543,7 +544,6 @@ def run_lazy(rule, updates, coefficients, wd, has_wd, batch, convert=None):
 
 def _convert(coefficients, dtype):
     return type(coefficients)(*(dtype(x) for x in coefficients))
-
 
 
 def _run_tables(rule, group, c, wd, has_wd, row_names):

@@ -183,8 +183,9 @@ def test_only_the_backends_mention_cuda_arrays():
     wrong = []
     for name, path in _outside_backends():
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            named = (node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute)
-                     else node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None)
+            named = (node.id if isinstance(node, ast.Name) else
+                     node.attr if isinstance(node, ast.Attribute) else
+                     node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None)
             if named in ("is_device_array", "__cuda_array_interface__", "__cuda_ndarray__"):
                 wrong.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} ({named})")
     assert not wrong, "CUDA arrays recognised outside sparseopt.backends: " + ", ".join(wrong)

@@ -224,6 +224,7 @@ def copy_from_host(array, host):
 
 
 def dtype_of(array):
+    """A NumPy array's dtype."""
     return array.dtype
 
 

@@ -402,8 +402,13 @@ def copy_from_host(device_array, host):
 
 
 def dtype_of(array):
-    """A CUDA array's dtype, from its interface's typestr (torch's and CuPy's dtypes are not NumPy's)."""
-    return np.dtype(array.__cuda_array_interface__["typestr"])
+    """A CUDA array's dtype: its interface's typestr (torch's and CuPy's dtypes are not
+    NumPy's), or a Numba simulator array's own."""
+    try:
+        typestr = array.__cuda_array_interface__["typestr"]
+    except AttributeError:
+        return np.dtype(array.dtype)
+    return np.dtype(typestr)
 
 
 # ------------------------------------------------------------------- scratch
@@ -635,7 +640,8 @@ class DenseUpdate:
 
 
 class SparseUpdate:
-    """An ``IndexedSlices`` of CUDA arrays for a CUDA variable (see :class:`sparseopt.backends.cpu.SparseUpdate`)."""
+    """An ``IndexedSlices`` of CUDA arrays for a CUDA variable (see
+    :class:`sparseopt.backends.cpu.SparseUpdate`)."""
 
     on_device = True
     sparse = True
@@ -1057,8 +1063,8 @@ def table_key(rule, state, update, dtype, has_wd):
     slot dtype."""
     if type(update) is not SparseUpdate or update.table_plan is None or not update.k:
         return None
-    return (rule, dtype, has_wd, (state.kernel_slot_names, (id(update.table_plan[0]), getattr(state, "kind", None),
-                                                            getattr(state, "slot_kind", None))), None, None)
+    plan = (id(update.table_plan[0]), getattr(state, "kind", None), getattr(state, "slot_kind", None))
+    return rule, dtype, has_wd, (state.kernel_slot_names, plan), None, None
 
 
 def run_tables(rule, group, c, wd, has_wd, row_names=None):
