@@ -20,6 +20,12 @@ from sparseopt import backends, errors
 from sparseopt.kernels import cpu, lowp
 
 
+def _backend_for(var):
+    """``var``'s backend; anything but an array gets the CUDA backend, whose check raises
+    its error (as before the backends had a seam)."""
+    return backends.backend_for(var) or backends.cuda
+
+
 class VariableState:
     """What the optimizer keeps for one variable."""
 
@@ -31,8 +37,7 @@ class VariableState:
         ignored: float32 slots for a 16-bit variable, the variable's dtype otherwise)."""
         self.var = var
         self.name = name
-        # Anything but an array: the CUDA backend's check raises its error (as before the seam).
-        self.backend = backend = backends.backend_for(var) or backends.cuda
+        self.backend = backend = _backend_for(var)
         self.nslots = len(kernel_slots)
         self.slot_rows = cpu.slot_rows(tuple(rule_slots), tuple(kernel_slots))
         self.kernel_slot_names = tuple(kernel_slots)
@@ -50,6 +55,16 @@ class VariableState:
         self.math_dtype = np.float32 if self.kind else self.storage.dtype.type
         for i, slot_name in enumerate(kernel_slots):
             self.slots[slot_name] = backend.slot_view(self.storage, i)
+
+    def __getstate__(self):
+        """The state without its backend, a module (which ``copy.deepcopy`` cannot copy)."""
+        return {name: getattr(self, name) for name in self.__slots__
+                if name != "backend" and hasattr(self, name)}
+
+    def __setstate__(self, state):
+        for name, value in state.items():
+            setattr(self, name, value)
+        self.backend = _backend_for(self.var)
 
     def kernel_arrays(self, rule_slots, shape):
         """``(p, (s0, s1, s2), used)``: the variable and its kernel slots reshaped to
