@@ -90,11 +90,11 @@ def measure(rows, width, k, steps, rng):
 def _threads_for(opt, g, table, default):
     """The thread count ``auto`` picks for this step."""
     import numba
-    from sparseopt.optimizer import _SparseUpdate, _work
-    update = _SparseUpdate.validate(g, table, "t")
+    from sparseopt.backends import cpu
+    update = cpu.SparseUpdate.validate(g, table, "t")
     update.plan(table)
     state = opt._states[id(table)]
-    work = _work([(state, update)], opt._exact_states)
+    work = cpu.work([(state, update)], opt._exact_states)
     return max(1, min(numba.get_num_threads(), work // default)), work
 
 

@@ -41,7 +41,7 @@ import common  # noqa: E402
 
 so = common.so
 from sparseopt import _config  # noqa: E402
-from sparseopt.slots import aligned_empty  # noqa: E402
+from sparseopt.backends.cpu import aligned_empty  # noqa: E402
 import ml_dtypes  # noqa: E402
 
 ROWS, WIDTH, LOOKUPS = 1_000_000, 64, 16_384

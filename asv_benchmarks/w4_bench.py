@@ -218,17 +218,18 @@ def make_fbgemm(data, opt_name, hyper):
 def breakdown(impls, data, steps, evict_buf):
     """sparseopt's validation, de-duplication plans and kernels inside the call, on ``steps``
     more cold steps (``validate`` is ``Optimizer._validate``, the plans included)."""
-    from sparseopt import _exact
+    from sparseopt import _exact, engine
     from sparseopt import optimizer as so_opt
+    from sparseopt.backends import cpu
     from sparseopt.optimizers import _rowwise
     spent = {"plan": 0.0, "run": 0.0, "validate": 0.0}
     # (class or module, name) -> counter: RowwiseAdagrad's kernels run from _RowUpdate.run,
-    # the table-batched step's from _plan_sparse and _run_tables; exact mode's from
-    # _exact._sparse_step (per table), run_exact_tables (batched) and _exact._tables (each
+    # the table-batched step's from cpu.plan_sparse and engine._run_tables; exact mode's from
+    # _exact._sparse_step (per table), cpu.run_exact_tables (batched) and _exact._tables (each
     # table's idle tables, a serial kernel per table and step)
-    patched = {(so_opt._SparseUpdate, "plan"): "plan", (so_opt._SparseUpdate, "run"): "run",
-               (_rowwise._RowUpdate, "run"): "run", (so_opt, "_plan_sparse"): "plan",
-               (so_opt, "_run_tables"): "run", (so_opt, "run_exact_tables"): "run",
+    patched = {(cpu.SparseUpdate, "plan"): "plan", (cpu.SparseUpdate, "run"): "run",
+               (_rowwise._RowUpdate, "run"): "run", (cpu, "plan_sparse"): "plan",
+               (engine, "_run_tables"): "run", (cpu, "run_exact_tables"): "run",
                (_exact, "_sparse_step"): "run", (_exact, "_tables"): "run",
                (so_opt.Optimizer, "_validate"): "validate"}
     originals = {key: getattr(*key) for key in patched}
@@ -408,24 +409,24 @@ HOST_PARTS = ("host", "validate", "plan", "run")
 class HostParts:
     """Seconds per ``train_on_batch`` call inside the bridge's host step (``host``: all of
     ``HostStep.__call__``), its validation (``validate``: ``StepConfig.validate``, the core's
-    checks and the plans), the de-duplication plans (``plan``: ``optimizer._plan_sparse``, or
-    ``_SparseUpdate.plan`` table by table on the per-table path) and the kernels (``run``:
-    ``optimizer.run_lazy``, with its Python), by wrapping those functions. The models run
+    checks and the plans), the de-duplication plans (``plan``: ``backends.cpu.plan_sparse``, or
+    ``SparseUpdate.plan`` table by table on the per-table path) and the kernels (``run``:
+    ``engine.run_lazy``, with its Python), by wrapping those functions. The models run
     one at a time: :meth:`call` names the one that runs."""
 
     def __init__(self):
         from sparseopt_tf import _host
 
-        import sparseopt.optimizer as so_opt
         from sparseopt import engine
+        from sparseopt.backends import cpu
         self.calls = {}          # config name -> [{part: seconds}, one per call]
         self._now = None
         self._originals = []
         for owner, attr, part in ((_host.HostStep, "__call__", "host"),
                                   (engine.StepConfig, "validate", "validate"),
-                                  (so_opt, "_plan_sparse", "plan"),
-                                  (so_opt._SparseUpdate, "plan", "plan"),
-                                  (so_opt, "run_lazy", "run")):
+                                  (cpu, "plan_sparse", "plan"),
+                                  (cpu.SparseUpdate, "plan", "plan"),
+                                  (engine, "run_lazy", "run")):
             original = getattr(owner, attr)
             self._originals.append((owner, attr, original))
             setattr(owner, attr, self._wrap(original, part))

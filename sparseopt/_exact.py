@@ -18,15 +18,15 @@ rules keep moving it, decoupled weight decay shrinks it). Exact mode defers that
 * :func:`flush` catches every row of every variable up; :func:`catch_up` given rows;
 * the sparse steps of one call whose kernel configuration is the same run in one parallel
   region over the unique rows of all their tables, with the same bits (issue 21,
-  :func:`sparseopt.optimizer.run_exact_tables`);
+  :func:`sparseopt.backends.cpu.run_exact_tables`);
 * where the rule declares a step's idle step the identity (``idle_is_identity``: Adagrad
   with ``epsilon > 0``, plain SGD, RowwiseAdagrad, each without weight decay) and no row
   is behind, none of this is needed: the sparse step runs as a lazy one (:func:`run`).
 
 A CUDA variable keeps the same bookkeeping on the host (step counts, ``hist``, and
-``tab``, computed by the same host kernel) and its device half in
-:class:`sparseopt._cuda.ExactDevice` (``ex.device``): ``last`` on the device, a device
-mirror of ``hist`` written one record per step, and a device copy of the windows of
+``tab``, computed by the same host kernel) and its device half, which its backend makes
+(``exact_device``: :class:`sparseopt.backends.cuda.ExactDevice`, ``ex.device``): ``last``
+on the device, a device mirror of ``hist`` written one record per step, and a device copy of the windows of
 ``tab`` in use; the kernels are :mod:`sparseopt.kernels.cuda_exact`, the same math
 compiled for the device. Nothing is read back from the device except a ``catch_up``'s
 index range check, as for a sparse gradient.
@@ -36,7 +36,8 @@ import math
 
 import numpy as np
 
-from sparseopt import _cuda, errors
+from sparseopt import backends, errors
+from sparseopt.backends import cpu
 from sparseopt.kernels import exact as kernels
 from sparseopt.kernels import lowp
 
@@ -72,12 +73,9 @@ class ExactState:
         self.nxt = np.zeros(ncol, np.float64)
         self.has_wd = False
         self.tables_at = -1
-        self.device = None
-        if isinstance(var, np.ndarray):
-            self.last = np.zeros(self.rows, np.int64)
-        else:  # a CUDA variable: ``last`` lives on its device (``self.device.last``)
-            self.last = None
-            self.device = _cuda.ExactDevice(var, self.hist, self.tab, self.lowp)
+        # A CUDA variable's device half (``last`` lives on its device: ``self.device.last``), or None.
+        self.device = backends.backend_for(var).exact_device(var, self.hist, self.tab, self.lowp)
+        self.last = np.zeros(self.rows, np.int64) if self.device is None else None
 
     @property
     def history(self):
@@ -208,10 +206,11 @@ def run(opt, updates, coefficients, wd, sparse_type, dense_run, lazy_run):
     (weight decay, momentum, ``epsilon == 0``, or rows still behind from earlier steps)
     the full path runs.
 
-    ``sparse_type``: the class of a sparse update (``optimizer._SparseUpdate``);
+    ``sparse_type``: the class of a host sparse update (:class:`sparseopt.backends.cpu.SparseUpdate`;
+    a device update says whether it is sparse, ``update.sparse``);
     ``dense_run(state, update, c, wd, has_wd)`` runs an update the ordinary way;
     ``lazy_run(pairs)`` runs ``(state, update)`` pairs as a lazy step does
-    (``optimizer.run_lazy``: the tables of one kernel configuration in one parallel
+    (:func:`sparseopt.engine.run_lazy`: the tables of one kernel configuration in one parallel
     region): the lazy updates of this step (those above, and dense updates of variables
     with no row behind) run through it together, after the others.
 
@@ -231,8 +230,8 @@ def run(opt, updates, coefficients, wd, sparse_type, dense_run, lazy_run):
         c = type(coefficients)(*(dtype(x) for x in coefficients))
         wd_v = dtype(wd if has_wd else 0.0)
         inner = getattr(update, "update", update)  # a row-wise optimizer wraps its updates
-        on_device = isinstance(inner, (_cuda.SparseUpdate, _cuda.DenseUpdate))
-        if not isinstance(inner, _cuda.SparseUpdate if on_device else sparse_type):
+        on_device = getattr(inner, "on_device", False)  # a CUDA update (sparseopt.backends.cuda)
+        if not (inner.sparse if on_device else isinstance(inner, sparse_type)):
             ex = _exact_state(opt, state, create=False)
             if ex is not None:  # rows pending: bring them current, then the dense step
                 if on_device:
@@ -305,13 +304,12 @@ def _sparse_step(rule, state, inner, ex, floor, hi, c, wd_v):
 def _run_tables(rule, batch):
     """The sparse steps ``run`` collected, ``{configuration: (c, wd_v, [(state, update, ex,
     floor, hi)])}``: a configuration's tables in one parallel region
-    (:func:`sparseopt.optimizer.run_exact_tables`), a lone table by :func:`_sparse_step`."""
-    from sparseopt import optimizer  # (which imports this module)
+    (:func:`sparseopt.backends.cpu.run_exact_tables`), a lone table by :func:`_sparse_step`."""
     for (dtype, _, has_wd, _, lowp_config), (c, wd_v, group) in batch.items():
         if len(group) == 1:
             _sparse_step(rule, *group[0], c, wd_v)
         else:
-            optimizer.run_exact_tables(rule, group, c, wd_v, has_wd, lowp_config, dtype(0), _tol(dtype))
+            cpu.run_exact_tables(rule, group, c, wd_v, has_wd, lowp_config, dtype(0), _tol(dtype))
 
 
 def flush(opt):
@@ -330,12 +328,10 @@ def catch_up(opt, var, indices, validate_rows):
         raise errors.UnknownSlotError(
             f"{opt.name}: catch_up got a variable this optimizer never built or updated")
     ex = _exact_state(opt, state, create=False)
-    if isinstance(state.var, np.ndarray):
-        rows = validate_rows(state, indices)
-        count = rows.size
-    else:  # a CUDA variable: the indices are checked and de-duplicated on its device
-        rows = _cuda.exact_rows(opt._markers, state, indices, ex.device.stream if ex is not None else 0)
-        count = rows[1]
+    # (a CUDA variable's indices are checked and de-duplicated on its device)
+    rows, count = backends.backend_for(state.var).exact_rows(
+        opt._markers, state, indices, ex.device.stream if ex is not None and ex.device is not None else 0,
+        validate_rows)
     if ex is None or count == 0:
         return
     catch_up_rows(opt, state, ex, rows)

@@ -19,9 +19,7 @@ What is kept, per variable of the step:
   rule cannot see, so that what is kept and restored is a consistent state.
 """
 
-import numpy as np
-
-from sparseopt import _cuda, _exact
+from sparseopt import _exact
 
 
 class _Kept:
@@ -39,10 +37,11 @@ class Snapshot:
         row_storage = getattr(opt, "_row_storage", {})
         for state, update in updates:
             var = state.var
-            on_device = not isinstance(var, np.ndarray)
+            backend = state.backend
             k = _Kept()
             k.state = state
-            k.rows = update.rows if is_sparse(update) and not on_device else None
+            # (a CUDA variable's sparse update is not a host one: it is kept whole)
+            k.rows = update.rows if is_sparse(update) else None
             ex = opt._exact_states.get(id(var)) if exact else None
             k.ex, k.ex_existed = ex, ex is not None
             if ex is not None and ex.pending():
@@ -51,12 +50,9 @@ class Snapshot:
                 elif k.rows.size:
                     _exact.catch_up_rows(opt, state, ex, k.rows)
             rs = row_storage.get(id(var))
-            if on_device:
-                k.var, k.storage = _cuda.to_host(var), _cuda.to_host(state.storage)
-                k.row_storage = None if rs is None else _cuda.to_host(rs)
-            elif k.rows is None:
-                k.var, k.storage = var.copy(), state.storage.copy()
-                k.row_storage = None if rs is None else rs.copy()
+            if k.rows is None:
+                k.var, k.storage = backend.to_host(var), backend.to_host(state.storage)
+                k.row_storage = None if rs is None else backend.to_host(rs)
             else:
                 k.var, k.storage = var[k.rows], state.storage[:, k.rows]
                 k.row_storage = None if rs is None else rs[:, k.rows]
@@ -64,7 +60,7 @@ class Snapshot:
                 k.steps, k.has_wd = ex.steps, ex.has_wd
                 k.record = ex.hist[(ex.steps + 1) % ex.history].copy()
                 if ex.device is not None:
-                    k.last = _cuda.to_host(ex.device.last)
+                    k.last = backend.to_host(ex.device.last)
                 else:
                     k.last = None if k.rows is None else ex.last[k.rows]
             self.kept.append(k)
@@ -76,17 +72,13 @@ class Snapshot:
         for k in self.kept:
             state = k.state
             var = state.var
+            backend = state.backend
             rs = row_storage.get(id(var))
-            if not isinstance(var, np.ndarray):
-                _cuda.copy_from_host(var, k.var)
-                _cuda.copy_from_host(state.storage, k.storage)
+            if k.rows is None:
+                backend.copy_from_host(var, k.var)
+                backend.copy_from_host(state.storage, k.storage)
                 if rs is not None and k.row_storage is not None:
-                    _cuda.copy_from_host(rs, k.row_storage)
-            elif k.rows is None:
-                np.copyto(var, k.var)
-                np.copyto(state.storage, k.storage)
-                if rs is not None and k.row_storage is not None:
-                    np.copyto(rs, k.row_storage)
+                    backend.copy_from_host(rs, k.row_storage)
             else:
                 var[k.rows] = k.var
                 state.storage[:, k.rows] = k.storage
@@ -102,7 +94,7 @@ class Snapshot:
             ex.hist[index] = k.record
             if ex.device is not None:
                 ex.device.write_record(ex.hist, index)
-                _cuda.copy_from_host(ex.device.last, k.last)
+                backend.copy_from_host(ex.device.last, k.last)
             elif k.last is not None:
                 ex.last[k.rows] = k.last
             # Rows flushed during the step stay current at the old step count: keep a

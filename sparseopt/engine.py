@@ -22,12 +22,14 @@ from typing import NamedTuple
 import numpy as np
 
 from sparseopt import _exact, _validation
+from sparseopt.backends import cpu
 from sparseopt.indexed_slices import IndexedSlices
-from sparseopt.kernels import cpu, lowp
+from sparseopt.kernels import cpu as cpu_kernels
+from sparseopt.kernels import lowp
 from sparseopt.rules import _variant
 from sparseopt.rules._floatx import f32
 
-__all__ = ["ExactBook", "HostVariable", "SlotLayout", "StepConfig", "run_step"]
+__all__ = ["ExactBook", "HostVariable", "SlotLayout", "StepConfig", "run_lazy", "run_step"]
 
 
 class StepConfig:
@@ -88,6 +90,8 @@ class StepConfig:
         #: layout), raising its error (its own method: a host calls it for every variable
         #: of every step).
         self.check_variable = optimizer._check_variable
+        #: The optimizer's ``_wrap_update``, where its class has one (row-wise, factored rules).
+        self._wrap = optimizer._wrap_update if optimizer._wraps_updates() else None
 
     @property
     def stochastic_rounding(self):
@@ -192,17 +196,16 @@ class StepConfig:
         ``then``: an error the host found in the item after the last of ``items`` (making
         its state), raised if none of ``items`` fails. Returns the ``(state, update)``
         pairs :func:`run_step` takes."""
-        from sparseopt import optimizer as core
         pending = []   # sparse updates, planned once every item is checked
         updates = []
         try:
             for state, g in items:
                 var = state.var
                 if isinstance(g, IndexedSlices):
-                    update = core._SparseUpdate.validate(g, var, state.name)
+                    update = cpu.SparseUpdate.validate(g, var, state.name)
                     pending.append((update, var))
                 else:
-                    update = core._DenseUpdate.validate(g, var, state.name)
+                    update = cpu.DenseUpdate.validate(g, var, state.name)
                 updates.append((state, update))
         except Exception as exc:  # planned outside the handler: no chained traceback
             error = exc
@@ -211,7 +214,7 @@ class StepConfig:
         # Every pending item comes before the item that raised, if one did: the first bad
         # index among them raises first, as if each were checked and planned in turn.
         if self.batch_tables and len(pending) > 1:
-            core._plan_sparse([(update, var.shape[0]) for update, var in pending])
+            cpu.plan_sparse([(update, var.shape[0]) for update, var in pending])
         else:
             for update, var in pending:
                 update.plan(var)
@@ -226,7 +229,7 @@ class StepConfig:
         indices (type, range), for a catch-up."""
         idx = np.asarray(indices).reshape(-1)
         values = np.empty((idx.shape[0],) + var.shape[1:], var.dtype)
-        _, idx = _validation.sparse_gradient(IndexedSlices(values, idx), var, name)
+        _, idx = cpu.sparse_gradient(IndexedSlices(values, idx), var, name)
         return _validation.plan(idx, var.shape[0], name)[0]
 
     def run(self, updates, coefficients, wd, has_wd, exact=None, convert=None):
@@ -235,16 +238,15 @@ class StepConfig:
         whether it applies to the :class:`HostVariable` ``v``; ``exact``: an
         :class:`ExactBook`'s ``step`` in exact mode (``None``: a lazy step). A row-wise or
         factored rule's updates run that rule's own kernels, as in the optimizer's steps."""
-        opt = self._opt
-        if type(opt)._wrap_update is not _base_wrap_update():
-            updates = [(state, opt._wrap_update(state, update)) for state, update in updates]
+        wrap = self._wrap
+        if wrap is not None:
+            updates = [(state, wrap(state, update)) for state, update in updates]
         run_step(self.rule, updates, coefficients, wd, has_wd, self.batch_tables, exact, convert)
 
     def work(self, updates):
         """The elements a step's kernels touch (the measure of its thread count,
         ``sparseopt._config.enter_step``)."""
-        from sparseopt import optimizer as core
-        return core._work(updates, None)
+        return cpu.work(updates, None)
 
 
 class SlotLayout(NamedTuple):
@@ -284,6 +286,9 @@ class HostVariable:
     __slots__ = ("key", "var", "name", "slots", "kernel_slot_names", "row_slots", "has_wd",
                  "kind", "slot_kind", "math_dtype", "lowp", "rounding_key")
 
+    #: A host's arrays are NumPy arrays (:mod:`sparseopt.backends.cpu`).
+    backend = cpu
+
     def __init__(self, var, name, slots, row_slots=None, has_wd=False, slot_dtype=None, key=None):
         self.key = key
         self.var = var
@@ -307,7 +312,7 @@ class HostVariable:
         """``(p, (s0, s1, s2), used)`` reshaped to ``shape``, as ``VariableState.kernel_arrays``
         (16-bit arrays as their ``uint16`` views)."""
         p = (lowp.as_bits(self.var) if self.kind else self.var).reshape(shape)
-        slots, used = cpu.place(rule_slots, {
+        slots, used = cpu_kernels.place(rule_slots, {
             n: (lowp.as_bits(self.slots[n]) if self.slot_kind else self.slots[n]).reshape(shape)
             for n in self.kernel_slot_names}, p)
         return p, slots, used
@@ -337,6 +342,7 @@ class _Scope:
         self._batch_tables = book.config.batch_tables  # the core's switch (tests turn it off)
         self._variables = list(variables)
         self._states = {id(v.var): v for v in self._variables}
+        self._markers = None  # a device backend's scratch: a host's variables are NumPy arrays
         self._exact_states = {id(v.var): book.states[v.key] for v in self._variables
                               if v.key in book.states}
 
@@ -447,7 +453,7 @@ def run_step(rule, updates, coefficients, wd, has_wd, batch, exact=None, convert
 
     The one place a step's kernels are chosen, for ``Optimizer`` and for the hosts of
     :class:`StepConfig`: lazily, the tables of one kernel configuration batched
-    (``sparseopt.optimizer.run_lazy``); in exact mode through ``exact(updates,
+    (:func:`run_lazy`); in exact mode through ``exact(updates,
     coefficients, wd, sparse_type, dense_run, lazy_run)`` (:func:`sparseopt._exact.run`
     with the optimizer, or a host's book that keeps the exact-mode states), after
     16-bit gradient values are widened (exact mode's kernels read floats).
@@ -462,18 +468,88 @@ def run_step(rule, updates, coefficients, wd, has_wd, batch, exact=None, convert
         exact: ``None`` for a lazy step.
         convert: ``convert(coefficients, dtype)`` (default: value by value).
     """
-    from sparseopt import optimizer as core
-
     def lazy_run(pairs):
-        core.run_lazy(rule, pairs, coefficients, wd, has_wd, batch, convert)
+        run_lazy(rule, pairs, coefficients, wd, has_wd, batch, convert)
 
     if exact is None:
         lazy_run(updates)
         return
-    core.widen_sparse(updates)
-    exact(updates, coefficients, wd, core._SparseUpdate,
+    cpu.widen_sparse(updates)
+    exact(updates, coefficients, wd, cpu.SparseUpdate,
           lambda state, update, c, wd_v, uses_wd: update.run(
               _variant.for_step(rule, c), state, c, wd_v, uses_wd), lazy_run)
+
+
+def run_lazy(rule, updates, coefficients, wd, has_wd, batch, convert=None):
+    """Step 5 of a lazy step: run the validated, planned (and clipped) ``updates``.
+
+    Run by :func:`run_step`, for :meth:`sparseopt.Optimizer._run` and the TensorFlow
+    bridge's host step (``sparseopt_tf._host.HostStep``) alike.
+
+    Args:
+        rule: the rule module (the step's variant is picked per dtype here).
+        updates: ``(state, update)`` pairs: a state as :class:`~sparseopt.slots.VariableState`
+            (``var``, ``storage``, ``kernel_slot_names``, ``kernel_arrays``, ``kernel_views``,
+            ``slots``, ``backend``), an update its backend's (:mod:`sparseopt.backends`): a
+            dense one, a planned sparse one (:func:`sparseopt.backends.cpu.plan_sparse` for
+            NumPy variables), or a wrapper of one (a row-wise optimizer's
+            ``optimizers._rowwise._RowUpdate``).
+        coefficients: the rule's ``Coefficients`` of this step (floats).
+        wd: ``weight_decay * learning_rate`` (a float).
+        has_wd: ``has_wd(state)``: whether weight decay applies to that variable's kernel.
+        batch: whether lazy sparse updates that share a kernel configuration (their
+            backend's ``table_key``) run together (:func:`_run_tables`: NumPy variables in
+            one parallel region, CUDA variables planned together in one launch); a
+            configuration with one table, and every other update, runs on its own
+            (``update.run``). The same bits either way.
+        convert: ``convert(coefficients, dtype)``: the coefficients as ``dtype`` scalars
+            (default: converted value by value; the core keeps its last conversion).
+    """
+    if convert is None:
+        convert = _convert
+    groups = {} if batch and len(updates) > 1 else None
+    converted = {}
+    for state, update in updates:
+        uses_wd = has_wd(state)
+        # the variable's (float32 for a 16-bit one; a CUDA array's may not be NumPy's)
+        dtype = getattr(state, "math_dtype", None) or state.storage.dtype.type
+        found = converted.get(dtype)
+        if found is None:
+            c = convert(coefficients, dtype)
+            step_rule = _variant.for_step(rule, c)
+            # a rule with a reduction stage runs its own two-pass kernel per table
+            # (sparseopt.kernels.cpu, .cuda): asked once per dtype, not per table
+            found = converted[dtype] = (c, step_rule,
+                                        groups is not None and not cpu_kernels.has_reduction(step_rule))
+        c, step_rule, batched = found
+        if batched:
+            key = state.backend.table_key(step_rule, state, update, dtype, uses_wd)
+            if key is not None:
+                group = groups.get(key)
+                if group is None:
+                    groups[key] = group = []
+                group.append((state, update))
+                continue
+        update.run(step_rule, state, c, dtype(wd if uses_wd else 0.0), uses_wd)
+    if groups:
+        for (step_rule, dtype, uses_wd, _, row_used, _), group in groups.items():
+            c = converted[dtype][0]
+            wd_v = dtype(wd if uses_wd else 0.0)
+            if len(group) == 1:
+                state, update = group[0]
+                update.run(step_rule, state, c, wd_v, uses_wd)
+            else:
+                _run_tables(step_rule, group, c, wd_v, uses_wd, row_used)
+
+
+def _convert(coefficients, dtype):
+    return type(coefficients)(*(dtype(x) for x in coefficients))
+
+
+def _run_tables(rule, group, c, wd, has_wd, row_names):
+    """The lazy sparse updates ``group`` (``[(state, update)]``: two or more, one kernel
+    configuration) together, by their backend's ``run_tables``."""
+    group[0][0].backend.run_tables(rule, group, c, wd, has_wd, row_names)
 
 
 def exact_run(opt):
@@ -482,11 +558,6 @@ def exact_run(opt):
     def run(*args):
         _exact.run(opt, *args)
     return run
-
-
-def _base_wrap_update():
-    from sparseopt.optimizer import Optimizer
-    return Optimizer._wrap_update
 
 
 def _used(names, kept):

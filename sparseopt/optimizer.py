@@ -9,16 +9,18 @@ A step (``apply_gradients``) runs, in order:
    checked to be finite, then the rule's per-step coefficients;
 4. clipping (``clipvalue``, ``clipnorm``, ``global_clipnorm``) on the de-duplicated
    gradient, so a sparse gradient is clipped as its dense equivalent would be;
-5. the kernels: decoupled weight decay and the rule in one pass. In lazy mode the sparse
+5. the kernels (:func:`sparseopt.engine.run_step`, which the TensorFlow bridge's host step
+   runs too): decoupled weight decay and the rule in one pass. In lazy mode the sparse
    updates of NumPy variables that share a kernel configuration (rule, dtype, slots, weight
    decay, a 16-bit variable's rounding) run in one parallel region over all their tables'
-   unique rows (:func:`_run_tables`; their plans were made together in step 2,
-   :func:`_plan_sparse`); the other variables get one kernel call each. :func:`run_lazy`
-   runs this step for the core and for the TensorFlow bridge's host step
-   (``sparseopt_tf._host``), which also plans with :func:`_plan_sparse`;
+   unique rows (:func:`sparseopt.backends.cpu.run_tables`; their plans were made together
+   in step 2, :func:`sparseopt.backends.cpu.plan_sparse`); the other variables get one
+   kernel call each;
 6. constraints, then the host state (Nadam's ``u_product``) and ``iterations`` advance.
 
-Subclasses (see :mod:`sparseopt.optimizers`) name their rule, their
+Each variable's arrays belong to a backend (:mod:`sparseopt.backends`: NumPy arrays to
+the CPU's, CUDA arrays to the CUDA one's), which checks them, keeps their slots and runs
+their updates. Subclasses (see :mod:`sparseopt.optimizers`) name their rule, their
 hyperparameters and their slots; they hold no math.
 """
 
@@ -30,12 +32,11 @@ import threading
 import numba
 import numpy as np
 
-from sparseopt import (_config, _cuda, _exact, _hyperparameters, _rollback, _validation, engine, errors,
+from sparseopt import (_config, _exact, _hyperparameters, _rollback, _validation, backends, engine, errors,
                        schedules)
-from sparseopt.rules import _variant
+from sparseopt.backends import cpu
 from sparseopt.indexed_slices import IndexedSlices
-from sparseopt.kernels import cpu, dedup, lowp
-from sparseopt.kernels import exact as exact_kernels
+from sparseopt.kernels import lowp
 from sparseopt.rules._floatx import f32
 from sparseopt.slots import VariableState
 
@@ -130,7 +131,7 @@ class Optimizer:
     _scalar_state_names = ()
     #: Whether the lazy sparse updates of NumPy variables in one step run together: their
     #: de-duplication plans in one call and each kernel configuration's tables in one
-    #: parallel region (:func:`_run_tables`). Private: False runs them table by table
+    #: parallel region (:func:`sparseopt.backends.cpu.run_tables`). Private: False runs them table by table
     #: (the tests' reference; the same bits).
     _batch_tables = not numba.config.DISABLE_JIT
 
@@ -376,8 +377,8 @@ class Optimizer:
         """Copies of :meth:`variables` (in exact mode, after :meth:`flush`)."""
         if self.sparse_mode == "exact":
             self.flush()
-        return [np.array(w, copy=True) if isinstance(w, np.ndarray) else _cuda.to_host(w)
-                for w in self.variables()]
+        backend_for = backends.backend_for
+        return [backend_for(w).to_host(w) for w in self.variables()]
 
     def set_weights(self, weights):
         """Set ``iterations`` and every slot; the optimizer must already be built.
@@ -398,7 +399,7 @@ class Optimizer:
                   + [f"{state.name!r} slot {name!r}" for state, name in self._weights])
         arrays = []
         for label, cur, new in zip(labels, current, weights):
-            new = _cuda.to_host(new) if _cuda.is_device_array(new) else np.asarray(new)
+            new = backends.host_array(new)
             if new.shape != cur.shape:
                 raise errors.WeightsMismatchError(
                     f"{self.name}: {label} must have shape {cur.shape}; got {new.shape}")
@@ -410,10 +411,7 @@ class Optimizer:
             raise errors.WeightsMismatchError(
                 f"{self.name}: iterations must be an integer >= 0; got {arrays[0]!r}")
         for cur, new in zip(current, arrays):
-            if isinstance(cur, np.ndarray):
-                np.copyto(cur, new, casting="same_kind")
-            else:
-                _cuda.copy_from_host(cur, new)
+            backends.backend_for(cur).copy_from_host(cur, new)
         _exact.reset(self)
 
     # ---------------------------------------------------------------------- config
@@ -537,7 +535,7 @@ class Optimizer:
         updates = [(self._state_for(var, name), update) for name, var, update in checked]
         self._set_rounding(updates, step)
         # As many of Numba's threads as the step's work warrants (sparseopt._config).
-        threads = _config.enter_step(_work(updates, self._exact_states), self._guard.threads)
+        threads = _config.enter_step(cpu.work(updates, self._exact_states), self._guard.threads)
         try:
             self._clip(updates)
             if constraints:
@@ -567,14 +565,15 @@ class Optimizer:
         """Check every pair and plan every sparse gradient; writes nothing but scratch."""
         seen = set()
         checked = []
-        on_device = False
+        device = None  # the device backend whose checks finish after the loop
         # With several pairs, the sparse NumPy gradients are checked in one pass
-        # (_validation.sparse_gradients) after the loop and planned together (_plan_sparse):
+        # (cpu.sparse_gradients) after the loop and planned together (cpu.plan_sparse):
         # a pair that fails a check first has the pairs before it checked and planned, so
         # the first bad pair in order raises, as if each were checked and planned in turn.
         deferred = []  # (place in checked, gradient, variable, name)
         batch = self._batch_tables and len(pairs) > 1
         states = self._states
+        backend_for = backends.backend_for
         new = 0  # variables without a state so far (their default names count them)
         try:
             for g, var in pairs:
@@ -590,37 +589,32 @@ class Optimizer:
                 if key in seen:
                     raise errors.GradientsError(f"{self.name}: {name!r} appears twice in grads_and_vars")
                 seen.add(key)
-                if not isinstance(var, np.ndarray):  # a CUDA variable (checked above)
-                    update = _cuda.validate(g, var, name, self._markers)
-                    on_device = True
-                elif isinstance(g, IndexedSlices):
-                    if batch:
-                        deferred.append((len(checked), g, var, name))
-                        checked.append(None)
-                        continue
-                    update = _SparseUpdate.validate(g, var, name)
-                    update.plan(var)
-                else:
-                    update = _DenseUpdate.validate(g, var, name)
-                checked.append((name, var, update))
+                backend = state.backend if state is not None else backend_for(var)
+                if backend.on_device:  # its plans and range checks finish after the loop
+                    device = backend
+                elif batch and isinstance(g, IndexedSlices):
+                    deferred.append((len(checked), g, var, name))
+                    checked.append(None)
+                    continue
+                checked.append((name, var, backend.validate(g, var, name, self._markers)))
         except Exception as exc:  # planned outside the handler: no chained traceback
             error = exc
         else:
             error = None
         if deferred:  # every deferred pair comes before the pair that raised, if one did
-            arrays, failed = _validation.sparse_gradients([item[1:] for item in deferred])
+            arrays, failed = cpu.sparse_gradients([item[1:] for item in deferred])
             if failed is not None:
                 error = failed
             pending = []
             for (at, _, var, name), (values, indices) in zip(deferred, arrays):
-                update = _SparseUpdate(values, indices, name)
+                update = cpu.SparseUpdate(values, indices, name)
                 checked[at] = (name, var, update)
                 pending.append((update, var.shape[0]))
-            _plan_sparse(pending)
+            cpu.plan_sparse(pending)
         if error is not None:
             raise error
-        if on_device:  # the device plans and range checks: one small read per plan
-            _cuda.finish_validation([update for _, _, update in checked], batch)
+        if device is not None:  # the device plans and range checks: one small read per plan
+            device.finish_validation([update for _, _, update in checked], batch)
         return checked
 
     def step_config(self):
@@ -631,13 +625,11 @@ class Optimizer:
         return engine.StepConfig(self)
 
     def _check_variable(self, var, name):
-        if not isinstance(var, np.ndarray):
-            if _cuda.is_device_array(var):
-                _cuda.check_variable(var, name)
-                return
+        backend = backends.backend_for(var)
+        if backend is None:
             raise errors.DtypeMismatchError(
                 f"{name!r}: variables must be NumPy arrays; got {type(var).__name__}")
-        _validation.check_host_variable(var, name, low_precision=True)
+        backend.check_variable(var, name)
 
     def _clip(self, updates):
         if self.clipvalue is not None:
@@ -667,7 +659,7 @@ class Optimizer:
         e.g. before a forward pass reads them. Indices are checked as a sparse
         gradient's (type, range); duplicates are fine. A no-op in lazy mode."""
         def rows(state, idx):
-            _, idx = _validation.sparse_gradient(
+            _, idx = cpu.sparse_gradient(
                 IndexedSlices(np.empty((np.shape(idx)[0] if np.ndim(idx) else 0,) + var.shape[1:],
                                        var.dtype), idx), var, state.name)
             return _validation.plan(idx, var.shape[0], state.name)[0]
@@ -679,6 +671,10 @@ class Optimizer:
         stages of its own: row-wise, factored) a wrapper whose ``run`` runs that rule's
         kernels. Used by this optimizer's steps and by :meth:`sparseopt.engine.StepConfig.run`."""
         return update
+
+    def _wraps_updates(self):
+        """Whether this class wraps its updates (overrides :meth:`_wrap_update`)."""
+        return type(self)._wrap_update is not Optimizer._wrap_update
 
     def _run(self, updates, coefficients, wd):
         if type(self)._wrap_update is not Optimizer._wrap_update:
@@ -709,7 +705,7 @@ class Optimizer:
         items = constraints.items() if isinstance(constraints, dict) else constraints
         by_id = {(k if isinstance(k, int) else id(k)): fn for k, fn in items}
         snapshot = _rollback.Snapshot(
-            self, updates, lambda u: isinstance(getattr(u, "update", u), _SparseUpdate))
+            self, updates, lambda u: isinstance(getattr(u, "update", u), cpu.SparseUpdate))
         try:
             self._run(updates, coefficients, wd)
             for state, update in updates:
@@ -777,379 +773,6 @@ class _Guard:
         return (_Guard, ())
 
 
-def _work(updates, exact_states):
-    """The elements a step's CPU kernels touch: gradient elements read, plus parameter and
-    slot elements read and written (the thread count's measure, :func:`_config.enter_step`).
-    In exact mode a variable whose history ring is full is caught up whole in this step
-    (:func:`sparseopt._exact._push`): a pass over every row, counted as such."""
-    work = 0
-    for state, update in updates:
-        if exact_states:
-            ex = exact_states.get(id(state.var))
-            if ex is not None and ex.pending() and ex.steps + 1 - ex.floor >= ex.history:
-                work += (2 + 2 * len(state.slots)) * state.var.size
-        kind = type(update)
-        if kind is _SparseUpdate:
-            values = update.values
-            n = values.shape[0]
-            if n:
-                work += values.size + (2 + 2 * len(state.slots)) * (values.size // n) * update.rows.size
-        elif kind is _DenseUpdate:
-            work += (3 + 2 * len(state.slots)) * update.values.size
-    return work
-
-
-class _DenseUpdate:
-    __slots__ = ("values",)
-
-    def __init__(self, values):
-        self.values = values
-
-    @classmethod
-    def validate(cls, g, var, name):
-        return cls(_validation.dense_gradient(g, var, name))
-
-    def map_values(self, fn):
-        self.values = fn(self.values)
-
-    def norm(self):
-        return float(np.sqrt(np.sum(np.square(self.values, dtype=np.float64))))
-
-    def run(self, rule, state, c, wd, has_wd):
-        p, slots, used = state.kernel_arrays(rule.SLOTS, (-1,))
-        rounding, c = kernel_step(state, c)
-        cpu.dense_kernel(rule, used, has_wd, rounding)(p, self.values.reshape(-1), *slots, c, wd)
-
-    def constrain(self, var, fn):
-        np.copyto(var, _constrained(fn(var), var.shape, var.dtype), casting="same_kind")
-
-
-class _SparseUpdate:
-    """A validated sparse gradient. ``values``: float32/float64 rows, or the ``uint16`` bits
-    of a 16-bit variable's own-dtype gradient (``kind`` says which: None, ``"bfloat16"``
-    or ``"float16"``), which the lazy kernels widen as they read each row; what needs the
-    values as floats (clipping, exact mode) calls :meth:`widen` first."""
-
-    __slots__ = ("values", "indices", "rows", "offsets", "order", "name", "summed", "at", "kind")
-
-    def __init__(self, values, indices, name):
-        self.kind = lowp.kind(values.dtype)
-        self.values = lowp.as_bits(values) if self.kind else values
-        self.indices = indices
-        self.name = name
-        self.summed = False
-        self.at = None  # (plan, unique start, offsets start, order start) in a _plan_sparse plan
-
-    @classmethod
-    def validate(cls, g, var, name):
-        values, indices = _validation.sparse_gradient(g, var, name)
-        return cls(values, indices, name)
-
-    def widen(self):
-        """16-bit gradient values widened to a float32 copy (exact), as the kernels widen them."""
-        if self.kind:
-            self.values = lowp.widen_bits(self.values, self.kind)
-            self.kind = None
-
-    def plan(self, var):
-        self.rows, self.offsets, self.order = _validation.plan(self.indices, var.shape[0], self.name)
-
-    def _sum_duplicates(self):
-        self.widen()
-        if not self.summed:
-            self.values = dedup.segment_sum(self.values, self.offsets, self.order)
-            self.offsets, self.order = dedup.identity_plan(self.rows.size)
-            self.summed = True
-            self.at = None
-
-    def map_values(self, fn):
-        self._sum_duplicates()
-        self.values = np.ascontiguousarray(fn(self.values))
-
-    def norm(self):
-        self._sum_duplicates()
-        return float(np.sqrt(np.sum(np.square(self.values, dtype=np.float64))))
-
-    def run(self, rule, state, c, wd, has_wd):
-        if self.rows.size == 0:
-            return
-        p, slots, used = state.kernel_arrays(rule.SLOTS, (state.var.shape[0], self.values.shape[1]))
-        rounding, c = kernel_step(state, c)
-        cpu.sparse_kernel(rule, used, has_wd, rounding)(p, *slots, self.rows, self.offsets, self.order,
-                                                        self.values, c, wd)
-
-    def constrain(self, var, fn):
-        if self.rows.size:
-            var[self.rows] = _constrained(fn(var[self.rows]), (self.rows.size,) + var.shape[1:],
-                                          var.dtype)
-
-
-def _plan_sparse(pending):
-    """The de-duplication plans of the sparse updates ``pending`` (``[(update, table rows)]``,
-    in pair order): the tables whose indices share a dtype in one call
-    (:func:`sparseopt.kernels.dedup.plan_tables`; each update's ``rows``, ``offsets``,
-    ``order`` are views of the shared plan and ``at`` says where). The same plans as
-    ``update.plan`` one by one, and the same error: the first bad table in pair order
-    raises :class:`~sparseopt.errors.IndexOutOfRangeError` (its own plan, remade to raise it)."""
-    if not pending:
-        return
-    by_dtype = {}
-    alone = []
-    for position, (update, num_rows) in enumerate(pending):
-        if num_rows > dedup.INT32_LIMIT or update.indices.size > dedup.INT32_LIMIT:
-            alone.append(position)
-        else:
-            by_dtype.setdefault(update.indices.dtype, []).append(position)
-    bad = []
-    for positions in by_dtype.values():
-        if len(positions) == 1:
-            alone.extend(positions)
-            continue
-        updates = [pending[i][0] for i in positions]
-        rows, offsets, order, ustart, ostart, failed = dedup.plan_tables(
-            [u.indices for u in updates], [pending[i][1] for i in positions])
-        if failed >= 0:
-            bad.append(positions[failed])
-            continue
-        plan = (rows, offsets, order)
-        u0 = ustart.tolist()
-        o0 = ostart.tolist()
-        for j, update in enumerate(updates):
-            update.rows = rows[u0[j]:u0[j + 1]]
-            update.offsets = offsets[u0[j] + j:u0[j + 1] + j + 1]
-            update.order = order[o0[j]:o0[j + 1]]
-            update.at = (plan, u0[j], u0[j] + j, o0[j])
-    for position in alone:
-        update, num_rows = pending[position]
-        rows, offsets, order, failed = dedup.plan_rows(update.indices, num_rows)
-        if failed >= 0:
-            bad.append(position)
-        else:
-            update.rows, update.offsets, update.order = rows, offsets, order
-    if bad:
-        update, num_rows = pending[min(bad)]
-        _validation.plan(update.indices, num_rows, update.name)  # raises IndexOutOfRangeError
-        raise AssertionError("a bad index that plans")  # pragma: no cover
-
-
-def run_lazy(rule, updates, coefficients, wd, has_wd, batch, convert=None):
-    """Step 5 of a lazy step: run the validated, planned (and clipped) ``updates``.
-
-    Shared by :meth:`Optimizer._run` and the TensorFlow bridge's host step
-    (``sparseopt_tf._host.HostStep``), so both run a step's kernels the same way.
-
-    Args:
-        rule: the rule module (the step's variant is picked per dtype here).
-        updates: ``(state, update)`` pairs: a state as :class:`~sparseopt.slots.VariableState`
-            (``var``, ``storage``, ``kernel_slot_names``, ``kernel_arrays``, ``kernel_views``,
-            ``slots``), an update a :class:`_DenseUpdate`, a planned :class:`_SparseUpdate`
-            (by ``plan`` or :func:`_plan_sparse`), a row-wise optimizer's wrapper of one
-            (``optimizers._rowwise._RowUpdate``) or a CUDA update.
-        coefficients: the rule's ``Coefficients`` of this step (floats).
-        wd: ``weight_decay * learning_rate`` (a float).
-        has_wd: ``has_wd(state)``: whether weight decay applies to that variable's kernel.
-        batch: whether lazy sparse updates of NumPy variables that share a kernel
-            configuration (:func:`_table_key`) run in one parallel region
-            (:func:`_run_tables`; CUDA variables planned together: one launch,
-            :func:`sparseopt._cuda.run_tables`); a configuration with one table, and every
-            other update, runs on its own (``update.run``). The same bits either way.
-        convert: ``convert(coefficients, dtype)``: the coefficients as ``dtype`` scalars
-            (default: converted value by value; the core keeps its last conversion).
-    """
-    if convert is None:
-        convert = _convert
-    groups = {} if batch and len(updates) > 1 else None
-    converted = {}
-    for state, update in updates:
-        uses_wd = has_wd(state)
-        # the variable's (float32 for a 16-bit one; a CUDA array's may not be NumPy's)
-        dtype = getattr(state, "math_dtype", None) or state.storage.dtype.type
-        found = converted.get(dtype)
-        if found is None:
-            c = convert(coefficients, dtype)
-            step_rule = _variant.for_step(rule, c)
-            # a rule with a reduction stage runs its own two-pass kernel per table
-            # (sparseopt.kernels.cpu, .cuda): asked once per dtype, not per table
-            found = converted[dtype] = (c, step_rule, groups is not None and not cpu.has_reduction(step_rule))
-        c, step_rule, batched = found
-        if batched:
-            key = _table_key(step_rule, state, update, dtype, uses_wd)
-            if key is not None:
-                group = groups.get(key)
-                if group is None:
-                    groups[key] = group = []
-                group.append((state, update))
-                continue
-        update.run(step_rule, state, c, dtype(wd if uses_wd else 0.0), uses_wd)
-    if groups:
-        for (step_rule, dtype, uses_wd, _, row_used, _), group in groups.items():
-            c = converted[dtype][0]
-            wd_v = dtype(wd if uses_wd else 0.0)
-            if len(group) == 1:
-                state, update = group[0]
-                update.run(step_rule, state, c, wd_v, uses_wd)
-            else:
-                _run_tables(step_rule, group, c, wd_v, uses_wd, row_used)
-
-
-def widen_sparse(updates):
-    """16-bit sparse gradient values of ``updates`` (``(state, update)`` pairs, a row-wise
-    rule's wrapped) widened to float32 (:meth:`_SparseUpdate.widen`): exact mode's kernels
-    read float values."""
-    for _, update in updates:
-        inner = getattr(update, "update", update)
-        if type(inner) is _SparseUpdate:
-            inner.widen()
-
-
-def kernel_step(state, c):
-    """``(lowp, c)`` for a kernel on ``state``'s variable (:meth:`VariableState.kernel_step`:
-    ``(None, c)`` for a float32/float64 variable, or a state without it)."""
-    step = getattr(state, "kernel_step", None)
-    return (None, c) if step is None else step(c)
-
-
-def _convert(coefficients, dtype):
-    return type(coefficients)(*(dtype(x) for x in coefficients))
-
-
-def _table_key(rule, state, update, dtype, has_wd):
-    """The kernel configuration under which a lazy sparse update of a NumPy variable runs
-    in a table-batched region (:func:`_run_tables`), or None (it runs on its own). A 16-bit
-    variable's includes its rounding (``state.lowp``: kind, stochastic, slot kind), so
-    bfloat16, float16 and float32 tables of one call run in regions of their own, and whether
-    its gradient values are 16-bit (``inner.kind``), which the region reads as bits. The
-    caller has checked that ``rule`` has no reduction stage (``cpu.has_reduction``)."""
-    if getattr(update, "on_device", False):  # a CUDA update: one launch per group (_cuda.run_tables)
-        key = _cuda.table_key(state, update)
-        return None if key is None else (rule, dtype, has_wd, (state.kernel_slot_names, key), None, None)
-    if type(update) is _SparseUpdate:
-        inner = update
-        row_names = None
-    else:  # a row-wise optimizer's update (optimizers._rowwise._RowUpdate)
-        inner = getattr(update, "update", None)
-        if type(inner) is not _SparseUpdate or 0 in state.var.shape[1:]:
-            return None
-        row_names = tuple(update.row_slots)
-    lowp_config = getattr(state, "lowp", None)
-    if not inner.rows.size or type(state.var) is not np.ndarray or (
-            lowp_config is None and getattr(state, "kind", None) is not None):
-        return None
-    return rule, dtype, has_wd, state.kernel_slot_names, row_names, (lowp_config, inner.kind)
-
-
-def _table_views(rule, state, row_names):
-    """``(meta, used, row_used, p, slot)`` of one table for :func:`_run_tables`: the
-    step-invariant columns of ``meta`` (addresses of the parameter and kept slots, rows,
-    width; see :mod:`sparseopt.kernels.cpu`), which slots the kernel uses, and the kernel's
-    views of the parameter and of a kept slot (``p`` if none: the kernels' type of
-    each). Kept per state."""
-    def make():
-        var = state.var
-        rows = var.shape[0]
-        width = math.prod(var.shape[1:])
-        p, slots, used = state.kernel_arrays(rule.SLOTS, (rows, width))
-        if row_names is None:
-            row_slots, row_used = (p, p, p), None
-        else:
-            row_slots, row_used = cpu.place(rule.ROW_SLOTS, {n: state.slots[n] for n in row_names}, p)
-        meta = [dedup.address(a) for a in (p,) + tuple(slots) + tuple(row_slots)] + [rows, width]
-        return meta, used, row_used, p, next((s for s, u in zip(slots, used) if u), p)
-    return state.kernel_views(("tables", rule.SLOTS, row_names), make)
-
-
-_NO_WIDTHS = {}  # dtype -> an empty array: the widths argument of elementwise rules
-
-
-def _run_tables(rule, group, c, wd, has_wd, row_names):
-    """The lazy sparse updates ``group`` (``[(state, update)]``, one kernel configuration,
-    two or more tables of any rows and widths) in one parallel region
-    (:func:`sparseopt.kernels.cpu.batched_sparse_kernel`): the same row steps, so the
-    same bits, as ``update.run`` table by table (16-bit tables: the same rounding key,
-    the step's, and each element's bits from its index in its own table)."""
-    if getattr(group[0][1], "on_device", False):
-        _cuda.run_tables(rule, group, c, wd, has_wd)
-        return
-    inners = [update if row_names is None else update.update for _, update in group]
-    meta, vstart, plan, (used, row_used, like, slot_like) = _tables_meta(
-        rule, [state for state, _ in group], inners, row_names)
-    dtype = type(wd)
-    lowp_config, c = kernel_step(group[0][0], c)  # one rounding and key for the whole group
-    grad16 = inners[0].kind is not None  # the group's gradient values are all 16-bit bits, or none
-    if row_names is None:
-        kernel = cpu.batched_sparse_kernel(rule, used, has_wd, lowp_config, grad16)
-        w = _no_widths(dtype)
-    else:
-        w = np.array(meta[:, cpu.M_WIDTH], dtype)
-        kernel = cpu.batched_row_sparse_kernel(rule, used, row_used, has_wd, lowp_config, grad16)
-    kernel(meta, vstart, *plan, like, slot_like, c, wd, w)
-
-
-def _no_widths(dtype):
-    """An empty array of ``dtype``: the widths argument of elementwise rules."""
-    w = _NO_WIDTHS.get(dtype)
-    if w is None:
-        w = _NO_WIDTHS[dtype] = np.empty(0, dtype)
-    return w
-
-
-def _tables_meta(rule, states, inners, row_names, extra=None):
-    """``(meta, vstart, (rows, offsets, order), (used, row_used, like, slot_like))`` of the
-    table-batched kernels for the planned sparse updates ``inners`` of ``states``: ``meta``
-    (:mod:`sparseopt.kernels.cpu`'s columns, then each table's ``extra`` columns, a tuple
-    per table) and the concatenated plan, which is the plan the updates were made in together
-    (:func:`_plan_sparse`) when it is one, else their own plans concatenated. The used slots
-    and kernel views are the first table's (the group shares its configuration)."""
-    flat = []
-    ks = [0]
-    plan = inners[0].at
-    plan = plan[0] if plan is not None else None
-    views = None
-    for t, (state, inner) in enumerate(zip(states, inners)):
-        meta, used, row_used, like, slot_like = _table_views(rule, state, row_names)
-        if views is None:
-            views = (used, row_used, like, slot_like)
-        flat += meta
-        at = inner.at
-        if at is None or at[0] is not plan:
-            plan = None
-        flat += (dedup.address(inner.values), 0, 0, 0, inner.order.size) if at is None else \
-            (dedup.address(inner.values), at[1], at[2], at[3], inner.order.size)
-        if extra is not None:
-            flat += extra[t]
-        ks.append(ks[-1] + inner.rows.size)
-    meta = np.array(flat, np.int64).reshape(len(inners), -1)
-    if plan is not None:
-        rows, offsets, order = plan
-    else:  # plans of their own (summed by clipping, or made alone): concatenated
-        rows = np.concatenate([u.rows for u in inners])
-        offsets = np.concatenate([u.offsets for u in inners])
-        order = np.concatenate([u.order for u in inners])
-        meta[:, cpu.M_UNIQUE] = ks[:-1]
-        meta[:, cpu.M_OFFSETS] = np.array(ks[:-1]) + np.arange(len(inners))
-        meta[:, cpu.M_ORDER] = np.cumsum([0] + [u.order.size for u in inners[:-1]])
-    return meta, np.array(ks, np.int64), (rows, offsets, order), views
-
-
-def run_exact_tables(rule, group, c, wd, has_wd, lowp_config, zero, tol):
-    """Exact mode's sparse updates ``group`` (``[(state, update, ex, floor, hi)]``: a planned
-    :class:`_SparseUpdate` of a NumPy variable, its :class:`~sparseopt._exact.ExactState`
-    and the ``floor`` and step count ``hi`` it is caught up from and to; two or more tables
-    of one kernel configuration, any rows and widths) in one parallel region
-    (:func:`sparseopt.kernels.exact.batched_sparse_kernel`): the same catch-ups and row
-    steps, so the same bits, as :func:`sparseopt.kernels.exact.sparse_kernel` table by
-    table. ``c``: the step's coefficients (a 16-bit group's with the step's rounding key),
-    ``has_wd``: the tables' ``ex.has_wd``, ``lowp_config`` their ``ex.lowp``."""
-    # each table's exact-mode columns of meta (exact_kernels.X_LAST to X_TAB_COLUMNS)
-    extra = [(dedup.address(ex.last), dedup.address(ex.hist), dedup.address(ex.tab), floor, hi,
-              ex.hist.shape[0], ex.tab.shape[1]) for _, _, ex, floor, hi in group]
-    meta, vstart, plan, (used, _, like, slot_like) = _tables_meta(
-        rule, [g[0] for g in group], [g[1] for g in group], None, extra)
-    ex = group[0][2]
-    kernel = exact_kernels.batched_sparse_kernel(rule, used, has_wd, lowp_config)
-    kernel(meta, vstart, *plan, like, slot_like, ex.hist, ex.tab, _no_widths(type(wd)), c, wd, zero, tol)
-
-
 class _Elementwise:
     """A gradient map of ``_clip``: ``clip`` to ``[-arg, arg]`` or ``scale`` by ``arg``.
 
@@ -1177,20 +800,6 @@ def _pairs(opt_name, grads_and_vars):
         raise errors.GradientsError(
             f"{opt_name}: grads_and_vars must be an iterable of (gradient, variable) pairs "
             f"({type(exc).__name__}: {exc})") from None
-
-
-def _constrained(out, shape, dtype):
-    """A constraint's result, checked to replace an array of ``shape`` and ``dtype``."""
-    if out is None:
-        raise errors.ConstraintError(f"constraint returned None; expected an array of shape {shape}")
-    out = np.asarray(out)
-    if out.shape != tuple(shape):
-        raise errors.ShapeMismatchError(
-            f"constraint returned shape {out.shape}; expected the shape it was given, {tuple(shape)}")
-    if not np.can_cast(out.dtype, dtype, casting="same_kind"):
-        raise errors.ConstraintError(
-            f"constraint returned dtype {out.dtype}; expected a float array ({np.dtype(dtype)})")
-    return out
 
 
 def _is_number(value):

@@ -47,7 +47,7 @@ import zipfile
 
 import numpy as np
 
-from sparseopt import _cuda, errors
+from sparseopt import backends, errors
 from sparseopt.kernels import lowp
 from sparseopt.optimizer import Optimizer
 
@@ -92,7 +92,7 @@ def save(path, optimizer, variables=None):
                                  f"({exc}); a custom schedule's get_config must return plain values") from None
     weights = optimizer.get_weights()
     labels = _weight_labels(optimizer)
-    host_vars = [_to_host(v) for v in var_arrays]
+    host_vars = [backends.host_array(v) for v in var_arrays]
     by_id = {id(v): i for i, v in enumerate(var_arrays)}
     states = list(optimizer._states.values())
     header = {
@@ -285,10 +285,7 @@ def load(path, optimizer=None, variables=None, custom_objects=None):
         result_arrays = saved_vars if saved_info is not None else None
     else:
         for target, value in zip(targets, saved_vars):
-            if isinstance(target, np.ndarray):
-                np.copyto(target, value)
-            else:
-                _cuda.copy_from_host(target, value)
+            backends.backend_for(target).copy_from_host(target, value)
         result_arrays = targets
     optimizer.set_weights(weights)
     if variables is not None or result_arrays is None:
@@ -483,9 +480,8 @@ def _describe(name, array):
 
 
 def _dtype_of(array):
-    if not isinstance(array, np.ndarray) and hasattr(array, "__cuda_array_interface__"):
-        return str(np.dtype(array.__cuda_array_interface__["typestr"]))  # torch, CuPy
-    return str(np.dtype(array.dtype))
+    backend = backends.backend_for(array)  # (torch's and CuPy's dtypes are not NumPy's)
+    return str(np.dtype(array.dtype) if backend is None else backend.dtype_of(array))
 
 
 def _storable(array):
@@ -498,14 +494,6 @@ def _restored(described, array):
     if described["dtype"] == "bfloat16" and array.dtype == np.uint16 and lowp.BFLOAT16 is not None:
         return array.view(lowp.BFLOAT16)
     return array
-
-
-def _to_host(array):
-    if isinstance(array, np.ndarray):
-        return array
-    if _cuda.is_device_array(array):
-        return _cuda.to_host(array)
-    return np.asarray(array)
 
 
 def _short(names, n=4):

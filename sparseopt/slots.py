@@ -2,44 +2,34 @@
 
 For a variable of shape ``S`` whose rule keeps slots ``("m", "v")``, the optimizer
 allocates one C-contiguous array of shape ``(2, *S)``; ``get_slot(var, "m")`` is the
-view ``storage[0]``; it starts on a 64-byte cache line (:func:`aligned_empty`), so rows
-whose bytes are a multiple of 64 each lie on whole lines. The kernels read and write
-``storage`` directly. Slots added by
-``add_slot`` that the rule does not use are separate arrays.
+view ``storage[0]``. The variable's backend (:func:`sparseopt.backends.backend_for`) makes
+the storage beside the variable: a NumPy variable's starts on a 64-byte cache line
+(:func:`sparseopt.backends.cpu.aligned_empty`), so rows whose bytes are a multiple of 64
+each lie on whole lines; a CUDA variable's lives on its device. The kernels read and write
+``storage`` directly. Slots added by ``add_slot`` that the rule does not use are separate
+arrays.
 
 A 16-bit variable (bfloat16, float16) keeps float32 slots, the dtype of its math, or
 bfloat16 slots (``slot_dtype="bfloat16"``), and the kernels update its ``uint16`` view
 (and that of bfloat16 slots; :mod:`sparseopt.kernels.lowp`).
 """
 
-import math
-
 import numpy as np
 
-from sparseopt import errors
+from sparseopt import backends, errors
 from sparseopt.kernels import cpu, lowp
 
 
-#: Alignment of the slot storage: a cache line. NumPy aligns its data to 16 bytes, so a
-#: 256-byte float32 row of a random sparse step touches 5 lines (4 when aligned) and a
-#: 128-byte bfloat16 row 3 (2 when aligned).
-ALIGNMENT = 64
-
-
-def aligned_empty(shape, dtype, alignment=ALIGNMENT):
-    """An uninitialized C-contiguous array whose data starts on an ``alignment``-byte boundary
-    (a view of a slightly larger byte buffer, which it keeps alive)."""
-    dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize
-    raw = np.empty(nbytes + alignment, np.uint8)
-    start = -raw.ctypes.data % alignment
-    return raw[start:start + nbytes].view(dtype).reshape(shape)
+def _backend_for(var):
+    """``var``'s backend; anything but an array gets the CUDA backend, whose check raises
+    its error (as before the backends had a seam)."""
+    return backends.backend_for(var) or backends.cuda
 
 
 class VariableState:
     """What the optimizer keeps for one variable."""
 
-    __slots__ = ("var", "name", "storage", "nslots", "slots", "slot_rows", "kernel_slot_names",
+    __slots__ = ("var", "name", "backend", "storage", "nslots", "slots", "slot_rows", "kernel_slot_names",
                  "_kernel_views", "kind", "slot_kind", "math_dtype", "lowp", "rounding_key")
 
     def __init__(self, var, name, kernel_slots, initial_value, rule_slots, slot_dtype=None):
@@ -47,6 +37,7 @@ class VariableState:
         ignored: float32 slots for a 16-bit variable, the variable's dtype otherwise)."""
         self.var = var
         self.name = name
+        self.backend = backend = _backend_for(var)
         self.nslots = len(kernel_slots)
         self.slot_rows = cpu.slot_rows(tuple(rule_slots), tuple(kernel_slots))
         self.kernel_slot_names = tuple(kernel_slots)
@@ -54,29 +45,26 @@ class VariableState:
         self._kernel_views = {}  # (rule slots, shape) -> kernel_arrays(...)
         # A 16-bit variable: its kind, and this step's rounding (set by the optimizer
         # before each step: (kind, stochastic) and the step's key).
-        if isinstance(var, np.ndarray):
-            self.kind = lowp.kind(var.dtype)
-        else:  # a CUDA array (its dtype may not be NumPy's)
-            from sparseopt import _cuda
-            self.kind = _cuda.variable_kind(var)
+        self.kind = backend.variable_kind(var)  # (a CUDA array's dtype may not be NumPy's)
         self.slot_kind = "bfloat16" if self.kind and slot_dtype == "bfloat16" else None
         self.lowp = None
         self.rounding_key = 0
-        if not isinstance(var, np.ndarray):  # a CUDA array: its slots live on its device
-            self.storage = _cuda.slot_storage(var, [initial_value(n) for n in kernel_slots], self.slot_kind)
-            # the variable's (a CUDA array's may not be NumPy's); float32 for a 16-bit one
-            self.math_dtype = np.float32 if self.kind else self.storage.dtype.type
-            for i, slot_name in enumerate(kernel_slots):
-                self.slots[slot_name] = _cuda.slot_view(self.storage, i)
-            return
-        #: The dtype of the kernels' math and coefficients: float32 for a 16-bit variable.
-        self.math_dtype = np.float32 if self.kind else var.dtype.type
-        slot_dtype = lowp.BFLOAT16 if self.slot_kind else self.math_dtype
-        self.storage = aligned_empty((self.nslots,) + var.shape, slot_dtype)
+        self.storage = backend.slot_storage(var, [initial_value(n) for n in kernel_slots], self.slot_kind)
+        #: The dtype of the kernels' math and coefficients: the variable's (as a NumPy type, also
+        #: for a CUDA array), float32 for a 16-bit variable.
+        self.math_dtype = np.float32 if self.kind else self.storage.dtype.type
         for i, slot_name in enumerate(kernel_slots):
-            view = self.storage[i, ...]  # a view also for a 0-d variable (storage[i] is a scalar copy)
-            view.fill(initial_value(slot_name))
-            self.slots[slot_name] = view
+            self.slots[slot_name] = backend.slot_view(self.storage, i)
+
+    def __getstate__(self):
+        """The state without its backend, a module (which ``copy.deepcopy`` cannot copy)."""
+        return {name: getattr(self, name) for name in self.__slots__
+                if name != "backend" and hasattr(self, name)}
+
+    def __setstate__(self, state):
+        for name, value in state.items():
+            setattr(self, name, value)
+        self.backend = _backend_for(self.var)
 
     def kernel_arrays(self, rule_slots, shape):
         """``(p, (s0, s1, s2), used)``: the variable and its kernel slots reshaped to
@@ -127,7 +115,4 @@ class VariableState:
             raise errors.HyperparameterError(
                 f"{self.name!r}: unknown initializer {initializer!r} for slot {slot_name!r} "
                 "(use 'zeros', 'ones', a number or a callable (shape, dtype) -> array)")
-        if not isinstance(self.var, np.ndarray):
-            from sparseopt import _cuda
-            array = _cuda.to_device(array)
-        self.slots[slot_name] = array
+        self.slots[slot_name] = self.backend.to_device(array)

@@ -18,7 +18,7 @@ import pytest
 
 import sparseopt as so
 from sparseopt import _config, errors
-from sparseopt import optimizer as optimizer_module
+from sparseopt import engine as optimizer_module
 from sparseopt.kernels import cpu, dedup
 from tests.optimizer_table import CASES, IDS
 

@@ -18,7 +18,7 @@ import pytest
 
 import sparseopt as so
 from sparseopt import _config
-from sparseopt import optimizer as optimizer_module
+from sparseopt.backends import cpu as optimizer_module
 from tests.optimizer_table import CASES, IDS
 
 #: (rows, trailing shape, dtype, gradient rows per step): widths 1-16, a 1-D and a 3-D

@@ -37,7 +37,7 @@ globals, and Numba freezes them as compile-time constants.
 (:mod:`sparseopt.kernels.lowp`'s load and rounded store, its conversions and random bits,
 called from device code), on the variable's ``uint16`` bits; see :func:`_helpers`.
 
-This module imports ``numba.cuda``; :mod:`sparseopt._cuda` imports it only when a
+This module imports ``numba.cuda``; :mod:`sparseopt.backends.cuda` imports it only when a
 CUDA array is first seen. On a GPU it needs numba-cuda (the ``cuda`` extra): the
 CUDA target that ships inside recent numba is deprecated and cannot compile
 ``max()``. ``tests/cuda/compile_check.py`` compiles every kernel to PTX without a GPU.

@@ -5,21 +5,16 @@ one value per row of the variable (rows are the first axis; a 0-d variable is on
 row), besides any per-element ``SLOTS``. :class:`RowwiseOptimizer` stores the row
 slots of a variable in one contiguous ``(len(ROW_SLOTS), rows)`` array whose rows
 ``get_slot`` returns (shape ``var.shape[:1]``), lists them in :meth:`variables` after
-the variable's element slots, and runs :func:`sparseopt.kernels.cpu.row_dense_kernel`
-/ :func:`~sparseopt.kernels.cpu.row_sparse_kernel` in place of the elementwise
-kernels. Everything else (validation, de-duplication, clipping, weight decay,
-constraints, weights and configs) is the base class's. A CUDA variable keeps its row
-slots on its device and runs the CUDA row-reduction kernels
-(:func:`sparseopt.kernels.cuda.row_kernel`, through its update's ``run_rowwise``).
+the variable's element slots, and runs its updates' ``run_rowwise`` (the row-reduction
+kernels: :func:`sparseopt.kernels.cpu.row_dense_kernel` /
+:func:`~sparseopt.kernels.cpu.row_sparse_kernel` for a NumPy variable,
+:func:`sparseopt.kernels.cuda.row_kernel` for a CUDA one) in place of the elementwise
+kernels. The row-slot storage is the variable's backend's (``row_slot_storage``: a CUDA
+variable's lives on its device). Everything else (validation, de-duplication, clipping,
+weight decay, constraints, weights and configs) is the base class's.
 """
 
-import math
-
-import numpy as np
-
-from sparseopt import _cuda
-from sparseopt.kernels import cpu
-from sparseopt.optimizer import Optimizer, _SparseUpdate, kernel_step
+from sparseopt.optimizer import Optimizer
 
 
 class RowwiseOptimizer(Optimizer):
@@ -39,13 +34,7 @@ class RowwiseOptimizer(Optimizer):
         if new:
             row_names = self._row_slot_names()
             initial = [self._slot_initial_value(slot_name) for slot_name in row_names]
-            if isinstance(var, np.ndarray):
-                # the math's dtype: the variable's, float32 for a 16-bit one (also with bfloat16 slots)
-                storage = np.empty((len(row_names), var.shape[0] if var.ndim else 1), state.math_dtype)
-                for i, value in enumerate(initial):
-                    storage[i].fill(value)
-            else:  # a CUDA array: its row slots live on its device
-                storage = _cuda.row_slot_storage(var, initial)
+            storage = state.backend.row_slot_storage(var, initial)
             for i, slot_name in enumerate(row_names):
                 state.slots[slot_name] = storage[i].reshape(tuple(var.shape[:1]))  # a view
                 self._weights.append((state, slot_name))
@@ -72,24 +61,4 @@ class _RowUpdate:
     def run(self, rule, state, c, wd, has_wd):
         if 0 in state.var.shape[1:]:
             return  # rows without elements (an (N, 0) table): nothing to update, not even the row slots
-        if getattr(self.update, "on_device", False):  # a CUDA update: the CUDA row-reduction kernels
-            self.update.run_rowwise(rule, state, self.row_slots, c, wd, has_wd)
-            return
-        var = state.var
-        rows = var.shape[0] if var.ndim else 1
-        width = math.prod(var.shape[1:])
-        p, slots, used = state.kernel_arrays(rule.SLOTS, (rows, width))
-        row_slots, row_used = state.kernel_views(
-            ("rows", rule.ROW_SLOTS, rows),
-            lambda: cpu.place(rule.ROW_SLOTS, {n: v.reshape(rows) for n, v in self.row_slots.items()},
-                              p[:, 0] if width else p.reshape(rows)))
-        u = self.update
-        rounding, c = kernel_step(state, c)
-        if isinstance(u, _SparseUpdate):
-            if u.rows.size == 0:
-                return
-            kernel = cpu.row_sparse_kernel(rule, used, row_used, has_wd, rounding)
-            kernel(p, *slots, *row_slots, u.rows, u.offsets, u.order, u.values, c, wd, type(wd)(width))
-        else:
-            kernel = cpu.row_dense_kernel(rule, used, row_used, has_wd, rounding)
-            kernel(p, u.values.reshape(rows, width), *slots, *row_slots, c, wd, type(wd)(width))
+        self.update.run_rowwise(rule, state, self.row_slots, c, wd, has_wd)

@@ -2,10 +2,11 @@
 
 import numpy as np
 
-from sparseopt import errors
+from sparseopt import backends, errors
 from sparseopt._hyperparameters import Range
+from sparseopt.backends.cpu import SparseUpdate as _SparseUpdate
 from sparseopt.kernels import factored
-from sparseopt.optimizer import Optimizer, _SparseUpdate
+from sparseopt.optimizer import Optimizer
 from sparseopt.rules import adafactor as rule
 from sparseopt.slots import VariableState
 
@@ -102,8 +103,8 @@ class Adafactor(Optimizer):
     def _check_variable(self, var, name):
         super()._check_variable(var, name)
         dtype = getattr(var, "dtype", None)
-        if not isinstance(var, np.ndarray) or dtype not in (np.float32, np.float64):
-            where = "a CUDA array" if not isinstance(var, np.ndarray) else f"dtype {dtype}"
+        if backends.backend_for(var).on_device or dtype not in (np.float32, np.float64):
+            where = "a CUDA array" if backends.backend_for(var).on_device else f"dtype {dtype}"
             raise errors.DtypeMismatchError(
                 f"{name!r}: Adafactor runs on float32 and float64 NumPy arrays only; got {where} "
                 "(its factored kernels have no CUDA or 16-bit version)")

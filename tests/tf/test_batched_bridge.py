@@ -12,7 +12,7 @@ keras = pytest.importorskip("keras")
 import sparseopt as so  # noqa: E402
 import sparseopt_tf  # noqa: E402
 from sparseopt import _config  # noqa: E402
-from sparseopt import optimizer as optimizer_module  # noqa: E402
+from sparseopt import engine as optimizer_module  # noqa: E402
 
 #: (rows, width) of the model's tables: widths 2-16, a table of one row.
 TABLES = [(50, 4), (7, 3), (300, 4), (20, 16), (1, 2), (64, 3), (90, 4)]

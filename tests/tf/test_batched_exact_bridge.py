@@ -11,7 +11,7 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 import sparseopt_tf  # noqa: E402
-from sparseopt import optimizer as optimizer_module  # noqa: E402
+from sparseopt.backends import cpu as optimizer_module  # noqa: E402
 
 #: (rows, width) of the model's tables: widths 2-16, a table of one row.
 TABLES = [(50, 4), (7, 3), (300, 4), (20, 16), (1, 2), (90, 4)]

@@ -1,13 +1,15 @@
-"""CUDA variables: detection, wrapping, slot storage and the CUDA update steps.
+"""The CUDA backend: CUDA variables' wrapping, slot storage and update steps.
 
 The steps cover elementwise rules (dense and row-wise sparse kernels), row-wise rules
 such as RowwiseAdagrad (:meth:`DenseUpdate.run_rowwise`, :meth:`SparseUpdate.run_rowwise`:
 the row-reduction kernels, with the row slots in their own device storage,
 :func:`row_slot_storage`), and the device half of ``sparse_mode="exact"``
-(:class:`ExactDevice`, driven by :mod:`sparseopt._exact`).
+(:class:`ExactDevice`, driven by :mod:`sparseopt._exact`). It implements
+:class:`sparseopt.backends.Backend`; :func:`sparseopt.backends.backend_for` picks it.
 
 A variable is a CUDA array when it is a Numba device array or exports
-``__cuda_array_interface__`` (CuPy arrays, torch CUDA tensors, ...). It is updated
+``__cuda_array_interface__`` (CuPy arrays, torch CUDA tensors, ...;
+:func:`sparseopt.backends.is_device_array`). It is updated
 in place, its slots live on the same device in one contiguous device array, and
 ``get_slot`` returns Numba device views of it (zero-copy for any consumer of the
 interface, e.g. ``torch.as_tensor(slot, device="cuda")``).
@@ -20,7 +22,7 @@ a driver, nor numba-cuda. A CUDA array without them raises
 is deprecated and cannot compile every rule (a warning says so).
 
 :class:`DenseUpdate` and :class:`SparseUpdate` mirror the CPU steps of
-:mod:`sparseopt.optimizer` (``validate``, ``plan``, ``map_values``, ``norm``,
+:mod:`sparseopt.backends.cpu` (``validate``, ``plan``, ``map_values``, ``norm``,
 ``run``, ``constrain``). A step makes no host round trip beyond its launches,
 except one read of a small ``info`` array per sparse gradient (the index range
 check and the number of unique rows: device code cannot raise, so the host must
@@ -64,7 +66,9 @@ import warnings
 import numpy as np
 
 from sparseopt import _validation, errors
-from sparseopt.kernels import lowp
+from sparseopt.backends._detect import is_device_array
+from sparseopt.indexed_slices import IndexedSlices
+from sparseopt.kernels import cpu, lowp
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _FLOAT32 = np.dtype(np.float32)
@@ -73,20 +77,8 @@ _UINT16 = np.dtype(np.uint16)
 
 CudaUnavailableError = errors.CudaUnavailableError
 
-
-def is_device_array(x):
-    """Whether ``x`` is a CUDA array (a Numba device array or a ``__cuda_array_interface__`` exporter).
-
-    Imports nothing; a NumPy array, a list or a CPU tensor is not one.
-    """
-    if isinstance(x, np.ndarray):
-        return False
-    if getattr(type(x), "__cuda_ndarray__", False):
-        return True
-    try:
-        return hasattr(x, "__cuda_array_interface__")
-    except Exception:  # e.g. a torch CUDA tensor that requires grad: a CUDA array that cannot export
-        return True
+#: CUDA arrays live on a device (:class:`sparseopt.backends.Backend`).
+on_device = True
 
 
 # ---------------------------------------------------------------- lazy numba.cuda
@@ -390,7 +382,7 @@ def to_device(array):
 
 
 def to_host(array):
-    """A host copy of a device array."""
+    """A host copy of a device array (of a NumPy array: a copy)."""
     if isinstance(array, np.ndarray):
         return array.copy()
     if getattr(type(array), "__cuda_ndarray__", False):
@@ -398,10 +390,25 @@ def to_host(array):
     return wrap(array, "array", "array").array.copy_to_host()
 
 
-def copy_from_host(device_array, host_array):
-    """``device_array[...] = host_array`` (same shape; cast as NumPy's ``same_kind``)."""
-    host = np.ascontiguousarray(np.asarray(host_array).astype(device_array.dtype, casting="same_kind"))
+def host_array(array):
+    """A host copy of a device array (:func:`to_host`)."""
+    return to_host(array)
+
+
+def copy_from_host(device_array, host):
+    """``device_array[...] = host`` (same shape; cast as NumPy's ``same_kind``)."""
+    host = np.ascontiguousarray(np.asarray(host).astype(device_array.dtype, casting="same_kind"))
     device_array.copy_to_device(host.reshape(device_array.shape))
+
+
+def dtype_of(array):
+    """A CUDA array's dtype: its interface's typestr (torch's and CuPy's dtypes are not
+    NumPy's), or a Numba simulator array's own."""
+    try:
+        typestr = array.__cuda_array_interface__["typestr"]
+    except AttributeError:
+        return np.dtype(array.dtype)
+    return np.dtype(typestr)
 
 
 # ------------------------------------------------------------------- scratch
@@ -480,7 +487,6 @@ def _norm(rt, scratch, flat, stream):
 def _kernel_slots(state, rule, p):
     """The kernel's ``(s0, s1, s2)`` (device views shaped like ``p``; bfloat16 slots as their
     ``uint16`` bits) and their ``used`` flags."""
-    from sparseopt.kernels import cpu
     kept = {name: bits(state.slots[name].reshape(p.shape)) for name in state.kernel_slot_names}
     return cpu.place(rule.SLOTS, kept, p)
 
@@ -514,7 +520,6 @@ def _run_rows(rt, rule, state, row_slots, p, values, plan, c, wd, has_wd, stream
     ``(rows, offsets, order, k)``, with ``k = None`` for a dense gradient ``values``
     ``(rows, d)`` (then ``rows``, ``offsets``, ``order`` are int64 placeholders).
     """
-    from sparseopt.kernels import cpu
     k = rt.kernels
     num_rows, width = p.shape
     dense = plan[3] is None
@@ -535,9 +540,10 @@ def _run_rows(rt, rule, state, row_slots, p, values, plan, c, wd, has_wd, stream
 
 
 class DenseUpdate:
-    """A dense CUDA gradient for a CUDA variable (see ``optimizer._DenseUpdate``)."""
+    """A dense CUDA gradient for a CUDA variable (see :class:`sparseopt.backends.cpu.DenseUpdate`)."""
 
     on_device = True
+    sparse = False
     __slots__ = ("var", "values", "stream", "handles", "owned", "scratch", "device", "shape", "dtype")
 
     def __init__(self, var, values, stream, handles, scratch, device, shape, dtype, owned=False):
@@ -556,7 +562,7 @@ class DenseUpdate:
         rt = runtime()
         vw = check_variable(var, name)
         gw = _wrap_gradient_part(g, vw, name, "gradient")
-        _validation._check_gradient_dtype(name, vw.array, gw.array.dtype)
+        _validation.check_gradient_dtype(name, vw.array, gw.array.dtype)
         if tuple(gw.array.shape) != tuple(vw.array.shape):
             raise errors.ShapeMismatchError(
                 f"{name!r}: gradient shape {tuple(gw.array.shape)} differs from the variable's "
@@ -634,9 +640,11 @@ class DenseUpdate:
 
 
 class SparseUpdate:
-    """An ``IndexedSlices`` of CUDA arrays for a CUDA variable (see ``optimizer._SparseUpdate``)."""
+    """An ``IndexedSlices`` of CUDA arrays for a CUDA variable (see
+    :class:`sparseopt.backends.cpu.SparseUpdate`)."""
 
     on_device = True
+    sparse = True
     __slots__ = ("var", "values", "indices", "name", "stream", "handles", "scratch", "device",
                  "num_rows", "row_shape", "rows", "offsets", "order", "k", "summed", "dtype", "store",
                  "table_plan")
@@ -913,10 +921,16 @@ def _aligned_records(hist):
     return hist if dtype == hist.dtype else np.ascontiguousarray(hist.astype(dtype))
 
 
-def exact_rows(store, state, indices, stream):
-    """The unique rows of ``indices`` for :meth:`sparseopt.Optimizer.catch_up` on a CUDA
-    variable, as ``(device rows, k)``: checked as a sparse gradient's indices (type, shape,
-    range; one small read of the range check) before anything is written.
+def exact_device(var, hist, tab, lowp_config):
+    """The device half of ``var``'s exact-mode bookkeeping (:class:`ExactDevice`)."""
+    return ExactDevice(var, hist, tab, lowp_config)
+
+
+def exact_rows(store, state, indices, stream, validate_rows=None):
+    """``(rows, k)``: the unique rows of ``indices`` for :meth:`sparseopt.Optimizer.catch_up`
+    on a CUDA variable, ``rows`` as ``(device rows, k)``: checked as a sparse gradient's
+    indices (type, shape, range; one small read of the range check) before anything is
+    written (on the device: ``validate_rows``, the host's check, is not used).
 
     ``indices``: a CUDA array, or host indices (copied to the device: they are small).
     ``stream``: the variable's last step's (:class:`ExactDevice`), which may still be
@@ -937,7 +951,7 @@ def exact_rows(store, state, indices, stream):
             idx = idx.astype(np.int64)
         idx = to_device(idx)
     if idx.size == 0:
-        return None, 0
+        return (None, 0), 0
     planner = scratch_for(store, state.var).planner()
     num_rows = vw.array.shape[0]
     with _on_device(rt, vw.device):
@@ -947,13 +961,12 @@ def exact_rows(store, state, indices, stream):
             value = int(_read_scalar(idx[bad:bad + 1], stream)[0])
             raise errors.IndexOutOfRangeError(
                 f"{name!r}: indices must lie in [0, {num_rows}); got {value} at position {bad}")
-    return planner.result(k)[0], k
+    return (planner.result(k)[0], k), k
 
 
 def validate(g, var, name, store):
     """The CUDA update of one ``(gradient, variable)`` pair, validated (a sparse one is
     planned by :func:`finish_validation`)."""
-    from sparseopt.indexed_slices import IndexedSlices
     if isinstance(g, IndexedSlices):
         return SparseUpdate.validate(g, var, name, store)
     return DenseUpdate.validate(g, var, name, store)
@@ -1043,20 +1056,22 @@ def _read_tables(plan):
         return planner.read_tables(group[0].stream)
 
 
-def table_key(state, update):
+def table_key(rule, state, update, dtype, has_wd):
     """What lazy sparse CUDA updates must share to run in one launch (:func:`run_tables`),
-    or None: planned together (the same plan), not re-planned since (clipping sums the
-    duplicates), and the same 16-bit kind and slot dtype (with the optimizer's rule, math
-    dtype, weight decay and kept slots, which the caller adds)."""
+    or None: the rule, math dtype, weight decay and kept slots, planned together (the same
+    plan), not re-planned since (clipping sums the duplicates), and the same 16-bit kind and
+    slot dtype."""
     if type(update) is not SparseUpdate or update.table_plan is None or not update.k:
         return None
-    return id(update.table_plan[0]), getattr(state, "kind", None), getattr(state, "slot_kind", None)
+    plan = (id(update.table_plan[0]), getattr(state, "kind", None), getattr(state, "slot_kind", None))
+    return rule, dtype, has_wd, (state.kernel_slot_names, plan), None, None
 
 
-def run_tables(rule, group, c, wd, has_wd):
+def run_tables(rule, group, c, wd, has_wd, row_names=None):
     """The lazy sparse updates ``group`` (``[(state, update)]``, two or more, one
     :func:`table_key`) in one launch (:func:`sparseopt.kernels.cuda.batched_sparse_kernel`):
-    the same element steps and gradient sums, so the same bits, as ``update.run`` one by one."""
+    the same element steps and gradient sums, so the same bits, as ``update.run`` one by one.
+    ``row_names``: None (row-wise rules run their own kernels)."""
     rt = runtime()
     k = rt.kernels
     first = group[0][1]
