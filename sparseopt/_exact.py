@@ -39,6 +39,7 @@ import numpy as np
 from sparseopt import _cuda, errors
 from sparseopt.kernels import exact as kernels
 from sparseopt.kernels import lowp
+from sparseopt.rules import ROW, kind
 
 #: Default length of the coefficient history (the optimizer's ``exact_history``).
 DEFAULT_HISTORY = 1024
@@ -102,7 +103,7 @@ def _exact_state(opt, state, create=True):
 
 
 def _is_rowwise(rule):
-    return hasattr(rule, "ROW_SLOTS")
+    return kind(rule) == ROW
 
 
 def _tol(dtype):

@@ -32,9 +32,8 @@ import numpy as np
 
 from sparseopt import (_config, _cuda, _exact, _hyperparameters, _rollback, _validation, engine, errors,
                        schedules)
-from sparseopt.rules import _variant
 from sparseopt.indexed_slices import IndexedSlices
-from sparseopt.kernels import cpu, dedup, lowp
+from sparseopt.kernels import _compile, cpu, dedup, lowp
 from sparseopt.kernels import exact as exact_kernels
 from sparseopt.rules._floatx import f32
 from sparseopt.slots import VariableState
@@ -967,7 +966,7 @@ def run_lazy(rule, updates, coefficients, wd, has_wd, batch, convert=None):
         found = converted.get(dtype)
         if found is None:
             c = convert(coefficients, dtype)
-            step_rule = _variant.for_step(rule, c)
+            step_rule = _compile.for_step(rule, c)
             # a rule with a reduction stage runs its own two-pass kernel per table
             # (sparseopt.kernels.cpu, .cuda): asked once per dtype, not per table
             found = converted[dtype] = (c, step_rule, groups is not None and not cpu.has_reduction(step_rule))
