@@ -78,7 +78,7 @@ and their tables, whose columns it names (``COLUMNS``); see :mod:`sparseopt.rule
 **Kinds.** What a rule declares says which kernel family runs it; :func:`kind` is the one
 place that reads it: ``"row"`` (``ROW_SLOTS``), ``"reduction"`` (``REDUCTION = True``),
 ``"factored"`` (``FACTORED = True``), else ``"element"``. A :class:`sparseopt.Rule`
-presents itself as a rule module of kind ``"element"`` or ``"reduction"``
+presents itself as a rule module that declares its kind the same way
 (:attr:`sparseopt.Rule.module`).
 """
 
