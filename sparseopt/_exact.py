@@ -40,6 +40,7 @@ from sparseopt import backends, errors
 from sparseopt.backends import cpu
 from sparseopt.kernels import exact as kernels
 from sparseopt.kernels import lowp
+from sparseopt.rules import ROW, kind
 
 #: Default length of the coefficient history (the optimizer's ``exact_history``).
 DEFAULT_HISTORY = 1024
@@ -100,7 +101,7 @@ def _exact_state(opt, state, create=True):
 
 
 def _is_rowwise(rule):
-    return hasattr(rule, "ROW_SLOTS")
+    return kind(rule) == ROW
 
 
 def _tol(dtype):

@@ -21,12 +21,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-from sparseopt import _exact, _validation
+from sparseopt import _exact, _validation, rules
 from sparseopt.backends import cpu
 from sparseopt.indexed_slices import IndexedSlices
+from sparseopt.kernels import _compile, lowp
 from sparseopt.kernels import cpu as cpu_kernels
-from sparseopt.kernels import lowp
-from sparseopt.rules import _variant
 from sparseopt.rules._floatx import f32
 
 __all__ = ["ExactBook", "HostVariable", "SlotLayout", "StepConfig", "run_lazy", "run_step"]
@@ -68,14 +67,14 @@ class StepConfig:
         kept = set(optimizer._slot_names())
         self.slot_names = tuple(n for n in rule.SLOTS if n in kept)
         self.slot_used = _used(rule.SLOTS, kept)
-        self.rowwise = hasattr(rule, "ROW_SLOTS")
+        self.rowwise = rules.kind(rule) == rules.ROW
         if self.rowwise:
             kept_rows = set(optimizer._row_slot_names())
             self.row_slot_names = tuple(n for n in rule.ROW_SLOTS if n in kept_rows)
             self.row_slot_used = _used(rule.ROW_SLOTS, kept_rows)
         else:
             self.row_slot_names, self.row_slot_used = (), None
-        self.factored = getattr(rule, "FACTORED", False) is True
+        self.factored = rules.kind(rule) == rules.FACTORED
         self._factored_names = tuple(rule.FACTORED_SLOTS) if self.factored else ()
         self.slot_initial_values = {n: float(optimizer._slot_initial_value(n))
                                     for n in self.slot_names + self.row_slot_names + self._factored_names}
@@ -477,7 +476,7 @@ def run_step(rule, updates, coefficients, wd, has_wd, batch, exact=None, convert
     cpu.widen_sparse(updates)
     exact(updates, coefficients, wd, cpu.SparseUpdate,
           lambda state, update, c, wd_v, uses_wd: update.run(
-              _variant.for_step(rule, c), state, c, wd_v, uses_wd), lazy_run)
+              _compile.for_step(rule, c), state, c, wd_v, uses_wd), lazy_run)
 
 
 def run_lazy(rule, updates, coefficients, wd, has_wd, batch, convert=None):
@@ -516,7 +515,7 @@ def run_lazy(rule, updates, coefficients, wd, has_wd, batch, convert=None):
         found = converted.get(dtype)
         if found is None:
             c = convert(coefficients, dtype)
-            step_rule = _variant.for_step(rule, c)
+            step_rule = _compile.for_step(rule, c)
             # a rule with a reduction stage runs its own two-pass kernel per table
             # (sparseopt.kernels.cpu, .cuda): asked once per dtype, not per table
             found = converted[dtype] = (c, step_rule,

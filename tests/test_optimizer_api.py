@@ -235,10 +235,10 @@ def test_ftrl_compiles_the_sqrt_variant_only_for_steps_with_a_power_of_minus_hal
     """The rule is chosen per step from its coefficients, so it follows
     ``learning_rate_power`` also when it is reassigned mid-training or given as a
     callable, and every step matches the float64 reference."""
-    from sparseopt.rules import _variant
+    from sparseopt.kernels import _compile
     from sparseopt.rules import ftrl as rule
-    assert _variant.for_step(rule, rule.coefficients(0.1, -0.5, 0, 0, 0, 0)) is rule.SQRT
-    assert _variant.for_step(rule, rule.coefficients(0.1, -0.7, 0, 0, 0, 0)) is rule
+    assert _compile.for_step(rule, rule.coefficients(0.1, -0.5, 0, 0, 0, 0)) is _compile.variant(rule, "sqrt")
+    assert _compile.for_step(rule, rule.coefficients(0.1, -0.7, 0, 0, 0, 0)) is rule
     opt = so.Ftrl(learning_rate=0.1)
     var = rng.normal(size=(6, 3))
     p, slots = var.copy(), {}

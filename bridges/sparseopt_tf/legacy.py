@@ -35,7 +35,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from sparseopt import errors
+from sparseopt import errors, rules
 from sparseopt_tf import _exact, _handover, _host, _spec
 from sparseopt_tf.callbacks import FlushMixin
 from sparseopt_tf.layers import _AttachedOptimizer
@@ -101,7 +101,7 @@ class Optimizer(_V2):
         own = {arg: values.get(arg, default) for arg, default in spec.args}
         if spec.unsupported():
             raise NotImplementedError(f"sparseopt_tf.legacy.{spec.name}: {spec.unsupported()}")
-        if vars(spec.core_class._rule).get("FACTORED", False):
+        if rules.kind(spec.core_class._rule) == rules.FACTORED:
             raise NotImplementedError(
                 f"sparseopt_tf.legacy.{spec.name}: tf_keras has no legacy {spec.name}, and the "
                 f"legacy classes keep no slots of other shapes; use sparseopt_tf.{spec.name}")

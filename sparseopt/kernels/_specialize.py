@@ -40,8 +40,8 @@ SOURCE_KEY = _source_key()
 
 def rule_key(rule_module):
     """A short name for a rule module, with a hash of its source and of the sources of
-    the helper modules it inlines (a variant, :mod:`sparseopt.rules._variant`, carries
-    its own)."""
+    the helper modules it inlines (a variant, :func:`sparseopt.kernels._compile.variant`,
+    and a :class:`sparseopt.Rule` carry their own)."""
     key = getattr(rule_module, "__rule_key__", None)
     if key is not None:
         return key
@@ -55,12 +55,18 @@ def rule_key(rule_module):
     return f"{name}_{digest.hexdigest()[:10]}"
 
 
+def rule_package(rule_module):
+    """The package a rule's helpers come from (its module's package): what
+    :mod:`sparseopt.kernels._compile` compiles with a rule's functions, and the key covers."""
+    return rule_module.__name__.rsplit(".", 1)[0]
+
+
 def _helper_modules(rule_module):
     """The other modules whose code a rule's kernels inline: every module, or module of a
     function, that the rule's namespace holds from the package it lives in (the exact-mode
     helpers of ``sparseopt.rules._idle``, ...). A change there must change the cache key:
     a kernel cached with old helper code would compute the old math, silently."""
-    package = rule_module.__name__.rsplit(".", 1)[0]
+    package = rule_package(rule_module)
     names = set()
     for value in vars(rule_module).values():
         if isinstance(value, types.ModuleType):

@@ -45,7 +45,8 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from sparseopt import _config
+from sparseopt import _config, rules
+from sparseopt.kernels import _compile
 from sparseopt.kernels import lowp as lowp_kernels
 from sparseopt.kernels._specialize import rule_key, specialize
 from sparseopt.kernels.dedup import pointer
@@ -584,9 +585,9 @@ def _row_sparse_template(p, s0, s1, s2, r0, r1, r2, rows, offsets, order, values
             ROW(p, s0, s1, s2, r0, r1, r2, rows[u], grad, src, c, wd_lr, width)
 
 
-@functools.lru_cache(maxsize=None)
 def _rule_function(rule_module, name="update"):
-    return numba.njit(**_config.CPU_RULE_FLAGS)(getattr(rule_module, name))
+    """The rule's function ``name`` compiled for inlining (:mod:`sparseopt.kernels._compile`)."""
+    return _compile.function(rule_module, name, _compile.CPU)
 
 
 def _flags(used):
@@ -880,9 +881,9 @@ class _DenseScratch:
 
 
 def has_reduction(rule_module):
-    """Whether a rule declares a reduction stage (``REDUCTION = True``). Asked per kernel
-    call: a dict lookup, no AttributeError raised and caught for the other rules."""
-    return vars(rule_module).get("REDUCTION", False) is True
+    """Whether a rule has a reduction stage (:func:`sparseopt.rules.kind`). Asked per kernel
+    call: a dict lookup once the rule's kind is known."""
+    return rules.kind(rule_module) == rules.REDUCTION
 
 
 @functools.lru_cache(maxsize=None)

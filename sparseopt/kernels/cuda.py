@@ -48,13 +48,11 @@ multiply-add, as nvcc does by default; the CPU kernels do not. On a GPU, results
 therefore agree with the CPU kernels to within the rounding of those products
 (a few ulps), and are bit-identical from run to run. The CUDA simulator evaluates
 the rule in NumPy scalars, with ``math`` functions that keep float32 in float32
-(:class:`_SimulatorMath`), and reproduces the CPU bits.
+(:class:`sparseopt.kernels._compile.SimulatorMath`), and reproduces the CPU bits.
 """
 
 import dataclasses
 import functools
-import math
-import os
 
 import numba
 import numpy as np
@@ -62,7 +60,7 @@ from numba import cuda, types
 from numba.extending import overload
 
 from sparseopt import _config
-from sparseopt.kernels import cpu, lowp
+from sparseopt.kernels import _compile, cpu, lowp
 from sparseopt.kernels._specialize import rule_key, specialize
 
 STEP = None                          # bound per specialization: the element step
@@ -190,45 +188,17 @@ def _sparse_template(p, s0, s1, s2, rows, offsets, order, values, k, c, wd_lr):
         u += ustride
 
 
-def _simulator():
-    if getattr(numba.config, "ENABLE_CUDASIM", 0):
-        return True
-    return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+#: Whether CUDA code runs on Numba's simulator; ``math`` for the rules there
+#: (:mod:`sparseopt.kernels._compile`, which compiles the rules for the device).
+_simulator = _compile.simulator
+_SimulatorMath = _compile.SimulatorMath
 
 
-class _SimulatorMath:
-    """``math`` for rules run by the CUDA simulator, which calls them with NumPy scalars.
-
-    There ``math.sqrt(np.float32(x))`` is a Python float, and ``sqrt(a) / sqrt(b)``
-    would be divided in float64 and rounded once, where compiled code (CPU or
-    GPU) rounds each square root to float32 first. Here every function returns
-    its first argument's dtype: ``sqrt`` is NumPy's (correctly rounded, as the
-    compiled one), the others are computed in float64 and rounded, which agrees
-    with Numba's CPU ``pow`` and ``exp`` but for rare last-bit differences (the
-    GPU's libdevice differs too).
-    """
-
-    sqrt = staticmethod(np.sqrt)
-
-    def __getattr__(self, name):
-        fn = getattr(math, name)
-        if not callable(fn):
-            return fn
-
-        def typed(x, *args):
-            result = fn(x, *args)
-            return type(x)(result) if isinstance(x, np.floating) and isinstance(result, float) else result
-        return typed
-
-
-@functools.lru_cache(maxsize=None)
 def _rule_function(rule_module, name="update"):
     """The rule's function ``name`` as a device function (``update``; a row-wise rule's
-    ``row_term`` and ``row_update`` too)."""
-    fn = getattr(rule_module, name)
-    if _simulator():
-        fn = specialize(fn, "sim", math=_SimulatorMath())
-    return cuda.jit(device=True)(fn)
+    ``row_term`` and ``row_update``, a reduction rule's ``reduce_*`` too), with the helpers it
+    calls (:mod:`sparseopt.kernels._compile`)."""
+    return _compile.function(rule_module, name, _compile.CUDA)
 
 
 def _simulated_lowp(lowp_constants):

@@ -8,8 +8,9 @@ step, and ``tab`` (the rule's idle tables, computed on the host by
 
 The math is the CPU's, compiled once more: the element catch-up ``CATCH`` is
 :func:`sparseopt.kernels.exact._catch_up_element_template` as a device function, over the
-rule's ``idle_apply`` (closed form or truncated series, short then full as on the CPU; the
-series helper of :mod:`sparseopt.rules._idle` compiled for the device too), else a replay
+rule's ``idle_apply`` (closed form or truncated series, short then full as on the CPU; with
+the helpers of :mod:`sparseopt.rules._idle` it calls, compiled for the device by
+:mod:`sparseopt.kernels._compile`), else a replay
 of the rule's ``update`` with a zero gradient and each past step's record; ``STEP`` is the
 element step of the lazy kernels (:mod:`sparseopt.kernels.cuda`).
 
@@ -20,43 +21,20 @@ lane may write it in the kernel that reads it.
 """
 
 import functools
-import types
 
 import numba
 import numpy as np
 from numba import cuda
 
+from sparseopt.kernels import _compile
 from sparseopt.kernels import cuda as ck
 from sparseopt.kernels import exact as cpu_exact
 from sparseopt.kernels import lowp
-from sparseopt.kernels._specialize import rule_key, specialize
+from sparseopt.kernels._specialize import specialize
 from sparseopt.rules import _idle
 
 CATCH = STEP = WIDEN = NARROW = STOCHASTIC = element_bits = None  # bound per specialization
 LOWP = False  # bound per specialization (decay_rows: a 16-bit variable)
-
-
-def _device(fn, suffix, **constants):
-    """``fn`` as a device function; on the simulator with float32-preserving ``math``."""
-    if ck._simulator():
-        constants["math"] = ck._SimulatorMath()
-    return cuda.jit(device=True)(specialize(fn, suffix, **constants))
-
-
-@functools.lru_cache(maxsize=None)
-def _idle_module(terms=_idle.SERIES_TERMS):
-    """:mod:`sparseopt.rules._idle` as the rules' ``idle_apply`` sees it on the device:
-    the same constants, ``series`` a device function (the CPU one is an ``njit``) of
-    ``terms`` terms (the CPU's first pass sums ``cpu_exact.FAST_SERIES_TERMS``)."""
-    module = types.ModuleType(f"sparseopt.rules._idle_cuda{terms}")
-    module.SERIES_TERMS = terms
-    module.SERIES_LIMIT = _idle.SERIES_LIMIT
-    suffix = f"cuda{terms}"
-    module.series = _device(_idle.series.py_func, suffix, SERIES_TERMS=terms)
-    module.series_apply = _device(_idle.series_apply.py_func, suffix, series=module.series)
-    module.window_series_apply = _device(_idle.window_series_apply.py_func, suffix,
-                                         series=module.series)
-    return module
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,12 +45,11 @@ def _catch(rule_module, used, has_wd, lowp_config=None):
     ``lowp_config``: a 16-bit variable's rounding (:func:`sparseopt.kernels.cuda._helpers`,
     whose load and rounded store the catch-up's ``SAVE`` uses, as on the CPU)."""
     suffix, constants = ck._helpers(rule_module, tuple(used), has_wd, False, lowp_config)
-    idle_apply = getattr(rule_module, "idle_apply", _idle.no_idle_apply)
-    key = rule_key(rule_module)
-    constants = dict(constants,
-                     IDLE_APPLY=_device(idle_apply, f"{key}_cuda", _idle=_idle_module()),
-                     IDLE_APPLY_FAST=_device(idle_apply, f"{key}_cuda_fast",
-                                             _idle=_idle_module(cpu_exact.FAST_SERIES_TERMS)))
+    constants = dict(
+        constants,
+        IDLE_APPLY=_compile.function(rule_module, "idle_apply", _compile.CUDA, _idle.no_idle_apply),
+        IDLE_APPLY_FAST=_compile.function(rule_module, "idle_apply", _compile.CUDA, _idle.no_idle_apply,
+                                          cpu_exact.SHORT_SERIES))
     for name, template in (("SAVE", cpu_exact._save_template),
                            ("REPLAY", cpu_exact._replay_template),
                            ("CATCH", cpu_exact._catch_up_template)):
@@ -157,7 +134,7 @@ def catch_up_kernel(rule_module, used, has_wd, lowp_config=None):
 def _decay_rows_template(p, rows, k, every_row, last, floor, hi, tab, key):
     """Row-wise rules, whose zero-gradient step changes a row only by weight decay: scale
     each element of the ``k`` listed rows (or every row) behind ``hi`` by its idle
-    window's weight decay product ``tab[L % H, 0]``, as
+    window's weight decay product ``tab[L % H, DECAY]``, as
     :func:`sparseopt.kernels.exact._decay_rows_template` does (launched only when
     some step had weight decay); a 16-bit variable's (``LOWP``: its ``uint16`` bits)
     rounded to float32, then to 16 bits with the random bits of step ``hi`` (``key``).
@@ -173,11 +150,12 @@ def _decay_rows_template(p, rows, k, every_row, last, floor, hi, tab, key):
         r = u if every_row else rows[u]
         lo = max(last[r], floor)
         if lo < hi:
+            scale = tab[lo % n, _idle.DECAY]
             if LOWP:
                 bits = element_bits(key, r * d + j) if STOCHASTIC else np.uint64(0)
-                p[r, j] = NARROW(np.float32(WIDEN(p[r, j]) * tab[lo % n, 0]), bits, STOCHASTIC)
+                p[r, j] = NARROW(np.float32(WIDEN(p[r, j]) * scale), bits, STOCHASTIC)
             else:
-                p[r, j] = p[r, j] * tab[lo % n, 0]
+                p[r, j] = p[r, j] * scale
         i += stride
 
 

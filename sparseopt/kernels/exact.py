@@ -24,14 +24,13 @@ values are rounded once per window, with the random bits of its last step
 """
 
 import functools
-import types
 
 import numba
 import numpy as np
 from numba import prange
 
 from sparseopt import _config
-from sparseopt.kernels import cpu
+from sparseopt.kernels import _compile, cpu
 from sparseopt.kernels import lowp as lowp_kernels
 from sparseopt.kernels._specialize import rule_key, specialize
 from sparseopt.kernels.dedup import pointer
@@ -45,6 +44,10 @@ LOWP = STOCHASTIC = False  # bound per specialization: a 16-bit variable (sparse
 #: keep ``_idle.SERIES_TERMS``): enough for float32 and float64 when ``eps / sqrt(v)`` is
 #: small, as it is in practice; an element where they are not is retried with all terms.
 FAST_SERIES_TERMS = 6
+#: How ``IDLE_APPLY_FAST`` compiles a rule's ``idle_apply`` (the ``rebind`` of
+#: :func:`sparseopt.kernels._compile.function`): the helpers of :mod:`sparseopt.rules._idle`
+#: sum :data:`FAST_SERIES_TERMS` terms.
+SHORT_SERIES = ((_idle, (("SERIES_TERMS", FAST_SERIES_TERMS),)),)
 U0 = U1 = U2 = HAS_WD = ROW_STEP = ROW_COST = None
 TABLE_ROWS = None  # bound per table-batched specialization
 
@@ -262,7 +265,7 @@ def _exact_batched_template(meta, vstart, rows, offsets, order, like, slot_like,
 
 def _decay_rows_template(p, rows, every_row, last, floor, hi, tab, set_last, key):
     """Row-wise rules: scale the listed rows (or every row) by their idle windows' weight
-    decay product ``tab[L % H, 0]`` (a zero gradient changes nothing else). A 16-bit
+    decay product ``tab[L % H, DECAY]`` (a zero gradient changes nothing else). A 16-bit
     variable's product is rounded to float32, then to 16 bits with the random bits of
     step ``hi`` (``key``), as :func:`_save_template` does."""
     n = tab.shape[0]
@@ -273,7 +276,7 @@ def _decay_rows_template(p, rows, every_row, last, floor, hi, tab, set_last, key
         lo = max(last[r], floor)
         if lo < hi:
             if HAS_WD:
-                scale = tab[lo % n, 0]
+                scale = tab[lo % n, _idle.DECAY]
                 for j in range(d):
                     if LOWP:
                         bits = lowp_kernels.element_bits(key, r * d + j) if STOCHASTIC else np.uint64(0)
@@ -289,7 +292,7 @@ def _table_template(hist, tab, lo, hi, nxt):
     n = hist.shape[0]
     for i in range(tab.shape[1]):
         nxt[i] = 0.0
-    nxt[0] = 1.0
+    nxt[_idle.DECAY] = 1.0
     TABLE_INIT(nxt)
     top = tab[hi % n]
     for i in range(tab.shape[1]):
@@ -298,37 +301,14 @@ def _table_template(hist, tab, lo, hi, nxt):
         rec = hist[(L + 1) % n]
         t = tab[L % n]
         t_next = tab[(L + 1) % n]
-        t[0] = t_next[0] * (1.0 - rec.wd)
+        t[_idle.DECAY] = t_next[_idle.DECAY] * (1.0 - rec.wd)
         TABLE_STEP(t, t_next, rec)
 
 
-def _rule_part(rule_module, name, default, **constants):
-    fn = getattr(rule_module, name, None)
-    if fn is None:
-        fn = default
-    elif constants:
-        fn = specialize(fn, f"{rule_key(rule_module)}_fast", **constants)
-    return numba.njit(**_config.CPU_RULE_FLAGS)(fn)
-
-
-def _python(fn):
-    """The Python function of a Numba dispatcher (``fn`` itself under ``NUMBA_DISABLE_JIT=1``)."""
-    return getattr(fn, "py_func", fn)
-
-
-@functools.lru_cache(maxsize=None)
-def _fast_idle_module():
-    """:mod:`sparseopt.rules._idle` as ``IDLE_APPLY_FAST`` sees it: ``series`` sums
-    :data:`FAST_SERIES_TERMS` terms (a rule's ``_idle`` global is re-bound to this)."""
-    module = types.ModuleType("sparseopt.rules._idle_fast")
-    module.SERIES_TERMS = FAST_SERIES_TERMS
-    module.SERIES_LIMIT = _idle.SERIES_LIMIT
-    inline = numba.njit(**_config.CPU_RULE_FLAGS)
-    module.series = inline(specialize(_python(_idle.series), "fast", SERIES_TERMS=FAST_SERIES_TERMS))
-    module.series_apply = inline(specialize(_python(_idle.series_apply), "fast", series=module.series))
-    module.window_series_apply = inline(specialize(_python(_idle.window_series_apply), "fast",
-                                                   series=module.series))
-    return module
+def _rule_part(rule_module, name, default, rebind=()):
+    """The rule's exact-mode function ``name`` (``default`` where it has none), compiled for
+    inlining with the helpers it calls (:mod:`sparseopt.kernels._compile`)."""
+    return _compile.function(rule_module, name, _compile.CPU, default, rebind)
 
 
 @functools.lru_cache(maxsize=None)
@@ -338,7 +318,7 @@ def _exact_helpers(rule_module, used, has_wd, lowp):
     constants = dict(constants,
                      IDLE_APPLY=_rule_part(rule_module, "idle_apply", _idle.no_idle_apply),
                      IDLE_APPLY_FAST=_rule_part(rule_module, "idle_apply", _idle.no_idle_apply,
-                                                _idle=_fast_idle_module()))
+                                                SHORT_SERIES))
     constants["SAVE"] = inline(specialize(_save_template, "x" + suffix, **constants))
     constants["REPLAY"] = inline(specialize(_replay_template, "x" + suffix, **constants))
     # The catch-up paths are called, not inlined: inlined, they made up most of an exact
@@ -423,4 +403,6 @@ def table_kernel(rule_module):
 
 
 def idle_columns(rule_module):
+    """The width of the rule's idle tables: its ``IDLE_COLUMNS``, else one (the weight decay's,
+    :data:`sparseopt.rules._idle.DECAY`)."""
     return max(1, getattr(rule_module, "IDLE_COLUMNS", 1))

@@ -26,6 +26,7 @@ import numpy as np
 from numba import prange
 
 from sparseopt import _config
+from sparseopt.kernels import _compile
 from sparseopt.kernels._specialize import rule_key, specialize
 from sparseopt.kernels.cpu import REDUCE_CHUNK, _lane_sum
 
@@ -175,8 +176,7 @@ def _factored_template(p, g, r, col, c, wd_lr, rows, cols, n):
 
 @functools.lru_cache(maxsize=None)
 def _kernel(template, rule_module, has_wd):
-    inline = numba.njit(**_config.CPU_RULE_FLAGS)
-    constants = {name.upper(): inline(getattr(rule_module, name))
+    constants = {name.upper(): _compile.function(rule_module, name, _compile.CPU)
                  for name in ("square", "decay", "direction", "scale", "apply")}
     suffix = f"{rule_key(rule_module)}{'_wd' if has_wd else ''}"
     return _config.parallel_kernel(numba.njit(**_config.CPU_KERNEL_FLAGS)(

@@ -15,12 +15,22 @@ in :mod:`sparseopt.kernels` compile the same function for the dense elementwise
 pass, the row-wise sparse pass and the CUDA kernels. Slots a rule does not use are
 passed through unchanged.
 
+**Plain Python.** A rule module imports neither Numba nor :mod:`sparseopt.kernels`
+(``tests/test_rules_contract.py`` checks it): it declares data and plain functions, and
+the kernels' side compiles them for each target (:mod:`sparseopt.kernels._compile`: the
+CPU's ``njit`` for inlining, CUDA device functions), together with the helpers of this
+package that they call (:mod:`sparseopt.rules._idle`) and the module constants a target
+fixes.
+
 Flags (``amsgrad``, ``nesterov``, ...) are fields of ``c`` equal to 0 or 1: a branch
 on a loop-invariant flag between cheap expressions costs nothing measurable (the
 compiler selects) and keeps one kernel per rule. Where one side is expensive (Ftrl's
-``math.pow``, which the vectorizer would run for every element), the rule also offers
-a compile-time variant with a module constant fixed (:mod:`sparseopt.rules._variant`),
-chosen per step from that step's coefficients (``variant_for(c)``).
+``math.pow``, which the vectorizer would run for every element), the rule also declares
+compile-time **variants** as data: ``VARIANTS = {name: {CONSTANT: value, ...}}`` (module
+constants fixed in the variant's functions, so the compiler drops the branch they decide)
+and ``variant_for(c) -> name or None``, which picks one per step from that step's
+coefficients; the kernels compile each variant as a rule of its own
+(:func:`sparseopt.kernels._compile.variant`).
 
 **Legacy math.** Where ``tf_keras.optimizers.legacy.<Name>`` (Keras 2's
 ``OptimizerV2``) computes differently from Keras 3 (epsilon inside or outside the
@@ -58,13 +68,44 @@ keeps the element slots ``SLOTS`` instead; ``factored_shapes(shape)`` (host code
 statistics' shapes. The optimizer class keeps the statistics
 (:class:`sparseopt.Adafactor`); exact mode, the table-batched path and CUDA do not run them.
 
+**Exact mode** (``sparse_mode="exact"``): a rule may add the closed forms of its idle steps
+and their tables, whose columns it names (``COLUMNS``); see :mod:`sparseopt.rules._idle`.
+
 **Host state.** A rule whose per-step scalars depend on state carried across steps
 (Nadam's momentum-schedule product) computes that state with a plain host function
 (:func:`sparseopt.rules.nadam.next_u_product`); the optimizer keeps it.
+
+**Kinds.** What a rule declares says which kernel family runs it; :func:`kind` is the one
+place that reads it: ``"row"`` (``ROW_SLOTS``), ``"reduction"`` (``REDUCTION = True``),
+``"factored"`` (``FACTORED = True``), else ``"element"``. A :class:`sparseopt.Rule`
+presents itself as a rule module that declares its kind the same way
+(:attr:`sparseopt.Rule.module`).
 """
 
 from sparseopt.rules import (adadelta, adafactor, adagrad, adam, adamax, ftrl, lamb, lion, nadam,
                              rmsprop, rowwise_adagrad, sgd)
 
-__all__ = ["adadelta", "adafactor", "adagrad", "adam", "adamax", "ftrl", "lamb", "lion", "nadam",
-           "rmsprop", "rowwise_adagrad", "sgd"]
+__all__ = ["ELEMENT", "FACTORED", "REDUCTION", "ROW", "adadelta", "adafactor", "adagrad", "adam", "adamax",
+           "ftrl", "kind", "lamb", "lion", "nadam", "rmsprop", "rowwise_adagrad", "sgd"]
+
+#: The kinds of rule (:func:`kind`).
+ELEMENT, ROW, REDUCTION, FACTORED = "element", "row", "reduction", "factored"
+
+
+def kind(rule):
+    """The kind of ``rule`` (a rule module, a variant of one, or a :class:`sparseopt.Rule`'s
+    ``module``): :data:`ROW` where it declares ``ROW_SLOTS``, :data:`REDUCTION` where
+    ``REDUCTION = True``, :data:`FACTORED` where ``FACTORED = True``, else :data:`ELEMENT`.
+
+    Read per step: decided once and kept on the rule (``__kind__``). Raises ``TypeError`` for
+    a rule that declares two kinds."""
+    namespace = vars(rule)
+    found = namespace.get("__kind__")
+    if found is None:
+        declared = [name for name, says in ((ROW, "ROW_SLOTS" in namespace),
+                                            (REDUCTION, namespace.get("REDUCTION") is True),
+                                            (FACTORED, namespace.get("FACTORED") is True)) if says]
+        if len(declared) > 1:
+            raise TypeError(f"rule {rule.__name__!r} declares the kinds {declared}: a rule is of one kind")
+        found = rule.__kind__ = declared[0] if declared else ELEMENT
+    return found

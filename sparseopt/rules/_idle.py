@@ -5,14 +5,16 @@ brought to the state the dense rule would have given it with a zero gradient. A 
 that can do this faster than replaying ``update`` step by step defines, besides its
 ``update``:
 
-* ``IDLE_COLUMNS``: the number of per-window scalars it needs (column 0, the product
-  of the decoupled weight decay factors :math:`D(L) = \prod_{\tau=L+1}^{T} (1 - w_\tau)`,
-  is filled by the kernel and counts as one of them);
+* ``COLUMNS``: the named columns of its idle table (:func:`columns`: the first column of
+  each quantity, built once), and ``IDLE_COLUMNS``, their count (column :data:`DECAY`, the
+  product of the decoupled weight decay factors
+  :math:`D(L) = \prod_{\tau=L+1}^{T} (1 - w_\tau)`, is filled by the kernel and counts as
+  one of them). The rule's functions read the table by these names (``t[COLUMNS.decay]``);
 * ``IDLE_CONSTANT``: fields of ``Coefficients`` the closed form assumes constant over
   the window (the optimizer flushes before one changes);
-* ``idle_table_init(t)``: the scalars of the empty window (``t[0]`` is set to 1);
+* ``idle_table_init(t)``: the scalars of the empty window (``t[COLUMNS.decay]`` is set to 1);
 * ``idle_table_step(t, t_next, rec)``: the scalars of window :math:`(L, T]` from those
-  of :math:`(L+1, T]` and the coefficients ``rec`` of step :math:`L+1` (``t[0]``
+  of :math:`(L+1, T]` and the coefficients ``rec`` of step :math:`L+1` (``t[COLUMNS.decay]``
   already holds :math:`D(L)`). The host runs this backward recursion once per step
   for every window a row may need, in float64;
 * ``idle_apply(p, s0, s1, s2, t, c, tol, zero) -> (p, s0, s1, s2, ok)``: one element
@@ -34,25 +36,25 @@ that can do this faster than replaying ``update`` step by step defines, besides 
   TensorFlow bridge decides it once while tracing a lookup, and leaves out the lookup's
   catch-up where it holds (``sparseopt_tf._exact.idle_always_identity``).
 
-These functions (and the two helpers here, compiled for inlining) read arrays (the window's table row); ``update`` stays pure scalar math.
-A rule without them is caught up by the replay, which equals the dense rule bit for bit.
+These functions (and the helpers here) read arrays (the window's table row); ``update`` stays
+pure scalar math. A rule without them is caught up by the replay, which equals the dense rule
+bit for bit. Like the rules, this module is plain Python: the kernels compile the helpers a
+rule's function calls together with it, for their target (:mod:`sparseopt.kernels._compile`).
 
 Write ``idle_apply`` branch-free: compute every case, then select (``a if cond else b`` of
 computed values, ``&``/``|`` of comparisons), and read the table row unconditionally. The
 CPU catch-up runs it over a whole row in one loop, which then vectorizes; a conditional
 table read or an early return keeps it scalar. The CPU's first pass compiles it with a
-short :func:`series` (``sparseopt.kernels.exact.FAST_SERIES_TERMS`` terms, by re-binding
-the rule's ``_idle`` global), and retries with all terms where that one fails.
+short :func:`series` (``sparseopt.kernels.exact.FAST_SERIES_TERMS`` terms: the kernels compile
+this module's functions with :data:`SERIES_TERMS` re-bound), and retries with all terms where
+that one fails.
 :func:`series_apply` is the series part of Nadam's ``idle_apply``; Adam and Adamax use
 :func:`window_series_apply`, which picks per element between that series and a second one
 (:func:`centred_series_step`) that converges where ``epsilon / sqrt(v)`` is not small.
 """
 
+import collections
 import math
-
-import numba
-
-from sparseopt import _config
 
 #: Terms of the eps-series of the Adam family (``1 / (s q + eps)`` expanded in ``eps / s``).
 SERIES_TERMS = 12
@@ -60,6 +62,8 @@ SERIES_TERMS = 12
 SERIES_COLUMNS = SERIES_TERMS
 #: The series is used only while ``eps / (s q)`` stays below this (else: replay).
 SERIES_LIMIT = 0.25
+#: Column of every idle table that holds the window's weight decay product :math:`D(L)`.
+DECAY = 0
 
 #: How the closed forms treat ``epsilon == 0``: they do not apply (``ok`` is False), and
 #: the idle steps are replayed with the dense rule, bit for bit. A dense step with a zero
@@ -70,7 +74,21 @@ SERIES_LIMIT = 0.25
 EPSILON_ZERO = "replay"
 
 
-@numba.njit(**_config.CPU_RULE_FLAGS)
+def columns(**widths):
+    """The named columns of an idle table: ``decay`` (:data:`DECAY`), then one name per
+    keyword, in order, each spanning ``width`` columns (a series: :data:`SERIES_COLUMNS`).
+
+    Returns a NamedTuple of each name's first column, and ``count``, the table's width (the
+    rule's ``IDLE_COLUMNS``). The kernels read its fields as compile-time constants."""
+    names = ("decay",) + tuple(widths) + ("count",)
+    offsets = [DECAY]
+    at = DECAY + 1
+    for width in widths.values():
+        offsets.append(at)
+        at += width
+    return collections.namedtuple("IdleColumns", names)(*offsets, at)
+
+
 def series(x, t, first, tol):
     r"""``sum_n (-x)^n t[first + n]`` over all ``SERIES_TERMS`` terms (Horner's scheme),
     and whether the last term is below ``tol`` relative to the sum.
@@ -86,7 +104,6 @@ def series(x, t, first, tol):
     return acc, abs(xn * t[first + SERIES_TERMS - 1]) <= tol * abs(acc)
 
 
-@numba.njit(**_config.CPU_RULE_FLAGS)
 def series_apply(decay, m, s, epsilon, t, first, limit, tol):
     r"""The weight after the window for the Adam family: ``decay - m / s * sum_n (-x)^n W_n``
     with ``x = epsilon / s`` (:func:`series` from column ``first``), and whether that holds:
@@ -104,11 +121,10 @@ def series_apply(decay, m, s, epsilon, t, first, limit, tol):
     return (decay if m == 0 else decay - m / divisor * acc), ok
 
 
-@numba.njit(**_config.CPU_RULE_FLAGS)
-def window_series_apply(decay, m, s, epsilon, t, first, shrink, tol):
+def window_series_apply(decay, m, s, epsilon, t, first, centred, shrink, tol):
     r"""The weight after the window for Adam and Adamax, by one of two series, chosen per
     element: the eps-series of :func:`series_apply` (columns ``first``...) or the **centred
-    series** (columns ``first + SERIES_COLUMNS``..., :func:`centred_series_step`), whichever
+    series** (columns ``centred``..., :func:`centred_series_step`), whichever
     has the smaller ratio of terms; it holds where that ratio is below :data:`SERIES_LIMIT`
     and the series converged (else ``ok`` is False: the caller retries or replays).
 
@@ -138,7 +154,7 @@ def window_series_apply(decay, m, s, epsilon, t, first, shrink, tol):
     # SERIES_LIMIT where a result is used, so neither sum overflows there): selected by a
     # branch, LLVM sinks each series into its arm and the vectorized loop gathers the table.
     acc_eps, converged_eps = series(x, t, first, tol)
-    acc_centred, converged_centred = series(x, t, first + SERIES_COLUMNS, tol)
+    acc_centred, converged_centred = series(x, t, centred, tol)
     weight = 1.0 * take_eps
     acc = acc_eps * weight + acc_centred * (1.0 - weight)
     converged = converged_eps if take_eps else converged_centred
@@ -147,26 +163,24 @@ def window_series_apply(decay, m, s, epsilon, t, first, shrink, tol):
     return (decay if m == 0 else decay - m * inverse * acc), ok
 
 
-@numba.njit(**_config.CPU_RULE_FLAGS)
 def centred_series_step(t, t_next, first, a, decay_m, decay_v_after, root):
     r"""One backward step of the centred series' :math:`W'_n(L) = \sum_\tau a_\tau D(\tau)
     P_m(L,\tau) u_\tau^n` (:func:`window_series_apply`) from :math:`W'_n(L+1)`:
     ``decay_v_after`` is :math:`P_v(L+1,T)`, so :math:`u_{L+1} = P_v(L+1,T)^{-r} - 1`."""
     u = (1.0 / (math.sqrt(decay_v_after) if root == 0.5 else decay_v_after)) - 1.0
-    weight = a * t_next[0]
+    weight = a * t_next[DECAY]
     for n in range(SERIES_TERMS):
         t[first + n] = decay_m * (weight + t_next[first + n])
         weight *= u
 
 
-@numba.njit(**_config.CPU_RULE_FLAGS)
 def moment_series_step(t, t_next, first, a, decay_m, decay_v, root, e):
     r"""One backward step of :math:`W_n(L) = \sum_\tau a_\tau D(\tau) e_\tau^n
     P_m(L,\tau) P_v(L,\tau)^{-(n+1) r}` (``root`` :math:`r`: 1/2 for a second moment,
     1 for an infinity norm) from :math:`W_n(L+1)`."""
     q = 1.0 / (math.sqrt(decay_v) if root == 0.5 else decay_v)
     ratio = decay_m * q
-    weight = a * t_next[0]
+    weight = a * t_next[DECAY]
     for n in range(SERIES_TERMS):
         t[first + n] = ratio * (weight + t_next[first + n])
         ratio *= q
@@ -187,4 +201,4 @@ def no_idle_apply(p, s0, s1, s2, t, c, tol, zero):
 
 def identity_idle_apply(p, s0, s1, s2, t, c, tol, zero):
     """A zero gradient leaves the element and its slots unchanged: only the weight decay."""
-    return p * t[0], s0, s1, s2, True
+    return p * t[DECAY], s0, s1, s2, True

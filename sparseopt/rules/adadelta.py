@@ -48,18 +48,23 @@ def update(p, g, acc_grad, acc_delta, s2, c):
 # With a zero gradient the step is zero and both accumulators decay by rho: closed form.
 # Exact to rounding (bit-exact for p without weight decay).
 
-IDLE_COLUMNS = 2                          # D, prod rho
+from sparseopt.rules import _idle  # noqa: E402
+
+#: D, prod rho
+COLUMNS = _idle.columns(rho_product=1)
+IDLE_COLUMNS = COLUMNS.count
 IDLE_CONSTANT = ()
 
 
 def idle_table_init(t):
-    t[1] = 1.0
+    t[COLUMNS.rho_product] = 1.0
 
 
 def idle_table_step(t, t_next, rec):
-    t[1] = rec.rho * t_next[1]
+    t[COLUMNS.rho_product] = rec.rho * t_next[COLUMNS.rho_product]
 
 
 def idle_apply(p, acc_grad, acc_delta, s2, t, c, tol, zero):
     # epsilon == 0: replay (0/0 is NaN in the dense rule; see _idle.EPSILON_ZERO)
-    return p * t[0], acc_grad * t[1], acc_delta * t[1], s2, c.epsilon > 0
+    rho_product = t[COLUMNS.rho_product]
+    return p * t[COLUMNS.decay], acc_grad * rho_product, acc_delta * rho_product, s2, c.epsilon > 0

@@ -45,7 +45,10 @@ def update(p, g, acc, s1, s2, c):
 # is zero (epsilon 0 and a zero accumulator) or NaN, the dense rule writes 0/0 = NaN: replay
 # (see sparseopt.rules._idle.EPSILON_ZERO).
 
-IDLE_COLUMNS = 1
+from sparseopt.rules import _idle  # noqa: E402
+
+COLUMNS = _idle.columns()    # D only
+IDLE_COLUMNS = COLUMNS.count
 IDLE_CONSTANT = ()
 
 
@@ -59,7 +62,7 @@ def idle_table_step(t, t_next, rec):
 
 def idle_apply(p, acc, s1, s2, t, c, tol, zero):
     ok = math.sqrt(acc + c.epsilon_inside) + c.epsilon_outside > 0   # False for 0 and NaN
-    return p * t[0], acc, s1, s2, ok
+    return p * t[COLUMNS.decay], acc, s1, s2, ok
 
 
 def idle_is_identity(c, wd):

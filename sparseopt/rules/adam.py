@@ -71,35 +71,40 @@ def update(p, g, m, v, vhat, c):
 
 from sparseopt.rules import _idle  # noqa: E402
 
-IDLE_COLUMNS = 4 + 2 * _idle.SERIES_COLUMNS    # D, prod beta_1, prod beta_2, AMSGrad sum, W_n, W'_n
+#: D, prod beta_1, prod beta_2, the AMSGrad sum, W_n (eps-series), W'_n (centred series)
+COLUMNS = _idle.columns(beta_1_product=1, beta_2_product=1, amsgrad_sum=1,
+                        series=_idle.SERIES_COLUMNS, centred=_idle.SERIES_COLUMNS)
+IDLE_COLUMNS = COLUMNS.count
 IDLE_CONSTANT = ("epsilon", "amsgrad")
 
 
 def idle_table_init(t):
-    t[1] = 1.0
-    t[2] = 1.0
+    t[COLUMNS.beta_1_product] = 1.0
+    t[COLUMNS.beta_2_product] = 1.0
 
 
 def idle_table_step(t, t_next, rec):
     b1 = 1.0 - rec.one_minus_beta_1
     b2 = 1.0 - rec.one_minus_beta_2
-    t[1] = b1 * t_next[1]
-    t[2] = b2 * t_next[2]
-    t[3] = b1 * (rec.alpha * t_next[0] + t_next[3])
-    _idle.moment_series_step(t, t_next, 4, rec.alpha, b1, b2, 0.5, 1.0)
-    _idle.centred_series_step(t, t_next, 4 + _idle.SERIES_COLUMNS, rec.alpha, b1, t_next[2], 0.5)
+    t[COLUMNS.beta_1_product] = b1 * t_next[COLUMNS.beta_1_product]
+    t[COLUMNS.beta_2_product] = b2 * t_next[COLUMNS.beta_2_product]
+    t[COLUMNS.amsgrad_sum] = b1 * (rec.alpha * t_next[COLUMNS.decay] + t_next[COLUMNS.amsgrad_sum])
+    _idle.moment_series_step(t, t_next, COLUMNS.series, rec.alpha, b1, b2, 0.5, 1.0)
+    _idle.centred_series_step(t, t_next, COLUMNS.centred, rec.alpha, b1, t_next[COLUMNS.beta_2_product],
+                              0.5)
 
 
 def idle_apply(p, m, v, vhat, t, c, tol, zero):
     # Branch-free (every case computed, then selected; every table read unconditional),
     # so the CPU catch-up pass over a row vectorizes.
-    m_new = m * t[1]
-    v_new = v * t[2]
-    decay = p * t[0]
-    amsgrad_sum = t[3]
+    m_new = m * t[COLUMNS.beta_1_product]
+    v_new = v * t[COLUMNS.beta_2_product]
+    decay = p * t[COLUMNS.decay]
+    amsgrad_sum = t[COLUMNS.amsgrad_sum]
     amsgrad = c.amsgrad != 0
     s = math.sqrt(vhat if amsgrad else v)
-    moved, ok = _idle.window_series_apply(decay, m, s, c.epsilon, t, 4, math.sqrt(t[2]), tol)
+    moved, ok = _idle.window_series_apply(decay, m, s, c.epsilon, t, COLUMNS.series, COLUMNS.centred,
+                                          math.sqrt(t[COLUMNS.beta_2_product]), tol)
     # AMSGrad: the denominator is fixed over the window; Adam: the two series
     if amsgrad:
         moved = decay if m == 0 else decay - m / (s + c.epsilon) * amsgrad_sum

@@ -50,27 +50,32 @@ def update(p, g, m, u, s2, c):
 
 from sparseopt.rules import _idle  # noqa: E402
 
-IDLE_COLUMNS = 3 + 2 * _idle.SERIES_COLUMNS    # D, prod beta_1, prod beta_2, W_n, W'_n
+#: D, prod beta_1, prod beta_2, W_n (eps-series), W'_n (centred series)
+COLUMNS = _idle.columns(beta_1_product=1, beta_2_product=1, series=_idle.SERIES_COLUMNS,
+                        centred=_idle.SERIES_COLUMNS)
+IDLE_COLUMNS = COLUMNS.count
 IDLE_CONSTANT = ("epsilon",)
 
 
 def idle_table_init(t):
-    t[1] = 1.0
-    t[2] = 1.0
+    t[COLUMNS.beta_1_product] = 1.0
+    t[COLUMNS.beta_2_product] = 1.0
 
 
 def idle_table_step(t, t_next, rec):
     b1 = 1.0 - rec.one_minus_beta_1
-    t[1] = b1 * t_next[1]
-    t[2] = rec.beta_2 * t_next[2]
-    _idle.moment_series_step(t, t_next, 3, rec.alpha, b1, rec.beta_2, 1.0, 1.0)
-    _idle.centred_series_step(t, t_next, 3 + _idle.SERIES_COLUMNS, rec.alpha, b1, t_next[2], 1.0)
+    t[COLUMNS.beta_1_product] = b1 * t_next[COLUMNS.beta_1_product]
+    t[COLUMNS.beta_2_product] = rec.beta_2 * t_next[COLUMNS.beta_2_product]
+    _idle.moment_series_step(t, t_next, COLUMNS.series, rec.alpha, b1, rec.beta_2, 1.0, 1.0)
+    _idle.centred_series_step(t, t_next, COLUMNS.centred, rec.alpha, b1, t_next[COLUMNS.beta_2_product],
+                              1.0)
 
 
 def idle_apply(p, m, u, s2, t, c, tol, zero):
     # Branch-free, as adam.idle_apply (the CPU catch-up pass over a row vectorizes).
-    m_new = m * t[1]
-    u_new = u * t[2]
-    decay = p * t[0]
-    p_new, ok = _idle.window_series_apply(decay, m, u, c.epsilon, t, 3, t[2], tol)
+    m_new = m * t[COLUMNS.beta_1_product]
+    u_new = u * t[COLUMNS.beta_2_product]
+    decay = p * t[COLUMNS.decay]
+    p_new, ok = _idle.window_series_apply(decay, m, u, c.epsilon, t, COLUMNS.series, COLUMNS.centred,
+                                          t[COLUMNS.beta_2_product], tol)
     return p_new, m_new, u_new, s2, ok

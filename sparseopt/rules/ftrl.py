@@ -23,7 +23,6 @@ unrounded initial accumulator).
 """
 
 import math
-import sys
 from typing import NamedTuple
 
 from sparseopt.rules._floatx import f32
@@ -56,11 +55,20 @@ def coefficients(learning_rate, learning_rate_power, l1_regularization_strength,
                         2.0 * l2, 2.0 * shrinkage)
 
 
-#: True in :data:`SQRT`, the variant for steps with ``use_sqrt`` (``learning_rate_power ==
+#: True in the variant ``"sqrt"``, for steps with ``use_sqrt`` (``learning_rate_power ==
 #: -0.5``, the default; see :func:`variant_for`): there the flag is known at compile time,
 #: and the ``pow`` branch, which the vectorizer would otherwise run for every element, is
 #: dropped (3-4x faster kernels).
 SQRT_ONLY = False
+
+#: Compile-time variants: name -> the module constants fixed in it (see :mod:`sparseopt.rules`).
+VARIANTS = {"sqrt": {"SQRT_ONLY": True}}
+
+
+def variant_for(c):
+    """The variant to compile for a step with coefficients ``c``: ``"sqrt"`` when
+    ``c.use_sqrt`` (``learning_rate_power == -0.5``), else None (the rule as it is)."""
+    return "sqrt" if c.use_sqrt != 0 else None
 
 
 def update(p, g, n, z, s2, c):
@@ -114,14 +122,3 @@ def idle_apply(p, n, z, s2, t, c, tol, zero):
         n_pow = math.pow(n, c.power)
     clipped = min(max(z, c.neg_l1), c.l1)
     return (clipped - z) / (n_pow / c.learning_rate + c.two_l2), n, z, s2, True
-
-
-from sparseopt.rules._variant import variant  # noqa: E402
-
-SQRT = variant(sys.modules[__name__], "sqrt", SQRT_ONLY=True)
-
-
-def variant_for(c):
-    """The rule to compile for a step with coefficients ``c`` (:func:`sparseopt.rules._variant.for_step`):
-    :data:`SQRT` when ``c.use_sqrt`` (``learning_rate_power == -0.5``), else this one."""
-    return SQRT if c.use_sqrt != 0 else sys.modules[__name__]

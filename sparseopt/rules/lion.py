@@ -50,27 +50,33 @@ def update(p, g, m, s1, s2, c):
 # as long as beta_1 m_t does not underflow to zero inside the window (then: replay).
 # Exact to rounding.
 
-IDLE_COLUMNS = 3                          # D, prod beta_2, sum_t lr_t D(t)
+from sparseopt.rules import _idle  # noqa: E402
+
+#: D, prod beta_2, sum_t lr_t D(t)
+COLUMNS = _idle.columns(beta_2_product=1, learning_rate_sum=1)
+IDLE_COLUMNS = COLUMNS.count
 IDLE_CONSTANT = ()
 #: Below this, beta_1 m_t might underflow inside the window: replay instead.
 _SAFE_MAGNITUDE = 1e-30
 
 
 def idle_table_init(t):
-    t[1] = 1.0
+    t[COLUMNS.beta_2_product] = 1.0
 
 
 def idle_table_step(t, t_next, rec):
-    t[1] = rec.beta_2 * t_next[1]
-    t[2] = rec.learning_rate * t_next[0] + t_next[2]
+    t[COLUMNS.beta_2_product] = rec.beta_2 * t_next[COLUMNS.beta_2_product]
+    lr_sum = t_next[COLUMNS.learning_rate_sum]
+    t[COLUMNS.learning_rate_sum] = rec.learning_rate * t_next[COLUMNS.decay] + lr_sum
 
 
 def idle_apply(p, m, s1, s2, t, c, tol, zero):
     # Branch-free (every case computed, then selected; the table read unconditionally),
     # so the CPU catch-up pass over a row vectorizes.
-    decay = p * t[0]
-    m_new = m * t[1]
-    lr_sum = t[2]
+    decay = p * t[COLUMNS.decay]
+    m_decay = t[COLUMNS.beta_2_product]
+    m_new = m * m_decay
+    lr_sum = t[COLUMNS.learning_rate_sum]
     moved = decay - lr_sum if m > 0 else decay + lr_sum
-    ok = (m == 0) | (abs(m) * t[1] * c.beta_1 > _SAFE_MAGNITUDE)
+    ok = (m == 0) | (abs(m) * m_decay * c.beta_1 > _SAFE_MAGNITUDE)
     return (decay if m == 0 else moved), m_new, s1, s2, ok

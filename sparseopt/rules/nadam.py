@@ -89,29 +89,32 @@ def update(p, g, m, v, s2, c):
 
 from sparseopt.rules import _idle  # noqa: E402
 
-IDLE_COLUMNS = 3 + _idle.SERIES_COLUMNS    # D, prod beta_1, prod beta_2, W_0..
+#: D, prod beta_1, prod beta_2, W_n (eps-series)
+COLUMNS = _idle.columns(beta_1_product=1, beta_2_product=1, series=_idle.SERIES_COLUMNS)
+IDLE_COLUMNS = COLUMNS.count
 IDLE_CONSTANT = ("epsilon",)
 
 
 def idle_table_init(t):
-    t[1] = 1.0
-    t[2] = 1.0
+    t[COLUMNS.beta_1_product] = 1.0
+    t[COLUMNS.beta_2_product] = 1.0
 
 
 def idle_table_step(t, t_next, rec):
     b1 = 1.0 - rec.one_minus_beta_1
     b2 = 1.0 - rec.one_minus_beta_2
-    t[1] = b1 * t_next[1]
-    t[2] = b2 * t_next[2]
+    t[COLUMNS.beta_1_product] = b1 * t_next[COLUMNS.beta_1_product]
+    t[COLUMNS.beta_2_product] = b2 * t_next[COLUMNS.beta_2_product]
     e = math.sqrt(rec.v_correction)
-    _idle.moment_series_step(t, t_next, 3, rec.learning_rate * rec.m_weight * e, b1, b2, 0.5, e)
+    _idle.moment_series_step(t, t_next, COLUMNS.series, rec.learning_rate * rec.m_weight * e, b1, b2,
+                             0.5, e)
 
 
 def idle_apply(p, m, v, s2, t, c, tol, zero):
     # Branch-free, as adam.idle_apply (the CPU catch-up pass over a row vectorizes).
-    m_new = m * t[1]
-    v_new = v * t[2]
-    decay = p * t[0]
-    limit = _idle.SERIES_LIMIT * math.sqrt(t[2])
-    p_new, ok = _idle.series_apply(decay, m, math.sqrt(v), c.epsilon, t, 3, limit, tol)
+    m_new = m * t[COLUMNS.beta_1_product]
+    v_new = v * t[COLUMNS.beta_2_product]
+    decay = p * t[COLUMNS.decay]
+    limit = _idle.SERIES_LIMIT * math.sqrt(t[COLUMNS.beta_2_product])
+    p_new, ok = _idle.series_apply(decay, m, math.sqrt(v), c.epsilon, t, COLUMNS.series, limit, tol)
     return p_new, m_new, v_new, s2, ok

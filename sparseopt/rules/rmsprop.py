@@ -75,27 +75,32 @@ def update(p, g, rms, mom, mg, c):
 # velocity decays by mu and still moves p: closed form p <- D p - b sum_t mu^(t-L) D(t).
 # Exact to rounding (bit-exact for p without momentum and weight decay).
 
-IDLE_COLUMNS = 4                          # D, prod rho, prod mu, sum_t mu^(t-L) D(t)
+from sparseopt.rules import _idle  # noqa: E402
+
+#: D, prod rho, prod mu, sum_t mu^(t-L) D(t)
+COLUMNS = _idle.columns(rho_product=1, momentum_product=1, momentum_sum=1)
+IDLE_COLUMNS = COLUMNS.count
 IDLE_CONSTANT = ("momentum", "use_momentum", "centered", "legacy_plain")
 
 
 def idle_table_init(t):
-    t[1] = 1.0
-    t[2] = 1.0
+    t[COLUMNS.rho_product] = 1.0
+    t[COLUMNS.momentum_product] = 1.0
 
 
 def idle_table_step(t, t_next, rec):
-    t[1] = rec.rho * t_next[1]
-    t[2] = rec.momentum * t_next[2]
-    t[3] = rec.momentum * (t_next[0] + t_next[3])
+    t[COLUMNS.rho_product] = rec.rho * t_next[COLUMNS.rho_product]
+    t[COLUMNS.momentum_product] = rec.momentum * t_next[COLUMNS.momentum_product]
+    t[COLUMNS.momentum_sum] = rec.momentum * (t_next[COLUMNS.decay] + t_next[COLUMNS.momentum_sum])
 
 
 def idle_apply(p, rms, mom, mg, t, c, tol, zero):
     # Branch-free (the table read unconditionally), so the CPU catch-up pass vectorizes.
-    decay = p * t[0]
-    moving = t[3]
+    decay = p * t[COLUMNS.decay]
+    moving = t[COLUMNS.momentum_sum]
     moved = decay - mom * moving
     p_new = moved if (c.legacy_plain == 0) & (c.use_momentum != 0) else decay
     # epsilon == 0: replay (0/0 is NaN in the dense rule; see _idle.EPSILON_ZERO)
     ok = c.epsilon_inside + c.epsilon_outside > 0
-    return p_new, rms * t[1], mom * t[2], mg * t[1], ok
+    rho_product = t[COLUMNS.rho_product]
+    return p_new, rms * rho_product, mom * t[COLUMNS.momentum_product], mg * rho_product, ok

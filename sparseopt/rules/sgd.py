@@ -54,25 +54,29 @@ def update(p, g, b, s1, s2, c):
 # closed form p <- D p + b sum_t mu^(t-L) D(t), b <- b mu^k. Without momentum p only
 # decays. Exact to rounding (bit-exact without momentum and weight decay).
 
-IDLE_COLUMNS = 3                          # D, prod mu, sum_t mu^(t-L) D(t)
+from sparseopt.rules import _idle  # noqa: E402
+
+#: D, prod mu, sum_t mu^(t-L) D(t)
+COLUMNS = _idle.columns(momentum_product=1, momentum_sum=1)
+IDLE_COLUMNS = COLUMNS.count
 IDLE_CONSTANT = ("momentum", "use_momentum", "nesterov")
 
 
 def idle_table_init(t):
-    t[1] = 1.0
+    t[COLUMNS.momentum_product] = 1.0
 
 
 def idle_table_step(t, t_next, rec):
-    t[1] = rec.momentum * t_next[1]
-    t[2] = rec.momentum * (t_next[0] + t_next[2])
+    t[COLUMNS.momentum_product] = rec.momentum * t_next[COLUMNS.momentum_product]
+    t[COLUMNS.momentum_sum] = rec.momentum * (t_next[COLUMNS.decay] + t_next[COLUMNS.momentum_sum])
 
 
 def idle_apply(p, b, s1, s2, t, c, tol, zero):
     # Branch-free (both cases computed, then selected; the table read unconditionally),
     # so the CPU catch-up pass over a row vectorizes.
-    decay = t[0]
-    b_decay = t[1]
-    b_sum = t[2]
+    decay = t[COLUMNS.decay]
+    b_decay = t[COLUMNS.momentum_product]
+    b_sum = t[COLUMNS.momentum_sum]
     scale = c.momentum if c.nesterov != 0 else c.use_momentum
     moved = p * decay + b * scale * b_sum
     if c.use_momentum == 0:
