@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from sparseopt import errors
+from sparseopt import _cuda, _cuda_factored, errors
 from sparseopt._hyperparameters import Range
 from sparseopt.kernels import factored
 from sparseopt.optimizer import Optimizer, _SparseUpdate
@@ -35,9 +35,12 @@ class Adafactor(Optimizer):
 
     ``sparse_mode="exact"`` is refused (a :class:`~sparseopt.errors.HyperparameterError` at
     construction): the dense step of a row depends on statistics over the whole variable.
-    16-bit variables and CUDA arrays are refused (a
-    :class:`~sparseopt.errors.DtypeMismatchError`): the factored kernels are CPU, float32
-    and float64 only. A variable with no elements is left as it is.
+    16-bit variables are refused (a :class:`~sparseopt.errors.DtypeMismatchError`): the
+    factored kernels are float32 and float64 only. CUDA arrays run the CUDA factored
+    kernels (:mod:`sparseopt.kernels.cuda_factored`), with ``r``, ``c`` and ``v`` on the
+    variable's device: the same steps, their sums taken in the CPU kernels' order (the
+    CPU's bits on the simulator; a few ulps apart on a GPU, which fuses multiply-adds). A
+    variable with no elements is left as it is.
 
     Args:
         learning_rate: float, callable or schedule. Defaults to 0.001. The step uses
@@ -101,12 +104,11 @@ class Adafactor(Optimizer):
 
     def _check_variable(self, var, name):
         super()._check_variable(var, name)
-        dtype = getattr(var, "dtype", None)
-        if not isinstance(var, np.ndarray) or dtype not in (np.float32, np.float64):
-            where = "a CUDA array" if not isinstance(var, np.ndarray) else f"dtype {dtype}"
+        dtype = var.dtype if isinstance(var, np.ndarray) else _cuda.check_variable(var, name).array.dtype
+        if dtype not in (np.float32, np.float64):
             raise errors.DtypeMismatchError(
-                f"{name!r}: Adafactor runs on float32 and float64 NumPy arrays only; got {where} "
-                "(its factored kernels have no CUDA or 16-bit version)")
+                f"{name!r}: Adafactor runs on float32 and float64 variables only; got dtype {dtype} "
+                "(its factored kernels have no 16-bit version)")
 
     def _state_for(self, var, name=None):
         """A variable of rank < 2 keeps ``v`` in the slot storage; one of rank >= 2 keeps
@@ -121,8 +123,13 @@ class Adafactor(Optimizer):
         self._states[id(var)] = state
         self._weights.extend((state, slot_name) for slot_name in kept)
         if len(shape) >= 2:
-            for slot_name, slot_shape in zip(rule.FACTORED_SLOTS, rule.factored_shapes(shape)):
-                state.add_extra_slot(slot_name, "zeros", slot_shape)
+            shapes = rule.factored_shapes(shape)
+            on_device = None if isinstance(var, np.ndarray) else _cuda_factored.statistics(var, shapes)
+            for i, (slot_name, slot_shape) in enumerate(zip(rule.FACTORED_SLOTS, shapes)):
+                if on_device is None:
+                    state.add_extra_slot(slot_name, "zeros", slot_shape)
+                else:  # on the variable's device
+                    state.slots[slot_name] = on_device[i]
                 self._weights.append((state, slot_name))
         return state
 
@@ -131,14 +138,17 @@ class Adafactor(Optimizer):
 
     def _run_constrained(self, updates, coefficients, wd, constraints):
         """The base class's, with ``r`` and ``c`` (not in the slot storage, which its
-        snapshot keeps) kept and restored too."""
-        kept = [(state.slots[n], state.slots[n].copy()) for state, _ in updates
+        snapshot keeps) kept and restored too (a CUDA variable's through the host)."""
+        kept = [(state.slots[n], _cuda.to_host(state.slots[n])) for state, _ in updates
                 for n in rule.FACTORED_SLOTS if n in state.slots]
         try:
             super()._run_constrained(updates, coefficients, wd, constraints)
         except BaseException:
             for array, copy in kept:
-                np.copyto(array, copy)
+                if isinstance(array, np.ndarray):
+                    np.copyto(array, copy)
+                else:
+                    _cuda.copy_from_host(array, copy)
             raise
 
 
@@ -153,10 +163,13 @@ class _FactoredUpdate:
         self.inner = inner
 
     def run(self, rule_module, state, c, wd, has_wd):
+        update = self.inner
+        if getattr(update, "on_device", False):  # a CUDA update: the CUDA factored kernels
+            _cuda_factored.run(rule_module, state, update, c, wd, has_wd)
+            return
         var = state.var
         if var.size == 0:
             return
-        update = self.inner
         sparse = isinstance(update, _SparseUpdate)
         if sparse:
             if update.rows.size == 0:
