@@ -54,8 +54,10 @@ def test_dense_steps_match_the_cpu(shape, dtype, wd):
     assert_state_matches(opt, var, cpu_opt, cpu_var)
 
 
-@pytest.mark.parametrize("shape, dtype, wd, k", [((50,), np.float64, None, 40), ((60, 11), np.float32, 0.05, 40),
-                                                 ((30, 3, 5), np.float64, 0.05, 12)], ids=["vector", "table", "3d"])
+@pytest.mark.parametrize("shape, dtype, wd, k", [((50,), np.float64, None, 40),
+                                                 ((60, 11), np.float32, 0.05, 40),
+                                                 ((30, 3, 5), np.float64, 0.05, 12)],
+                         ids=["vector", "table", "3d"])
 def test_sparse_steps_match_the_cpu(shape, dtype, wd, k):
     """Three sparse steps with duplicates (a hot row): the touched rows summed, then
     stepped as a table of their own; untouched rows and their ``r`` stay as they were."""
@@ -89,8 +91,8 @@ def test_clipping_and_a_schedule_match_the_cpu(clip):
     steps = [(sparse_batch(rng, 60, 11, 40, np.float32), rng.normal(size=w0.shape).astype(np.float32))
              for _ in range(3)]
     var, w, cpu_var, cpu_w = dev(p0), dev(w0), p0.copy(), w0.copy()
-    opt, cpu_opt = (so.Adafactor(**{**HP, **clip, "learning_rate": so.schedules.ExponentialDecay(0.2, 1, 0.5)})
-                    for _ in range(2))
+    schedule = so.schedules.ExponentialDecay(0.2, decay_steps=1, decay_rate=0.5)
+    opt, cpu_opt = (so.Adafactor(**{**HP, **clip, "learning_rate": schedule}) for _ in range(2))
     for (values, idx), gw in steps:
         opt.apply_gradients([(dev_slices(values, idx), var), (dev(gw), w)])
         cpu_opt.apply_gradients([(so.IndexedSlices(values, idx), cpu_var), (gw, cpu_w)])
