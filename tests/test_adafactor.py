@@ -260,6 +260,6 @@ def test_bad_input_writes_nothing():
     assert opt.iterations == before[3]
     half = np.ones(3, np.float16)
     with pytest.raises(errors.DtypeMismatchError,
-                       match=r"Adafactor runs on float32 and float64 NumPy arrays only; got dtype float16"):
+                       match=r"Adafactor runs on float32 and float64 variables only; got dtype float16"):
         opt.apply_gradients([(np.ones(3, np.float16), half), (np.ones((10, 3)), p)])
     np.testing.assert_array_equal(p, before[0])

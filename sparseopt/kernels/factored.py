@@ -14,9 +14,12 @@ touched rows, gathered by the caller) in three passes:
 
 Every sum is taken over blocks fixed by the shape alone (:data:`PARTS` flat blocks;
 ``min(R, ROW_BLOCKS)`` blocks of rows per matrix), each block in order, then the blocks
-in order: the same bits for any number of threads. The rule's functions are bound as
-globals of a specialized template (:func:`sparseopt.kernels._specialize.specialize`), so
-the kernels cache on disk as the generic ones do.
+in order: the same bits for any number of threads. The CUDA kernels
+(:mod:`sparseopt.kernels.cuda_factored`) take the same sums in the same order: change both
+together (``tests/cuda/test_cuda_adafactor.py`` compares their bits on the simulator). The
+rule's functions are bound as globals of a specialized template
+(:func:`sparseopt.kernels._specialize.specialize`), so the kernels cache on disk as the
+generic ones do.
 """
 
 import functools

@@ -4,6 +4,7 @@ import numpy as np
 
 from sparseopt import backends, errors
 from sparseopt._hyperparameters import Range
+from sparseopt.backends import cuda_factored
 from sparseopt.backends.cpu import SparseUpdate as _SparseUpdate
 from sparseopt.kernels import factored
 from sparseopt.optimizer import Optimizer
@@ -36,9 +37,12 @@ class Adafactor(Optimizer):
 
     ``sparse_mode="exact"`` is refused (a :class:`~sparseopt.errors.HyperparameterError` at
     construction): the dense step of a row depends on statistics over the whole variable.
-    16-bit variables and CUDA arrays are refused (a
-    :class:`~sparseopt.errors.DtypeMismatchError`): the factored kernels are CPU, float32
-    and float64 only. A variable with no elements is left as it is.
+    16-bit variables are refused (a :class:`~sparseopt.errors.DtypeMismatchError`): the
+    factored kernels are float32 and float64 only. CUDA arrays run the CUDA factored
+    kernels (:mod:`sparseopt.kernels.cuda_factored`), with ``r``, ``c`` and ``v`` on the
+    variable's device: the same steps, their sums taken in the CPU kernels' order (the
+    CPU's bits on the simulator; a few ulps apart on a GPU, which fuses multiply-adds). A
+    variable with no elements is left as it is.
 
     Args:
         learning_rate: float, callable or schedule. Defaults to 0.001. The step uses
@@ -102,12 +106,11 @@ class Adafactor(Optimizer):
 
     def _check_variable(self, var, name):
         super()._check_variable(var, name)
-        dtype = getattr(var, "dtype", None)
-        if backends.backend_for(var).on_device or dtype not in (np.float32, np.float64):
-            where = "a CUDA array" if backends.backend_for(var).on_device else f"dtype {dtype}"
+        dtype = backends.backend_for(var).dtype_of(var)
+        if dtype not in (np.float32, np.float64):
             raise errors.DtypeMismatchError(
-                f"{name!r}: Adafactor runs on float32 and float64 NumPy arrays only; got {where} "
-                "(its factored kernels have no CUDA or 16-bit version)")
+                f"{name!r}: Adafactor runs on float32 and float64 variables only; got dtype {dtype} "
+                "(its factored kernels have no 16-bit version)")
 
     def _state_for(self, var, name=None):
         """A variable of rank < 2 keeps ``v`` in the slot storage; one of rank >= 2 keeps
@@ -122,8 +125,13 @@ class Adafactor(Optimizer):
         self._states[id(var)] = state
         self._weights.extend((state, slot_name) for slot_name in kept)
         if len(shape) >= 2:
-            for slot_name, slot_shape in zip(rule.FACTORED_SLOTS, rule.factored_shapes(shape)):
-                state.add_extra_slot(slot_name, "zeros", slot_shape)
+            shapes = rule.factored_shapes(shape)
+            on_device = cuda_factored.statistics(var, shapes) if state.backend.on_device else None
+            for i, (slot_name, slot_shape) in enumerate(zip(rule.FACTORED_SLOTS, shapes)):
+                if on_device is None:
+                    state.add_extra_slot(slot_name, "zeros", slot_shape)
+                else:  # on the variable's device
+                    state.slots[slot_name] = on_device[i]
                 self._weights.append((state, slot_name))
         return state
 
@@ -132,14 +140,14 @@ class Adafactor(Optimizer):
 
     def _run_constrained(self, updates, coefficients, wd, constraints):
         """The base class's, with ``r`` and ``c`` (not in the slot storage, which its
-        snapshot keeps) kept and restored too."""
-        kept = [(state.slots[n], state.slots[n].copy()) for state, _ in updates
+        snapshot keeps) kept and restored too (a CUDA variable's through the host)."""
+        kept = [(state.slots[n], state.backend.to_host(state.slots[n]), state.backend) for state, _ in updates
                 for n in rule.FACTORED_SLOTS if n in state.slots]
         try:
             super()._run_constrained(updates, coefficients, wd, constraints)
         except BaseException:
-            for array, copy in kept:
-                np.copyto(array, copy)
+            for array, copy, backend in kept:
+                backend.copy_from_host(array, copy)
             raise
 
 
@@ -154,10 +162,13 @@ class _FactoredUpdate:
         self.inner = inner
 
     def run(self, rule_module, state, c, wd, has_wd):
+        update = self.inner
+        if getattr(update, "on_device", False):  # a CUDA update: the CUDA factored kernels
+            cuda_factored.run(rule_module, state, update, c, wd, has_wd)
+            return
         var = state.var
         if var.size == 0:
             return
-        update = self.inner
         sparse = isinstance(update, _SparseUpdate)
         if sparse:
             if update.rows.size == 0:

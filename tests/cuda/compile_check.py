@@ -185,6 +185,40 @@ def compile_batched(kc, dd, i64):
     return count
 
 
+def compile_factored():
+    """The kernels of a factored rule (Adafactor; not in the optimizer table, whose generic
+    suites include exact mode): the flat unit's and the matrices', float32 and float64; the
+    two that apply weight decay also without it (float32)."""
+    import sparseopt as so
+    from sparseopt.kernels import cuda_factored as cf
+    opt = so.Adafactor()
+    rule = opt._rule
+    coefficients = opt._coefficients(opt._resolved_hypers(), 1)
+    i8 = types.int64
+    count = 0
+    for dtype in (np.float32, np.float64):
+        c = type(coefficients)(*(np.dtype(dtype).type(x) for x in coefficients))
+        ctype, scal = numba.typeof(c), numba.from_dtype(np.dtype(dtype))
+        f1, f2, f3 = arr(dtype, 1), arr(dtype, 2), arr(dtype, 3)
+        for has_wd in ((False, True) if dtype == np.float32 else (True,)):
+            compile_one(cf.kernel(cf._plain_lanes_template, rule, has_wd, dtype, 256),
+                        (f1, f1, f1, ctype, scal, i8, f2))
+            compile_one(cf.kernel(cf._row_terms_template, rule, has_wd, dtype, 256),
+                        (f3, f3, f2, ctype, scal, scal, f2))
+            count += 2
+        compile_one(cf.kernel(cf._row_directions_template, rule, False, dtype, 256), (f3, f2, f2, f1, scal, f2))
+        plain = functools.partial(cf.kernel, rule_module=rule, has_wd=False, dtype=None, threads=None)
+        compile_one(plain(cf._plain_parts_template), (f2, i8, i8, scal, f2))
+        compile_one(plain(cf._scale_template), (f1, f1, scal, ctype, f1))
+        compile_one(plain(cf._plain_apply_template), (f1, f1, f1, f1))
+        compile_one(plain(cf._column_partials_template), (f3, ctype, i8, scal, f2))
+        compile_one(plain(cf._block_sums_template), (f2, i8, scal, f1))
+        compile_one(plain(cf._column_stats_template), (f2, f1, f2, ctype, i8, scal, f1))
+        compile_one(plain(cf._factored_apply_template), (f3, f3, f2, f2, f1, f1))
+        count += 8
+    return count
+
+
 def main():
     problem = toolchain_problem()
     if problem:
@@ -243,6 +277,7 @@ def main():
     count += compile_low_precision(kc, i64)
     count += compile_batched(kc, dd, i64)
     count += compile_reductions(kc, i64)
+    count += compile_factored()
     for dtype in (np.float32, np.float64):
         scal = numba.from_dtype(np.dtype(dtype))
         f1 = arr(dtype, 1)

@@ -149,17 +149,3 @@ def test_array_that_cannot_export_its_interface():
         opt.apply_gradients([(dev(np.ones((ROWS, WIDTH), np.float32)), _CannotExport())])
     assert opt.iterations == 0
 
-
-def test_adafactor_refuses_a_cuda_variable():
-    """Adafactor's factored kernels are CPU only: a CUDA variable is refused, naming it,
-    before anything is written (a host variable of the same step included)."""
-    var, host_var = table(), np.ones((4, 3), np.float32)
-    opt = so.Adafactor()
-    before = snapshot(opt, var)
-    with pytest.raises(errors.DtypeMismatchError,
-                       match=r"Adafactor runs on float32 and float64 NumPy arrays only; got a CUDA array"):
-        opt.apply_gradients([(np.ones((4, 3), np.float32), host_var),
-                             (dev(np.ones((ROWS, WIDTH), np.float32)), var)])
-    assert_unchanged(before, opt, var)
-    np.testing.assert_array_equal(host_var, 1.0)
-    assert opt.iterations == 0
