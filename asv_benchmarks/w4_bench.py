@@ -408,9 +408,9 @@ HOST_PARTS = ("host", "validate", "plan", "run")
 
 class HostParts:
     """Seconds per ``train_on_batch`` call inside the bridge's host step (``host``: all of
-    ``HostStep.__call__``), its validation (``validate``: the checks and the plans), the
-    de-duplication plans (``plan``: ``backends.cpu.plan_sparse``, or ``SparseUpdate.plan`` table
-    by table on the per-table path) and the kernels (``run``:
+    ``HostStep.__call__``), its validation (``validate``: ``StepConfig.validate``, the core's
+    checks and the plans), the de-duplication plans (``plan``: ``backends.cpu.plan_sparse``, or
+    ``SparseUpdate.plan`` table by table on the per-table path) and the kernels (``run``:
     ``engine.run_lazy``, with its Python), by wrapping those functions. The models run
     one at a time: :meth:`call` names the one that runs."""
 
@@ -423,7 +423,7 @@ class HostParts:
         self._now = None
         self._originals = []
         for owner, attr, part in ((_host.HostStep, "__call__", "host"),
-                                  (_host.HostStep, "_validate", "validate"),
+                                  (engine.StepConfig, "validate", "validate"),
                                   (cpu, "plan_sparse", "plan"),
                                   (cpu.SparseUpdate, "plan", "plan"),
                                   (engine, "run_lazy", "run")):

@@ -29,6 +29,11 @@ and, through ``sparseopt_tf.keras_optimizer``, a Keras 3 class.
   unit is the whole variable in a dense step and each touched row in a sparse step (as the
   built-in ``Lamb``, :mod:`sparseopt.rules.lamb`); such a rule has no
   ``sparse_mode="exact"`` (an idle row's dense step would depend on the whole variable).
+* with ``row_slots`` (per-row state, one value per row: FBGEMM's row-wise rules), a **row
+  stage** ``row=(term, update)``: ``term(p, g, c)`` per element, averaged over the row;
+  ``update(r0, r1, r2, mean, c) -> (r0, r1, r2)`` once per touched row; and the rule's
+  ``update(p, g, s0, s1, s2, r0, r1, r2, c)`` reads the row slots' new values (as the built-in
+  ``RowwiseAdagrad``, :mod:`sparseopt.rules.rowwise_adagrad`). No ``sparse_mode="exact"``.
 
 Example (Adam without bias correction, checked against its formula):
 
@@ -55,12 +60,18 @@ import types
 
 from sparseopt import errors
 from sparseopt.optimizer import Optimizer
+from sparseopt.optimizers._rowwise import RowwiseOptimizer
 
 #: Slots a rule may have (the kernels' element step passes three).
 MAX_SLOTS = 3
 
 _UPDATE_ARGS = ("p", "g", "s0", "s1", "s2", "c")
-_COUNTS = {3: "three", 4: "four", 6: "six"}
+#: ``update``'s arguments in a rule with per-row slots: it also reads the row slots' new values.
+_ROW_UPDATE_ARGS = ("p", "g", "s0", "s1", "s2", "r0", "r1", "r2", "c")
+#: A row stage's functions and their arguments (the built-in RowwiseAdagrad's ``row_term``
+#: and ``row_update``).
+_ROW_ARGS = {"term": ("p", "g", "c"), "update": ("r0", "r1", "r2", "mean", "c")}
+_COUNTS = {3: "three", 4: "four", 5: "five", 6: "six", 9: "nine"}
 #: A reduction stage's functions and their arguments (the built-in Lamb's ``reduce_*``).
 _REDUCTION_ARGS = {"terms": ("p", "g", "s0", "s1", "s2", "c"), "scale": ("sum_t0", "sum_t1", "c"),
                    "apply": ("p", "d", "scale", "c")}
@@ -71,11 +82,15 @@ _RESERVED = frozenset(inspect.signature(Optimizer.__init__).parameters) - {"lear
 
 class Rule:
     """An optimizer's math: ``name``, ``slots``, ``coefficients`` and ``update``, or a
-    ``reduction`` stage in place of ``update`` (see the module docstring).
+    ``reduction`` stage in place of ``update``; with ``row_slots``, a ``row`` stage too (see
+    the module docstring).
 
     Attributes:
         name: the rule's name (an identifier; the default optimizer name).
         slots: the slot names, at most three, in the order ``update`` takes them.
+        row_slots: the per-row slot names (one value per row of the variable), at most
+            three, in the order ``row``'s ``update`` and ``update`` take them; ``()`` for none.
+        row: ``(term, update)`` of a rule with ``row_slots``, else ``None``.
         hyperparameters: ``{name: default}`` from ``coefficients``' keyword parameters.
         fields: the names of the coefficients, from one call of ``coefficients`` at
             step 1 with the defaults.
@@ -84,14 +99,23 @@ class Rule:
             ``update``, and a cache key from the two functions' sources).
     """
 
-    def __init__(self, name, slots, coefficients, update=None, *, reduction=None):
+    def __init__(self, name, slots, coefficients, update=None, *, reduction=None, row_slots=(), row=None):
         if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
             raise errors.HyperparameterError(f"Rule: name must be an identifier; got {name!r}")
-        slots = tuple(slots)
-        if (len(slots) > MAX_SLOTS or len(set(slots)) != len(slots)
-                or not all(isinstance(s, str) and s for s in slots)):
+        slots = _slot_names(name, "slots", slots)
+        row_slots = _slot_names(name, "row_slots", row_slots, taken=slots)
+        if bool(row_slots) != (row is not None):
             raise errors.HyperparameterError(
-                f"Rule {name!r}: slots must be at most {MAX_SLOTS} distinct names; got {slots!r}")
+                f"Rule {name!r}: per-row slots need a row stage: give row_slots and row=(term, update) "
+                f"together; got {'row_slots' if row_slots else 'row'} alone")
+        if row is not None:
+            row = tuple(row) if isinstance(row, (tuple, list)) else (row,)
+            if len(row) != 2:
+                raise errors.HyperparameterError(
+                    f"Rule {name!r}: row is (term, update), two functions; got {len(row)} items")
+            if reduction is not None:
+                raise errors.HyperparameterError(
+                    f"Rule {name!r}: a rule has a row stage or a reduction stage, not both")
         if (update is None) == (reduction is None):
             raise errors.HyperparameterError(
                 f"Rule {name!r}: give update, or reduction=(terms, scale, apply) in its place; "
@@ -104,14 +128,16 @@ class Rule:
                     f"{len(reduction)} items")
         functions = [("coefficients", coefficients)] + (
             [("update", update)] if reduction is None
-            else [(f"reduction's {k}", fn) for k, fn in zip(_REDUCTION_ARGS, reduction)])
+            else [(f"reduction's {k}", fn) for k, fn in zip(_REDUCTION_ARGS, reduction)]) + (
+            [(f"row's {k}", fn) for k, fn in zip(_ROW_ARGS, row)] if row is not None else [])
         for what, fn in functions:
             if not callable(fn):
                 raise errors.HyperparameterError(f"Rule {name!r}: {what} must be a function; got {fn!r}")
-        self.name, self.slots = name, slots
-        self._coefficients, self._update, self.reduction = coefficients, update, reduction
+        self.name, self.slots, self.row_slots = name, slots, row_slots
+        self._coefficients, self._update, self.reduction, self.row = coefficients, update, reduction, row
         self.hyperparameters = _hyperparameters(name, coefficients)
-        arguments = list(_REDUCTION_ARGS.values()) if reduction is not None else [_UPDATE_ARGS]
+        arguments = (list(_REDUCTION_ARGS.values()) if reduction is not None
+                     else [_ROW_UPDATE_ARGS] + list(_ROW_ARGS.values()) if row is not None else [_UPDATE_ARGS])
         for (what, fn), expected in zip(functions[1:], arguments):
             params = inspect.signature(fn).parameters
             if len(params) != len(expected):
@@ -150,6 +176,7 @@ class Rule:
         """
         class_name = class_name or self.name
         rule = self
+        base = RowwiseOptimizer if self.row is not None else Optimizer
         flags = tuple(k for k, d in self.hyperparameters.items() if isinstance(d, bool))
         hyper_names = tuple(k for k in self.hyperparameters if k not in flags)
         params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
@@ -170,8 +197,12 @@ class Rule:
                     f"{values['name']}: a rule with a reduction stage has no sparse_mode='exact': "
                     "the dense step of an idle row depends on sums over the whole variable; use "
                     "sparse_mode='lazy'")
-            Optimizer.__init__(self, learning_rate=values.pop("learning_rate"), name=values.pop("name"),
-                               **extra)
+            if rule.row is not None and extra.get("sparse_mode") == "exact":
+                raise errors.HyperparameterError(
+                    f"{values['name']}: a rule with per-row slots has no sparse_mode='exact' (exact "
+                    "mode would replay its idle rows' steps, which the row stage's kernels do not); "
+                    "use sparse_mode='lazy'")
+            base.__init__(self, learning_rate=values.pop("learning_rate"), name=values.pop("name"), **extra)
             for key, value in values.items():
                 setattr(self, key, value)
 
@@ -182,21 +213,34 @@ class Rule:
             return rule.coefficients(step, values)
 
         def get_config(self):
-            config = Optimizer.get_config(self)
+            config = base.get_config(self)
             config.update({k: getattr(self, k) for k in flags})
             return config
 
         doc = (f"{class_name}: the optimizer of :class:`sparseopt.Rule` {self.name!r} (slots "
-               f"{', '.join(self.slots) or 'none'}; hyperparameters "
+               f"{', '.join(self.slots) or 'none'}"
+               f"{'; row slots ' + ', '.join(self.row_slots) if self.row_slots else ''}; hyperparameters "
                f"{', '.join(f'{k}={d!r}' for k, d in self.hyperparameters.items())}).")
-        return type(class_name, (Optimizer,), {
+        return type(class_name, (base,), {
             "__init__": __init__, "_coefficients": _coefficients, "get_config": get_config,
             "_rule": self.module, "_hyper_names": hyper_names,
-            "_settings": {**Optimizer._settings, **{k: "flag" for k in flags}}, "rule": self, "__doc__": doc,
+            "_settings": {**base._settings, **{k: "flag" for k in flags}}, "rule": self, "__doc__": doc,
             "__module__": getattr(self._update, "__module__", __name__)})
 
     def __repr__(self):
-        return f"Rule({self.name!r}, slots={self.slots}, hyperparameters={self.hyperparameters})"
+        rows = f", row_slots={self.row_slots}" if self.row_slots else ""
+        return f"Rule({self.name!r}, slots={self.slots}{rows}, hyperparameters={self.hyperparameters})"
+
+
+def _slot_names(rule_name, what, names, taken=()):
+    """``names`` as a tuple: at most ``MAX_SLOTS`` distinct non-empty strings, none in ``taken``."""
+    names = tuple(names)
+    if (len(names) > MAX_SLOTS or len(set(names)) != len(names) or set(names) & set(taken)
+            or not all(isinstance(s, str) and s for s in names)):
+        also = ", none of them also in slots" if taken else ""
+        raise errors.HyperparameterError(
+            f"Rule {rule_name!r}: {what} must be at most {MAX_SLOTS} distinct names{also}; got {names!r}")
+    return names
 
 
 def _hyperparameters(name, coefficients):
@@ -241,11 +285,15 @@ def _rule_module(rule):
     if rule.reduction is None:
         module.update = rule._update
         functions = [rule._update]
+        if rule.row is not None:  # the row-reduction kernels' stage (sparseopt.rules, "Row-wise rules")
+            module.ROW_SLOTS = rule.row_slots
+            module.row_term, module.row_update = rule.row
+            functions += list(rule.row)
     else:  # the kernels' reduction stage (sparseopt.rules, "Reduction rules")
         module.REDUCTION = True
         module.reduce_terms, module.reduce_scale, module.reduce_apply = rule.reduction
         functions = list(rule.reduction)
     digest = hashlib.sha1("\0".join([_source(fn) for fn in functions] + [
-        _source(rule._coefficients), repr(rule.slots), repr(rule.fields)]).encode())
+        _source(rule._coefficients), repr(rule.slots), repr(rule.row_slots), repr(rule.fields)]).encode())
     module.__rule_key__ = f"{rule.name}_{digest.hexdigest()[:10]}"
     return module

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -34,3 +36,12 @@ def test_w4_bench_quick_tiny():
     assert any("1 table (control)" in line for line in rows)
     assert "26 tables vs control: max abs difference: 0.00e+00" in out
     assert "| W4 core step within 1.5x of the probe |" in out
+
+
+def test_w4_bench_keras_part_tiny():
+    # The Keras part wraps the bridge's host step to time its parts: it must follow the
+    # bridge's code (a renamed method broke it once, unseen by the core-only run above).
+    pytest.importorskip("tf_keras")
+    out = _run("w4_bench.py", "--quick", "--parts", "keras", "--keras-cap", "300", "--tables", "3",
+               "--keras-batch", "64", "--keras-steps", "2", "--keras-warmup", "1", "--mlps", "small")
+    assert "| Keras DLRM step within 1.1x of the sink (small MLP) |" in out

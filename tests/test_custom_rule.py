@@ -258,3 +258,113 @@ def test_a_rule_with_a_reduction_stage_steps_as_the_built_in_lamb(dtype, rng):
         assert np.array_equal(ours.get_slot(mine, slot), builtin.get_slot(theirs, slot))
     with pytest.raises(errors.HyperparameterError, match="no sparse_mode='exact'"):
         MyLamb(sparse_mode="exact")
+
+
+# A rule with a row stage: per-row statistics (one value per row), as FBGEMM's row-wise rules
+# keep them. RowRMS: a per-row running mean of g^2 scales a per-element momentum.
+
+def _rowrms_coefficients(step, learning_rate=0.01, rho=0.9, beta=0.5, epsilon=1e-6):
+    return {"lr": learning_rate, "one_minus_rho": 1.0 - rho, "beta": beta, "epsilon": epsilon}
+
+
+def _rowrms_term(p, g, c):
+    return g * g
+
+
+def _rowrms_row(v, r1, r2, mean_g2, c):
+    return v + (mean_g2 - v) * c.one_minus_rho, r1, r2
+
+
+def _rowrms_update(p, g, m, s1, s2, v, r1, r2, c):
+    m = c.beta * m + g / (math.sqrt(v) + c.epsilon)
+    return p - c.lr * m, m, s1, s2
+
+
+ROWRMS = so.Rule("rowrms", ("m",), _rowrms_coefficients, _rowrms_update, row_slots=("v",),
+                 row=(_rowrms_term, _rowrms_row))
+
+
+def _rowrms_reference(p, v, m, g, rows, wd, lr, rho=0.9, beta=0.5, epsilon=1e-6):
+    """RowRMS's formula in float64 on ``rows`` (touched rows of a sparse step, all of a dense one)
+    of ``g`` (the de-duplicated gradient, dense), with decoupled weight decay first."""
+    for i in rows:
+        p[i] -= p[i] * wd * lr
+        v[i] += (np.mean(g[i] ** 2) - v[i]) * (1.0 - rho)
+        m[i] = beta * m[i] + g[i] / (math.sqrt(v[i]) + epsilon)
+        p[i] -= lr * m[i]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_rule_with_a_row_stage_equals_its_formula(dtype, rng):
+    """Per-row slots (``row_slots``, shape ``(rows,)``) updated once per touched row from the
+    mean over the row of ``row``'s term, then the element update reading them: dense and lazy
+    sparse steps (duplicates summed, only the touched rows move) with weight decay, against
+    the formula in float64."""
+    RowRMS = ROWRMS.optimizer_class("RowRMS")
+    opt = RowRMS(learning_rate=0.05, weight_decay=0.02)
+    p0 = rng.normal(size=(ROWS, WIDTH)).astype(dtype)
+    p, ref_p = p0.copy(), p0.astype(np.float64)
+    ref_v, ref_m = np.zeros(ROWS), np.zeros((ROWS, WIDTH))
+    lr, wd = float(np.float32(0.05)), float(np.float32(0.02))
+    for step in range(6):
+        if step % 3 == 2:
+            g = rng.normal(size=(ROWS, WIDTH)).astype(dtype)
+            opt.apply_gradients([(g, p)])
+            _rowrms_reference(ref_p, ref_v, ref_m, g.astype(np.float64), range(ROWS), wd, lr)
+        else:
+            values, idx = rng.normal(size=(8, WIDTH)).astype(dtype), rng.integers(0, ROWS // 2, 8)
+            opt.apply_gradients([(so.IndexedSlices(values, idx, p.shape), p)])
+            _rowrms_reference(ref_p, ref_v, ref_m, _densify(values, idx), np.unique(idx), wd, lr)
+    assert opt.get_slot(p, "v").shape == (ROWS,) and opt.get_slot_names() == ["m", "v"]
+    rel_close(p, ref_p, dtype)
+    rel_close(opt.get_slot(p, "v"), ref_v, dtype)
+    rel_close(opt.get_slot(p, "m"), ref_m, dtype)
+
+
+def test_a_row_stage_steps_as_the_built_in_rowwise_adagrad(rng):
+    """The built-in RowwiseAdagrad's functions as a user's rule: the same bits, dense and
+    sparse, one table and several in one call (the table-batched region), with weight decay."""
+    from sparseopt.rules import rowwise_adagrad as rw
+
+    def coefficients(step, learning_rate=0.01, epsilon=1e-8):
+        return rw.coefficients(learning_rate, epsilon)._asdict()
+
+    Mine = so.Rule("myrowwise", rw.SLOTS, coefficients, rw.update, row_slots=rw.ROW_SLOTS,
+                   row=(rw.row_term, rw.row_update)).optimizer_class()
+    tables = [rng.normal(size=(ROWS, WIDTH)).astype(np.float32), rng.normal(size=(12, 5)).astype(np.float32)]
+    mine, theirs = [t.copy() for t in tables], [t.copy() for t in tables]
+    ours, builtin = Mine(learning_rate=0.1, weight_decay=0.01), so.RowwiseAdagrad(learning_rate=0.1, weight_decay=0.01)
+    for step in range(4):
+        grads = [rng.normal(size=t.shape).astype(np.float32) if step == 2 else
+                 so.IndexedSlices(rng.normal(size=(7,) + t.shape[1:]).astype(np.float32),
+                                  rng.integers(0, t.shape[0], 7), t.shape) for t in tables]
+        ours.apply_gradients(list(zip(grads, mine)))
+        builtin.apply_gradients(list(zip(grads, theirs)))
+    for a, b, t in zip(mine, theirs, tables):
+        assert np.array_equal(a, b) and not np.array_equal(a, t)
+        assert np.array_equal(ours.get_slot(a, "accumulator"), builtin.get_slot(b, "accumulator"))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(row_slots=("v",)), "row_slots and row=.term, update. together; got row_slots alone"),
+    (dict(row=(_rowrms_term, _rowrms_row)), "got row alone"),
+    (dict(row_slots=("m",), row=(_rowrms_term, _rowrms_row)), "none of them also in slots"),
+    (dict(row_slots=("a", "b", "c", "d"), row=(_rowrms_term, _rowrms_row)), "row_slots must be at most 3"),
+    (dict(row_slots=("v",), row=(_rowrms_term,)), "two functions"),
+    (dict(row_slots=("v",), row=(_rowrms_term, _rowrms_row), update=lambda p, g, m, s1, s2, c: (p, m, s1, s2)),
+     "update takes .p, g, s0, s1, s2, r0, r1, r2, c., nine arguments"),
+    (dict(row_slots=("v",), row=(lambda p, g: g, _rowrms_row)), "row's term takes .p, g, c."),
+    (dict(row_slots=("v",), row=(_rowrms_term, _rowrms_row), update=None,
+          reduction=(lambda p, g, s0, s1, s2, c: (g, s0, s1, s2, p, g), lambda a, b, c: a, lambda p, d, s, c: p)),
+     "row stage or a reduction stage"),
+])
+def test_bad_row_stages_are_refused_by_name(kwargs, message):
+    args = dict(name="mine", slots=("m",), coefficients=_rowrms_coefficients, update=_rowrms_update)
+    args.update(kwargs)
+    with pytest.raises(errors.HyperparameterError, match=message):
+        so.Rule(**args)
+
+
+def test_a_row_stage_has_no_exact_mode():
+    with pytest.raises(errors.HyperparameterError, match="per-row slots has no sparse_mode='exact'"):
+        ROWRMS.optimizer_class()(sparse_mode="exact")

@@ -6,7 +6,7 @@
 * ``sparseopt_tf.legacy.<Name>``: ``tf_keras.optimizers.legacy.Optimizer``
   (Keras 2 ``OptimizerV2``) subclasses;
 * :func:`keras_optimizer`: the Keras 3 class of your own core optimizer
-  (:class:`sparseopt.Rule`);
+  (:class:`sparseopt.Rule`); ``sparseopt_tf.legacy.keras_optimizer``: its tf_keras class;
 * for ``sparse_mode="exact"``: :class:`Embedding` and :func:`embedding_lookup` (lookups
   that read caught-up rows) and the :class:`ExactFlush` callback.
 

@@ -14,6 +14,7 @@ import inspect
 from dataclasses import dataclass
 
 import sparseopt.optimizers as core_optimizers
+from sparseopt.optimizer import Optimizer as CoreOptimizer
 
 # Arguments of the core base class that the Keras classes own under their own names.
 _BASE_ARGS = ("self", "learning_rate", "name", "kwargs", "weight_decay", "clipnorm",
@@ -118,6 +119,15 @@ def rounding_config(core):
 
 def _is_plain_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def checked_core_class(core_class, who):
+    """``core_class`` if it is a core optimizer class with a rule (what ``keras_optimizer``
+    and ``legacy.keras_optimizer`` take), else a TypeError naming ``who``."""
+    if not (isinstance(core_class, type) and issubclass(core_class, CoreOptimizer)
+            and core_class._rule is not None):
+        raise TypeError(f"{who}: expected a subclass of sparseopt.Optimizer with a rule; got {core_class!r}")
+    return core_class
 
 
 def spec_of(core_class):

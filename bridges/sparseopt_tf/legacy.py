@@ -105,8 +105,8 @@ class Optimizer(_V2):
             raise NotImplementedError(
                 f"sparseopt_tf.legacy.{spec.name}: tf_keras has no legacy {spec.name}, and the "
                 f"legacy classes keep no slots of other shapes; use sparseopt_tf.{spec.name}")
-        if "epsilon" in own and (own["epsilon"] is None or (_spec._is_plain_number(own["epsilon"])
-                                                            and not own["epsilon"])):
+        if "epsilon" in own and _builtin(spec) and (own["epsilon"] is None or (
+                _spec._is_plain_number(own["epsilon"]) and not own["epsilon"])):
             # tf_keras: ``epsilon or backend.epsilon()`` (None and 0 mean the backend's 1e-7).
             own["epsilon"] = tf_keras.backend.epsilon()
         structural = {}         # core's value of _STRUCTURAL_HYPERS: it decides the slots
@@ -574,6 +574,43 @@ def _var_key(var):
     return var._unique_id
 
 
+def _builtin(spec):
+    """Whether ``spec`` is a built-in optimizer's (whose tf_keras conventions the class follows),
+    not a user's (:func:`keras_optimizer`)."""
+    return getattr(_spec.core_optimizers, spec.name, None) is spec.core_class
+
+
+def keras_optimizer(core_class):
+    """The tf_keras (Keras 2 ``OptimizerV2``) class of a core optimizer class (your own, for
+    instance): :func:`sparseopt_tf.keras_optimizer`'s legacy twin.
+
+    Args:
+        core_class: a subclass of :class:`sparseopt.Optimizer`, such as the class
+            :meth:`sparseopt.Rule.optimizer_class` returns.
+
+    Returns:
+        A subclass of :class:`Optimizer` (``tf_keras.optimizers.legacy.Optimizer``) with
+        ``core_class``'s name (also the default optimizer name, as in tf_keras) and arguments
+        plus OptimizerV2's, registered for tf_keras' model files (package
+        ``sparseopt_tf.legacy``), made as the built-in ``sparseopt_tf.legacy.<Name>`` classes
+        are. The rule's math as it is (a user's rule has no tf_keras variant), on each
+        hyperparameter as OptimizerV2 keeps it: a float32 variable.
+
+    Example:
+        >>> import sparseopt as so, sparseopt_tf
+        >>> def coefficients(step, learning_rate=0.1):
+        ...     return {"lr": learning_rate}
+        >>> def update(p, g, s0, s1, s2, c):
+        ...     return p - c.lr * g, s0, s1, s2
+        >>> Plain = so.Rule("plain_sgd", (), coefficients, update).optimizer_class("PlainSGD")
+        >>> opt = sparseopt_tf.legacy.keras_optimizer(Plain)(learning_rate=0.5)
+        >>> import tf_keras
+        >>> isinstance(opt, tf_keras.optimizers.legacy.Optimizer), opt.get_config()["name"]
+        (True, 'PlainSGD')
+    """
+    return _make_class(_spec.spec_of(_spec.checked_core_class(core_class, "sparseopt_tf.legacy.keras_optimizer")))
+
+
 def _make_class(spec):
     doc = (f"{spec.name}, as ``tf_keras.optimizers.legacy.{spec.name}`` (Keras 2 ``OptimizerV2``), "
            "on sparseopt's Numba kernels.\n\nSparse gradients update the touched rows in place: lazily, or\n"
@@ -584,7 +621,7 @@ def _make_class(spec):
 
 
 _SPECS = _spec.optimizer_specs()
-__all__ = ["Embedding", "ExactFlush", "Optimizer"] + list(_SPECS)
+__all__ = ["Embedding", "ExactFlush", "Optimizer", "keras_optimizer"] + list(_SPECS)
 for _name, _s in _SPECS.items():
     globals()[_name] = _make_class(_s)
 del _name, _s

@@ -1041,9 +1041,4 @@ def keras_optimizer(core_class):
         >>> sparseopt_tf.keras_optimizer(Plain)(learning_rate=0.5).name
         'plain_sgd'
     """
-    from sparseopt.optimizer import Optimizer as CoreOptimizer
-    if not (isinstance(core_class, type) and issubclass(core_class, CoreOptimizer)
-            and core_class._rule is not None):
-        raise TypeError(f"sparseopt_tf.keras_optimizer: expected a subclass of sparseopt.Optimizer "
-                        f"with a rule; got {core_class!r}")
-    return _make_class(_spec.spec_of(core_class))
+    return _make_class(_spec.spec_of(_spec.checked_core_class(core_class, "sparseopt_tf.keras_optimizer")))

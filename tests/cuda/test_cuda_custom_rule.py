@@ -19,6 +19,18 @@ _spec.loader.exec_module(example)
 ROWS, WIDTH, K = 60, 4, 40
 
 
+def _steps(steps, cpu_opt, cpu_var, gpu_opt, gpu_var):
+    """The same steps on the CPU variable and the device one: ``(values, indices)`` sparse,
+    an array dense."""
+    for step in steps:
+        if isinstance(step, tuple):
+            cpu_opt.apply_gradients([(so.IndexedSlices(step[0], step[1], cpu_var.shape), cpu_var)])
+            gpu_opt.apply_gradients([(dev_slices(step[0], step[1], cpu_var.shape), gpu_var)])
+        else:
+            cpu_opt.apply_gradients([(step, cpu_var)])
+            gpu_opt.apply_gradients([(dev(step), gpu_var)])
+
+
 @pytest.mark.parametrize("sparse_mode", ["lazy", "exact"])
 def test_custom_rule_on_the_device_matches_cpu(sparse_mode, rng):
     p0 = rng.normal(size=(ROWS, WIDTH)).astype(np.float32)
@@ -27,13 +39,7 @@ def test_custom_rule_on_the_device_matches_cpu(sparse_mode, rng):
     cpu_var, gpu_var = p0.copy(), dev(p0)
     make = lambda: example.AdaBelief(learning_rate=0.01, weight_decay=0.01, sparse_mode=sparse_mode)  # noqa: E731
     cpu_opt, gpu_opt = make(), make()
-    for step in steps:
-        if isinstance(step, tuple):
-            cpu_opt.apply_gradients([(so.IndexedSlices(step[0], step[1], p0.shape), cpu_var)])
-            gpu_opt.apply_gradients([(dev_slices(step[0], step[1], p0.shape), gpu_var)])
-        else:
-            cpu_opt.apply_gradients([(step, cpu_var)])
-            gpu_opt.apply_gradients([(dev(step), gpu_var)])
+    _steps(steps, cpu_opt, cpu_var, gpu_opt, gpu_var)
     if sparse_mode == "exact":
         cpu_opt.flush()
         gpu_opt.flush()
@@ -64,3 +70,24 @@ def test_custom_reduction_rule_on_the_device_is_the_built_in_lamb(rng):
     assert np.array_equal(host(mine), host(builtin)) and not np.array_equal(host(mine), p0)
     for slot in ("m", "v"):
         assert np.array_equal(host(ours.get_slot(mine, slot)), host(theirs.get_slot(builtin, slot)))
+
+
+def test_custom_row_stage_on_the_device_matches_cpu(rng):
+    """A rule with per-row slots (``tests/test_custom_rule.py``'s RowRMS, checked there against
+    its formula) runs the device's row-reduction kernels: the CPU's results, dense and sparse,
+    with weight decay, to the rounding of the row sums (a tree over a row's lanes on the
+    device, in order on the CPU: ``tests/cuda/test_cuda_rowwise.py``'s tolerance)."""
+    from tests.test_custom_rule import ROWRMS
+    RowRMS = ROWRMS.optimizer_class("RowRMS")
+    p0 = rng.normal(size=(ROWS, WIDTH)).astype(np.float32)
+    cpu_var, gpu_var = p0.copy(), dev(p0)
+    cpu_opt, gpu_opt = RowRMS(learning_rate=0.05, weight_decay=0.01), RowRMS(learning_rate=0.05, weight_decay=0.01)
+    _steps([sparse_batch(rng, ROWS, WIDTH, K, np.float32), rng.normal(size=(ROWS, WIDTH)).astype(np.float32),
+            sparse_batch(rng, ROWS, WIDTH, K // 2, np.float32)], cpu_opt, cpu_var, gpu_opt, gpu_var)
+    assert not np.array_equal(cpu_var, p0)
+    from tests.cuda.test_cuda_rowwise import assert_close, row_tolerance
+    tol = row_tolerance(3, WIDTH, np.float32)
+    assert gpu_opt.get_slot_names() == cpu_opt.get_slot_names() == ["m", "v"]
+    for name in ("m", "v"):
+        assert_close(gpu_opt.get_slot(gpu_var, name), cpu_opt.get_slot(cpu_var, name), tol)
+    assert_close(gpu_var, cpu_var, tol)
