@@ -18,7 +18,7 @@ import pytest
 
 import sparseopt as so
 from sparseopt import _config, errors
-from sparseopt import engine as optimizer_module
+from sparseopt import engine
 from sparseopt.kernels import cpu, dedup
 from tests.optimizer_table import CASES, IDS
 
@@ -94,12 +94,12 @@ def assert_same(a, b):
 def batched_calls(monkeypatch):
     """Counts the table-batched kernel calls (so a test knows the batched path ran)."""
     calls = []
-    original = optimizer_module._run_tables
+    original = engine._run_tables
 
     def counted(rule, group, *args):
         calls.append(len(group))
         return original(rule, group, *args)
-    monkeypatch.setattr(optimizer_module, "_run_tables", counted)
+    monkeypatch.setattr(engine, "_run_tables", counted)
     return calls
 
 

@@ -1,6 +1,6 @@
 """Exact mode's table-batched step (issue 21): the fused catch-up + update of the sparse
 variables of one call that share a kernel configuration run in one parallel region
-(``optimizer.run_exact_tables``), with the same bits as table by table (``_batch_tables =
+(``backends.cpu.run_exact_tables``), with the same bits as table by table (``_batch_tables =
 False``, the per-table exact kernel of ``tests/test_exact.py``, tested there against the
 dense rule).
 
@@ -18,7 +18,7 @@ import pytest
 
 import sparseopt as so
 from sparseopt import _config
-from sparseopt.backends import cpu as optimizer_module
+from sparseopt.backends import cpu as cpu_backend
 from tests.optimizer_table import CASES, IDS
 
 #: (rows, trailing shape, dtype, gradient rows per step): widths 1-16, a 1-D and a 3-D
@@ -59,12 +59,12 @@ def threads(request, monkeypatch):
 def regions(monkeypatch):
     """The sizes of the table-batched exact regions run (so a test knows they ran)."""
     sizes = []
-    original = optimizer_module.run_exact_tables
+    original = cpu_backend.run_exact_tables
 
     def counted(rule, group, *args):
         sizes.append(len(group))
         return original(rule, group, *args)
-    monkeypatch.setattr(optimizer_module, "run_exact_tables", counted)
+    monkeypatch.setattr(cpu_backend, "run_exact_tables", counted)
     return sizes
 
 

@@ -212,7 +212,7 @@ def test_rollback_of_a_shortcut_step(rng):
 @pytest.mark.parametrize("cls", [so.Adagrad, so.RowwiseAdagrad], ids=["adagrad", "rowwise_adagrad"])
 def test_shortcut_steps_of_several_tables_run_in_one_region(cls, rng, monkeypatch):
     """The shortcut's updates run as a lazy step does: tables of one kernel configuration in
-    one parallel region (``optimizer._run_tables``), with the bits of lazy mode's step."""
+    one parallel region (``engine._run_tables``), with the bits of lazy mode's step."""
     from sparseopt import engine as core
     regions = []
     real = core._run_tables

@@ -471,7 +471,7 @@ def slot_bits(seed, step, index, k):
 
 
 def test_slot_storage_starts_on_a_cache_line():
-    """Slot storage is 64-byte aligned (slots.aligned_empty): a 256-byte float32 or 128-byte
+    """Slot storage is 64-byte aligned (backends.cpu.aligned_empty): a 256-byte float32 or 128-byte
     bfloat16 row lies on 4 or 2 whole lines; the slots are ordinary zeroed, writable views."""
     for dtype, slot_dtype in ((np.float32, None), (BF16, None), (BF16, "bfloat16")):
         for _ in range(3):  # other allocations in between: a fresh address each time

@@ -1,5 +1,5 @@
 """The bridge's host step runs a step's lazy sparse jobs table-batched, through the core
-(``sparseopt.optimizer._plan_sparse`` and ``run_lazy``): the same bits as the per-table path
+(``sparseopt.backends.cpu.plan_sparse`` and ``engine.run_lazy``): the same bits as the per-table path
 (the core's ``_batch_tables = False``, one plan and one kernel call per table), for Keras 3
 models, tf_keras models and custom loops; a bad step still raises before any write."""
 
@@ -12,7 +12,7 @@ keras = pytest.importorskip("keras")
 import sparseopt as so  # noqa: E402
 import sparseopt_tf  # noqa: E402
 from sparseopt import _config  # noqa: E402
-from sparseopt import engine as optimizer_module  # noqa: E402
+from sparseopt import engine  # noqa: E402
 
 #: (rows, width) of the model's tables: widths 2-16, a table of one row.
 TABLES = [(50, 4), (7, 3), (300, 4), (20, 16), (1, 2), (64, 3), (90, 4)]
@@ -49,16 +49,16 @@ def threads(request, monkeypatch):
 
 @pytest.fixture
 def regions(monkeypatch):
-    """Counts the table-batched regions the core runs (``optimizer._run_tables`` calls)."""
+    """Counts the table-batched regions the core runs (``engine._run_tables`` calls)."""
     counts = {"regions": 0, "tables": 0}
-    original = optimizer_module._run_tables
+    original = engine._run_tables
 
     def counted(rule, group, *args):
         counts["regions"] += 1
         counts["tables"] += len(group)
         return original(rule, group, *args)
 
-    monkeypatch.setattr(optimizer_module, "_run_tables", counted)
+    monkeypatch.setattr(engine, "_run_tables", counted)
     return counts
 
 

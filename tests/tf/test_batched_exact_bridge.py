@@ -1,5 +1,5 @@
 """The bridge's exact-mode step batches too: a Keras 3 model's exact sparse updates of one
-kernel configuration run in one region (``sparseopt.optimizer.run_exact_tables``, reached
+kernel configuration run in one region (``sparseopt.backends.cpu.run_exact_tables``, reached
 through ``sparseopt.engine.ExactBook.step``), with the same bits as the per-table path
 (the core's ``_batch_tables = False``; ``tests/tf/test_exact_bridge.py`` checks that path
 against Keras' dense training)."""
@@ -11,7 +11,7 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 import sparseopt_tf  # noqa: E402
-from sparseopt.backends import cpu as optimizer_module  # noqa: E402
+from sparseopt.backends import cpu as cpu_backend  # noqa: E402
 
 #: (rows, width) of the model's tables: widths 2-16, a table of one row.
 TABLES = [(50, 4), (7, 3), (300, 4), (20, 16), (1, 2), (90, 4)]
@@ -43,12 +43,12 @@ def _train(batched):
 
 def test_keras3_exact_model_batched_equals_per_table(monkeypatch):
     regions = []
-    original = optimizer_module.run_exact_tables
+    original = cpu_backend.run_exact_tables
 
     def counted(rule, group, *args):
         regions.append(len(group))
         return original(rule, group, *args)
-    monkeypatch.setattr(optimizer_module, "run_exact_tables", counted)
+    monkeypatch.setattr(cpu_backend, "run_exact_tables", counted)
     reference = _train(batched=False)
     assert not regions
     got = _train(batched=True)
