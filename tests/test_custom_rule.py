@@ -323,7 +323,8 @@ def test_a_rule_with_a_row_stage_equals_its_formula(dtype, rng):
 
 def test_a_row_stage_steps_as_the_built_in_rowwise_adagrad(rng):
     """The built-in RowwiseAdagrad's functions as a user's rule: the same bits, dense and
-    sparse, one table and several in one call (the table-batched region), with weight decay."""
+    sparse, one table and several in one call (the table-batched region), with weight decay;
+    a bfloat16 table and a 0-d variable too."""
     from sparseopt.rules import rowwise_adagrad as rw
 
     def coefficients(step, learning_rate=0.01, epsilon=1e-8):
@@ -342,6 +343,20 @@ def test_a_row_stage_steps_as_the_built_in_rowwise_adagrad(rng):
         builtin.apply_gradients(list(zip(grads, theirs)))
     for a, b, t in zip(mine, theirs, tables):
         assert np.array_equal(a, b) and not np.array_equal(a, t)
+        assert np.array_equal(ours.get_slot(a, "accumulator"), builtin.get_slot(b, "accumulator"))
+    # a bfloat16 table (stochastic rounding with the optimizer's seed) and a 0-d variable (one row)
+    import ml_dtypes
+    for shape, dtype in [((ROWS, WIDTH), ml_dtypes.bfloat16), ((), np.float32)]:
+        start = rng.normal(size=shape).astype(dtype)
+        a, b = start.copy(), start.copy()
+        ours, builtin = Mine(learning_rate=0.1, weight_decay=0.01, seed=3), so.RowwiseAdagrad(
+            learning_rate=0.1, weight_decay=0.01, seed=3)
+        for step in range(3):
+            g = (so.IndexedSlices(rng.normal(size=(7, WIDTH)).astype(dtype), rng.integers(0, ROWS, 7), shape)
+                 if shape and step != 1 else rng.normal(size=shape).astype(dtype))
+            ours.apply_gradients([(g, a)])
+            builtin.apply_gradients([(g, b)])
+        assert np.array_equal(a, b) and not np.array_equal(a, start)
         assert np.array_equal(ours.get_slot(a, "accumulator"), builtin.get_slot(b, "accumulator"))
 
 
