@@ -30,13 +30,13 @@ def coefficients(step, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e
             "epsilon": epsilon}
 
 
-def update(p, g, m, s, unused, c):
-    """One element (two slots; the third slot argument is passed through)."""
+def update(p, g, m, s, c):
+    """One element: the parameter, its gradient, one value per slot, the coefficients."""
     m = m + (g - m) * c.one_minus_beta_1
     belief = g - m
     s = s + (belief * belief - s) * c.one_minus_beta_2 + c.epsilon
     p = p - c.lr_m * m / (math.sqrt(s * c.v_scale) + c.epsilon)
-    return p, m, s, unused
+    return p, m, s
 
 
 ADABELIEF = so.Rule("adabelief", slots=("m", "s"), coefficients=coefficients, update=update)

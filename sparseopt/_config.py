@@ -72,8 +72,6 @@ CPU_SERIAL_FLAGS = dict(cache=CACHE, nogil=True, error_model="numpy")
 #: Flags with which a rule is compiled for inlining into the CPU kernels.
 CPU_RULE_FLAGS = dict(inline="always", error_model="numpy")
 
-MAX_SLOTS = 3
-
 
 # ----------------------------------------------------------------------------- threads
 #

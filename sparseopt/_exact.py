@@ -148,7 +148,7 @@ def catch_up_rows(opt, state, ex, rows=None):
     else:
         zero = ex.dtype.type(0)
         kernels.catch_up_kernel(rule, used, ex.has_wd, ex.lowp)(
-            p, *slots, rows, every, ex.last, ex.floor, ex.steps, ex.hist, ex.tab,
+            p, slots, rows, every, ex.last, ex.floor, ex.steps, ex.hist, ex.tab,
             _idle_coefficients(rule, ex), zero, _tol(ex.dtype))
     if every:
         ex.mark_current()
@@ -298,7 +298,7 @@ def _sparse_step(rule, state, inner, ex, floor, hi, c, wd_v):
     with coefficients ``c`` (a 16-bit variable's with the step's rounding key)."""
     p, slots, used = _arrays(rule, state, ex)
     kernels.sparse_kernel(rule, used, ex.has_wd, ex.lowp)(
-        p, *slots, inner.rows, inner.offsets, inner.order, inner.values, ex.last, floor, hi,
+        p, slots, inner.rows, inner.offsets, inner.order, inner.values, ex.last, floor, hi,
         ex.hist, ex.tab, c, wd_v, _idle_coefficients(rule, ex, hi), ex.dtype.type(0), _tol(ex.dtype))
 
 

@@ -14,16 +14,17 @@ and, through ``sparseopt_tf.keras_optimizer``, a Keras 3 class.
   a parameter whose default is ``True`` or ``False`` is a flag, passed as a bool);
   ``step`` is ``iterations + 1``. It returns a ``dict`` (or a ``NamedTuple``) of floats,
   always with the same names: flags as 0.0 / 1.0.
-* ``update(p, g, s0, s1, s2, c)``: one element: the parameter, its gradient, the three
-  slot values and the coefficients (``c.name``), returning ``(p, s0, s1, s2)``. A rule with
-  fewer than three ``slots`` receives zeros in the others and returns them unchanged.
-  Numba compiles it for every kernel, so it is scalar arithmetic, comparisons, ``if`` and
+* ``update(p, g, *slots, c)``: one element: the parameter, its gradient, one value per
+  slot (any number of ``slots``, in their order) and the coefficients (``c.name``),
+  returning ``(p, *slots)`` (``(p,)`` for a rule without slots). (The form of the first
+  release, three slot values whatever the rule has, ``update(p, g, s0, s1, s2, c)``, is
+  still accepted.) Numba compiles it for every kernel, so it is scalar arithmetic, comparisons, ``if`` and
   ``math.*``: no arrays, no NumPy, no ``raise``, and **no float literals** (a literal is
   float64 and would turn float32 math into float64: put every constant in the
   coefficients, where it arrives cast to the variable's dtype).
 * or, in place of ``update``, a **reduction stage** (``reduction=(terms, scale, apply)``),
   for an update scaled by sums over a *unit* of elements (LAMB's trust ratio
-  ``||p|| / ||u||``): ``terms(p, g, s0, s1, s2, c) -> (d, s0, s1, s2, t0, t1)`` per element
+  ``||p|| / ||u||``): ``terms(p, g, *slots, c) -> (d, *slots, t0, t1)`` per element
   (the new slots, a direction ``d``, and two terms summed over the unit), ``scale(sum_t0,
   sum_t1, c) -> scale`` once per unit, and ``apply(p, d, scale, c) -> p`` per element. The
   unit is the whole variable in a dense step and each touched row in a sparse step (as the
@@ -31,8 +32,9 @@ and, through ``sparseopt_tf.keras_optimizer``, a Keras 3 class.
   ``sparse_mode="exact"`` (an idle row's dense step would depend on the whole variable).
 * with ``row_slots`` (per-row state, one value per row: FBGEMM's row-wise rules), a **row
   stage** ``row=(term, update)``: ``term(p, g, c)`` per element, averaged over the row;
-  ``update(r0, r1, r2, mean, c) -> (r0, r1, r2)`` once per touched row; and the rule's
-  ``update(p, g, s0, s1, s2, r0, r1, r2, c)`` reads the row slots' new values (as the built-in
+  ``update(*row_slots, mean, c) -> (*row_slots,)`` once per touched row (a tuple, also of
+  one); and the rule's ``update(p, g, *slots, *row_slots, c) -> (p, *slots)`` reads the row
+  slots' new values (as the built-in
   ``RowwiseAdagrad``, :mod:`sparseopt.rules.rowwise_adagrad`). No ``sparse_mode="exact"``.
 
 Example (Adam without bias correction, checked against its formula):
@@ -40,10 +42,10 @@ Example (Adam without bias correction, checked against its formula):
     >>> import math, numpy as np, sparseopt as so
     >>> def coefficients(step, learning_rate=0.1, beta=0.9, epsilon=1e-7):
     ...     return {"lr": learning_rate, "one_minus_beta": 1.0 - beta, "epsilon": epsilon}
-    >>> def update(p, g, m, v, unused, c):
+    >>> def update(p, g, m, v, c):
     ...     m = m + (g - m) * c.one_minus_beta
     ...     v = v + (g * g - v) * c.one_minus_beta
-    ...     return p - c.lr * m / (math.sqrt(v) + c.epsilon), m, v, unused
+    ...     return p - c.lr * m / (math.sqrt(v) + c.epsilon), m, v
     >>> Plain = so.Rule("plain", ("m", "v"), coefficients, update).optimizer_class("Plain")
     >>> w = np.zeros(2)
     >>> Plain(beta=0.5).apply_gradients([(np.array([2.0, -1.0]), w)])
@@ -62,19 +64,13 @@ from sparseopt import errors
 from sparseopt.optimizer import Optimizer
 from sparseopt.optimizers._rowwise import RowwiseOptimizer
 
-#: Slots a rule may have (the kernels' element step passes three).
-MAX_SLOTS = 3
+#: The slot values a rule's functions took in the first release, whatever its slots.
+_FORMER_SLOTS = 3
 
-_UPDATE_ARGS = ("p", "g", "s0", "s1", "s2", "c")
-#: ``update``'s arguments in a rule with per-row slots: it also reads the row slots' new values.
-_ROW_UPDATE_ARGS = ("p", "g", "s0", "s1", "s2", "r0", "r1", "r2", "c")
-#: A row stage's functions and their arguments (the built-in RowwiseAdagrad's ``row_term``
-#: and ``row_update``).
-_ROW_ARGS = {"term": ("p", "g", "c"), "update": ("r0", "r1", "r2", "mean", "c")}
-_COUNTS = {3: "three", 4: "four", 5: "five", 6: "six", 9: "nine"}
-#: A reduction stage's functions and their arguments (the built-in Lamb's ``reduce_*``).
-_REDUCTION_ARGS = {"terms": ("p", "g", "s0", "s1", "s2", "c"), "scale": ("sum_t0", "sum_t1", "c"),
-                   "apply": ("p", "d", "scale", "c")}
+#: A row stage's functions (the built-in RowwiseAdagrad's ``row_term`` and ``row_update``).
+_ROW_STAGE = ("term", "update")
+#: A reduction stage's functions (the built-in Lamb's ``reduce_*``).
+_REDUCTION_STAGE = ("terms", "scale", "apply")
 
 # Arguments of Optimizer.__init__ that a rule's hyperparameters may not take.
 _RESERVED = frozenset(inspect.signature(Optimizer.__init__).parameters) - {"learning_rate"}
@@ -87,9 +83,9 @@ class Rule:
 
     Attributes:
         name: the rule's name (an identifier; the default optimizer name).
-        slots: the slot names, at most three, in the order ``update`` takes them.
-        row_slots: the per-row slot names (one value per row of the variable), at most
-            three, in the order ``row``'s ``update`` and ``update`` take them; ``()`` for none.
+        slots: the slot names, any number, in the order ``update`` takes them.
+        row_slots: the per-row slot names (one value per row of the variable), in the
+            order ``row``'s ``update`` and ``update`` take them; ``()`` for none.
         row: ``(term, update)`` of a rule with ``row_slots``, else ``None``.
         hyperparameters: ``{name: default}`` from ``coefficients``' keyword parameters.
         fields: the names of the coefficients, from one call of ``coefficients`` at
@@ -128,22 +124,20 @@ class Rule:
                     f"{len(reduction)} items")
         functions = [("coefficients", coefficients)] + (
             [("update", update)] if reduction is None
-            else [(f"reduction's {k}", fn) for k, fn in zip(_REDUCTION_ARGS, reduction)]) + (
-            [(f"row's {k}", fn) for k, fn in zip(_ROW_ARGS, row)] if row is not None else [])
+            else [(f"reduction's {k}", fn) for k, fn in zip(_REDUCTION_STAGE, reduction)]) + (
+            [(f"row's {k}", fn) for k, fn in zip(_ROW_STAGE, row)] if row is not None else [])
         for what, fn in functions:
             if not callable(fn):
                 raise errors.HyperparameterError(f"Rule {name!r}: {what} must be a function; got {fn!r}")
         self.name, self.slots, self.row_slots = name, slots, row_slots
         self._coefficients, self._update, self.reduction, self.row = coefficients, update, reduction, row
         self.hyperparameters = _hyperparameters(name, coefficients)
-        arguments = (list(_REDUCTION_ARGS.values()) if reduction is not None
-                     else [_ROW_UPDATE_ARGS] + list(_ROW_ARGS.values()) if row is not None else [_UPDATE_ARGS])
-        for (what, fn), expected in zip(functions[1:], arguments):
-            params = inspect.signature(fn).parameters
-            if len(params) != len(expected):
+        for (what, fn), forms in zip(functions[1:], _arguments(slots, row_slots, reduction, row)):
+            params = tuple(inspect.signature(fn).parameters)
+            if len(params) not in [len(form) for form in forms]:
                 raise errors.HyperparameterError(
-                    f"Rule {name!r}: {what} takes ({', '.join(expected)}), "
-                    f"{_COUNTS[len(expected)]} arguments; got ({', '.join(params)})")
+                    f"Rule {name!r}: {what} takes ({', '.join(forms[0])}), {len(forms[0])} arguments; "
+                    f"got ({', '.join(params)})")
         first = coefficients(1, **self.hyperparameters)
         values = first._asdict() if hasattr(first, "_asdict") else first
         if not isinstance(values, dict) or not values:
@@ -232,14 +226,35 @@ class Rule:
         return f"Rule({self.name!r}, slots={self.slots}{rows}, hyperparameters={self.hyperparameters})"
 
 
+def _arguments(slots, row_slots, reduction, row):
+    """The argument names each function after ``coefficients`` takes: its forms, the first the
+    one to write (one argument per slot), then the first release's (three slot values, three row
+    values) where the rule has fewer slots."""
+    def former(names, prefix):
+        return tuple(names) if len(names) >= _FORMER_SLOTS else tuple(f"{prefix}{i}" for i in range(_FORMER_SLOTS))
+
+    s, r = tuple(slots), tuple(row_slots)
+    if reduction is not None:
+        out = [[("p", "g", *s, "c")], [("sum_t0", "sum_t1", "c")], [("p", "d", "scale", "c")]]
+        if len(s) < _FORMER_SLOTS:
+            out[0].append(("p", "g", *former(s, "s"), "c"))
+        return out
+    update = [("p", "g", *s, *r, "c")]
+    if len(s) < _FORMER_SLOTS and (not r or len(r) < _FORMER_SLOTS):
+        update.append(("p", "g", *former(s, "s"), *(former(r, "r") if r else ()), "c"))
+    if row is None:
+        return [update]
+    row_update = [(*r, "mean", "c")] + ([(*former(r, "r"), "mean", "c")] if len(r) < _FORMER_SLOTS else [])
+    return [update, [("p", "g", "c")], row_update]
+
+
 def _slot_names(rule_name, what, names, taken=()):
-    """``names`` as a tuple: at most ``MAX_SLOTS`` distinct non-empty strings, none in ``taken``."""
+    """``names`` as a tuple of distinct non-empty strings, none in ``taken``."""
     names = tuple(names)
-    if (len(names) > MAX_SLOTS or len(set(names)) != len(names) or set(names) & set(taken)
+    if (len(set(names)) != len(names) or set(names) & set(taken)
             or not all(isinstance(s, str) and s for s in names)):
         also = ", none of them also in slots" if taken else ""
-        raise errors.HyperparameterError(
-            f"Rule {rule_name!r}: {what} must be at most {MAX_SLOTS} distinct names{also}; got {names!r}")
+        raise errors.HyperparameterError(f"Rule {rule_name!r}: {what} must be distinct names{also}; got {names!r}")
     return names
 
 

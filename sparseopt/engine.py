@@ -308,7 +308,7 @@ class HostVariable:
         return self.var
 
     def kernel_arrays(self, rule_slots, shape):
-        """``(p, (s0, s1, s2), used)`` reshaped to ``shape``, as ``VariableState.kernel_arrays``
+        """``(p, slots, used)`` reshaped to ``shape``, as ``VariableState.kernel_arrays``
         (16-bit arrays as their ``uint16`` views)."""
         p = (lowp.as_bits(self.var) if self.kind else self.var).reshape(shape)
         slots, used = cpu_kernels.place(rule_slots, {

@@ -67,7 +67,7 @@ class VariableState:
         self.backend = _backend_for(self.var)
 
     def kernel_arrays(self, rule_slots, shape):
-        """``(p, (s0, s1, s2), used)``: the variable and its kernel slots reshaped to
+        """``(p, slots, used)``: the variable and its kernel slots (a tuple) reshaped to
         ``shape`` (views), in ``rule_slots`` order (see :func:`sparseopt.kernels.cpu.place`).
 
         Kept per ``(rule_slots, shape)``: the views stay valid (the variable and the slot

@@ -131,10 +131,10 @@ def test_a_rule_with_one_slot_and_a_flag():
     def coefficients(step, learning_rate=0.5, nesterov=False):
         return {"lr": learning_rate, "nesterov": 1.0 if nesterov else 0.0, "half": 0.5}
 
-    def update(p, g, velocity, s1, s2, c):
+    def update(p, g, velocity, c):
         velocity = velocity * c.half + g
         step = g + velocity * c.half if c.nesterov != 0 else velocity
-        return p - c.lr * step, velocity, s1, s2
+        return p - c.lr * step, velocity
 
     cls = so.Rule("halfmomentum", ("velocity",), coefficients, update).optimizer_class()
     assert cls.__name__ == "halfmomentum"
@@ -153,23 +153,25 @@ def test_a_rule_with_one_slot_and_a_flag():
 @pytest.mark.parametrize("kwargs,message", [
     (dict(name="not a name"), "identifier"),
     (dict(slots=("m", "m")), "distinct"),
-    (dict(slots=("a", "b", "c", "d")), "at most 3"),
-    (dict(update=lambda p, g, c: (p,)), "six arguments"),
+    (dict(update=lambda p, g, c: (p,)), "update takes .p, g, m, c., 4 arguments; got .p, g, c."),
+    (dict(slots=("a", "b", "c", "d"), update=lambda p, g, a, b, c: (p, a, b)),
+     "update takes .p, g, a, b, c, d, c., 7 arguments"),
     (dict(coefficients=lambda learning_rate=0.1: {}), "first parameter is step"),
     (dict(coefficients=lambda step, learning_rate: {"lr": learning_rate}), "needs a default"),
     (dict(coefficients=lambda step, rate=0.1: {"lr": rate}), "must take learning_rate"),
     (dict(coefficients=lambda step, learning_rate=0.1, clipnorm=1.0: {"lr": 1.0}), "every optimizer"),
     (dict(coefficients=lambda step, learning_rate=0.1: [learning_rate]), "dict"),
     (dict(update=None), "neither"),
-    (dict(reduction=(lambda p, g, s0, s1, s2, c: (g, s0, s1, s2, p, g), lambda a, b, c: a,
-                     lambda p, d, s, c: p)), "both"),
-    (dict(update=None, reduction=(lambda p, g, s0, s1, s2, c: (g, s0, s1, s2, p, g),)), "three functions"),
-    (dict(update=None, reduction=(lambda p, g, s0, s1, s2, c: (g, s0, s1, s2, p, g), lambda a, b: a,
+    (dict(reduction=(lambda p, g, m, c: (g, m, p, g), lambda a, b, c: a, lambda p, d, s, c: p)), "both"),
+    (dict(update=None, reduction=(lambda p, g, m, c: (g, m, p, g),)), "three functions"),
+    (dict(update=None, reduction=(lambda p, g, m, c: (g, m, p, g), lambda a, b: a,
                                   lambda p, d, s, c: p)), "scale takes .sum_t0, sum_t1, c."),
+    (dict(update=None, reduction=(lambda p, g, c: (g, p, g), lambda a, b, c: a, lambda p, d, s, c: p)),
+     "terms takes .p, g, m, c., 4 arguments"),
 ])
 def test_bad_rules_are_refused_by_name(kwargs, message):
     args = dict(name="mine", slots=("m",), coefficients=lambda step, learning_rate=0.1: {"lr": learning_rate},
-                update=lambda p, g, m, s1, s2, c: (p - c.lr * g, m, s1, s2))
+                update=lambda p, g, m, c: (p - c.lr * g, m))
     args.update(kwargs)
     with pytest.raises(errors.HyperparameterError, match=message):
         so.Rule(**args)
@@ -182,7 +184,7 @@ def test_coefficients_that_change_their_fields_are_refused_before_any_write():
         return {"lr": learning_rate} if step < 2 else {"lr": learning_rate, "extra": 1.0}
 
     cls = so.Rule("fickle", ("m",), coefficients,
-                  lambda p, g, m, s1, s2, c: (p - c.lr * g, m + g, s1, s2)).optimizer_class()
+                  lambda p, g, m, c: (p - c.lr * g, m + g)).optimizer_class()
     w = np.ones(3)
     opt = cls()
     opt.apply_gradients([(np.ones(3), w)])
@@ -200,7 +202,7 @@ def test_the_cache_key_follows_the_rule_source():
         return {"lr": learning_rate}
 
     a, b = (so.Rule("same", (), coefficients, f) for f in (  # one line: the same source line
-        lambda p, g, s0, s1, s2, c: (p - c.lr * g, s0, s1, s2), lambda p, g, s0, s1, s2, c: (p + c.lr * g, s0, s1, s2)))
+        lambda p, g, c: (p - c.lr * g,), lambda p, g, c: (p + c.lr * g,)))
     assert a.module.__rule_key__ != b.module.__rule_key__
     wa, wb = np.zeros(2), np.zeros(2)
     a.optimizer_class()().apply_gradients([(np.ones(2), wa)])
@@ -271,13 +273,13 @@ def _rowrms_term(p, g, c):
     return g * g
 
 
-def _rowrms_row(v, r1, r2, mean_g2, c):
-    return v + (mean_g2 - v) * c.one_minus_rho, r1, r2
+def _rowrms_row(v, mean_g2, c):
+    return (v + (mean_g2 - v) * c.one_minus_rho,)
 
 
-def _rowrms_update(p, g, m, s1, s2, v, r1, r2, c):
+def _rowrms_update(p, g, m, v, c):
     m = c.beta * m + g / (math.sqrt(v) + c.epsilon)
-    return p - c.lr * m, m, s1, s2
+    return p - c.lr * m, m
 
 
 ROWRMS = so.Rule("rowrms", ("m",), _rowrms_coefficients, _rowrms_update, row_slots=("v",),
@@ -364,13 +366,16 @@ def test_a_row_stage_steps_as_the_built_in_rowwise_adagrad(rng):
     (dict(row_slots=("v",)), "row_slots and row=.term, update. together; got row_slots alone"),
     (dict(row=(_rowrms_term, _rowrms_row)), "got row alone"),
     (dict(row_slots=("m",), row=(_rowrms_term, _rowrms_row)), "none of them also in slots"),
-    (dict(row_slots=("a", "b", "c", "d"), row=(_rowrms_term, _rowrms_row)), "row_slots must be at most 3"),
+    (dict(row_slots=("w", "x", "y", "z"), row=(_rowrms_term, _rowrms_row)),
+     "update takes .p, g, m, w, x, y, z, c., 8 arguments"),
+    (dict(row_slots=("w", "x"), row=(_rowrms_term, _rowrms_row), update=lambda p, g, m, w, x, c: (p, m)),
+     "row's update takes .w, x, mean, c., 4 arguments"),
     (dict(row_slots=("v",), row=(_rowrms_term,)), "two functions"),
-    (dict(row_slots=("v",), row=(_rowrms_term, _rowrms_row), update=lambda p, g, m, s1, s2, c: (p, m, s1, s2)),
-     "update takes .p, g, s0, s1, s2, r0, r1, r2, c., nine arguments"),
+    (dict(row_slots=("v",), row=(_rowrms_term, _rowrms_row), update=lambda p, g, m, c: (p, m)),
+     "update takes .p, g, m, v, c., 5 arguments"),
     (dict(row_slots=("v",), row=(lambda p, g: g, _rowrms_row)), "row's term takes .p, g, c."),
     (dict(row_slots=("v",), row=(_rowrms_term, _rowrms_row), update=None,
-          reduction=(lambda p, g, s0, s1, s2, c: (g, s0, s1, s2, p, g), lambda a, b, c: a, lambda p, d, s, c: p)),
+          reduction=(lambda p, g, m, c: (g, m, p, g), lambda a, b, c: a, lambda p, d, s, c: p)),
      "row stage or a reduction stage"),
 ])
 def test_bad_row_stages_are_refused_by_name(kwargs, message):

@@ -261,11 +261,11 @@ def test_catch_up_near_epsilon_needs_no_replay(name, dtype):
         for ratio in (0.125, 0.5, 1.0, 2.0, 8.0):
             s = ratio * eps
             p, m, second = 0.3, 2e-8, (s * s if name == "adam" else s)
-            moved, m_new, second_new, _, ok = rule.idle_apply(p, m, second, 0.0, t, records[-1],
-                                                              tol, 0.0)
+            vhat = (0.0,) if name == "adam" else ()  # Adam's third slot (AMSGrad's; off here)
+            moved, m_new, second_new, *_, ok = rule.idle_apply(p, m, second, *vhat, t, records[-1], tol, 0.0)
             x, a, b = p, m, second
             for rec in records:
-                x, a, b, _ = rule.update(x, 0.0, a, b, 0.0, rec)
+                x, a, b, *_ = rule.update(x, 0.0, a, b, *vhat, rec)
             assert ok, (k, ratio)
             assert abs(moved - x) <= 4 * tol * abs(x - p) + 4 * np.spacing(p), (k, ratio)
             assert m_new == pytest.approx(a, rel=1e-14) and second_new == pytest.approx(b, rel=1e-14)

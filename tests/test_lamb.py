@@ -135,14 +135,14 @@ def test_dense_reduction_is_the_same_for_any_thread_count():
     g = rng.normal(size=5000).astype(np.float32)
     c = so.Lamb()._coefficients({"learning_rate": 0.01, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7}, 1)
     c = type(c)(*(np.float32(x) for x in c))
-    kernel = cpu.dense_kernel(so.Lamb._rule, (True, True, False), False)
+    kernel = cpu.dense_kernel(so.Lamb._rule, (True, True), False)
     results = []
     threads = numba.get_num_threads()
     try:
         for n in sorted({1, threads}):
             numba.set_num_threads(n)
             p, m, v = p0.copy(), np.zeros_like(p0), np.zeros_like(p0)
-            kernel(p, g, m, v, p, c, np.float32(0))
+            kernel(p, g, (m, v), c, np.float32(0))
             results.append(p)
     finally:
         numba.set_num_threads(threads)

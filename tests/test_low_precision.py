@@ -446,9 +446,9 @@ def test_a_custom_rule_runs_on_16_bit_variables():
     def coefficients(step, learning_rate=0.1, decay=0.5):
         return {"lr": learning_rate, "decay": decay}
 
-    def update(p, g, m, unused1, unused2, c):
+    def update(p, g, m, c):
         m = m * c.decay + g
-        return p - c.lr * m, m, unused1, unused2
+        return p - c.lr * m, m
 
     Momentum = so.Rule("momentum16", ("m",), coefficients, update).optimizer_class("Momentum16")
     rng = np.random.default_rng(13)

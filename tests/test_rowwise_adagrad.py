@@ -122,13 +122,13 @@ def _row_term(p, g, c):
     return g * g
 
 
-def _row_update(v, r1, r2, mean_g2, c):
-    return v + (mean_g2 - v) * c.one_minus_beta_2, r1, r2
+def _row_update(v, mean_g2, c):
+    return (v + (mean_g2 - v) * c.one_minus_beta_2,)
 
 
-def _update(p, g, m, s1, s2, v, r1, r2, c):
+def _update(p, g, m, v, c):
     m = m + (g - m) * c.one_minus_beta_1
-    return p - c.learning_rate * m / (math.sqrt(v) + c.epsilon), m, s1, s2
+    return p - c.learning_rate * m / (math.sqrt(v) + c.epsilon), m
 
 
 PARTIAL_ROWWISE_ADAM = types.ModuleType("partial_rowwise_adam_test_rule")
@@ -153,7 +153,7 @@ def test_row_kernels_run_another_rowwise_rule_with_element_and_row_slots(monkeyp
     row_slots, row_used = cpu.place(PARTIAL_ROWWISE_ADAM.ROW_SLOTS, {"v": r[0]}, r[0])
     g = rng.normal(size=(n, d))
     cpu.row_dense_kernel(PARTIAL_ROWWISE_ADAM, used, row_used, False)(
-        p, g, *slots, *row_slots, c, 0.0, float(d))
+        p, g, slots, row_slots, c, 0.0, float(d))
     m, v = np.zeros((n, d)), np.zeros(n)
     expected = _partial_reference(p0, g, m, v, c)
     rel_close(p, expected, np.float64)
@@ -164,7 +164,7 @@ def test_row_kernels_run_another_rowwise_rule_with_element_and_row_slots(monkeyp
     values = rng.normal(size=(3, d))
     before = p.copy()
     cpu.row_sparse_kernel(PARTIAL_ROWWISE_ADAM, used, row_used, False)(
-        p, *slots, *row_slots, rows, offsets, order, values, c, 0.0, float(d))
+        p, slots, row_slots, rows, offsets, order, values, c, 0.0, float(d))
     summed = np.stack([values[0] + values[2], values[1]])
     expected_rows = _partial_reference(before[rows], summed, m[rows], v[rows], c)
     rel_close(p[rows], expected_rows, np.float64)

@@ -67,11 +67,11 @@ def test_kind_is_what_a_rule_declares():
     def coefficients(step, learning_rate=0.1):
         return {"lr": learning_rate}
 
-    def update(p, g, s0, s1, s2, c):
-        return p - c.lr * g, s0, s1, s2
+    def update(p, g, c):
+        return (p - c.lr * g,)
 
-    def terms(p, g, s0, s1, s2, c):
-        return g, s0, s1, s2, p * p, g * g
+    def terms(p, g, c):
+        return g, p * p, g * g
 
     def scale(sum_t0, sum_t1, c):
         return c.lr
@@ -103,8 +103,8 @@ def test_ftrl_variant_compiles_with_its_constant_fixed():
         z_new = z + g - (n_new ** power - n ** power) / c.learning_rate * p
         return (-z_new) / (n_new ** power / c.learning_rate + c.two_l2)
 
-    got_sqrt = _compile.function(sqrt, "update")(p, g, n, z, 0.0, c)[0]
-    got_rule = _compile.function(rules.ftrl, "update")(p, g, n, z, 0.0, c)[0]
+    got_sqrt = _compile.function(sqrt, "update")(p, g, n, z, c)[0]
+    got_rule = _compile.function(rules.ftrl, "update")(p, g, n, z, c)[0]
     assert math.isclose(got_sqrt, expected(0.5), rel_tol=1e-14)
     assert math.isclose(got_rule, expected(0.7), rel_tol=1e-14)
     assert not math.isclose(expected(0.5), expected(0.7), rel_tol=1e-3)

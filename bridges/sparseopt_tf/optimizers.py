@@ -1035,8 +1035,8 @@ def keras_optimizer(core_class):
         >>> import math, sparseopt as so, sparseopt_tf
         >>> def coefficients(step, learning_rate=0.1):
         ...     return {"lr": learning_rate}
-        >>> def update(p, g, s0, s1, s2, c):
-        ...     return p - c.lr * g, s0, s1, s2
+        >>> def update(p, g, c):
+        ...     return (p - c.lr * g,)
         >>> Plain = so.Rule("plain_sgd", (), coefficients, update).optimizer_class("PlainSGD")
         >>> sparseopt_tf.keras_optimizer(Plain)(learning_rate=0.5).name
         'plain_sgd'

@@ -291,7 +291,7 @@ class DenseUpdate:
     def run(self, rule, state, c, wd, has_wd):
         p, slots, used = state.kernel_arrays(rule.SLOTS, (-1,))
         rounding, c = kernel_step(state, c)
-        cpu.dense_kernel(rule, used, has_wd, rounding)(p, self.values.reshape(-1), *slots, c, wd)
+        cpu.dense_kernel(rule, used, has_wd, rounding)(p, self.values.reshape(-1), slots, c, wd)
 
     def run_rowwise(self, rule, state, row_slots, c, wd, has_wd):
         """:meth:`run` for a row-wise rule (``row_slots``: ``{name: (rows,) view}`` of its kept
@@ -299,7 +299,7 @@ class DenseUpdate:
         rows, width, p, slots, used, rslots, row_used = _row_arrays(rule, state, row_slots)
         rounding, c = kernel_step(state, c)
         kernel = cpu.row_dense_kernel(rule, used, row_used, has_wd, rounding)
-        kernel(p, self.values.reshape(rows, width), *slots, *rslots, c, wd, type(wd)(width))
+        kernel(p, self.values.reshape(rows, width), slots, rslots, c, wd, type(wd)(width))
 
     def constrain(self, var, fn):
         np.copyto(var, _constrained(fn(var), var.shape, var.dtype), casting="same_kind")
@@ -358,7 +358,7 @@ class SparseUpdate:
             return
         p, slots, used = state.kernel_arrays(rule.SLOTS, (state.var.shape[0], self.values.shape[1]))
         rounding, c = kernel_step(state, c)
-        cpu.sparse_kernel(rule, used, has_wd, rounding)(p, *slots, self.rows, self.offsets, self.order,
+        cpu.sparse_kernel(rule, used, has_wd, rounding)(p, slots, self.rows, self.offsets, self.order,
                                                         self.values, c, wd)
 
     def run_rowwise(self, rule, state, row_slots, c, wd, has_wd):
@@ -368,7 +368,7 @@ class SparseUpdate:
             return
         rounding, c = kernel_step(state, c)
         kernel = cpu.row_sparse_kernel(rule, used, row_used, has_wd, rounding)
-        kernel(p, *slots, *rslots, self.rows, self.offsets, self.order, self.values, c, wd, type(wd)(width))
+        kernel(p, slots, rslots, self.rows, self.offsets, self.order, self.values, c, wd, type(wd)(width))
 
     def constrain(self, var, fn):
         if self.rows.size:
@@ -478,22 +478,23 @@ def table_key(rule, state, update, dtype, has_wd):
 
 
 def _table_views(rule, state, row_names):
-    """``(meta, used, row_used, p, slot)`` of one table for :func:`run_tables`: the
-    step-invariant columns of ``meta`` (addresses of the parameter and kept slots, rows,
-    width; see :mod:`sparseopt.kernels.cpu`), which slots the kernel uses, and the kernel's
-    views of the parameter and of a kept slot (``p`` if none: the kernels' type of
-    each). Kept per state."""
+    """``(head, tail, used, row_used, p, slot)`` of one table for :func:`run_tables`: the
+    step-invariant columns of ``meta`` (see :mod:`sparseopt.kernels.cpu`: ``head``, the
+    parameter's address, rows and width; ``tail``, the addresses of the slots and row slots,
+    its last columns), which slots the kernel uses, and the kernel's views of the parameter
+    and of a kept slot (``p`` if none: the kernels' type of each). Kept per state."""
     def make():
         var = state.var
         rows = var.shape[0]
         width = math.prod(var.shape[1:])
         p, slots, used = state.kernel_arrays(rule.SLOTS, (rows, width))
         if row_names is None:
-            row_slots, row_used = (p, p, p), None
+            row_slots, row_used = (), None
         else:
             row_slots, row_used = cpu.place(rule.ROW_SLOTS, {n: state.slots[n] for n in row_names}, p)
-        meta = [dedup.address(a) for a in (p,) + tuple(slots) + tuple(row_slots)] + [rows, width]
-        return meta, used, row_used, p, next((s for s, u in zip(slots, used) if u), p)
+        head = [dedup.address(p), rows, width]
+        tail = [dedup.address(a) for a in tuple(slots) + tuple(row_slots)]
+        return head, tail, used, row_used, p, next((s for s, u in zip(slots, used) if u), p)
     return state.kernel_views(("tables", rule.SLOTS, row_names), make)
 
 
@@ -533,7 +534,7 @@ def _tables_meta(rule, states, inners, row_names, extra=None):
     """``(meta, vstart, (rows, offsets, order), (used, row_used, like, slot_like))`` of the
     table-batched kernels for the planned sparse updates ``inners`` of ``states``: ``meta``
     (:mod:`sparseopt.kernels.cpu`'s columns, then each table's ``extra`` columns, a tuple
-    per table) and the concatenated plan, which is the plan the updates were made in together
+    per table, then the addresses of its slots and row slots) and the concatenated plan, which is the plan the updates were made in together
     (:func:`plan_sparse`) when it is one, else their own plans concatenated. The used slots
     and kernel views are the first table's (the group shares its configuration)."""
     flat = []
@@ -542,10 +543,10 @@ def _tables_meta(rule, states, inners, row_names, extra=None):
     plan = plan[0] if plan is not None else None
     views = None
     for t, (state, inner) in enumerate(zip(states, inners)):
-        meta, used, row_used, like, slot_like = _table_views(rule, state, row_names)
+        head, tail, used, row_used, like, slot_like = _table_views(rule, state, row_names)
         if views is None:
             views = (used, row_used, like, slot_like)
-        flat += meta
+        flat += head
         at = inner.at
         if at is None or at[0] is not plan:
             plan = None
@@ -553,6 +554,7 @@ def _tables_meta(rule, states, inners, row_names, extra=None):
             (dedup.address(inner.values), at[1], at[2], at[3], inner.order.size)
         if extra is not None:
             flat += extra[t]
+        flat += tail
         ks.append(ks[-1] + inner.rows.size)
     meta = np.array(flat, np.int64).reshape(len(inners), -1)
     if plan is not None:

@@ -485,7 +485,7 @@ def _norm(rt, scratch, flat, stream):
 
 
 def _kernel_slots(state, rule, p):
-    """The kernel's ``(s0, s1, s2)`` (device views shaped like ``p``; bfloat16 slots as their
+    """The kernel's tuple of slot arrays (device views shaped like ``p``; bfloat16 slots as their
     ``uint16`` bits) and their ``used`` flags."""
     kept = {name: bits(state.slots[name].reshape(p.shape)) for name in state.kernel_slot_names}
     return cpu.place(rule.SLOTS, kept, p)
@@ -536,7 +536,7 @@ def _run_rows(rt, rule, state, row_slots, p, values, plan, c, wd, has_wd, stream
     kernel = k.row_kernel(rule, used, row_used, has_wd, dense, dtype, cfg.row_threads, rounding)
     lanes, per_block = k.row_layout(width)
     kernel[k.blocks_for(count, per_block), (lanes, per_block), stream](
-        p, *slots, *rslots, *plan[:3], values, count, c, wd, dtype.type(width))
+        p, slots, rslots, *plan[:3], values, count, c, wd, dtype.type(width))
 
 
 class DenseUpdate:
@@ -607,7 +607,7 @@ class DenseUpdate:
         kernel = k.dense_kernel(rule, used, has_wd, rounding)
         threads = k.launch_config().threads
         with _on_device(rt, self.device):
-            kernel[k.blocks_for(n, threads), threads, self.stream](self.var, self.values, *slots, c, wd)
+            kernel[k.blocks_for(n, threads), threads, self.stream](self.var, self.values, slots, c, wd)
             _release_to(rt, self.stream, self.handles[1], self.handles[0])
 
     def run_rowwise(self, rule, state, row_slots, c, wd, has_wd):
@@ -751,7 +751,7 @@ class SparseUpdate:
         kernel = rt.kernels.sparse_kernel(rule, used, has_wd, rounding)
         blocks, block = self._row_launch(self.k)
         with _on_device(rt, self.device):
-            kernel[blocks, block, self.stream](self.var, *slots, self.rows, self.offsets, self.order,
+            kernel[blocks, block, self.stream](self.var, slots, self.rows, self.offsets, self.order,
                                                self.values, self.k, c, wd)
             _release_to(rt, self.stream, self.handles[1], self.handles[0])
 
@@ -863,7 +863,7 @@ class ExactDevice:
         kernel = rt.exact.sparse_kernel(rule, used, has_wd, rounding)
         with _on_device(rt, self.device):
             kernel[blocks, block, update.stream](
-                update.var, *slots, update.rows, update.offsets, update.order, update.values, update.k,
+                update.var, slots, update.rows, update.offsets, update.order, update.values, update.k,
                 self.last, floor, hi, self.hist, self.tab, c, wd, c_idle, zero, tol)
             self.set_last((update.rows, update.k), hi + 1, update.stream)
             _release_to(rt, update.stream, update.handles[1], update.handles[0])
@@ -881,7 +881,7 @@ class ExactDevice:
         with _on_device(rt, self.device):
             rt.exact.catch_up_kernel(rule, used, has_wd, self.lowp)[
                 rt.kernels.blocks_for(k, per_block), (lanes, per_block), self.stream](
-                p, *slots, ids, k, every, self.last, floor, hi, self.hist, self.tab, c_idle, zero, tol)
+                p, slots, ids, k, every, self.last, floor, hi, self.hist, self.tab, c_idle, zero, tol)
             if not every:
                 self.set_last(rows, hi, self.stream)
 
@@ -1076,17 +1076,19 @@ def run_tables(rule, group, c, wd, has_wd, row_names=None):
     k = rt.kernels
     first = group[0][1]
     planner = first.table_plan[0]
-    meta = np.empty((len(group), k.B_COLUMNS), np.int64)
+    meta = None
     gstart = np.zeros(len(group) + 1, np.int64)
     used = like_s = None
     widest = 1
     for t, (state, u) in enumerate(group):
         slots, used = _kernel_slots(state, rule, u.var)
-        like_s = slots[0] if like_s is None else like_s
+        if meta is None:  # the slots' addresses are the last columns (sparseopt.kernels.cuda.B_COLUMNS)
+            meta = np.empty((len(group), k.B_COLUMNS + len(slots)), np.int64)
+            like_s = next((s for s, kept in zip(slots, used) if kept), slots[0])
         rows, width = u.var.shape
         widest = max(widest, width)
-        meta[t] = (address(u.var), address(slots[0]), address(slots[1]), address(slots[2]),
-                   address(u.values), rows, width, u.values.shape[0], u.table_plan[1])
+        meta[t] = (address(u.var), address(u.values), rows, width, u.values.shape[0], u.table_plan[1],
+                   *[address(s) for s in slots])
         gstart[t + 1] = gstart[t] + u.k
     rounding, c = _rounding(group[0][0], c)
     kernel = k.batched_sparse_kernel(rule, used, has_wd, rounding)

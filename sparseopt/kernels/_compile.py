@@ -37,6 +37,7 @@ import numba
 import numpy as np
 
 from sparseopt import _config
+from sparseopt.kernels import _slots
 from sparseopt.kernels._specialize import rule_key, rule_package, specialize
 
 CPU = "cpu"
@@ -95,6 +96,43 @@ def function(rule, name, target=CPU, default=None, rebind=()):
     if base is not None:
         rebind = tuple(rebind) + ((base, namespace["__variant_constants__"]),)
     return _compiled(fn, target, rule_package(rule), tuple(rebind))
+
+
+#: A rule function's arguments other than slots, and the adapter that calls it on the kernels'
+#: tuples of slot values (:mod:`sparseopt.kernels._slots`), by name.
+_STAGES = {"update": (3, "UPDATE"), "reduce_terms": (3, "REDUCE_TERMS"), "idle_apply": (5, "IDLE_APPLY"),
+           "row_update": (2, "ROW_UPDATE")}
+
+
+@functools.lru_cache(maxsize=None)
+def on_tuples(rule, name, target, n_kernel, n_kernel_rows=None, rebind=()):
+    """The rule's function ``name`` (``update``, ``reduce_terms``, ``idle_apply`` or
+    ``row_update``) called on the kernels' tuples of slot values, compiled for ``target`` (a
+    rule without ``idle_apply``: one that always fails, so that exact mode replays):
+    ``n_kernel`` slot values (``n_kernel_rows`` row values for a row-wise rule's ``update``, and
+    for ``row_update``) however many the rule's function takes (:func:`sparseopt.kernels._slots.rule_call`
+    and the others). ``rebind`` as for :func:`function`."""
+    fixed, bound = _STAGES[name]
+    if name == "idle_apply" and name not in vars(rule):  # no closed form: the catch-up replays
+        return _decorator(target)(specialize(_slots.no_idle(n_kernel), target))
+    fn = function(rule, name, target, rebind=rebind)
+    slots = vars(rule)["SLOTS"]
+    rows = vars(rule).get("ROW_SLOTS", ())
+    if name == "row_update":
+        template = _slots.row_rule_call(_slots.rule_slot_count(rule, name, fixed, rows), n_kernel)
+    elif name == "update" and n_kernel_rows is not None:
+        n_rule = _slots.rule_slot_count(rule, name, fixed, slots + rows, former=6)
+        if n_rule == len(slots) + len(rows):
+            template = _slots.rule_call(len(slots), n_kernel, len(rows), n_kernel_rows)
+        else:  # written for the former three and three: (p, g, s0, s1, s2, r0, r1, r2, c)
+            template = _slots.rule_call(3, n_kernel, 3, n_kernel_rows)
+    elif name == "update":
+        template = _slots.rule_call(_slots.rule_slot_count(rule, name, fixed, slots), n_kernel)
+    elif name == "reduce_terms":
+        template = _slots.reduce_terms_call(_slots.rule_slot_count(rule, name, fixed, slots), n_kernel)
+    else:
+        template = _slots.idle_call(bound, _slots.rule_slot_count(rule, name, fixed, slots), n_kernel)
+    return _decorator(target)(specialize(template, f"{rule_key(rule)}_{target}", **{bound: fn}))
 
 
 def _decorator(target):

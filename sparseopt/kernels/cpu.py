@@ -5,17 +5,19 @@ one ``numba.njit(parallel=True)`` region per step, with no atomics: every elemen
 (dense) or every unique row (sparse) is written by exactly one thread, so results
 are bit-identical for any number of threads.
 
-Every kernel takes the rule's slots as three arrays ``s0, s1, s2`` in the rule's
-``SLOTS`` order, each of the variable's shape (views of the core's contiguous slot
-storage, or the TensorFlow bridge's slot buffers). A configuration that keeps no
-such slot passes a placeholder (:func:`place`), which the kernel never touches.
+Every kernel takes the rule's slots as one tuple ``S`` of arrays in the rule's ``SLOTS``
+order, any number of them, each of the variable's shape (views of the core's contiguous
+slot storage, or the TensorFlow bridge's slot buffers), and passes an element's slot values
+as a tuple ``v`` (:mod:`sparseopt.kernels._slots`, which generates the few functions that
+take the tuples apart). A configuration that does not keep a slot passes a placeholder
+(:func:`place`), which the kernel never touches.
 
 The templates refer to globals bound per specialization: ``STEP`` (one element:
-``LOAD``, weight decay, ``RULE``, ``STORE``), ``U0``, ``U1``, ``U2`` (which slots are kept),
+``LOAD``, weight decay, ``RULE``, ``STORE``; ``LOAD`` and ``STORE`` touch the kept slots only),
 ``HAS_WD`` (decoupled weight decay in the same pass), ``PREFETCH`` and ``AHEAD`` (cache
 hints for a row, and for the row a sparse kernel updates next but one) and, for row-wise
-rules, ``ROWWISE``, ``ROW_TERM``, ``ROW_RULE`` and ``V0``, ``V1``, ``V2`` (which row slots
-are kept; all False for the other rules), ``LOWP`` (a 16-bit variable: ``LOAD``,
+rules, ``ROWWISE``, ``ROW_TERM`` and ``ROW_SLOTS`` (the row stage on the kept row slots),
+``LOWP`` (a 16-bit variable: ``LOAD``,
 ``VALUE`` and ``STORE_ROUNDED`` are :mod:`sparseopt.kernels.lowp`'s, which widen its
 ``uint16`` bits to float32 and round the new value back with the step's random bits,
 passed as ``c.rounding_key``), ``VALUE`` (the parameter's element as the rule sees it),
@@ -27,8 +29,8 @@ The row-reduction family (:func:`row_dense_kernel`, :func:`row_sparse_kernel`) r
 *row-wise rules* (:mod:`sparseopt.rules.rowwise_adagrad`), which keep some state per
 row: per row, a first pass over its columns sums ``ROW_TERM`` (the rule's
 ``row_term``) and divides by the width, ``ROW_RULE`` (``row_update``) updates the row
-slots ``r0, r1, r2`` (arrays of shape ``(rows,)``), then the element pass runs
-``RULE`` with the new row values. One thread owns a whole row.
+slots (a tuple ``R`` of arrays of shape ``(rows,)``), then the element pass runs
+``RULE`` with the new row values ``rv``. One thread owns a whole row.
 
 Rules with a reduction stage (:mod:`sparseopt.rules.lamb`: a norm of the update) run two
 passes per unit, the whole variable (dense) or each unique row (sparse): see "reduction
@@ -46,15 +48,15 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from sparseopt import _config, rules
-from sparseopt.kernels import _compile
+from sparseopt.kernels import _compile, _slots
 from sparseopt.kernels import lowp as lowp_kernels
 from sparseopt.kernels._specialize import rule_key, specialize
 from sparseopt.kernels.dedup import pointer
 
-RULE = STEP = LOAD = STORE = ROW_STEP = U0 = U1 = U2 = HAS_WD = ROW_COST = None  # bound per specialization
-PREFETCH = AHEAD = V0 = V1 = V2 = None  # bound per specialization (V*: False unless row-wise)
-ROWWISE = ROW = ROW_TERM = ROW_RULE = ROW_SLOTS = None  # bound per row-wise specialization
-TABLE_ROWS = None  # bound per table-batched specialization
+RULE = STEP = LOAD = STORE = ROW_STEP = HAS_WD = ROW_COST = None  # bound per specialization
+PREFETCH = AHEAD = None  # bound per specialization
+ROWWISE = ROW = ROW_TERM = ROW_SLOTS = None  # bound per row-wise specialization
+TABLE_ROWS = SLOT_VIEWS = ROW_VIEWS = NS = NR = None  # bound per table-batched specialization
 LOWP = False  # bound per specialization: a 16-bit variable (sparseopt.kernels.lowp)
 VALUE = STORE_ROUNDED = None  # bound per specialization (STORE_ROUNDED: 16-bit variables)
 GRADIENT_ROW = WIDEN = GRAD_LIKE = SCRATCH = None  # bound per specialization (see _gradient_reader)
@@ -69,44 +71,29 @@ PARTS = 256
 PREFETCH_DISTANCE = 2
 
 
-def _load_template(p, s0, s1, s2, at):
-    """Element ``at`` (an int or a tuple) of ``p`` and of the kept slots (``p``'s for the others)."""
-    x = p[at]
-    return x, (s0[at] if U0 else x), (s1[at] if U1 else x), (s2[at] if U2 else x)
-
-
-def _store_template(p, s0, s1, s2, at, x, a, b, e):
-    """Write element ``at`` of ``p`` and of the kept slots."""
-    p[at] = x
-    if U0:
-        s0[at] = a
-    if U1:
-        s1[at] = b
-    if U2:
-        s2[at] = e
-
-
 def _value_template(p, at):
     """Element ``at`` of ``p`` (the parameter only)."""
     return p[at]
 
 
-def _step_template(p, s0, s1, s2, at, g, ra, rb, re, c, wd_lr):
-    """One element at index ``at`` (an int or a tuple) of ``p`` and its slots.
+def _step_template(p, S, at, g, rv, c, wd_lr):
+    """One element at index ``at`` (an int or a tuple) of ``p`` and its slots (``rv``: a
+    row-wise rule's row values, else unused).
 
     A 16-bit variable (``LOWP``) is stored rounded with the step's random bits, which
     come in ``c`` (:mod:`sparseopt.kernels.lowp`)."""
-    x, a, b, e = LOAD(p, s0, s1, s2, at)
+    o = LOAD(p, S, at)
+    x = o[0]
     if HAS_WD:
         x = x - x * wd_lr
     if ROWWISE:
-        x, a, b, e = RULE(x, g, a, b, e, ra, rb, re, c)
+        n = RULE(x, g, o[1:], rv, c)
     else:
-        x, a, b, e = RULE(x, g, a, b, e, c)
+        n = RULE(x, g, o[1:], c)
     if LOWP:
-        STORE_ROUNDED(p, s0, s1, s2, at, x, a, b, e, c)
+        STORE_ROUNDED(p, S, at, n[0], n[1:], c)
     else:
-        STORE(p, s0, s1, s2, at, x, a, b, e)
+        STORE(p, S, at, n[0], n[1:])
 
 
 @numba.njit(**_config.CPU_RULE_FLAGS)
@@ -249,19 +236,19 @@ def balanced_parts(offsets, parts, row_cost):
     return bounds
 
 
-def _dense_template(p, g, s0, s1, s2, c, wd_lr):
+def _dense_template(p, g, S, c, wd_lr):
     """``p``, ``g`` and the slots: flat ``(n,)``."""
     for i in prange(p.size):
-        STEP(p, s0, s1, s2, i, g[i], wd_lr, wd_lr, wd_lr, c, wd_lr)
+        STEP(p, S, i, g[i], wd_lr, c, wd_lr)
 
 
-def _row_step_template(p, s0, s1, s2, r, grad, src, c, wd_lr):
+def _row_step_template(p, S, r, grad, src, c, wd_lr):
     """Row ``r`` of ``p`` and the slots, with the gradient row ``grad[src]``."""
     for j in range(p.shape[1]):
-        STEP(p, s0, s1, s2, (r, j), grad[src, j], wd_lr, wd_lr, wd_lr, c, wd_lr)
+        STEP(p, S, (r, j), grad[src, j], wd_lr, c, wd_lr)
 
 
-def _sparse_template(p, s0, s1, s2, rows, offsets, order, values, c, wd_lr):
+def _sparse_template(p, S, rows, offsets, order, values, c, wd_lr):
     """Row-wise update of the unique ``rows`` of ``p`` and the slots (all ``(num_rows, d)``).
 
     The gradient of unique row ``u`` is the in-order sum of
@@ -278,9 +265,9 @@ def _sparse_template(p, s0, s1, s2, rows, offsets, order, values, c, wd_lr):
         buf = scratch[t:t + 1]
         end = bounds[t + 1]
         for u in range(bounds[t], end):
-            AHEAD(p, s0, s1, s2, p, p, p, rows, offsets, order, values, u, end)
+            AHEAD(p, S, S, rows, offsets, order, values, u, end)
             grad, src = GRADIENT_ROW(buf, values, order, offsets[u], offsets[u + 1])
-            ROW_STEP(p, s0, s1, s2, rows[u], grad, src, c, wd_lr)
+            ROW_STEP(p, S, rows[u], grad, src, c, wd_lr)
 
 
 # ------------------------------------------------------------------ table-batched steps
@@ -294,15 +281,22 @@ def _sparse_template(p, s0, s1, s2, rows, offsets, order, values, c, wd_lr):
 # Unique row ``u`` of table ``t`` is the same row step as in :func:`_sparse_template`
 # (the same gradient sum, the same element code), so the bits are the per-table kernel's.
 
-#: Columns of ``meta``: the addresses of the parameter, of the three slots (a kept slot's,
-#: else the parameter's, never touched) and of the three row slots (row-wise rules); the
-#: table's rows and width (these nine stay the same from step to step); the address of the
-#: gradient values, where the table's unique rows start in ``rows``, its ``k + 1`` offsets
-#: in ``offsets`` and its positions in ``order``; its gradient rows (``n``, the length of
-#: its ``order`` part).
-M_P, M_S0, M_S1, M_S2, M_R0, M_R1, M_R2, M_ROWS, M_WIDTH = range(9)
-M_VALUES, M_UNIQUE, M_OFFSETS, M_ORDER, M_N = range(9, 14)
-META_COLUMNS = 14
+#: Columns of ``meta``: the address of the parameter, the table's rows and width (these
+#: three stay the same from step to step); the address of the gradient values, where the
+#: table's unique rows start in ``rows``, its ``k + 1`` offsets in ``offsets`` and its
+#: positions in ``order``; its gradient rows (``n``, the length of its ``order`` part). A
+#: family's own columns may follow (exact mode's); the *last* ``NS + NR`` columns are the
+#: addresses of the rule's ``NS`` slots (a kept slot's, else the parameter's, never
+#: touched) and of its ``NR`` row slots (row-wise rules; ``NR = 0`` for the others).
+M_P, M_ROWS, M_WIDTH, M_VALUES, M_UNIQUE, M_OFFSETS, M_ORDER, M_N = range(8)
+META_COLUMNS = 8
+
+
+@numba.njit(**_config.CPU_RULE_FLAGS)
+def view(address, like, shape):
+    """``VIEW`` of :func:`sparseopt.kernels._slots.views`: the array of ``shape`` and ``like``'s
+    dtype at ``address``."""
+    return numba.carray(pointer(address, like), shape)
 
 
 @numba.njit(**_config.CPU_SERIAL_FLAGS)
@@ -341,9 +335,7 @@ def _elementwise_rows_template(meta, t, like, slot_like, rows, offsets, order, b
     n_rows = meta[t, M_ROWS]
     d = meta[t, M_WIDTH]
     p = numba.carray(pointer(meta[t, M_P], like), (n_rows, d))
-    s0 = numba.carray(pointer(meta[t, M_S0], slot_like), (n_rows, d))
-    s1 = numba.carray(pointer(meta[t, M_S1], slot_like), (n_rows, d))
-    s2 = numba.carray(pointer(meta[t, M_S2], slot_like), (n_rows, d))
+    S = SLOT_VIEWS(meta, t, meta.shape[1] - NS - NR, slot_like, (n_rows, d))
     values = numba.carray(pointer(meta[t, M_VALUES], GRAD_LIKE(like, widths)), (meta[t, M_N], d))
     u0 = meta[t, M_UNIQUE]
     f0 = meta[t, M_OFFSETS]
@@ -352,9 +344,9 @@ def _elementwise_rows_template(meta, t, like, slot_like, rows, offsets, order, b
     offsets_t = offsets[f0:f0 + hi + 1]
     order_t = order[o0:o0 + meta[t, M_N]]
     for u in range(lo, hi):
-        AHEAD(p, s0, s1, s2, p, p, p, rows_t, offsets_t, order_t, values, u, hi)
+        AHEAD(p, S, S, rows_t, offsets_t, order_t, values, u, hi)
         grad, src = GRADIENT_ROW(buf, values, order_t, offsets_t[u], offsets_t[u + 1])
-        ROW_STEP(p, s0, s1, s2, rows_t[u], grad, src, c, wd_lr)
+        ROW_STEP(p, S, rows_t[u], grad, src, c, wd_lr)
 
 
 def _rowwise_rows_template(meta, t, like, slot_like, rows, offsets, order, buf, lo, hi, c, wd_lr, widths):
@@ -362,12 +354,8 @@ def _rowwise_rows_template(meta, t, like, slot_like, rows, offsets, order, buf, 
     n_rows = meta[t, M_ROWS]
     d = meta[t, M_WIDTH]
     p = numba.carray(pointer(meta[t, M_P], like), (n_rows, d))
-    s0 = numba.carray(pointer(meta[t, M_S0], slot_like), (n_rows, d))
-    s1 = numba.carray(pointer(meta[t, M_S1], slot_like), (n_rows, d))
-    s2 = numba.carray(pointer(meta[t, M_S2], slot_like), (n_rows, d))
-    r0 = numba.carray(pointer(meta[t, M_R0], widths), (n_rows,))
-    r1 = numba.carray(pointer(meta[t, M_R1], widths), (n_rows,))
-    r2 = numba.carray(pointer(meta[t, M_R2], widths), (n_rows,))
+    S = SLOT_VIEWS(meta, t, meta.shape[1] - NS - NR, slot_like, (n_rows, d))
+    R = ROW_VIEWS(meta, t, meta.shape[1] - NR, widths, (n_rows,))
     values = numba.carray(pointer(meta[t, M_VALUES], GRAD_LIKE(like, widths)), (meta[t, M_N], d))
     width = widths[t]
     u0 = meta[t, M_UNIQUE]
@@ -377,9 +365,9 @@ def _rowwise_rows_template(meta, t, like, slot_like, rows, offsets, order, buf, 
     offsets_t = offsets[f0:f0 + hi + 1]
     order_t = order[o0:o0 + meta[t, M_N]]
     for u in range(lo, hi):
-        AHEAD(p, s0, s1, s2, r0, r1, r2, rows_t, offsets_t, order_t, values, u, hi)
+        AHEAD(p, S, R, rows_t, offsets_t, order_t, values, u, hi)
         grad, src = GRADIENT_ROW(buf, values, order_t, offsets_t[u], offsets_t[u + 1])
-        ROW(p, s0, s1, s2, r0, r1, r2, rows_t[u], grad, src, c, wd_lr, width)
+        ROW(p, S, R, rows_t[u], grad, src, c, wd_lr, width)
 
 
 def _batched_template(meta, vstart, rows, offsets, order, like, slot_like, c, wd_lr, widths):
@@ -420,16 +408,26 @@ def _batched_kernel(rule_module, used, row_used, has_wd, lowp, grad16):
         suffix += "_g16"
     inline = numba.njit(**_config.CPU_RULE_FLAGS)
     rows_template = _rowwise_rows_template if row_used is not None else _elementwise_rows_template
-    constants = dict(constants, GRAD_LIKE=_bits_like if grad16 else _math_like)
+    constants = dict(constants, GRAD_LIKE=_bits_like if grad16 else _math_like, **table_views(used, row_used))
     constants["TABLE_ROWS"] = inline(specialize(rows_template, suffix, **constants))
     return _config.parallel_kernel(
         numba.njit(**_config.CPU_KERNEL_FLAGS)(specialize(_batched_template, suffix, **constants)))
 
 
+def table_views(used, row_used):
+    """The constants of the table-batched templates that view a table's slots and row slots
+    (the last columns of ``meta``): ``NS``, ``NR``, ``SLOT_VIEWS``, ``ROW_VIEWS``."""
+    inline = numba.njit(**_config.CPU_RULE_FLAGS)
+    nr = len(row_used) if row_used is not None else 0
+    return dict(NS=len(used), NR=nr,
+                SLOT_VIEWS=inline(specialize(_slots.views(len(used), __name__), "cpu", VIEW=view)),
+                ROW_VIEWS=inline(specialize(_slots.views(max(nr, 1), __name__), "cpu", VIEW=view)))
+
+
 def batched_sparse_kernel(rule_module, used, has_wd, lowp=None, grad16=False):
     """``kernel(meta, vstart, rows, offsets, order, like, slot_like, c, wd_lr, widths)``:
     the sparse updates of many tables of one configuration in one parallel region (columns
-    of ``meta`` above: ``M_R0..M_R2`` unused; ``lowp`` as for :func:`sparse_kernel`: 16-bit
+    of ``meta`` above, no row slots; ``lowp`` as for :func:`sparse_kernel`: 16-bit
     tables, each rounded with the same bits as by its own kernel; ``grad16``: their gradient
     values are of their own dtype, read as ``uint16`` bits and widened row by row)."""
     return _batched_sparse_kernel(rule_module, used, has_wd, lowp, bool(grad16))
@@ -449,22 +447,6 @@ def batched_row_sparse_kernel(rule_module, used, row_used, has_wd, lowp=None, gr
 @functools.lru_cache(maxsize=None)
 def _batched_row_sparse_kernel(rule_module, used, row_used, has_wd, lowp, grad16):
     return _batched_kernel(rule_module, used, row_used, has_wd, lowp, grad16)
-
-
-def _row_slots_template(r0, r1, r2, row, mean, c):
-    """``ROW_RULE`` on row ``row`` of the kept row slots (``mean``: the row's mean
-    ``ROW_TERM``); writes and returns the new row values (also for the CUDA kernels)."""
-    ra = r0[row] if V0 else mean
-    rb = r1[row] if V1 else mean
-    re = r2[row] if V2 else mean
-    ra, rb, re = ROW_RULE(ra, rb, re, mean, c)
-    if V0:
-        r0[row] = ra
-    if V1:
-        r1[row] = rb
-    if V2:
-        r2[row] = re
-    return ra, rb, re
 
 
 @intrinsic
@@ -507,24 +489,7 @@ if numba.config.DISABLE_JIT:  # pragma: no cover - run in a subprocess: tests/te
         """A cache hint: nothing to do when the kernels run as plain Python."""
 
 
-def _prefetch_template(p, s0, s1, s2, r0, r1, r2, row):
-    """Prefetch row ``row`` of ``p``, of the kept slots and of the kept row slots."""
-    prefetch(p, row)
-    if U0:
-        prefetch(s0, row)
-    if U1:
-        prefetch(s1, row)
-    if U2:
-        prefetch(s2, row)
-    if V0:
-        prefetch(r0, row)
-    if V1:
-        prefetch(r1, row)
-    if V2:
-        prefetch(r2, row)
-
-
-def _ahead_template(p, s0, s1, s2, r0, r1, r2, rows, offsets, order, values, u, end):
+def _ahead_template(p, S, R, rows, offsets, order, values, u, end):
     """Prefetch what unique row ``u + PREFETCH_DISTANCE`` (if before ``end``) will read
     and write: its rows of ``p``, the slots and row slots, and its first gradient row.
 
@@ -536,11 +501,11 @@ def _ahead_template(p, s0, s1, s2, r0, r1, r2, rows, offsets, order, values, u, 
     """
     ahead = u + PREFETCH_DISTANCE
     if ahead < end:
-        PREFETCH(p, s0, s1, s2, r0, r1, r2, rows[ahead])
+        PREFETCH(p, S, R, rows[ahead])
         prefetch(values, order[offsets[ahead]])
 
 
-def _row_reduce_and_update(p, s0, s1, s2, r0, r1, r2, row, grad, src, c, wd_lr, width):
+def _row_reduce_and_update(p, S, R, row, grad, src, c, wd_lr, width):
     """One row of a row-wise rule, with the (de-duplicated) gradient row ``grad[src]``.
 
     The row's parameter, slot rows and row slots are prefetched first: the element
@@ -551,24 +516,24 @@ def _row_reduce_and_update(p, s0, s1, s2, r0, r1, r2, row, grad, src, c, wd_lr, 
     from 1.68x to 1.38x the probe; the hint here then finds them in cache.
     """
     d = p.shape[1]
-    PREFETCH(p, s0, s1, s2, r0, r1, r2, row)
+    PREFETCH(p, S, R, row)
     total = width - width  # a zero of the variables' dtype
     for j in range(d):
         total += ROW_TERM(VALUE(p, (row, j)), grad[src, j], c)
-    ra, rb, re = ROW_SLOTS(r0, r1, r2, row, total / width, c)
+    rv = ROW_SLOTS(R, row, total / width, c)
     for j in range(d):
-        STEP(p, s0, s1, s2, (row, j), grad[src, j], ra, rb, re, c, wd_lr)
+        STEP(p, S, (row, j), grad[src, j], rv, c, wd_lr)
 
 
-def _row_dense_template(p, g, s0, s1, s2, r0, r1, r2, c, wd_lr, width):
+def _row_dense_template(p, g, S, R, c, wd_lr, width):
     """Every row of ``p``, ``g`` ``(n, d)`` is touched; ``width``: ``d`` in the variables' dtype."""
     if p.shape[1] == 0:  # no columns: nothing to reduce or update
         return
     for u in prange(p.shape[0]):
-        ROW(p, s0, s1, s2, r0, r1, r2, u, g, u, c, wd_lr, width)
+        ROW(p, S, R, u, g, u, c, wd_lr, width)
 
 
-def _row_sparse_template(p, s0, s1, s2, r0, r1, r2, rows, offsets, order, values, c, wd_lr, width):
+def _row_sparse_template(p, S, R, rows, offsets, order, values, c, wd_lr, width):
     """:func:`_row_dense_template` on the unique ``rows``, duplicates summed in order
     into a scratch row first, in the runs of :func:`balanced_parts`."""
     d = p.shape[1]
@@ -580,9 +545,9 @@ def _row_sparse_template(p, s0, s1, s2, r0, r1, r2, rows, offsets, order, values
         buf = scratch[t:t + 1]
         end = bounds[t + 1]
         for u in range(bounds[t], end):
-            AHEAD(p, s0, s1, s2, r0, r1, r2, rows, offsets, order, values, u, end)
+            AHEAD(p, S, R, rows, offsets, order, values, u, end)
             grad, src = GRADIENT_ROW(buf, values, order, offsets[u], offsets[u + 1])
-            ROW(p, s0, s1, s2, r0, r1, r2, rows[u], grad, src, c, wd_lr, width)
+            ROW(p, S, R, rows[u], grad, src, c, wd_lr, width)
 
 
 def _rule_function(rule_module, name="update"):
@@ -603,36 +568,37 @@ def _helpers(rule_module, used, row_used, has_wd, lowp=None):
 def _specialized_helpers(rule_module, used, row_used, has_wd, lowp):
     """The inline element step (and row step) of one rule and slot configuration.
 
-    ``lowp``: None for a float32 or float64 variable; ``(kind, stochastic, slot_kind)``
-    for a 16-bit one (:mod:`sparseopt.kernels.lowp`: ``kind`` is ``"bfloat16"`` or
-    ``"float16"``, ``slot_kind`` ``"bfloat16"`` or None for float32 slots).
+    ``used``: whether each of the kernel's slot arrays is kept (:func:`place`); ``row_used``
+    likewise for a row-wise rule's row slots, else None. ``lowp``: None for a float32 or
+    float64 variable; ``(kind, stochastic, slot_kind)`` for a 16-bit one
+    (:mod:`sparseopt.kernels.lowp`: ``kind`` is ``"bfloat16"`` or ``"float16"``, ``slot_kind``
+    ``"bfloat16"`` or None for float32 slots).
     """
     rowwise = row_used is not None
-    row_used = row_used if rowwise else (False, False, False)
-    constants = dict(RULE=_rule_function(rule_module), U0=used[0], U1=used[1], U2=used[2],
-                     V0=row_used[0], V1=row_used[1], V2=row_used[2],
+    n_rows = len(row_used) if rowwise else None
+    constants = dict(RULE=_compile.on_tuples(rule_module, "update", _compile.CPU, len(used), n_rows),
                      HAS_WD=bool(has_wd), ROWWISE=rowwise, LOWP=lowp is not None)
     suffix = f"{rule_key(rule_module)}_{_flags(used)}{'_wd' if has_wd else ''}"
     inline = numba.njit(**_config.CPU_RULE_FLAGS)
     constants["GRADIENT_ROW"] = _gradient_reader(lowp[0] if lowp else None)
     constants["SCRATCH"] = _scratch_float32 if lowp else _scratch_like
     if lowp is None:
-        constants["LOAD"] = inline(specialize(_load_template, suffix, **constants))
-        constants["STORE"] = inline(specialize(_store_template, suffix, **constants))
+        constants["LOAD"] = inline(specialize(_slots.load(used, __name__), suffix, **constants))
+        constants["STORE"] = inline(specialize(_slots.store(used, __name__), suffix, **constants))
         constants["VALUE"] = inline(specialize(_value_template, suffix, **constants))
     else:
-        kind, stochastic, slot_kind = lowp
-        suffix += f"_{kind}{'_sr' if stochastic else '_rne'}{'_s' + slot_kind if slot_kind else ''}"
-        widen, narrow = lowp_kernels.CONVERSIONS[kind]
-        constants.update(WIDEN=widen, NARROW=narrow, STOCHASTIC=bool(stochastic), SLOT16=slot_kind is not None,
-                         WIDEN_SLOT=lowp_kernels.bf16_to_f32 if slot_kind else lowp_kernels.same)
-        constants["LOAD"] = inline(specialize(lowp_kernels._load_template, suffix, **constants))
-        constants["STORE_ROUNDED"] = inline(specialize(lowp_kernels._store_template, suffix, **constants))
+        suffix += lowp_suffix(lowp)
+        constants.update(lowp_constants(lowp))
+        constants["LOAD"] = inline(specialize(_slots.load(used, lowp_kernels.__name__, widen=True), suffix,
+                                              **constants))
+        constants["STORE_ROUNDED"] = inline(specialize(_slots.store_rounded(used, lowp_kernels.__name__), suffix,
+                                                       **constants))
         constants["VALUE"] = inline(specialize(lowp_kernels._value_template, suffix, **constants))
     constants["STEP"] = inline(specialize(_step_template, suffix, **constants))
     constants["ROW_STEP"] = inline(specialize(_row_step_template, suffix, **constants))
     suffix_rows = suffix + (f"_r{_flags(row_used)}" if rowwise else "")
-    constants["PREFETCH"] = inline(specialize(_prefetch_template, suffix_rows, **constants))
+    constants["PREFETCH"] = inline(specialize(_slots.prefetch(used, row_used or (), __name__), suffix_rows,
+                                              **constants))
     constants["AHEAD"] = inline(specialize(_ahead_template, suffix_rows, **constants))
     # A unique row's cost in gradient rows (balanced_parts): read and write the
     # parameter row and each kept slot row.
@@ -640,10 +606,24 @@ def _specialized_helpers(rule_module, used, row_used, has_wd, lowp):
     if rowwise:
         suffix = suffix_rows
         constants.update(ROW_TERM=_rule_function(rule_module, "row_term"),
-                         ROW_RULE=_rule_function(rule_module, "row_update"))
-        constants["ROW_SLOTS"] = inline(specialize(_row_slots_template, suffix, **constants))
+                         ROW_RULE=_compile.on_tuples(rule_module, "row_update", _compile.CPU, n_rows))
+        constants["ROW_SLOTS"] = inline(specialize(_slots.row_slots(row_used, __name__), suffix, **constants))
         constants["ROW"] = inline(specialize(_row_reduce_and_update, suffix, **constants))
     return suffix, constants
+
+
+def lowp_suffix(lowp):
+    """The part of a kernel's name that says its 16-bit configuration ``lowp``."""
+    kind, stochastic, slot_kind = lowp
+    return f"_{kind}{'_sr' if stochastic else '_rne'}{'_s' + slot_kind if slot_kind else ''}"
+
+
+def lowp_constants(lowp):
+    """The constants of :mod:`sparseopt.kernels.lowp`'s templates for the 16-bit configuration ``lowp``."""
+    kind, stochastic, slot_kind = lowp
+    widen, narrow = lowp_kernels.CONVERSIONS[kind]
+    return dict(WIDEN=widen, NARROW=narrow, STOCHASTIC=bool(stochastic), SLOT16=slot_kind is not None,
+                WIDEN_SLOT=lowp_kernels.bf16_to_f32 if slot_kind else lowp_kernels.same)
 
 
 def _kernel(template, rule_module, used, row_used, has_wd, lowp=None):
@@ -653,10 +633,10 @@ def _kernel(template, rule_module, used, row_used, has_wd, lowp=None):
 
 
 def dense_kernel(rule_module, used, has_wd, lowp=None):
-    """``kernel(p, g, s0, s1, s2, c, wd_lr)`` on flat C-contiguous arrays.
+    """``kernel(p, g, S, c, wd_lr)`` on flat C-contiguous arrays (``S``: the tuple of slot
+    arrays of :func:`place`).
 
-    ``used``: three booleans, whether the configuration keeps the rule's slot 0, 1,
-    2 (see :func:`place`). For a rule with a reduction stage, the two-pass kernel over the
+    ``used``: whether the configuration keeps each of the slot arrays (see :func:`place`). For a rule with a reduction stage, the two-pass kernel over the
     whole variable (:func:`_reduce_dense_template`).
     """
     if has_reduction(rule_module):
@@ -670,7 +650,7 @@ def _dense_kernel(rule_module, used, has_wd, lowp):
 
 
 def sparse_kernel(rule_module, used, has_wd, lowp=None):
-    """``kernel(p, s0, s1, s2, rows, offsets, order, values, c, wd_lr)`` on 2-D rows (for a
+    """``kernel(p, S, rows, offsets, order, values, c, wd_lr)`` on 2-D rows (for a
     rule with a reduction stage, the two passes on each row: :func:`_reduce_sparse_template`)."""
     if has_reduction(rule_module):
         return _reduce_kernel(_reduce_sparse_template, rule_module, tuple(used), has_wd, lowp)
@@ -683,9 +663,9 @@ def _sparse_kernel(rule_module, used, has_wd, lowp):
 
 
 def row_dense_kernel(rule_module, used, row_used, has_wd, lowp=None):
-    """``kernel(p, g, s0, s1, s2, r0, r1, r2, c, wd_lr, width)`` for a row-wise rule.
+    """``kernel(p, g, S, R, c, wd_lr, width)`` for a row-wise rule.
 
-    ``p``, ``g`` and the element slots are ``(n, d)``, the row slots ``(n,)``;
+    ``p``, ``g`` and the element slots ``S`` are ``(n, d)``, the row slots ``R`` ``(n,)``;
     ``row_used`` says which of the rule's ``ROW_SLOTS`` are kept; ``width`` is ``d``
     in the variables' dtype.
     """
@@ -698,7 +678,7 @@ def _row_dense_kernel(rule_module, used, row_used, has_wd, lowp):
 
 
 def row_sparse_kernel(rule_module, used, row_used, has_wd, lowp=None):
-    """``kernel(p, s0, s1, s2, r0, r1, r2, rows, offsets, order, values, c, wd_lr, width)``.
+    """``kernel(p, S, R, rows, offsets, order, values, c, wd_lr, width)``.
 
     :func:`row_dense_kernel` on the unique ``rows``, duplicates summed in order.
     """
@@ -724,38 +704,35 @@ def _row_sparse_kernel(rule_module, used, row_used, has_wd, lowp):
 # ``dense_kernel`` and ``sparse_kernel`` return these kernels for such a rule (the same
 # signatures), so every caller of those runs it.
 
-TERMS = APPLY_STEP = REDUCE_ROW = STORE_SLOTS = None  # bound per reduction specialization
+TERMS = APPLY_STEP = REDUCE_ROW = STORE_SLOTS = KEPT_SLOTS = None  # bound per reduction specialization
 REDUCE_TERMS = REDUCE_SCALE = REDUCE_APPLY = None  # the rule's stage, bound likewise
 
 
-def _store_slots_template(p, s0, s1, s2, at, x, a, b, e, c):
+def _store_slots_template(p, S, at, x, v, c):
     """Write the kept slots at ``at``; a 16-bit parameter is written back as it was loaded
     (``x``: an exact 16-bit value, which rounding leaves as it is) with its slots."""
     if LOWP:
-        STORE_ROUNDED(p, s0, s1, s2, at, x, a, b, e, c)
+        STORE_ROUNDED(p, S, at, x, v, c)
     else:
-        if U0:
-            s0[at] = a
-        if U1:
-            s1[at] = b
-        if U2:
-            s2[at] = e
+        KEPT_SLOTS(S, at, v)
 
 
-def _terms_template(p, s0, s1, s2, at, g, c, wd_lr):
+def _terms_template(p, S, at, g, c, wd_lr):
     """First pass on element ``at``: ``(direction, term 0, term 1)``; writes the slots."""
-    x, a, b, e = LOAD(p, s0, s1, s2, at)
+    o = LOAD(p, S, at)
+    x = o[0]
     y = x
     if HAS_WD:
         y = x - x * wd_lr
-    d, a, b, e, t0, t1 = REDUCE_TERMS(y, g, a, b, e, c)
-    STORE_SLOTS(p, s0, s1, s2, at, x, a, b, e, c)
-    return d, t0, t1
+    n = REDUCE_TERMS(y, g, o[1:], c)
+    STORE_SLOTS(p, S, at, x, n[3:], c)
+    return n[0], n[1], n[2]
 
 
-def _apply_as_row_rule(x, d, a, b, e, scale, rb, re, c):
-    """``reduce_apply`` in the element step's row-wise form (``d`` as the gradient)."""
-    return REDUCE_APPLY(x, d, scale, c), a, b, e
+def _apply_as_row_rule(x, d, v, rv, c):
+    """``reduce_apply`` in the element step's row-wise form (``d`` as the gradient, the
+    unit's scale as the one row value ``rv[0]``)."""
+    return (REDUCE_APPLY(x, d, rv[0], c),) + v
 
 
 #: Elements whose terms a dense first pass keeps in scratch before summing them (per thread,
@@ -787,23 +764,23 @@ def _lane_sum(x, n, zero):
     return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
 
 
-def _reduce_row_template(p, s0, s1, s2, row, grad, src, c, wd_lr, work):
+def _reduce_row_template(p, S, row, grad, src, c, wd_lr, work):
     """Both passes on row ``row`` with the gradient row ``grad[src]`` (``work``: a ``(3, d)``
     scratch of the math dtype: directions, then the two terms)."""
-    PREFETCH(p, s0, s1, s2, p, p, p, row)
+    PREFETCH(p, S, S, row)
     d = p.shape[1]
     for j in range(d):
-        dj, a, b = TERMS(p, s0, s1, s2, (row, j), grad[src, j], c, wd_lr)
+        dj, a, b = TERMS(p, S, (row, j), grad[src, j], c, wd_lr)
         work[0, j] = dj
         work[1, j] = a
         work[2, j] = b
     zero = wd_lr - wd_lr  # a zero of the math dtype (wd_lr is finite)
     scale = REDUCE_SCALE(_lane_sum(work[1], d, zero), _lane_sum(work[2], d, zero), c)
     for j in range(d):
-        APPLY_STEP(p, s0, s1, s2, (row, j), work[0, j], scale, scale, scale, c, wd_lr)
+        APPLY_STEP(p, S, (row, j), work[0, j], (scale,), c, wd_lr)
 
 
-def _reduce_dense_template(p, g, s0, s1, s2, c, wd_lr, direction):
+def _reduce_dense_template(p, g, S, c, wd_lr, direction):
     """The whole flat variable as one unit (see the comment above); ``direction``: scratch of
     ``p.size`` elements of the math dtype. Block ``t`` of ``PARTS`` sums its terms chunk by
     chunk (:data:`REDUCE_CHUNK`, :func:`_lane_sum`); the blocks' sums are added in order."""
@@ -825,7 +802,7 @@ def _reduce_dense_template(p, g, s0, s1, s2, c, wd_lr, direction):
             base = numba.uint64(lo)
             for j in range(numba.uint64(count)):
                 i = base + j
-                d, a, b = TERMS(p, s0, s1, s2, i, g[i], c, wd_lr)
+                d, a, b = TERMS(p, S, i, g[i], c, wd_lr)
                 direction[i] = d
                 terms0[j] = a
                 terms1[j] = b
@@ -841,10 +818,10 @@ def _reduce_dense_template(p, g, s0, s1, s2, c, wd_lr, direction):
         t1 += sums[t, 1]
     scale = REDUCE_SCALE(t0, t1, c)
     for i in prange(n):
-        APPLY_STEP(p, s0, s1, s2, i, direction[i], scale, scale, scale, c, wd_lr)
+        APPLY_STEP(p, S, i, direction[i], (scale,), c, wd_lr)
 
 
-def _reduce_sparse_template(p, s0, s1, s2, rows, offsets, order, values, c, wd_lr):
+def _reduce_sparse_template(p, S, rows, offsets, order, values, c, wd_lr):
     """Each unique row as one unit: :func:`_sparse_template`'s loop over the runs of
     :func:`balanced_parts`, each row through :func:`_reduce_row_template`."""
     d = p.shape[1]
@@ -856,9 +833,9 @@ def _reduce_sparse_template(p, s0, s1, s2, rows, offsets, order, values, c, wd_l
         work = works[t]
         end = bounds[t + 1]
         for u in range(bounds[t], end):
-            AHEAD(p, s0, s1, s2, p, p, p, rows, offsets, order, values, u, end)
+            AHEAD(p, S, S, rows, offsets, order, values, u, end)
             grad, src = GRADIENT_ROW(buf, values, order, offsets[u], offsets[u + 1])
-            REDUCE_ROW(p, s0, s1, s2, rows[u], grad, src, c, wd_lr, work)
+            REDUCE_ROW(p, S, rows[u], grad, src, c, wd_lr, work)
 
 
 class _DenseScratch:
@@ -872,12 +849,12 @@ class _DenseScratch:
     def __init__(self, kernel):
         self.kernel = kernel
 
-    def __call__(self, p, g, s0, s1, s2, c, wd_lr):
+    def __call__(self, p, g, S, c, wd_lr):
         buffers = self._local.__dict__.setdefault("buffers", {})
         buf = buffers.get(g.dtype)
         if buf is None or buf.size < p.size:
             buf = buffers[g.dtype] = np.empty(p.size, g.dtype)
-        self.kernel(p, g, s0, s1, s2, c, wd_lr, buf[:p.size])
+        self.kernel(p, g, S, c, wd_lr, buf[:p.size])
 
 
 def has_reduction(rule_module):
@@ -892,34 +869,33 @@ def _reduce_helpers(rule_module, used, has_wd, lowp):
     :func:`_specialized_helpers`)."""
     inline = numba.njit(**_config.CPU_RULE_FLAGS)
     suffix = f"{rule_key(rule_module)}_{_flags(used)}{'_wd' if has_wd else ''}"
-    constants = dict(U0=used[0], U1=used[1], U2=used[2], V0=False, V1=False, V2=False,
-                     HAS_WD=bool(has_wd), ROWWISE=True, LOWP=lowp is not None,
-                     REDUCE_TERMS=_rule_function(rule_module, "reduce_terms"),
+    constants = dict(HAS_WD=bool(has_wd), ROWWISE=True, LOWP=lowp is not None,
+                     REDUCE_TERMS=_compile.on_tuples(rule_module, "reduce_terms", _compile.CPU, len(used)),
                      REDUCE_SCALE=_rule_function(rule_module, "reduce_scale"),
                      REDUCE_APPLY=_rule_function(rule_module, "reduce_apply"),
                      # a sparse step's gradient rows: 16-bit ones widened as they are read
                      GRADIENT_ROW=_gradient_reader(lowp[0] if lowp else None),
                      SCRATCH=_scratch_float32 if lowp else _scratch_like)
+    constants["KEPT_SLOTS"] = inline(specialize(_slots.store_slots(used, __name__), suffix, **constants))
     if lowp is not None:
-        kind, stochastic, slot_kind = lowp
-        suffix += f"_{kind}{'_sr' if stochastic else '_rne'}{'_s' + slot_kind if slot_kind else ''}"
-        widen, narrow = lowp_kernels.CONVERSIONS[kind]
-        constants.update(WIDEN=widen, NARROW=narrow, STOCHASTIC=bool(stochastic),
-                         SLOT16=slot_kind is not None,
-                         WIDEN_SLOT=lowp_kernels.bf16_to_f32 if slot_kind else lowp_kernels.same)
-        load, store = lowp_kernels._load_template, lowp_kernels._store_template
-    else:
-        load, store = _load_template, _store_template
+        suffix += lowp_suffix(lowp)
+        constants.update(lowp_constants(lowp))
     # The second pass touches only the parameter: its load and store keep no slot.
-    apply = dict(constants, U0=False, U1=False, U2=False)
-    for where, tag in ((constants, "t"), (apply, "a")):
-        where["LOAD"] = inline(specialize(load, f"{suffix}_{tag}", **where))
-        where["STORE_ROUNDED" if lowp else "STORE"] = inline(specialize(store, f"{suffix}_{tag}", **where))
+    apply = dict(constants)
+    for where, tag, kept in ((constants, "t", used), (apply, "a", (False,) * len(used))):
+        if lowp is not None:
+            where["LOAD"] = inline(specialize(_slots.load(kept, lowp_kernels.__name__, widen=True),
+                                              f"{suffix}_{tag}", **where))
+            where["STORE_ROUNDED"] = inline(specialize(_slots.store_rounded(kept, lowp_kernels.__name__),
+                                                       f"{suffix}_{tag}", **where))
+        else:
+            where["LOAD"] = inline(specialize(_slots.load(kept, __name__), f"{suffix}_{tag}", **where))
+            where["STORE"] = inline(specialize(_slots.store(kept, __name__), f"{suffix}_{tag}", **where))
     apply["RULE"] = inline(specialize(_apply_as_row_rule, suffix, **apply))
     constants["STORE_SLOTS"] = inline(specialize(_store_slots_template, suffix, **constants))
     constants["TERMS"] = inline(specialize(_terms_template, suffix, **constants))
     constants["APPLY_STEP"] = inline(specialize(_step_template, f"{suffix}_a", **apply))
-    constants["PREFETCH"] = inline(specialize(_prefetch_template, suffix, **constants))
+    constants["PREFETCH"] = inline(specialize(_slots.prefetch(used, (), __name__), suffix, **constants))
     constants["AHEAD"] = inline(specialize(_ahead_template, suffix, **constants))
     constants["ROW_COST"] = 2 * (1 + sum(used))
     constants["REDUCE_ROW"] = inline(specialize(_reduce_row_template, suffix, **constants))
@@ -939,20 +915,24 @@ def _reduce_dense_kernel(rule_module, used, has_wd, lowp):
 
 
 def place(rule_slots, kept, placeholder):
-    """The three slot arguments of a kernel and their ``used`` flags.
+    """The slot arrays of a kernel (the tuple ``S``, or ``R`` of row slots) and their ``used`` flags.
 
     Args:
         rule_slots: the rule's ``SLOTS`` (or ``ROW_SLOTS``), in order.
         kept: ``{slot name: array}`` of the slots this configuration keeps.
-        placeholder: passed where a slot is not kept (never touched by the kernel).
+        placeholder: passed where a slot is not kept (never touched by the kernel), and as the
+            one array of a rule without slots (:func:`sparseopt.kernels._slots.count`).
     """
     arrays = [kept.get(name, placeholder) for name in rule_slots]
     used = tuple(name in kept for name in rule_slots)
-    pad = _config.MAX_SLOTS - len(arrays)
+    pad = _slots.count(rule_slots) - len(arrays)
     return tuple(arrays) + (placeholder,) * pad, used + (False,) * pad
 
 
 def slot_rows(rule_slots, kept_slots):
     """Where each of the rule's slots lives in a storage that holds ``kept_slots`` in order."""
     rows = [kept_slots.index(name) if name in kept_slots else -1 for name in rule_slots]
-    return tuple(rows + [-1] * (_config.MAX_SLOTS - len(rows)))
+    return tuple(rows + [-1] * (_slots.count(rule_slots) - len(rows)))
+
+
+_slots.register(__name__, globals())

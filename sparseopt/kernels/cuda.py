@@ -28,8 +28,8 @@ families; the kernels own memory access, the rule supplies only the element upda
 
 Both call ``STEP``, the element step of the CPU kernels (weight decay, load,
 rule, store; :mod:`sparseopt.kernels.cpu`), compiled as a device function with
-the same constants, and take the slots as three arrays ``s0, s1, s2`` in the
-rule's order (a placeholder where a slot is not kept). The reduction templates
+the same constants, and take the slots as one tuple ``S`` of arrays in the rule's
+order (a placeholder where a slot is not kept; :mod:`sparseopt.kernels._slots`). The reduction templates
 refer to ``THREADS`` (their shared-memory size). :func:`specialize` binds these
 globals, and Numba freezes them as compile-time constants.
 
@@ -60,7 +60,7 @@ from numba import cuda, types
 from numba.extending import overload
 
 from sparseopt import _config
-from sparseopt.kernels import _compile, cpu, lowp
+from sparseopt.kernels import _compile, _slots, cpu, lowp
 from sparseopt.kernels._specialize import rule_key, specialize
 
 STEP = None                          # bound per specialization: the element step
@@ -130,13 +130,13 @@ def row_layout(width):
 # ------------------------------------------------------------------ rule kernels
 
 
-def _dense_template(p, g, s0, s1, s2, c, wd_lr):
+def _dense_template(p, g, S, c, wd_lr):
     """``p``, ``g`` and the slots: flat ``(n,)``. Grid-stride over elements."""
     i = numba.int64(cuda.grid(1))
     stride = numba.int64(cuda.gridsize(1))
     n = p.size
     while i < n:
-        STEP(p, s0, s1, s2, i, g[i], wd_lr, wd_lr, wd_lr, c, wd_lr)
+        STEP(p, S, i, g[i], wd_lr, c, wd_lr)
         i += stride
 
 
@@ -163,7 +163,7 @@ def _row_sum(values, order, lo, hi, j):
     return gj
 
 
-def _sparse_template(p, s0, s1, s2, rows, offsets, order, values, k, c, wd_lr):
+def _sparse_template(p, S, rows, offsets, order, values, k, c, wd_lr):
     """Row-wise update of the ``k`` unique ``rows`` of ``p`` and the slots (all ``(num_rows, d)``).
 
     Thread ``(x, y)`` of a block owns columns ``x, x + blockDim.x, ...`` of unique
@@ -183,7 +183,7 @@ def _sparse_template(p, s0, s1, s2, rows, offsets, order, values, k, c, wd_lr):
         j = numba.int64(cuda.threadIdx.x)
         while j < d:
             gj = _row_sum(values, order, lo, hi, j)
-            STEP(p, s0, s1, s2, (r, j), gj, wd_lr, wd_lr, wd_lr, c, wd_lr)
+            STEP(p, S, (r, j), gj, wd_lr, c, wd_lr)
             j += lanes
         u += ustride
 
@@ -241,57 +241,72 @@ def _conversions(kind):
     return widen, narrow
 
 
+def _lowp_constants(lowp_config):
+    """The constants of a 16-bit configuration's load and rounded store as device code
+    (:func:`sparseopt.kernels.cpu.lowp_constants`; the simulator's typed functions there)."""
+    constants = cpu.lowp_constants(lowp_config)
+    constants["flat_index"] = device_flat_index
+    if _simulator():
+        constants.update(_simulated_lowp(constants))
+    return constants
+
+
+def _load_store(used, lowp_config, constants, suffix):
+    """``LOAD`` and ``STORE`` (``STORE_ROUNDED`` for a 16-bit variable) of the kept slots ``used``
+    as device functions (:mod:`sparseopt.kernels._slots`)."""
+    device = cuda.jit(device=True)
+    if lowp_config is None:
+        return dict(LOAD=device(specialize(_slots.load(used, cpu.__name__), suffix, **constants)),
+                    STORE=device(specialize(_slots.store(used, cpu.__name__), suffix, **constants)))
+    return dict(LOAD=device(specialize(_slots.load(used, lowp.__name__, widen=True), suffix, **constants)),
+                STORE_ROUNDED=device(specialize(_slots.store_rounded(used, lowp.__name__), suffix, **constants)))
+
+
 @functools.lru_cache(maxsize=None)
-def _helpers(rule_module, used, has_wd, rowwise=False, lowp_config=None):
+def _helpers(rule_module, used, has_wd, row_count=None, lowp_config=None):
     """``(suffix, constants)``: the CPU kernels' element step (:func:`sparseopt.kernels.cpu._step_template`)
     and its parts as device functions (``STEP``; ``VALUE``, the parameter's element as the rule sees it).
 
-    ``rowwise``: the rule is row-wise, its ``update`` also takes the row slots.
+    ``row_count``: for a row-wise rule, how many row values its ``update`` is given (the
+    kernel's row slots, :func:`sparseopt.kernels._slots.count`); else None.
     ``lowp_config``: None, or ``(kind, stochastic, slot_kind)`` of a 16-bit variable
     (:func:`sparseopt.kernels.cpu._specialized_helpers`): the variable, and bfloat16 slots,
     are ``uint16`` bits, loaded and stored by :mod:`sparseopt.kernels.lowp`'s templates.
     """
+    rowwise = row_count is not None
     suffix = (f"{rule_key(rule_module)}_{''.join('1' if u else '0' for u in used)}"
               f"{'_wd' if has_wd else ''}{'_row' if rowwise else ''}")
-    constants = dict(RULE=_rule_function(rule_module), U0=used[0], U1=used[1], U2=used[2],
-                     HAS_WD=bool(has_wd), ROWWISE=bool(rowwise), LOWP=lowp_config is not None)
+    constants = dict(RULE=_compile.on_tuples(rule_module, "update", _compile.CUDA, len(used), row_count),
+                     HAS_WD=bool(has_wd), ROWWISE=rowwise, LOWP=lowp_config is not None)
     if lowp_config is None:
         suffix += "_cuda"
-        templates = (("LOAD", cpu._load_template), ("STORE", cpu._store_template),
-                     ("VALUE", cpu._value_template))
+        value = cpu._value_template
     else:
-        kind, stochastic, slot_kind = lowp_config
-        suffix += f"_{kind}{'_sr' if stochastic else '_rne'}{'_s' + slot_kind if slot_kind else ''}_cuda"
-        widen, narrow = lowp.CONVERSIONS[kind]
-        constants.update(WIDEN=widen, NARROW=narrow, STOCHASTIC=bool(stochastic), SLOT16=slot_kind is not None,
-                         WIDEN_SLOT=lowp.bf16_to_f32 if slot_kind else lowp.same)
-        constants["flat_index"] = device_flat_index
-        if _simulator():
-            constants.update(_simulated_lowp(constants))
-        templates = (("LOAD", lowp._load_template), ("STORE_ROUNDED", lowp._store_template),
-                     ("VALUE", lowp._value_template))
-    for name, template in templates:
-        constants[name] = cuda.jit(device=True)(specialize(template, suffix, **constants))
+        suffix += cpu.lowp_suffix(lowp_config) + "_cuda"
+        constants.update(_lowp_constants(lowp_config))
+        value = lowp._value_template
+    constants.update(_load_store(used, lowp_config, constants, suffix))
+    constants["VALUE"] = cuda.jit(device=True)(specialize(value, suffix, **constants))
     constants["STEP"] = cuda.jit(device=True)(specialize(cpu._step_template, suffix, **constants))
     return suffix, constants
 
 
-def _step(rule_module, used, has_wd, rowwise=False, lowp_config=None):
-    """``(suffix, STEP)`` of :func:`_helpers`."""
-    suffix, constants = _helpers(rule_module, tuple(used), has_wd, rowwise, lowp_config)
+def _step(rule_module, used, has_wd, lowp_config=None):
+    """``(suffix, STEP)`` of :func:`_helpers` (an elementwise rule's)."""
+    suffix, constants = _helpers(rule_module, tuple(used), has_wd, None, lowp_config)
     return suffix, constants["STEP"]
 
 
 def _rule_kernel(template, rule_module, used, has_wd, lowp_config):
-    suffix, step = _step(rule_module, tuple(used), has_wd, False, lowp_config)
+    suffix, step = _step(rule_module, tuple(used), has_wd, lowp_config)
     return cuda.jit(**KERNEL_FLAGS)(specialize(template, suffix, STEP=step))
 
 
 @functools.lru_cache(maxsize=None)
 def dense_kernel(rule_module, used, has_wd, lowp_config=None):
-    """``kernel[blocks, threads, stream](p, g, s0, s1, s2, c, wd_lr)`` on flat contiguous device arrays.
+    """``kernel[blocks, threads, stream](p, g, S, c, wd_lr)`` on flat contiguous device arrays.
 
-    ``used``: whether the configuration keeps the rule's slot 0, 1, 2 (see
+    ``S``: the tuple of slot arrays and ``used``, whether the configuration keeps each (see
     :func:`sparseopt.kernels.cpu.place`; a slot not kept gets a placeholder).
     ``lowp_config``: None, or a 16-bit variable's rounding (:func:`_helpers`): then ``p``
     (and bfloat16 slots) are ``uint16`` views, ``g`` float32, and ``c`` carries the
@@ -305,7 +320,7 @@ def dense_kernel(rule_module, used, has_wd, lowp_config=None):
 
 @functools.lru_cache(maxsize=None)
 def sparse_kernel(rule_module, used, has_wd, lowp_config=None):
-    """``kernel[blocks, (lanes, rows), stream](p, s0, s1, s2, rows, offsets, order, values, k, c, wd_lr)``
+    """``kernel[blocks, (lanes, rows), stream](p, S, rows, offsets, order, values, k, c, wd_lr)``
     (``lowp_config``: as :func:`dense_kernel`'s; a rule with a reduction stage:
     :func:`reduce_sparse_kernel`'s launcher)."""
     if cpu.has_reduction(rule_module):
@@ -337,12 +352,13 @@ def widen_kernel(kind):
 # (:mod:`sparseopt.kernels.cpu`), and indexed flat (``row * width + column``: the flat index
 # of the per-table kernels' ``(row, column)``, so the same random bits for 16-bit tables).
 
-#: Columns of a batched step's ``meta`` (int64): the addresses of the parameter, of the three
-#: slots (a kept slot's, else the parameter's, never touched) and of the gradient values;
-#: the table's rows, width and gradient rows; where its unique rows start in the plan.
-B_P, B_S0, B_S1, B_S2, B_VALUES, B_ROWS, B_WIDTH, B_N, B_U0 = range(9)
-B_COLUMNS = 9
-POINTER = None  # bound per batched kernel: :func:`table_pointer`
+#: Columns of a batched step's ``meta`` (int64): the addresses of the parameter and of the
+#: gradient values; the table's rows, width and gradient rows; where its unique rows start in
+#: the plan; then (its last ``NS`` columns) the addresses of the slots (a kept slot's, else the
+#: parameter's, never touched).
+B_P, B_VALUES, B_ROWS, B_WIDTH, B_N, B_U0 = range(6)
+B_COLUMNS = 6
+POINTER = SLOT_VIEWS = NS = None  # bound per batched kernel: :func:`table_pointer`
 
 
 def _sim_pointer(address, like, n):
@@ -419,9 +435,7 @@ def _batched_template(meta, gstart, tables, rows, offsets, order, like_p, like_s
         d = meta[t, B_WIDTH]
         size = meta[t, B_ROWS] * d
         p = POINTER(meta[t, B_P], like_p, size)
-        s0 = POINTER(meta[t, B_S0], like_s, size)
-        s1 = POINTER(meta[t, B_S1], like_s, size)
-        s2 = POINTER(meta[t, B_S2], like_s, size)
+        S = SLOT_VIEWS(meta, t, meta.shape[1] - NS, like_s, size)
         values = POINTER(meta[t, B_VALUES], like_v, meta[t, B_N] * d)
         g = meta[t, B_U0] + u - gstart[t]
         base = rows[g] * d
@@ -430,7 +444,7 @@ def _batched_template(meta, gstart, tables, rows, offsets, order, like_p, like_s
         j = numba.int64(cuda.threadIdx.x)
         while j < d:
             gj = _flat_row_sum(values, d, order, first, end, j)
-            STEP(p, s0, s1, s2, base + j, gj, wd_lr, wd_lr, wd_lr, c, wd_lr)
+            STEP(p, S, base + j, gj, wd_lr, c, wd_lr)
             j += lanes
         u += ustride
 
@@ -440,32 +454,34 @@ def batched_sparse_kernel(rule_module, used, has_wd, lowp_config=None):
     """``kernel[blocks, (lanes, rows), stream](meta, gstart, tables, rows, offsets, order, like_p,
     like_s, like_v, c, wd_lr)``: the lazy sparse updates of several tables (see
     ``_batched_template``; ``lowp_config``: as :func:`sparse_kernel`'s)."""
-    suffix, step = _step(rule_module, tuple(used), has_wd, False, lowp_config)
-    return cuda.jit(**KERNEL_FLAGS)(specialize(_batched_template, suffix, STEP=step, POINTER=table_pointer()))
+    suffix, step = _step(rule_module, tuple(used), has_wd, lowp_config)
+    views = cuda.jit(device=True)(specialize(_slots.views(len(used), __name__), "cuda", VIEW=table_pointer()))
+    return cuda.jit(**KERNEL_FLAGS)(specialize(_batched_template, suffix, STEP=step, POINTER=table_pointer(),
+                                               SLOT_VIEWS=views, NS=len(used)))
 
 
 # ------------------------------------------------------------- row reduction
 
 
-def _row_template(p, s0, s1, s2, r0, r1, r2, rows, offsets, order, values, k, c, wd_lr, width):
+def _row_template(p, S, R, rows, offsets, order, values, k, c, wd_lr, width):
     """One step of a row-wise rule on ``k`` rows of ``p`` ``(num_rows, d)``: every row
     (``DENSE``: row ``u`` of the dense gradient ``values``) or the unique ``rows`` of a
     plan (gradient: the duplicates ``values[order[offsets[u]:offsets[u + 1]]]`` summed
-    in position order, as the CPU kernel sums them). ``r0, r1, r2``: the row slots
-    ``(num_rows,)``; ``width``: ``d`` in the variables' dtype.
+    in position order, as the CPU kernel sums them). ``R``: the row slots ``(num_rows,)``;
+    ``width``: ``d`` in the variables' dtype.
 
     Thread ``(x, y)`` owns columns ``x, x + blockDim.x, ...`` of row
     ``blockIdx.x * blockDim.y + y`` (then grid-stride). Per row: each thread sums
     ``ROW_TERM`` over its columns in order; the ``blockDim.x`` partial sums are added
     in a shared-memory tree of fixed shape (pairs ``(i, i + ceil(n / 2))`` until one is
     left); thread 0 of the row divides by the width, runs ``ROW_RULE``, writes the row
-    slots and shares the new row values; after a barrier the element pass runs
+    slots and shares the new row values (``NR`` of them); after a barrier the element pass runs
     ``STEP`` with them. The rows loop is uniform over the block (inactive rows
     still meet every barrier), so ``syncthreads`` is never divergent. ``ROW_TERM``
     reads the parameter before the step's weight decay, as on the CPU.
     """
     partial = cuda.shared.array(THREADS, DTYPE)
-    shared_row = cuda.shared.array((THREADS, 3), DTYPE)
+    shared_row = cuda.shared.array((THREADS, NR), DTYPE)
     d = p.shape[1]
     lanes = cuda.blockDim.x
     x = cuda.threadIdx.x
@@ -506,30 +522,25 @@ def _row_template(p, s0, s1, s2, r0, r1, r2, rows, offsets, order, values, k, c,
             cuda.syncthreads()
             n = half
         if active and x == 0:
-            ra, rb, re = ROW_SLOTS(r0, r1, r2, row, partial[slot] / width, c)
-            shared_row[y, 0] = ra
-            shared_row[y, 1] = rb
-            shared_row[y, 2] = re
+            SHARE(shared_row, y, ROW_SLOTS(R, row, partial[slot] / width, c))
         cuda.syncthreads()
         if active:
-            ra = shared_row[y, 0]
-            rb = shared_row[y, 1]
-            re = shared_row[y, 2]
+            rv = SHARED(shared_row, y)
             j = numba.int64(x)
             while j < d:
                 if DENSE:
                     gj = values[u, j]
                 else:
                     gj = _row_sum(values, order, lo, hi, j)
-                STEP(p, s0, s1, s2, (row, j), gj, ra, rb, re, c, wd_lr)
+                STEP(p, S, (row, j), gj, rv, c, wd_lr)
                 j += lanes
         first += stride
 
 
 @functools.lru_cache(maxsize=None)
 def row_kernel(rule_module, used, row_used, has_wd, dense, dtype, threads, lowp_config=None):
-    """``kernel[blocks, (lanes, rows), stream](p, s0, s1, s2, r0, r1, r2, rows, offsets, order,
-    values, k, c, wd_lr, width)`` for a row-wise rule (see ``_row_template``).
+    """``kernel[blocks, (lanes, rows), stream](p, S, R, rows, offsets, order, values, k, c, wd_lr,
+    width)`` for a row-wise rule (see ``_row_template``).
 
     ``used``, ``row_used``: which of the rule's ``SLOTS`` and ``ROW_SLOTS`` are kept
     (:func:`sparseopt.kernels.cpu.place`); ``dense``: every row, with the dense gradient
@@ -538,16 +549,20 @@ def row_kernel(rule_module, used, row_used, has_wd, dense, dtype, threads, lowp_
     its row sum; float32 for a 16-bit variable); ``threads``: the most threads of a block
     (``lanes * rows``); ``lowp_config``: as :func:`dense_kernel`'s.
     """
-    suffix, constants = _helpers(rule_module, tuple(used), has_wd, True, lowp_config)
+    row_used = tuple(row_used)
+    nr = len(row_used)
+    suffix, constants = _helpers(rule_module, tuple(used), has_wd, nr, lowp_config)
     dtype = np.dtype(dtype)
     suffix += (f"_r{''.join('1' if u else '0' for u in row_used)}{'_dense' if dense else ''}"
                f"_{dtype.name}_t{threads}")
-    row_constants = dict(ROW_RULE=_rule_function(rule_module, "row_update"),
-                         V0=row_used[0], V1=row_used[1], V2=row_used[2])
-    row_slots = cuda.jit(device=True)(specialize(cpu._row_slots_template, suffix, **row_constants))
+    device = cuda.jit(device=True)
+    row_slots = device(specialize(_slots.row_slots(row_used, cpu.__name__), suffix,
+                                  ROW_RULE=_compile.on_tuples(rule_module, "row_update", _compile.CUDA, nr)))
     fn = specialize(_row_template, suffix, STEP=constants["STEP"], VALUE=constants["VALUE"], THREADS=threads,
                     DTYPE=numba.from_dtype(dtype), DENSE=bool(dense),
-                    ROW_TERM=_rule_function(rule_module, "row_term"), ROW_SLOTS=row_slots)
+                    ROW_TERM=_rule_function(rule_module, "row_term"), ROW_SLOTS=row_slots, NR=nr,
+                    SHARE=device(specialize(_slots.share(nr, __name__), "cuda")),
+                    SHARED=device(specialize(_slots.shared(nr, __name__), "cuda")))
     return cuda.jit(**KERNEL_FLAGS)(fn)
 
 
@@ -573,29 +588,19 @@ def _reduce_helpers(rule_module, used, has_wd, lowp_config):
     """``(suffix, constants)``: ``TERMS``, ``APPLY_STEP`` and ``REDUCE_SCALE`` as device
     functions (the CPU's templates, :func:`sparseopt.kernels.cpu._reduce_helpers`)."""
     suffix = f"{rule_key(rule_module)}_{''.join('1' if u else '0' for u in used)}{'_wd' if has_wd else ''}"
-    constants = dict(U0=used[0], U1=used[1], U2=used[2], HAS_WD=bool(has_wd), ROWWISE=True,
-                     LOWP=lowp_config is not None,
-                     REDUCE_TERMS=_rule_function(rule_module, "reduce_terms"),
+    device = cuda.jit(device=True)
+    constants = dict(HAS_WD=bool(has_wd), ROWWISE=True, LOWP=lowp_config is not None,
+                     REDUCE_TERMS=_compile.on_tuples(rule_module, "reduce_terms", _compile.CUDA, len(used)),
                      REDUCE_APPLY=_rule_function(rule_module, "reduce_apply"))
+    constants["KEPT_SLOTS"] = device(specialize(_slots.store_slots(used, cpu.__name__), suffix + "_cuda"))
     if lowp_config is None:
         suffix += "_cuda"
-        load, store = cpu._load_template, cpu._store_template
     else:
-        kind, stochastic, slot_kind = lowp_config
-        suffix += f"_{kind}{'_sr' if stochastic else '_rne'}{'_s' + slot_kind if slot_kind else ''}_cuda"
-        widen, narrow = lowp.CONVERSIONS[kind]
-        constants.update(WIDEN=widen, NARROW=narrow, STOCHASTIC=bool(stochastic),
-                         SLOT16=slot_kind is not None, WIDEN_SLOT=lowp.bf16_to_f32 if slot_kind else lowp.same)
-        constants["flat_index"] = device_flat_index
-        if _simulator():
-            constants.update(_simulated_lowp(constants))
-        load, store = lowp._load_template, lowp._store_template
-    device = cuda.jit(device=True)
-    apply = dict(constants, U0=False, U1=False, U2=False)  # the second pass keeps no slot
-    for where, tag in ((constants, "t"), (apply, "a")):
-        where["LOAD"] = device(specialize(load, f"{suffix}_{tag}", **where))
-        stored = "STORE_ROUNDED" if lowp_config else "STORE"
-        where[stored] = device(specialize(store, f"{suffix}_{tag}", **where))
+        suffix += cpu.lowp_suffix(lowp_config) + "_cuda"
+        constants.update(_lowp_constants(lowp_config))
+    apply = dict(constants)  # the second pass keeps no slot
+    constants.update(_load_store(used, lowp_config, constants, f"{suffix}_t"))
+    apply.update(_load_store((False,) * len(used), lowp_config, apply, f"{suffix}_a"))
     apply["RULE"] = device(specialize(cpu._apply_as_row_rule, suffix, **apply))
     constants["STORE_SLOTS"] = device(specialize(cpu._store_slots_template, suffix, **constants))
     out = dict(TERMS=device(specialize(cpu._terms_template, suffix, **constants)),
@@ -604,7 +609,7 @@ def _reduce_helpers(rule_module, used, has_wd, lowp_config):
     return suffix, out
 
 
-def _reduce_terms_template(p, g, s0, s1, s2, c, wd_lr, direction, partial):
+def _reduce_terms_template(p, g, S, c, wd_lr, direction, partial):
     """Dense first pass: the grid-stride elements of ``p``; block ``b``'s two sums to ``partial[b]``."""
     sum0 = cuda.shared.array(THREADS, DTYPE)
     sum1 = cuda.shared.array(THREADS, DTYPE)
@@ -614,7 +619,7 @@ def _reduce_terms_template(p, g, s0, s1, s2, c, wd_lr, direction, partial):
     t0 = wd_lr - wd_lr  # a zero of the math dtype (wd_lr is finite)
     t1 = t0
     while i < p.size:
-        d, a, b = TERMS(p, s0, s1, s2, i, g[i], c, wd_lr)
+        d, a, b = TERMS(p, S, i, g[i], c, wd_lr)
         direction[i] = d
         t0 += a
         t1 += b
@@ -646,17 +651,17 @@ def _reduce_scale_template(partial, scale, c):
         scale[0] = REDUCE_SCALE(t0, t1, c)
 
 
-def _reduce_apply_template(p, s0, s1, s2, c, wd_lr, direction, scale):
+def _reduce_apply_template(p, S, c, wd_lr, direction, scale):
     """Dense second pass: ``reduce_apply`` on every element with the one scale."""
     i = numba.int64(cuda.grid(1))
     stride = numba.int64(cuda.gridsize(1))
-    r = scale[0]
+    r = (scale[0],)
     while i < p.size:
-        APPLY_STEP(p, s0, s1, s2, i, direction[i], r, r, r, c, wd_lr)
+        APPLY_STEP(p, S, i, direction[i], r, c, wd_lr)
         i += stride
 
 
-def _reduce_rows_template(p, s0, s1, s2, rows, offsets, order, values, k, c, wd_lr, direction):
+def _reduce_rows_template(p, S, rows, offsets, order, values, k, c, wd_lr, direction):
     """Sparse: both passes on each of the ``k`` unique rows (``direction``: ``(k, d)``
     scratch), one thread group per row as in ``_row_template``."""
     sum0 = cuda.shared.array(THREADS, DTYPE)
@@ -682,7 +687,7 @@ def _reduce_rows_template(p, s0, s1, s2, rows, offsets, order, values, k, c, wd_
             hi = offsets[u + 1]
             j = numba.int64(x)
             while j < d:
-                dj, a, b = TERMS(p, s0, s1, s2, (row, j), _row_sum(values, order, lo, hi, j), c, wd_lr)
+                dj, a, b = TERMS(p, S, (row, j), _row_sum(values, order, lo, hi, j), c, wd_lr)
                 direction[u, j] = dj
                 t0 += a
                 t1 += b
@@ -702,10 +707,10 @@ def _reduce_rows_template(p, s0, s1, s2, rows, offsets, order, values, k, c, wd_
             shared_scale[y] = REDUCE_SCALE(sum0[slot], sum1[slot], c)
         cuda.syncthreads()
         if active:
-            r = shared_scale[y]
+            r = (shared_scale[y],)
             j = numba.int64(x)
             while j < d:
-                APPLY_STEP(p, s0, s1, s2, (row, j), direction[u, j], r, r, r, c, wd_lr)
+                APPLY_STEP(p, S, (row, j), direction[u, j], r, c, wd_lr)
                 j += lanes
         first += stride
 
@@ -733,33 +738,33 @@ class _Launcher:
 
 def reduce_dense_kernel(rule_module, used, has_wd, lowp_config=None):
     """:func:`dense_kernel` for a rule with a reduction stage: ``launcher[blocks, threads,
-    stream](p, g, s0, s1, s2, c, wd_lr)``, the three launches above over the flat variable."""
+    stream](p, g, S, c, wd_lr)``, the three launches above over the flat variable."""
     used = tuple(used)
 
-    def run(blocks, threads, stream, p, g, s0, s1, s2, c, wd_lr):
+    def run(blocks, threads, stream, p, g, S, c, wd_lr):
         dtype = g.dtype
         direction = cuda.device_array(p.size, dtype, stream=stream)
         partial = cuda.device_array((blocks, 2), dtype, stream=stream)
         scale = cuda.device_array(1, dtype, stream=stream)
         _reduce_kernel(_reduce_terms_template, rule_module, used, has_wd, lowp_config, dtype, threads)[
-            blocks, threads, stream](p, g, s0, s1, s2, c, wd_lr, direction, partial)
+            blocks, threads, stream](p, g, S, c, wd_lr, direction, partial)
         _reduce_kernel(_reduce_scale_template, rule_module, used, has_wd, lowp_config, dtype, 1)[
             1, 1, stream](partial, scale, c)
         _reduce_kernel(_reduce_apply_template, rule_module, used, has_wd, lowp_config, dtype, threads)[
-            blocks, threads, stream](p, s0, s1, s2, c, wd_lr, direction, scale)
+            blocks, threads, stream](p, S, c, wd_lr, direction, scale)
     return _Launcher(run)
 
 
 def reduce_sparse_kernel(rule_module, used, has_wd, lowp_config=None):
     """:func:`sparse_kernel` for a rule with a reduction stage: ``launcher[blocks, (lanes,
-    rows), stream](p, s0, s1, s2, rows, offsets, order, values, k, c, wd_lr)``, one launch."""
+    rows), stream](p, S, rows, offsets, order, values, k, c, wd_lr)``, one launch."""
     used = tuple(used)
 
-    def run(blocks, block, stream, p, s0, s1, s2, rows, offsets, order, values, k, c, wd_lr):
+    def run(blocks, block, stream, p, S, rows, offsets, order, values, k, c, wd_lr):
         threads = _launch.row_threads
         direction = cuda.device_array((k, p.shape[1]), values.dtype, stream=stream)
         _reduce_kernel(_reduce_rows_template, rule_module, used, has_wd, lowp_config, values.dtype, threads)[
-            blocks, block, stream](p, s0, s1, s2, rows, offsets, order, values, k, c, wd_lr, direction)
+            blocks, block, stream](p, S, rows, offsets, order, values, k, c, wd_lr, direction)
     return _Launcher(run)
 
 
@@ -912,3 +917,6 @@ def sum_squares(x, partial, stream):
     sum_kernel(threads, True)[blocks, threads, stream](x, partial)
     if blocks > 1:
         sum_kernel(threads, False)[1, threads, stream](partial[:blocks], partial)
+
+
+_slots.register(__name__, globals())

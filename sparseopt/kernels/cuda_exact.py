@@ -26,7 +26,7 @@ import numba
 import numpy as np
 from numba import cuda
 
-from sparseopt.kernels import _compile
+from sparseopt.kernels import _compile, _slots
 from sparseopt.kernels import cuda as ck
 from sparseopt.kernels import exact as cpu_exact
 from sparseopt.kernels import lowp
@@ -44,12 +44,15 @@ def _catch(rule_module, used, has_wd, lowp_config=None):
     the short series first, then all terms, then the replay), so the simulator gives its bits.
     ``lowp_config``: a 16-bit variable's rounding (:func:`sparseopt.kernels.cuda._helpers`,
     whose load and rounded store the catch-up's ``SAVE`` uses, as on the CPU)."""
-    suffix, constants = ck._helpers(rule_module, tuple(used), has_wd, False, lowp_config)
+    suffix, constants = ck._helpers(rule_module, tuple(used), has_wd, None, lowp_config)
+    n = len(used)
+    device = cuda.jit(device=True)
     constants = dict(
         constants,
-        IDLE_APPLY=_compile.function(rule_module, "idle_apply", _compile.CUDA, _idle.no_idle_apply),
-        IDLE_APPLY_FAST=_compile.function(rule_module, "idle_apply", _compile.CUDA, _idle.no_idle_apply,
-                                          cpu_exact.SHORT_SERIES))
+        IDLE_APPLY=_compile.on_tuples(rule_module, "idle_apply", _compile.CUDA, n),
+        IDLE_APPLY_FAST=_compile.on_tuples(rule_module, "idle_apply", _compile.CUDA, n,
+                                           rebind=cpu_exact.SHORT_SERIES),
+        CAST=device(specialize(_slots.cast(n, cpu_exact.__name__), "f32_cuda", TO=np.float32)))
     for name, template in (("SAVE", cpu_exact._save_template),
                            ("REPLAY", cpu_exact._replay_template),
                            ("CATCH", cpu_exact._catch_up_template)):
@@ -59,7 +62,7 @@ def _catch(rule_module, used, has_wd, lowp_config=None):
     return f"x{suffix}", constants["STEP"], catch
 
 
-def _exact_sparse_template(p, s0, s1, s2, rows, offsets, order, values, k, last, floor, hi, hist,
+def _exact_sparse_template(p, S, rows, offsets, order, values, k, last, floor, hi, hist,
                            tab, c, wd_lr, c_idle, zero, tol):
     """Step ``hi + 1`` on the ``k`` unique ``rows`` (duplicates summed in position order),
     each element first caught up from its row's last step to ``hi`` (``c_idle``: the
@@ -79,19 +82,17 @@ def _exact_sparse_template(p, s0, s1, s2, rows, offsets, order, values, k, last,
         if lo < hi:
             trow = tab[lo % n]
             while j < d:
-                CATCH(p, s0, s1, s2, (r, j), hist, lo, hi, trow, c_idle, zero, tol)
-                STEP(p, s0, s1, s2, (r, j), ck._row_sum(values, order, first, end, j),
-                     zero, zero, zero, c, wd_lr)
+                CATCH(p, S, (r, j), hist, lo, hi, trow, c_idle, zero, tol)
+                STEP(p, S, (r, j), ck._row_sum(values, order, first, end, j), zero, c, wd_lr)
                 j += lanes
         else:
             while j < d:
-                STEP(p, s0, s1, s2, (r, j), ck._row_sum(values, order, first, end, j),
-                     zero, zero, zero, c, wd_lr)
+                STEP(p, S, (r, j), ck._row_sum(values, order, first, end, j), zero, c, wd_lr)
                 j += lanes
         u += ustride
 
 
-def _exact_catch_up_template(p, s0, s1, s2, rows, k, every_row, last, floor, hi, hist, tab, c_idle,
+def _exact_catch_up_template(p, S, rows, k, every_row, last, floor, hi, hist, tab, c_idle,
                              zero, tol):
     """Catch the ``k`` unique ``rows`` (or every row, ``every_row``) up to step ``hi``."""
     n = hist.shape[0]
@@ -107,14 +108,14 @@ def _exact_catch_up_template(p, s0, s1, s2, rows, k, every_row, last, floor, hi,
             trow = tab[lo % n]
             j = numba.int64(cuda.threadIdx.x)
             while j < d:
-                CATCH(p, s0, s1, s2, (r, j), hist, lo, hi, trow, c_idle, zero, tol)
+                CATCH(p, S, (r, j), hist, lo, hi, trow, c_idle, zero, tol)
                 j += lanes
         u += ustride
 
 
 @functools.lru_cache(maxsize=None)
 def sparse_kernel(rule_module, used, has_wd, lowp_config=None):
-    """``kernel[blocks, (lanes, rows), stream](p, s0, s1, s2, rows, offsets, order, values, k, last,
+    """``kernel[blocks, (lanes, rows), stream](p, S, rows, offsets, order, values, k, last,
     floor, hi, hist, tab, c, wd_lr, c_idle, zero, tol)``. ``lowp_config``: as
     :func:`sparseopt.kernels.cuda.sparse_kernel`'s (``c`` and ``c_idle`` then carry their
     steps' ``rounding_key``, and ``hist``'s records theirs)."""
@@ -125,7 +126,7 @@ def sparse_kernel(rule_module, used, has_wd, lowp_config=None):
 
 @functools.lru_cache(maxsize=None)
 def catch_up_kernel(rule_module, used, has_wd, lowp_config=None):
-    """``kernel[blocks, (lanes, rows), stream](p, s0, s1, s2, rows, k, every_row, last, floor, hi,
+    """``kernel[blocks, (lanes, rows), stream](p, S, rows, k, every_row, last, floor, hi,
     hist, tab, c_idle, zero, tol)`` (``lowp_config``: as :func:`sparse_kernel`'s)."""
     suffix, _, catch = _catch(rule_module, tuple(used), has_wd, lowp_config)
     return cuda.jit(**ck.KERNEL_FLAGS)(specialize(_exact_catch_up_template, suffix, CATCH=catch))

@@ -30,14 +30,14 @@ import numpy as np
 from numba import prange
 
 from sparseopt import _config
-from sparseopt.kernels import _compile, cpu
+from sparseopt.kernels import _compile, _slots, cpu
 from sparseopt.kernels import lowp as lowp_kernels
 from sparseopt.kernels._specialize import rule_key, specialize
 from sparseopt.kernels.dedup import pointer
 from sparseopt.rules import _idle
 
 RULE = STEP = LOAD = STORE = CATCH = CATCH_ROW = REPLAY = AHEAD = IDLE_APPLY = IDLE_APPLY_FAST = None  # bound per specialization
-TABLE_INIT = TABLE_STEP = SAVE = STORE_ROUNDED = WIDEN = NARROW = None
+TABLE_INIT = TABLE_STEP = SAVE = STORE_ROUNDED = WIDEN = NARROW = CAST = SELECT = None
 LOWP = STOCHASTIC = False  # bound per specialization: a 16-bit variable (sparseopt.kernels.lowp)
 
 #: Terms of the eps-series in the first, vectorized pass of the CPU catch-up (the tables
@@ -48,59 +48,59 @@ FAST_SERIES_TERMS = 6
 #: :func:`sparseopt.kernels._compile.function`): the helpers of :mod:`sparseopt.rules._idle`
 #: sum :data:`FAST_SERIES_TERMS` terms.
 SHORT_SERIES = ((_idle, (("SERIES_TERMS", FAST_SERIES_TERMS),)),)
-U0 = U1 = U2 = HAS_WD = ROW_STEP = ROW_COST = None
-TABLE_ROWS = None  # bound per table-batched specialization
+HAS_WD = ROW_STEP = ROW_COST = PREFETCH = None
+TABLE_ROWS = SLOT_VIEWS = NS = NR = None  # bound per table-batched specialization
 
 
-def _replay_template(p, s0, s1, s2, at, hist, lo, hi, zero):
+def _replay_template(p, S, at, hist, lo, hi, zero):
     """Bring element ``at`` from step ``lo`` to step ``hi`` by replaying ``RULE`` with a
     zero gradient and each step's own coefficients (bit for bit the dense rule)."""
-    x, a, b, e = LOAD(p, s0, s1, s2, at)
+    o = LOAD(p, S, at)
     n = hist.shape[0]
     for tau in range(lo + 1, hi + 1):
         rec = hist[tau % n]
+        x = o[0]
         if HAS_WD:
             x = x - x * rec.wd
-        x, a, b, e = RULE(x, zero, a, b, e, rec)
-    SAVE(p, s0, s1, s2, at, x, a, b, e, hist[hi % n])
+        o = RULE(x, zero, o[1:], rec)
+    SAVE(p, S, at, o[0], o[1:], hist[hi % n])
 
 
-def _save_template(p, s0, s1, s2, at, x, a, b, e, c):
+def _save_template(p, S, at, x, v, c):
     """Write element ``at`` after idle steps through ``c``'s step: as it is, or, for a
     16-bit variable, rounded with that step's random bits (``c.rounding_key``: the
     record or coefficients of the window's last step), once for the whole window, from the
     value as float32 (the closed forms compute in float64, as they do for a float32 variable)."""
     if LOWP:
-        STORE_ROUNDED(p, s0, s1, s2, at, np.float32(x), np.float32(a), np.float32(b),
-                      np.float32(e), c)
+        STORE_ROUNDED(p, S, at, np.float32(x), CAST(v), c)
     else:
-        STORE(p, s0, s1, s2, at, x, a, b, e)
+        STORE(p, S, at, x, v)
 
 
-def _catch_up_template(p, s0, s1, s2, at, hist, lo, hi, trow, c_idle, zero, tol):
+def _catch_up_template(p, S, at, hist, lo, hi, trow, c_idle, zero, tol):
     """Bring element ``at`` of ``p`` and its slots from step ``lo`` to step ``hi`` with all
     the series' terms, else by the replay: the retry of an element whose short series
     failed (:func:`_catch_up_row_template`, :func:`_catch_up_element_template`)."""
-    x, a, b, e = LOAD(p, s0, s1, s2, at)
-    x2, a2, b2, e2, ok = IDLE_APPLY(x, a, b, e, trow, c_idle, tol, zero)
-    if ok:
-        SAVE(p, s0, s1, s2, at, x2, a2, b2, e2, c_idle)
+    o = LOAD(p, S, at)
+    n = IDLE_APPLY(o[0], o[1:], trow, c_idle, tol, zero)
+    if n[1]:
+        SAVE(p, S, at, n[0], n[2:], c_idle)
     else:
-        REPLAY(p, s0, s1, s2, at, hist, lo, hi, zero)
+        REPLAY(p, S, at, hist, lo, hi, zero)
 
 
-def _catch_up_element_template(p, s0, s1, s2, at, hist, lo, hi, trow, c_idle, zero, tol):
+def _catch_up_element_template(p, S, at, hist, lo, hi, trow, c_idle, zero, tol):
     """Element ``at`` as :func:`_catch_up_row_template` brings it (the CUDA kernels' catch-up:
     one thread per element): the short series, then :func:`_catch_up_template` where it fails."""
-    x, a, b, e = LOAD(p, s0, s1, s2, at)
-    x2, a2, b2, e2, ok = IDLE_APPLY_FAST(x, a, b, e, trow, c_idle, tol, zero)
-    if ok:
-        SAVE(p, s0, s1, s2, at, x2, a2, b2, e2, c_idle)
+    o = LOAD(p, S, at)
+    n = IDLE_APPLY_FAST(o[0], o[1:], trow, c_idle, tol, zero)
+    if n[1]:
+        SAVE(p, S, at, n[0], n[2:], c_idle)
     else:
-        CATCH(p, s0, s1, s2, at, hist, lo, hi, trow, c_idle, zero, tol)
+        CATCH(p, S, at, hist, lo, hi, trow, c_idle, zero, tol)
 
 
-def _catch_up_row_template(p, s0, s1, s2, r, hist, lo, hi, trow, c_idle, zero, tol, redo):
+def _catch_up_row_template(p, S, r, hist, lo, hi, trow, c_idle, zero, tol, redo):
     """Bring row ``r`` from step ``lo`` to step ``hi`` (the CPU kernels' catch-up).
 
     A first pass applies the rule's ``idle_apply`` with a short series
@@ -114,21 +114,23 @@ def _catch_up_row_template(p, s0, s1, s2, r, hist, lo, hi, trow, c_idle, zero, t
     d = p.shape[1]
     again = 0
     for j in range(d):
-        x, a, b, e = LOAD(p, s0, s1, s2, (r, j))
-        x2, a2, b2, e2, ok = IDLE_APPLY_FAST(x, a, b, e, trow, c_idle, tol, zero)
+        o = LOAD(p, S, (r, j))
+        n = IDLE_APPLY_FAST(o[0], o[1:], trow, c_idle, tol, zero)
+        x = o[0]
+        x2 = n[0]
+        ok = n[1]
         redo[j] = not ok
         again += 0 if ok else 1
         # (an element left for the second pass is stored unchanged: exact also for a
         # 16-bit variable, whose widened value rounds back to itself)
-        SAVE(p, s0, s1, s2, (r, j), x2 if ok else x, a2 if ok else a, b2 if ok else b,
-             e2 if ok else e, c_idle)
+        SAVE(p, S, (r, j), x2 if ok else x, SELECT(ok, n[2:], o[1:]), c_idle)
     if again:
         for j in range(d):
             if redo[j]:
-                CATCH(p, s0, s1, s2, (r, j), hist, lo, hi, trow, c_idle, zero, tol)
+                CATCH(p, S, (r, j), hist, lo, hi, trow, c_idle, zero, tol)
 
 
-def _exact_sparse_template(p, s0, s1, s2, rows, offsets, order, values, last, floor, hi, hist,
+def _exact_sparse_template(p, S, rows, offsets, order, values, last, floor, hi, hist,
                            tab, c, wd_lr, c_idle, zero, tol):
     """Step ``hi + 1`` (coefficients ``c``, ``wd_lr``: the NamedTuple, so they stay in
     registers) on the unique ``rows`` (duplicates summed in order), each first caught up
@@ -143,19 +145,19 @@ def _exact_sparse_template(p, s0, s1, s2, rows, offsets, order, values, last, fl
         buf = scratch[t:t + 1]
         stop = bounds[t + 1]
         for u in range(bounds[t], stop):
-            AHEAD(p, s0, s1, s2, p, p, p, rows, offsets, order, values, u, stop)
+            AHEAD(p, S, S, rows, offsets, order, values, u, stop)
             r = rows[u]
             lo = max(last[r], floor)
             first = offsets[u]
             end = offsets[u + 1]
             if lo < hi:
-                CATCH_ROW(p, s0, s1, s2, r, hist, lo, hi, tab[lo % n], c_idle, zero, tol, redo[t])
+                CATCH_ROW(p, S, r, hist, lo, hi, tab[lo % n], c_idle, zero, tol, redo[t])
             grad, src = cpu._gradient_row(buf, values, order, first, end)
-            ROW_STEP(p, s0, s1, s2, r, grad, src, c, wd_lr)
+            ROW_STEP(p, S, r, grad, src, c, wd_lr)
             last[r] = hi + 1
 
 
-def _exact_catch_up_template(p, s0, s1, s2, rows, every_row, last, floor, hi, hist, tab, c_idle,
+def _exact_catch_up_template(p, S, rows, every_row, last, floor, hi, hist, tab, c_idle,
                              zero, tol):
     """Catch up ``rows`` (or every row, ``every_row``) to step ``hi``; ``last[r] = hi``
     for the listed rows (a full pass leaves ``last`` alone: the caller raises ``floor``).
@@ -171,10 +173,10 @@ def _exact_catch_up_template(p, s0, s1, s2, rows, every_row, last, floor, hi, hi
             if not every_row:       # random rows: ask for a later row's lines now (as the steps do)
                 ahead = u + cpu.PREFETCH_DISTANCE
                 if ahead < stop:
-                    PREFETCH(p, s0, s1, s2, p, p, p, rows[ahead])
+                    PREFETCH(p, S, S, rows[ahead])
             lo = max(last[r], floor)
             if lo < hi:
-                CATCH_ROW(p, s0, s1, s2, r, hist, lo, hi, tab[lo % n], c_idle, zero, tol, redo[t])
+                CATCH_ROW(p, S, r, hist, lo, hi, tab[lo % n], c_idle, zero, tol, redo[t])
                 if not every_row:
                     last[r] = hi
 
@@ -183,8 +185,8 @@ def _exact_catch_up_template(p, s0, s1, s2, rows, every_row, last, floor, hi, hi
 #
 # The exact sparse updates of many tables of one kernel configuration in one parallel region
 # (issue 21), as :func:`sparseopt.kernels.cpu.batched_sparse_kernel` runs lazy ones: a table
-# is one row of ``meta``, :mod:`sparseopt.kernels.cpu`'s columns (``M_R0..M_R2`` unused) and
-# then its exact-mode bookkeeping (below). Unique row ``u`` of table ``t`` takes the same row
+# is one row of ``meta``, :mod:`sparseopt.kernels.cpu`'s columns, its exact-mode bookkeeping
+# (below), then the addresses of its slots. Unique row ``u`` of table ``t`` takes the same row
 # step as in :func:`_exact_sparse_template` (the same catch-up, gradient sum and element
 # code), so the bits are the per-table kernel's.
 
@@ -203,9 +205,7 @@ def _exact_rows_template(meta, t, like, slot_like, hist_like, tab_like, rows, of
     n_rows = meta[t, cpu.M_ROWS]
     d = meta[t, cpu.M_WIDTH]
     p = numba.carray(pointer(meta[t, cpu.M_P], like), (n_rows, d))
-    s0 = numba.carray(pointer(meta[t, cpu.M_S0], slot_like), (n_rows, d))
-    s1 = numba.carray(pointer(meta[t, cpu.M_S1], slot_like), (n_rows, d))
-    s2 = numba.carray(pointer(meta[t, cpu.M_S2], slot_like), (n_rows, d))
+    S = SLOT_VIEWS(meta, t, meta.shape[1] - NS - NR, slot_like, (n_rows, d))
     values = numba.carray(pointer(meta[t, cpu.M_VALUES], buf), (meta[t, cpu.M_N], d))
     last = numba.carray(pointer(meta[t, X_LAST], meta), (n_rows,))
     n = meta[t, X_HISTORY]
@@ -221,13 +221,13 @@ def _exact_rows_template(meta, t, like, slot_like, hist_like, tab_like, rows, of
     offsets_t = offsets[f0:f0 + hi + 1]
     order_t = order[o0:o0 + meta[t, cpu.M_N]]
     for u in range(lo, hi):
-        AHEAD(p, s0, s1, s2, p, p, p, rows_t, offsets_t, order_t, values, u, hi)
+        AHEAD(p, S, S, rows_t, offsets_t, order_t, values, u, hi)
         r = rows_t[u]
         behind = max(last[r], floor)
         if behind < step:
-            CATCH_ROW(p, s0, s1, s2, r, hist, behind, step, tab[behind % n], c_idle, zero, tol, redo)
+            CATCH_ROW(p, S, r, hist, behind, step, tab[behind % n], c_idle, zero, tol, redo)
         grad, src = cpu._gradient_row(buf, values, order_t, offsets_t[u], offsets_t[u + 1])
-        ROW_STEP(p, s0, s1, s2, r, grad, src, c, wd_lr)
+        ROW_STEP(p, S, r, grad, src, c, wd_lr)
         last[r] = step + 1
 
 
@@ -315,10 +315,13 @@ def _rule_part(rule_module, name, default, rebind=()):
 def _exact_helpers(rule_module, used, has_wd, lowp):
     suffix, constants = cpu._helpers(rule_module, tuple(used), None, has_wd, lowp)
     inline = numba.njit(**_config.CPU_RULE_FLAGS)
+    n = len(used)
     constants = dict(constants,
-                     IDLE_APPLY=_rule_part(rule_module, "idle_apply", _idle.no_idle_apply),
-                     IDLE_APPLY_FAST=_rule_part(rule_module, "idle_apply", _idle.no_idle_apply,
-                                                SHORT_SERIES))
+                     IDLE_APPLY=_compile.on_tuples(rule_module, "idle_apply", _compile.CPU, n),
+                     IDLE_APPLY_FAST=_compile.on_tuples(rule_module, "idle_apply", _compile.CPU, n,
+                                                        rebind=SHORT_SERIES),
+                     CAST=inline(specialize(_slots.cast(n, __name__), "f32", TO=np.float32)),
+                     SELECT=inline(specialize(_slots.select(n, __name__), "cpu")))
     constants["SAVE"] = inline(specialize(_save_template, "x" + suffix, **constants))
     constants["REPLAY"] = inline(specialize(_replay_template, "x" + suffix, **constants))
     # The catch-up paths are called, not inlined: inlined, they made up most of an exact
@@ -354,7 +357,7 @@ def _kernel(template, rule_module, used, has_wd, lowp):
 
 @functools.lru_cache(maxsize=None)
 def sparse_kernel(rule_module, used, has_wd, lowp=None):
-    """``kernel(p, s0, s1, s2, rows, offsets, order, values, last, floor, hi, hist, tab, c, wd_lr,
+    """``kernel(p, S, rows, offsets, order, values, last, floor, hi, hist, tab, c, wd_lr,
     c_idle, zero, tol)``. ``lowp``: as :func:`sparseopt.kernels.cpu.sparse_kernel`'s (``c``
     and ``c_idle`` then carry their steps' ``rounding_key``)."""
     return _kernel(_exact_sparse_template, rule_module, used, has_wd, lowp)
@@ -369,13 +372,14 @@ def batched_sparse_kernel(rule_module, used, has_wd, lowp=None):
     ``hist``)."""
     suffix, constants = _exact_helpers(rule_module, tuple(used), bool(has_wd), lowp)
     inline = numba.njit(**_config.CPU_RULE_FLAGS)
-    constants = dict(constants, TABLE_ROWS=inline(specialize(_exact_rows_template, suffix, **constants)))
+    constants = dict(constants, **cpu.table_views(used, None))
+    constants["TABLE_ROWS"] = inline(specialize(_exact_rows_template, suffix, **constants))
     return _compiled(_config.CPU_KERNEL_FLAGS, specialize(_exact_batched_template, suffix, **constants))
 
 
 @functools.lru_cache(maxsize=None)
 def catch_up_kernel(rule_module, used, has_wd, lowp=None):
-    """``kernel(p, s0, s1, s2, rows, every_row, last, floor, hi, hist, tab, c_idle, zero, tol)``."""
+    """``kernel(p, S, rows, every_row, last, floor, hi, hist, tab, c_idle, zero, tol)``."""
     return _kernel(_exact_catch_up_template, rule_module, used, has_wd, lowp)
 
 
@@ -406,3 +410,6 @@ def idle_columns(rule_module):
     """The width of the rule's idle tables: its ``IDLE_COLUMNS``, else one (the weight decay's,
     :data:`sparseopt.rules._idle.DECAY`)."""
     return max(1, getattr(rule_module, "IDLE_COLUMNS", 1))
+
+
+_slots.register(__name__, globals())

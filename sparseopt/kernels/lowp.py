@@ -29,7 +29,8 @@ bfloat16 uses the lowest 16 bits of the 64; float16 the lowest 13 (normal range)
 to 63 (subnormal range). bfloat16 slots (``slot_dtype="bfloat16"``) are rounded the same
 way from the same 64 bits, slot ``k`` with bits ``16 (k + 1) .. 16 (k + 1) + 15``: one hash
 per element gives all its roundings (a second hash for the slots cost two more 64-bit
-multiplies per element). Each rounding's 16 bits are uniform, so each is unbiased; only a
+multiplies per element); a rule with more than three slots rounds slots 3 and up with
+16 bits each of further hashes of those 64 (:func:`sparseopt.kernels._slots.store_rounded`). Each rounding's 16 bits are uniform, so each is unbiased; only a
 float16 parameter in float16's subnormal range, which reads more than 16 bits, shares
 bits with its bfloat16 slots.
 """
@@ -44,6 +45,8 @@ import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
+
+from sparseopt.kernels import _slots
 
 try:  # a dependency of TensorFlow and JAX; the NumPy bfloat16 dtype
     import ml_dtypes
@@ -284,18 +287,12 @@ def same(x):
 
 
 # The element templates of sparseopt.kernels.cpu for a 16-bit variable: ``p`` is its
-# uint16 view, and so are bfloat16 slots (``SLOT16``; float32 slots otherwise). Globals
-# bound per specialization (sparseopt.kernels.cpu._helpers): U0, U1, U2 (kept slots),
-# WIDEN, NARROW (the variable's conversions), STOCHASTIC, SLOT16, WIDEN_SLOT (``same``
-# for float32 slots).
-U0 = U1 = U2 = WIDEN = NARROW = STOCHASTIC = SLOT16 = WIDEN_SLOT = None
-
-
-def _load_template(p, s0, s1, s2, at):
-    """Element ``at`` of ``p`` and of the kept slots, widened to float32."""
-    x = WIDEN(p[at])
-    return (x, (WIDEN_SLOT(s0[at]) if U0 else x), (WIDEN_SLOT(s1[at]) if U1 else x),
-            (WIDEN_SLOT(s2[at]) if U2 else x))
+# uint16 view, and so are bfloat16 slots (``SLOT16``; float32 slots otherwise). Its load and
+# rounded store are generated for each count of slots (sparseopt.kernels._slots.load with
+# ``widen=True``, and store_rounded), with these globals and those bound per specialization
+# (sparseopt.kernels.cpu.lowp_constants): WIDEN, NARROW (the variable's conversions),
+# STOCHASTIC, SLOT16, WIDEN_SLOT (``same`` for float32 slots).
+WIDEN = NARROW = STOCHASTIC = SLOT16 = WIDEN_SLOT = None
 
 
 def _value_template(p, at):
@@ -303,30 +300,7 @@ def _value_template(p, at):
     return WIDEN(p[at])
 
 
-def _store_template(p, s0, s1, s2, at, x, a, b, e, c):
-    """Write element ``at``: ``x`` rounded to ``p``'s 16 bits with the element's 64 bits
-    of the step (``c.rounding_key``); the kept slots as they are, or rounded to bfloat16
-    (``SLOT16``) with bits ``16 (k + 1) .. 16 (k + 1) + 15`` of the same 64 for slot ``k``:
-    one hash per element for all its roundings."""
-    if STOCHASTIC:
-        r = element_bits(c.rounding_key, flat_index(p, at))
-    else:
-        r = _0
-    p[at] = NARROW(x, r, STOCHASTIC)
-    if SLOT16:
-        if U0:
-            s0[at] = f32_to_bf16(a, r >> _16, STOCHASTIC)
-        if U1:
-            s1[at] = f32_to_bf16(b, r >> _32, STOCHASTIC)
-        if U2:
-            s2[at] = f32_to_bf16(e, r >> _48, STOCHASTIC)
-    else:
-        if U0:
-            s0[at] = a
-        if U1:
-            s1[at] = b
-        if U2:
-            s2[at] = e
-
-
 CONVERSIONS = {"bfloat16": (bf16_to_f32, f32_to_bf16), "float16": (f16_to_f32, f32_to_f16)}
+
+
+_slots.register(__name__, globals())

@@ -2,18 +2,22 @@ r"""The math: each optimizer's update, written once, as a scalar rule.
 
 A rule module holds
 
-* ``SLOTS``: the names of the slots the rule reads and writes, in order (at most three);
+* ``SLOTS``: the names of the slots the rule reads and writes, in order (any number);
 * ``Coefficients``: a ``NamedTuple`` of the per-step scalars (learning rate, bias
   corrections, flags) that :func:`coefficients` computes once per step on the host;
 * ``coefficients(...)``: plain float math from the hyperparameters and the step;
-* ``update(p, g, s0, s1, s2, c)``: the element update, returning ``(p, s0, s1, s2)``.
+* ``update(p, g, *slots, c)``: the element update, one argument per slot in ``SLOTS`` order,
+  returning ``(p, *slots)`` (``(p,)`` for a rule without slots).
 
 ``update`` is plain arithmetic and ``math.*`` on scalars: no arrays, no NumPy, no
 ``raise``, no float literals (they would promote float32 math to float64; every
 constant comes in ``c``, already cast to the variable's dtype). The generic kernels
 in :mod:`sparseopt.kernels` compile the same function for the dense elementwise
-pass, the row-wise sparse pass and the CUDA kernels. Slots a rule does not use are
-passed through unchanged.
+pass, the row-wise sparse pass and the CUDA kernels (which take the slots as tuples and
+call ``update`` with them spread out: :mod:`sparseopt.kernels._slots`). A slot that a
+configuration does not keep (Adam's ``vhat`` without AMSGrad) is given the parameter's
+value, and what ``update`` returns for it is dropped. (A rule with fewer than three slots
+written for the former fixed three, ``update(p, g, s0, s1, s2, c)``, is still called so.)
 
 **Plain Python.** A rule module imports neither Numba nor :mod:`sparseopt.kernels`
 (``tests/test_rules_contract.py`` checks it): it declares data and plain functions, and
@@ -42,13 +46,13 @@ rule file per optimizer, never one per variant.
 
 **Row-wise rules** (:mod:`~sparseopt.rules.rowwise_adagrad`) also have ``ROW_SLOTS``
 (one value per row), ``row_term(p, g, c)`` (summed over a row, divided by its width),
-``row_update(r0, r1, r2, mean, c) -> (r0, r1, r2)`` (once per touched row), and an
-element update ``update(p, g, s0, s1, s2, r0, r1, r2, c)`` that reads the new row
+``row_update(*row_slots, mean, c) -> tuple of the row slots`` (once per touched row), and an
+element update ``update(p, g, *slots, *row_slots, c) -> (p, *slots)`` that reads the new row
 slots; the row-reduction kernels run them.
 
 **Reduction rules** (:mod:`~sparseopt.rules.lamb`) declare ``REDUCTION = True`` and, in
 place of ``update``, a stage that needs a sum over a *unit* of elements before any of them
-moves: ``reduce_terms(p, g, s0, s1, s2, c) -> (d, s0, s1, s2, t0, t1)`` (per element: the
+moves: ``reduce_terms(p, g, *slots, c) -> (d, *slots, t0, t1)`` (per element: the
 new slots, a direction ``d`` kept in scratch, and two terms summed over the unit),
 ``reduce_scale(sum_t0, sum_t1, c) -> scale`` (once per unit) and ``reduce_apply(p, d,
 scale, c) -> p`` (per element). The unit is the whole variable in a dense step and each

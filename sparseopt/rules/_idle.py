@@ -17,7 +17,7 @@ that can do this faster than replaying ``update`` step by step defines, besides 
   of :math:`(L+1, T]` and the coefficients ``rec`` of step :math:`L+1` (``t[COLUMNS.decay]``
   already holds :math:`D(L)`). The host runs this backward recursion once per step
   for every window a row may need, in float64;
-* ``idle_apply(p, s0, s1, s2, t, c, tol, zero) -> (p, s0, s1, s2, ok)``: one element
+* ``idle_apply(p, *slots, t, c, tol, zero) -> (p, *slots, ok)``: one element
   after the window ``t`` (``c``: the coefficients of step :math:`T`; ``tol``: half the
   variable dtype's machine epsilon). ``ok=False`` makes the kernel replay ``update``
   with a zero gradient over the window instead (always correct, bounded by the history).
@@ -193,12 +193,3 @@ def no_idle_table_init(t):
 
 def no_idle_table_step(t, t_next, rec):
     return
-
-
-def no_idle_apply(p, s0, s1, s2, t, c, tol, zero):
-    return p, s0, s1, s2, False
-
-
-def identity_idle_apply(p, s0, s1, s2, t, c, tol, zero):
-    """A zero gradient leaves the element and its slots unchanged: only the weight decay."""
-    return p * t[DECAY], s0, s1, s2, True

@@ -36,11 +36,11 @@ def coefficients(learning_rate, rho, epsilon, legacy=False):
     return Coefficients(learning_rate, rho, 1.0 - rho, epsilon)
 
 
-def update(p, g, acc_grad, acc_delta, s2, c):
+def update(p, g, acc_grad, acc_delta, c):
     acc_grad = c.rho * acc_grad + c.one_minus_rho * g * g
     delta = math.sqrt(acc_delta + c.epsilon) / math.sqrt(acc_grad + c.epsilon) * g
     acc_delta = c.rho * acc_delta + c.one_minus_rho * delta * delta
-    return p - c.learning_rate * delta, acc_grad, acc_delta, s2
+    return p - c.learning_rate * delta, acc_grad, acc_delta
 
 
 # --- exact mode (sparse_mode="exact"): idle steps, see sparseopt.rules._idle ---------------
@@ -64,7 +64,7 @@ def idle_table_step(t, t_next, rec):
     t[COLUMNS.rho_product] = rec.rho * t_next[COLUMNS.rho_product]
 
 
-def idle_apply(p, acc_grad, acc_delta, s2, t, c, tol, zero):
+def idle_apply(p, acc_grad, acc_delta, t, c, tol, zero):
     # epsilon == 0: replay (0/0 is NaN in the dense rule; see _idle.EPSILON_ZERO)
     rho_product = t[COLUMNS.rho_product]
-    return p * t[COLUMNS.decay], acc_grad * rho_product, acc_delta * rho_product, s2, c.epsilon > 0
+    return p * t[COLUMNS.decay], acc_grad * rho_product, acc_delta * rho_product, c.epsilon > 0

@@ -30,13 +30,13 @@ def coefficients(learning_rate, epsilon, legacy=False):
     return Coefficients(learning_rate, 0.0 if legacy else epsilon, epsilon if legacy else 0.0)
 
 
-def update(p, g, acc, s1, s2, c):
+def update(p, g, acc, c):
     # One square root and one division for both placements of epsilon: adding the
     # other placement's 0 changes no bits (the accumulator is never -0), where a branch
     # on a flag would be if-converted into both square roots and both divisions.
     acc = acc + g * g
     p = p - c.learning_rate * g / (math.sqrt(acc + c.epsilon_inside) + c.epsilon_outside)
-    return p, acc, s1, s2
+    return p, acc
 
 # --- exact mode (sparse_mode="exact"): idle steps, see sparseopt.rules._idle ---------------
 #
@@ -60,9 +60,9 @@ def idle_table_step(t, t_next, rec):
     return
 
 
-def idle_apply(p, acc, s1, s2, t, c, tol, zero):
+def idle_apply(p, acc, t, c, tol, zero):
     ok = math.sqrt(acc + c.epsilon_inside) + c.epsilon_outside > 0   # False for 0 and NaN
-    return p * t[COLUMNS.decay], acc, s1, s2, ok
+    return p * t[COLUMNS.decay], acc, ok
 
 
 def idle_is_identity(c, wd):

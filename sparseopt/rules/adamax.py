@@ -36,10 +36,10 @@ def coefficients(learning_rate, beta_1, beta_2, epsilon, step, legacy=False):
     return Coefficients(alpha, 1.0 - beta_1, beta_2, epsilon)
 
 
-def update(p, g, m, u, s2, c):
+def update(p, g, m, u, c):
     m = m + (g - m) * c.one_minus_beta_1
     u = max(abs(g), c.beta_2 * u)   # a NaN gradient propagates into u
-    return p - c.alpha * m / (u + c.epsilon), m, u, s2
+    return p - c.alpha * m / (u + c.epsilon), m, u
 
 
 # --- exact mode (sparse_mode="exact"): idle steps, see sparseopt.rules._idle ---------------
@@ -71,11 +71,11 @@ def idle_table_step(t, t_next, rec):
                               1.0)
 
 
-def idle_apply(p, m, u, s2, t, c, tol, zero):
+def idle_apply(p, m, u, t, c, tol, zero):
     # Branch-free, as adam.idle_apply (the CPU catch-up pass over a row vectorizes).
     m_new = m * t[COLUMNS.beta_1_product]
     u_new = u * t[COLUMNS.beta_2_product]
     decay = p * t[COLUMNS.decay]
     p_new, ok = _idle.window_series_apply(decay, m, u, c.epsilon, t, COLUMNS.series, COLUMNS.centred,
                                           t[COLUMNS.beta_2_product], tol)
-    return p_new, m_new, u_new, s2, ok
+    return p_new, m_new, u_new, ok

@@ -71,7 +71,7 @@ def variant_for(c):
     return "sqrt" if c.use_sqrt != 0 else None
 
 
-def update(p, g, n, z, s2, c):
+def update(p, g, n, z, c):
     n_new = n + g * g
     if SQRT_ONLY or c.use_sqrt != 0:
         n_pow = math.sqrt(n)
@@ -82,7 +82,7 @@ def update(p, g, n, z, s2, c):
     z = z + (g + c.two_shrinkage * p) - (n_new_pow - n_pow) / c.learning_rate * p
     clipped = min(max(z, c.neg_l1), c.l1)   # NaN in z propagates
     p = (clipped - z) / (n_new_pow / c.learning_rate + c.two_l2)
-    return p, n_new, z, s2
+    return p, n_new, z
 
 
 # --- exact mode (sparse_mode="exact"): idle steps, see sparseopt.rules._idle ---------------
@@ -112,13 +112,13 @@ def idle_table_step(t, t_next, rec):
     return
 
 
-def idle_apply(p, n, z, s2, t, c, tol, zero):
+def idle_apply(p, n, z, t, c, tol, zero):
     if c.two_shrinkage != 0:
-        return p, n, z, s2, False
-    # update(p, 0, n, z, s2, c): n and z unchanged, p recomputed (the same expressions)
+        return p, n, z, False
+    # update(p, 0, n, z, c): n and z unchanged, p recomputed (the same expressions)
     if SQRT_ONLY or c.use_sqrt != 0:
         n_pow = math.sqrt(n)
     else:
         n_pow = math.pow(n, c.power)
     clipped = min(max(z, c.neg_l1), c.l1)
-    return (clipped - z) / (n_pow / c.learning_rate + c.two_l2), n, z, s2, True
+    return (clipped - z) / (n_pow / c.learning_rate + c.two_l2), n, z, True

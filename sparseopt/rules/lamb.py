@@ -58,11 +58,11 @@ def coefficients(learning_rate, beta_1, beta_2, epsilon, step):
                         1.0 - f32(beta_2) ** step, epsilon, 1.0)
 
 
-def reduce_terms(p, g, m, v, s2, c):
+def reduce_terms(p, g, m, v, c):
     m = m + (g - m) * c.one_minus_beta_1
     v = v + (g * g - v) * c.one_minus_beta_2
     u = (m / c.bias_1) / (math.sqrt(v / c.bias_2) + c.epsilon)
-    return u, m, v, s2, p * p, u * u
+    return u, m, v, p * p, u * u
 
 
 def reduce_scale(p_squares, u_squares, c):

@@ -31,7 +31,7 @@ def coefficients(learning_rate, beta_1, beta_2):
     return Coefficients(learning_rate, beta_1, 1.0 - beta_1, beta_2, 1.0 - beta_2)
 
 
-def update(p, g, m, s1, s2, c):
+def update(p, g, m, c):
     direction = m * c.beta_1 + g * c.one_minus_beta_1
     if direction > 0:
         p = p - c.learning_rate
@@ -40,7 +40,7 @@ def update(p, g, m, s1, s2, c):
     elif direction != direction:    # NaN: sign(NaN) is NaN
         p = p + direction
     m = m * c.beta_2 + g * c.one_minus_beta_2
-    return p, m, s1, s2
+    return p, m
 
 
 # --- exact mode (sparse_mode="exact"): idle steps, see sparseopt.rules._idle ---------------
@@ -70,7 +70,7 @@ def idle_table_step(t, t_next, rec):
     t[COLUMNS.learning_rate_sum] = rec.learning_rate * t_next[COLUMNS.decay] + lr_sum
 
 
-def idle_apply(p, m, s1, s2, t, c, tol, zero):
+def idle_apply(p, m, t, c, tol, zero):
     # Branch-free (every case computed, then selected; the table read unconditionally),
     # so the CPU catch-up pass over a row vectorizes.
     decay = p * t[COLUMNS.decay]
@@ -79,4 +79,4 @@ def idle_apply(p, m, s1, s2, t, c, tol, zero):
     lr_sum = t[COLUMNS.learning_rate_sum]
     moved = decay - lr_sum if m > 0 else decay + lr_sum
     ok = (m == 0) | (abs(m) * m_decay * c.beta_1 > _SAFE_MAGNITUDE)
-    return (decay if m == 0 else moved), m_new, s1, s2, ok
+    return (decay if m == 0 else moved), m_new, ok

@@ -73,12 +73,12 @@ def coefficients(learning_rate, beta_1, beta_2, epsilon, step, u_product, legacy
                         1.0 - beta_2 ** step, epsilon)
 
 
-def update(p, g, m, v, s2, c):
+def update(p, g, m, v, c):
     m = m + (g - m) * c.one_minus_beta_1
     v = v + (g * g - v) * c.one_minus_beta_2
     m_hat = c.m_weight * m + c.g_weight * g
     p = p - c.learning_rate * m_hat / (math.sqrt(v / c.v_correction) + c.epsilon)
-    return p, m, v, s2
+    return p, m, v
 
 
 # --- exact mode (sparse_mode="exact"): idle steps, see sparseopt.rules._idle ---------------
@@ -110,11 +110,11 @@ def idle_table_step(t, t_next, rec):
                              0.5, e)
 
 
-def idle_apply(p, m, v, s2, t, c, tol, zero):
+def idle_apply(p, m, v, t, c, tol, zero):
     # Branch-free, as adam.idle_apply (the CPU catch-up pass over a row vectorizes).
     m_new = m * t[COLUMNS.beta_1_product]
     v_new = v * t[COLUMNS.beta_2_product]
     decay = p * t[COLUMNS.decay]
     limit = _idle.SERIES_LIMIT * math.sqrt(t[COLUMNS.beta_2_product])
     p_new, ok = _idle.series_apply(decay, m, math.sqrt(v), c.epsilon, t, COLUMNS.series, limit, tol)
-    return p_new, m_new, v_new, s2, ok
+    return p_new, m_new, v_new, ok

@@ -12,12 +12,12 @@ A *row-wise rule*: besides the element update it has a row prologue, which the
 row-reduction kernels (:func:`sparseopt.kernels.cpu.row_dense_kernel`,
 :func:`sparseopt.kernels.cpu.row_sparse_kernel`) run once per touched row:
 
-* ``ROW_SLOTS``: the per-row slots (at most three), shape ``(rows,)``;
+* ``ROW_SLOTS``: the per-row slots (any number), shape ``(rows,)``;
 * ``row_term(p, g, c)``: one element's contribution; the kernel sums it over the row
   and divides by the width (here the mean of :math:`g^2`);
-* ``row_update(r0, r1, r2, mean, c)``: the row slots after this step;
-* ``update(p, g, s0, s1, s2, r0, r1, r2, c)``: the element update, which also reads
-  the new row slots (``SLOTS`` lists its per-element slots; none here).
+* ``row_update(*row_slots, mean, c) -> tuple``: the row slots after this step;
+* ``update(p, g, *slots, *row_slots, c) -> (p, *slots)``: the element update, which also
+  reads the new row slots (``SLOTS`` lists its per-element slots; none here).
 
 No legacy variant: Keras has no row-wise Adagrad.
 """
@@ -42,12 +42,12 @@ def row_term(p, g, c):
     return g * g
 
 
-def row_update(acc, r1, r2, mean_g2, c):
-    return acc + mean_g2, r1, r2
+def row_update(acc, mean_g2, c):
+    return (acc + mean_g2,)
 
 
-def update(p, g, s0, s1, s2, acc, r1, r2, c):
-    return p - c.learning_rate * g / (math.sqrt(acc) + c.epsilon), s0, s1, s2
+def update(p, g, acc, c):
+    return (p - c.learning_rate * g / (math.sqrt(acc) + c.epsilon),)
 
 
 # --- exact mode (sparse_mode="exact"): idle steps, see sparseopt.rules._idle ---------------

@@ -36,7 +36,7 @@ def coefficients(learning_rate, momentum, nesterov, legacy=False):
                         1.0 if nesterov else 0.0)
 
 
-def update(p, g, b, s1, s2, c):
+def update(p, g, b, c):
     if c.use_momentum != 0:
         b = -g * c.learning_rate + b * c.momentum
         if c.nesterov != 0:
@@ -45,7 +45,7 @@ def update(p, g, b, s1, s2, c):
             p = p + b
     else:
         p = p - g * c.learning_rate
-    return p, b, s1, s2
+    return p, b
 
 
 # --- exact mode (sparse_mode="exact"): idle steps, see sparseopt.rules._idle ---------------
@@ -71,7 +71,7 @@ def idle_table_step(t, t_next, rec):
     t[COLUMNS.momentum_sum] = rec.momentum * (t_next[COLUMNS.decay] + t_next[COLUMNS.momentum_sum])
 
 
-def idle_apply(p, b, s1, s2, t, c, tol, zero):
+def idle_apply(p, b, t, c, tol, zero):
     # Branch-free (both cases computed, then selected; the table read unconditionally),
     # so the CPU catch-up pass over a row vectorizes.
     decay = t[COLUMNS.decay]
@@ -80,8 +80,8 @@ def idle_apply(p, b, s1, s2, t, c, tol, zero):
     scale = c.momentum if c.nesterov != 0 else c.use_momentum
     moved = p * decay + b * scale * b_sum
     if c.use_momentum == 0:
-        return p * decay, b * decay, s1, s2, True
-    return moved, b * b_decay, s1, s2, True
+        return p * decay, b * decay, True
+    return moved, b * b_decay, True
 
 
 def idle_is_identity(c, wd):

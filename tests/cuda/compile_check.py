@@ -60,6 +60,18 @@ def _pretend_device():
     dispatcher.get_current_device = lambda: _Device()
 
 
+def slots(used, kept, placeholder):
+    """The type of a kernel's tuple of slot arrays (:func:`sparseopt.kernels.cpu.place`)."""
+    return types.Tuple([kept if u else placeholder for u in used])
+
+
+def kernel_used(names, rule_slots):
+    """The ``used`` flags of :func:`sparseopt.kernels.cpu.place` for the kept ``names``."""
+    from sparseopt.kernels import _slots
+    used = tuple(name in names for name in rule_slots)
+    return used + (False,) * (_slots.count(rule_slots) - len(used))
+
+
 def compile_one(dispatcher, sig):
     fn = getattr(dispatcher, "py_func", dispatcher)
     cuda.compile_ptx(fn, sig, cc=CC)
@@ -83,23 +95,21 @@ def compile_low_precision(kc, i64):
         hypers = opt._resolved_hypers()
         c = lowp.keyed(opt._coefficients(hypers, 1), 1)
         ctype = numba.typeof(type(c)(*(np.float32(x) for x in c[:-1]), c[-1]))
-        used = tuple(name in opt._slot_names() for name in rule.SLOTS)
-        used += (False,) * (3 - len(used))
+        used = kernel_used(opt._slot_names(), rule.SLOTS)
         for config in (("bfloat16", True, None), ("float16", True, None), ("bfloat16", False, "bfloat16")):
-            slot2 = b2 if config[2] else f2
+            slot2 = slots(used, b2 if config[2] else f2, b2)
             if hasattr(rule, "ROW_SLOTS"):
-                row_used = tuple(name in opt._row_slot_names() for name in rule.ROW_SLOTS)
-                row_used += (False,) * (3 - len(row_used))
+                row_used = kernel_used(opt._row_slot_names(), rule.ROW_SLOTS)
                 for dense in (True, False):
                     compile_one(kc.row_kernel(rule, used, row_used, True, dense, np.float32, 256, config),
-                                (b2, slot2, slot2, slot2, f1, f1, f1, i64, i64, i64, f2, types.int64, ctype,
+                                (b2, slot2, slots(row_used, f1, f1), i64, i64, i64, f2, types.int64, ctype,
                                  f32, f32))
                     count += 1
                 continue
-            slot1 = u16 if config[2] else f1
-            compile_one(kc.dense_kernel(rule, used, True, config), (u16, f1, slot1, slot1, slot1, ctype, f32))
+            slot1 = slots(used, u16 if config[2] else f1, u16)
+            compile_one(kc.dense_kernel(rule, used, True, config), (u16, f1, slot1, ctype, f32))
             compile_one(kc.sparse_kernel(rule, used, True, config),
-                        (b2, slot2, slot2, slot2, i64, i64, i64, f2, types.int64, ctype, f32))
+                        (b2, slot2, i64, i64, i64, f2, types.int64, ctype, f32))
             count += 2
             if config[0] == "bfloat16" and config[1]:  # exact mode: the fused and the catch-up kernels
                 record = _exact.record_dtype(rule, np.float32, True)  # as the device mirrors it: aligned
@@ -107,10 +117,10 @@ def compile_low_precision(kc, i64):
                 hist = types.Array(numba.from_dtype(record), 1, "C")
                 tab, i8, f8 = arr(np.float64, 2), types.int64, types.float64
                 compile_one(ce.sparse_kernel(rule, used, True, config),
-                            (b2, slot2, slot2, slot2, i64, i64, i64, f2, i8, i64, i8, i8, hist, tab,
+                            (b2, slot2, i64, i64, i64, f2, i8, i64, i8, i8, hist, tab,
                              ctype, f32, ctype, f32, f8))
                 compile_one(ce.catch_up_kernel(rule, used, True, config),
-                            (b2, slot2, slot2, slot2, i64, i8, types.boolean, i64, i8, i8, hist, tab,
+                            (b2, slot2, i64, i8, types.boolean, i64, i8, i8, hist, tab,
                              ctype, f32, f8))
                 count += 2
     for kind in ("bfloat16", "float16"):
@@ -130,7 +140,7 @@ def compile_reductions(kc, i64):
     opt = so.Lamb()
     rule = opt._rule
     coefficients = opt._coefficients(opt._resolved_hypers(), 1)
-    used = (True, True, False)
+    used = (True, True)
     count = 0
     configs = [(np.float32, np.float32, None, has_wd) for has_wd in (False, True)]
     configs += [(np.float64, np.float64, None, has_wd) for has_wd in (False, True)]
@@ -144,11 +154,11 @@ def compile_reductions(kc, i64):
         kernel = functools.partial(kc._reduce_kernel, rule_module=rule, used=used, has_wd=has_wd,
                                    lowp_config=lowp_config, dtype=dtype)
         compile_one(kernel(kc._reduce_terms_template, threads=256),
-                    (p1, m1, m1, m1, p1, ctype, scal, m1, m2))
+                    (p1, m1, slots(used, m1, p1), ctype, scal, m1, m2))
         compile_one(kernel(kc._reduce_scale_template, threads=1), (m2, m1, ctype))
-        compile_one(kernel(kc._reduce_apply_template, threads=256), (p1, m1, m1, p1, ctype, scal, m1, m1))
+        compile_one(kernel(kc._reduce_apply_template, threads=256), (p1, slots(used, m1, p1), ctype, scal, m1, m1))
         compile_one(kernel(kc._reduce_rows_template, threads=256),
-                    (p2, m2, m2, p2, i64, i64, i64, m2, types.int64, ctype, scal, m2))
+                    (p2, slots(used, m2, p2), i64, i64, i64, m2, types.int64, ctype, scal, m2))
         count += 4
     return count
 
@@ -171,8 +181,7 @@ def compile_batched(kc, dd, i64):
         opt = case.make()
         rule = opt._rule
         c = opt._coefficients(opt._resolved_hypers(), 1)
-        used = tuple(name in opt._slot_names() for name in rule.SLOTS)
-        used += (False,) * (3 - len(used))
+        used = kernel_used(opt._slot_names(), rule.SLOTS)
         c32 = type(c)(*(np.float32(x) for x in c))
         f2 = arr(np.float32, 2)
         compile_one(kc.batched_sparse_kernel(rule, used, True),
@@ -239,8 +248,7 @@ def main():
         hypers = opt._resolved_hypers()
         hypers.update(getattr(opt, "_next_scalar_state", lambda h, s: {})(hypers, 1))
         coefficients = opt._coefficients(hypers, 1)
-        used = tuple(name in opt._slot_names() for name in rule.SLOTS)
-        used += (False,) * (3 - len(used))
+        used = kernel_used(opt._slot_names(), rule.SLOTS)
         for dtype in (np.float32, np.float64):
             key = (rule.__name__, used, np.dtype(dtype).name)
             if key in seen:
@@ -252,26 +260,24 @@ def main():
             for has_wd in (False, True):
                 flat, rows2 = arr(dtype, 1), arr(dtype, 2)
                 if hasattr(rule, "ROW_SLOTS"):  # the row-reduction kernels, dense and sparse
-                    row_used = tuple(name in opt._row_slot_names() for name in rule.ROW_SLOTS)
-                    row_used += (False,) * (3 - len(row_used))
+                    row_used = kernel_used(opt._row_slot_names(), rule.ROW_SLOTS)
                     for dense in (True, False):
                         compile_one(kc.row_kernel(rule, used, row_used, has_wd, dense, dtype, 256),
-                                    (rows2, rows2, rows2, rows2, flat, flat, flat, i64, i64, i64, rows2,
-                                     types.int64, ctype, scal, scal))
+                                    (rows2, slots(used, rows2, rows2), slots(row_used, flat, flat), i64, i64,
+                                     i64, rows2, types.int64, ctype, scal, scal))
                         count += 1
                     continue
-                compile_one(kc.dense_kernel(rule, used, has_wd),
-                            (flat, flat, flat, flat, flat, ctype, scal))
+                compile_one(kc.dense_kernel(rule, used, has_wd), (flat, flat, slots(used, flat, flat), ctype, scal))
                 compile_one(kc.sparse_kernel(rule, used, has_wd),
-                            (rows2, rows2, rows2, rows2, i64, i64, i64, rows2, types.int64, ctype, scal))
+                            (rows2, slots(used, rows2, rows2), i64, i64, i64, rows2, types.int64, ctype, scal))
                 # exact mode: the fused catch-up + update, and the catch-up of flush/catch_up
                 hist = types.Array(numba.from_dtype(_exact.record_dtype(rule, dtype)), 1, "C")
                 tab, i8, f8 = arr(np.float64, 2), types.int64, types.float64
                 compile_one(ce.sparse_kernel(rule, used, has_wd),
-                            (rows2, rows2, rows2, rows2, i64, i64, i64, rows2, i8, i64, i8, i8, hist, tab,
-                             ctype, scal, ctype, scal, f8))
+                            (rows2, slots(used, rows2, rows2), i64, i64, i64, rows2, i8, i64, i8, i8, hist,
+                             tab, ctype, scal, ctype, scal, f8))
                 compile_one(ce.catch_up_kernel(rule, used, has_wd),
-                            (rows2, rows2, rows2, rows2, i64, i8, types.boolean, i64, i8, i8, hist, tab,
+                            (rows2, slots(used, rows2, rows2), i64, i8, types.boolean, i64, i8, i8, hist, tab,
                              ctype, scal, f8))
                 count += 4
     count += compile_low_precision(kc, i64)

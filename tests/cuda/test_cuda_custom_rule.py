@@ -31,19 +31,25 @@ def _steps(steps, cpu_opt, cpu_var, gpu_opt, gpu_var):
             gpu_opt.apply_gradients([(dev(step), gpu_var)])
 
 
-@pytest.mark.parametrize("sparse_mode", ["lazy", "exact"])
-def test_custom_rule_on_the_device_matches_cpu(sparse_mode, rng):
+def _matches_cpu(cls, sparse_mode, rng):
+    """Sparse (duplicates), dense, sparse and sparse steps of ``cls`` on a CUDA array and on a
+    NumPy one: the same state (exact mode's flushed)."""
     p0 = rng.normal(size=(ROWS, WIDTH)).astype(np.float32)
     steps = [sparse_batch(rng, ROWS, WIDTH, K, np.float32), rng.normal(size=(ROWS, WIDTH)).astype(np.float32),
              sparse_batch(rng, ROWS, WIDTH, K // 2, np.float32), sparse_batch(rng, ROWS, WIDTH, 3, np.float32)]
     cpu_var, gpu_var = p0.copy(), dev(p0)
-    make = lambda: example.AdaBelief(learning_rate=0.01, weight_decay=0.01, sparse_mode=sparse_mode)  # noqa: E731
+    make = lambda: cls(learning_rate=0.01, weight_decay=0.01, sparse_mode=sparse_mode)  # noqa: E731
     cpu_opt, gpu_opt = make(), make()
     _steps(steps, cpu_opt, cpu_var, gpu_opt, gpu_var)
     if sparse_mode == "exact":
         cpu_opt.flush()
         gpu_opt.flush()
     assert_state_matches(gpu_opt, gpu_var, cpu_opt, cpu_var)
+
+
+@pytest.mark.parametrize("sparse_mode", ["lazy", "exact"])
+def test_custom_rule_on_the_device_matches_cpu(sparse_mode, rng):
+    _matches_cpu(example.AdaBelief, sparse_mode, rng)
 
 
 def test_custom_reduction_rule_on_the_device_is_the_built_in_lamb(rng):
@@ -91,3 +97,22 @@ def test_custom_row_stage_on_the_device_matches_cpu(rng):
     for name in ("m", "v"):
         assert_close(gpu_opt.get_slot(gpu_var, name), cpu_opt.get_slot(cpu_var, name), tol)
     assert_close(gpu_var, cpu_var, tol)
+
+
+@pytest.mark.parametrize("sparse_mode", ["lazy", "exact"])
+def test_a_rule_with_four_slots_on_the_device_matches_cpu(sparse_mode, rng):
+    """More than three slots (``tests/test_many_slots.py``'s Adan): the device kernels take a
+    rule's slots as one tuple of arrays, as the CPU's do."""
+    from tests.test_many_slots import Adan
+    _matches_cpu(Adan, sparse_mode, rng)
+
+
+def test_bfloat16_slots_past_the_third_on_the_device_match_cpu(rng):
+    """A bfloat16 table with four bfloat16 slots: the fourth rounded with the further hash's
+    bits on the device as on the CPU."""
+    from tests.cuda.test_cuda_low_precision import BF16, assert_matches_cpu, steps_for
+    from tests.test_many_slots import Adan
+    p0 = (rng.normal(size=(40, 5)) * 0.5).astype(BF16)
+    gpu_opt, gpu_var, _ = assert_matches_cpu(lambda: Adan(learning_rate=0.01, seed=9, slot_dtype="bfloat16"), p0,
+                                             steps_for(rng, BF16))
+    assert host(gpu_opt.get_slot(gpu_var, "prev")).dtype == BF16

@@ -205,16 +205,16 @@ def test_row_kernel_runs_a_rule_with_element_and_row_slots(monkeypatch, rng):
     arrays = [dev(a) for a in (p, m, v, g, rows, offsets, order, values)]
     dp, dm, dv, dg, drows, doffsets, dorder, dvalues = arrays
     width = np.float32(d)
-    used, row_used = (True, False, False), (True, False, False)
-    cpu.row_dense_kernel(rule, used, row_used, False)(p, g, m, p, p, v, v, v, c, np.float32(0), width)
-    cpu.row_sparse_kernel(rule, used, row_used, False)(p, m, p, p, v, v, v, rows, offsets, order, values, c,
+    used, row_used = (True,), (True,)
+    cpu.row_dense_kernel(rule, used, row_used, False)(p, g, (m,), (v,), c, np.float32(0), width)
+    cpu.row_sparse_kernel(rule, used, row_used, False)(p, (m,), (v,), rows, offsets, order, values, c,
                                                        np.float32(0), width)
     lanes, per_block = kc.row_layout(d)
     threads = kc.launch_config().row_threads
     for dense, args in ((True, (drows, drows, drows, dg, n)), (False, (drows, doffsets, dorder, dvalues, 2))):
         kernel = kc.row_kernel(rule, used, row_used, False, dense, np.float32, threads)
         kernel[kc.blocks_for(args[-1], per_block), (lanes, per_block), 0](
-            dp, dm, dp, dp, dv, dv, dv, *args, c, np.float32(0), width)
+            dp, (dm,), (dv,), *args, c, np.float32(0), width)
     tol = row_tolerance(2, d, np.float32)
     assert_close(dp, p, tol)
     assert_close(dm, m, tol)

@@ -134,6 +134,28 @@ def test_a_rule_with_a_row_stage_in_a_graph_step():
         KerasRowRMS(sparse_mode="exact")
 
 
+@pytest.mark.parametrize("sparse_mode", ["lazy", "exact"])
+def test_a_rule_with_four_slots_in_a_graph_step(sparse_mode):
+    """A rule with more than three slots (``tests/test_many_slots.py``'s Adan) through
+    ``tf.function`` in Keras 3 and in tf_keras: the core class's bits, sparse and dense, each
+    of the four slots a Keras slot variable."""
+    from tests.test_many_slots import ADAN, Adan
+    tf_keras = pytest.importorskip("tf_keras")
+    KerasAdan = sparseopt_tf.keras_optimizer(Adan)
+    opt, core = KerasAdan(learning_rate=0.05, sparse_mode=sparse_mode), Adan(learning_rate=0.05, sparse_mode=sparse_mode)
+    table, core_table = _graph_steps_equal_the_core(opt, core, seed=4)
+    for name in ADAN.slots:
+        if sparse_mode == "exact":
+            opt.flush()
+            core.flush()
+        np.testing.assert_array_equal(opt.get_slot(table, name).numpy(), core.get_slot(core_table, name))
+    hypers = {k: float(np.float32(v)) for k, v in ADAN.hyperparameters.items()}
+    hypers.update(learning_rate=float(np.float32(0.05)), sparse_mode=sparse_mode)
+    Legacy = sparseopt_tf.legacy.keras_optimizer(Adan)
+    assert issubclass(Legacy, tf_keras.optimizers.legacy.Optimizer)
+    _graph_steps_equal_the_core(Legacy(learning_rate=0.05, sparse_mode=sparse_mode), Adan(**hypers), seed=5)
+
+
 @pytest.mark.parametrize("which", ["adabelief", "rowrms"])
 def test_legacy_class_of_a_rule_in_a_graph_step(which):
     """``sparseopt_tf.legacy.keras_optimizer``: the OptimizerV2 class of a user's rule (an
