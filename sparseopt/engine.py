@@ -190,38 +190,18 @@ class StepConfig:
 
     def validate(self, items, then=None):
         """Check every ``(state, gradient)`` of a step and plan every sparse gradient, with the
-        optimizer's checks and in its order: the first bad item raises, before anything is
-        written. ``gradient``: an :class:`~sparseopt.IndexedSlices` or a dense array.
-        ``then``: an error the host found in the item after the last of ``items`` (making
-        its state), raised if none of ``items`` fails. Returns the ``(state, update)``
-        pairs :func:`run_step` takes."""
-        pending = []   # sparse updates, planned once every item is checked
-        updates = []
-        try:
+        optimizer's checks and in its order (:func:`validate`, which the optimizer's own steps
+        run too): the first bad item raises, before anything is written. ``gradient``: an
+        :class:`~sparseopt.IndexedSlices` or a dense array. ``then``: an error the host found
+        in the item after the last of ``items`` (making its state), raised if none of
+        ``items`` fails. Returns the ``(state, update)`` pairs :func:`run_step` takes."""
+        def checked():
             for state, g in items:
-                var = state.var
-                if isinstance(g, IndexedSlices):
-                    update = cpu.SparseUpdate.validate(g, var, state.name)
-                    pending.append((update, var))
-                else:
-                    update = cpu.DenseUpdate.validate(g, var, state.name)
-                updates.append((state, update))
-        except Exception as exc:  # planned outside the handler: no chained traceback
-            error = exc
-        else:
-            error = None
-        # Every pending item comes before the item that raised, if one did: the first bad
-        # index among them raises first, as if each were checked and planned in turn.
-        if self.batch_tables and len(pending) > 1:
-            cpu.plan_sparse([(update, var.shape[0]) for update, var in pending])
-        else:
-            for update, var in pending:
-                update.plan(var)
-        if error is None:
-            error = then
-        if error is not None:
-            raise error
-        return updates
+                yield state.name, state.var, g, cpu
+            if then is not None:
+                raise then
+        updates = validate(checked(), self.batch_tables and len(items) > 1)
+        return [(state, update) for (state, _), (_, _, update) in zip(items, updates)]
 
     def rows_of(self, var, name, indices):
         """The unique rows of ``indices`` into ``var``'s rows, checked as a sparse gradient's
@@ -246,6 +226,54 @@ class StepConfig:
         """The elements a step's kernels touch (the measure of its thread count,
         ``sparseopt._config.enter_step``)."""
         return cpu.work(updates, None)
+
+
+def validate(items, batch, store=None):
+    """Check every item of a step and plan every sparse gradient: the one validation of the
+    optimizer's steps and of the hosts' (:meth:`StepConfig.validate`).
+
+    ``items`` yields ``(name, variable, gradient, backend)`` (the variable already checked; an
+    iterator may raise a check of its own between items: it counts as that item's error).
+    Each gradient is checked against its variable by the variable's backend, a sparse one
+    planned; with ``batch``, the sparse gradients of NumPy variables are checked in one pass
+    (:func:`sparseopt.backends.cpu.sparse_gradients`) after the loop and planned together
+    (:func:`sparseopt.backends.cpu.plan_sparse`): an item that fails a check first has the
+    items before it checked and planned, so the first bad item in order raises, as if each
+    were checked and planned in turn. A device backend's plans and range checks finish after
+    the loop (:meth:`~sparseopt.backends.Backend.finish_validation`). ``store``: the
+    optimizer's per-variable scratch, for the backends. Returns ``[(name, variable, update)]``.
+    """
+    checked = []
+    deferred = []  # (place in checked, gradient, variable, name)
+    device = None  # the device backend whose checks finish after the loop
+    try:
+        for name, var, g, backend in items:
+            if backend.on_device:
+                device = backend
+            elif batch and isinstance(g, IndexedSlices):
+                deferred.append((len(checked), g, var, name))
+                checked.append(None)
+                continue
+            checked.append((name, var, backend.validate(g, var, name, store)))
+    except Exception as exc:  # planned outside the handler: no chained traceback
+        error = exc
+    else:
+        error = None
+    if deferred:  # every deferred item comes before the item that raised, if one did
+        arrays, failed = cpu.sparse_gradients([item[1:] for item in deferred])
+        if failed is not None:
+            error = failed
+        pending = []
+        for (at, _, var, name), (values, indices) in zip(deferred, arrays):
+            update = cpu.SparseUpdate(values, indices, name)
+            checked[at] = (name, var, update)
+            pending.append((update, var.shape[0]))
+        cpu.plan_sparse(pending)
+    if error is not None:
+        raise error
+    if device is not None:  # the device plans and range checks: one small read per plan
+        device.finish_validation([update for _, _, update in checked], batch)
+    return checked
 
 
 class SlotLayout(NamedTuple):

@@ -562,60 +562,31 @@ class Optimizer:
                 state.rounding_key = key
 
     def _validate(self, pairs):
-        """Check every pair and plan every sparse gradient; writes nothing but scratch."""
+        """Check every pair and plan every sparse gradient (:func:`sparseopt.engine.validate`);
+        writes nothing but scratch."""
+        return engine.validate(self._checked_pairs(pairs), self._batch_tables and len(pairs) > 1, self._markers)
+
+    def _checked_pairs(self, pairs):
+        """``(name, variable, gradient, backend)`` of each pair, its variable checked and seen
+        once (raising, as the pair's error, when it is not)."""
         seen = set()
-        checked = []
-        device = None  # the device backend whose checks finish after the loop
-        # With several pairs, the sparse NumPy gradients are checked in one pass
-        # (cpu.sparse_gradients) after the loop and planned together (cpu.plan_sparse):
-        # a pair that fails a check first has the pairs before it checked and planned, so
-        # the first bad pair in order raises, as if each were checked and planned in turn.
-        deferred = []  # (place in checked, gradient, variable, name)
-        batch = self._batch_tables and len(pairs) > 1
         states = self._states
         backend_for = backends.backend_for
         new = 0  # variables without a state so far (their default names count them)
-        try:
-            for g, var in pairs:
-                key = id(var)
-                state = states.get(key)
-                if state is not None:
-                    name = state.name
-                else:
-                    name = self._default_name(var, new)
-                    if key not in seen:
-                        new += 1
-                self._check_variable(var, name)
-                if key in seen:
-                    raise errors.GradientsError(f"{self.name}: {name!r} appears twice in grads_and_vars")
-                seen.add(key)
-                backend = state.backend if state is not None else backend_for(var)
-                if backend.on_device:  # its plans and range checks finish after the loop
-                    device = backend
-                elif batch and isinstance(g, IndexedSlices):
-                    deferred.append((len(checked), g, var, name))
-                    checked.append(None)
-                    continue
-                checked.append((name, var, backend.validate(g, var, name, self._markers)))
-        except Exception as exc:  # planned outside the handler: no chained traceback
-            error = exc
-        else:
-            error = None
-        if deferred:  # every deferred pair comes before the pair that raised, if one did
-            arrays, failed = cpu.sparse_gradients([item[1:] for item in deferred])
-            if failed is not None:
-                error = failed
-            pending = []
-            for (at, _, var, name), (values, indices) in zip(deferred, arrays):
-                update = cpu.SparseUpdate(values, indices, name)
-                checked[at] = (name, var, update)
-                pending.append((update, var.shape[0]))
-            cpu.plan_sparse(pending)
-        if error is not None:
-            raise error
-        if device is not None:  # the device plans and range checks: one small read per plan
-            device.finish_validation([update for _, _, update in checked], batch)
-        return checked
+        for g, var in pairs:
+            key = id(var)
+            state = states.get(key)
+            if state is not None:
+                name = state.name
+            else:
+                name = self._default_name(var, new)
+                if key not in seen:
+                    new += 1
+            self._check_variable(var, name)
+            if key in seen:
+                raise errors.GradientsError(f"{self.name}: {name!r} appears twice in grads_and_vars")
+            seen.add(key)
+            yield name, var, g, (state.backend if state is not None else backend_for(var))
 
     def step_config(self):
         """This optimizer's step for a host that keeps the variables, slots and host state
