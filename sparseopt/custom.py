@@ -30,6 +30,10 @@ and, through ``sparseopt_tf.keras_optimizer``, a Keras 3 class.
   unit is the whole variable in a dense step and each touched row in a sparse step (as the
   built-in ``Lamb``, :mod:`sparseopt.rules.lamb`); such a rule has no
   ``sparse_mode="exact"`` (an idle row's dense step would depend on the whole variable).
+* optionally, ``idle=IdleSteps(...)``: the closed form of the rule's idle steps for
+  ``sparse_mode="exact"`` (a row's steps with a zero gradient, applied at once when the row is
+  next touched, in place of replaying them one by one), in the form of the built-in rules'
+  (:mod:`sparseopt.rules._idle`): see :class:`IdleSteps`.
 * with ``row_slots`` (per-row state, one value per row: FBGEMM's row-wise rules), a **row
   stage** ``row=(term, update)``: ``term(p, g, c)`` per element, averaged over the row;
   ``update(*row_slots, mean, c) -> (*row_slots,)`` once per touched row (a tuple, also of
@@ -60,9 +64,12 @@ import inspect
 import keyword
 import types
 
+from typing import Callable, NamedTuple, Optional
+
 from sparseopt import errors
 from sparseopt.optimizer import Optimizer
 from sparseopt.optimizers._rowwise import RowwiseOptimizer
+from sparseopt.rules import _idle
 
 #: The slot values a rule's functions took in the first release, whatever its slots.
 _FORMER_SLOTS = 3
@@ -74,6 +81,49 @@ _REDUCTION_STAGE = ("terms", "scale", "apply")
 
 # Arguments of Optimizer.__init__ that a rule's hyperparameters may not take.
 _RESERVED = frozenset(inspect.signature(Optimizer.__init__).parameters) - {"learning_rate"}
+
+
+def idle_columns(**widths):
+    """The named columns of an idle table (:func:`sparseopt.rules._idle.columns`): ``decay``
+    (column 0, the window's weight decay product, which the kernels fill), then one per keyword,
+    each ``width`` columns wide; ``count`` is the table's width. Read them as ``t[COLUMNS.name]``."""
+    return _idle.columns(**widths)
+
+
+class IdleSteps(NamedTuple):
+    """The closed form of a :class:`Rule`'s idle steps, for ``sparse_mode="exact"``.
+
+    A row left idle over the steps ``(L, T]`` is brought to the state the dense rule would give
+    it with a zero gradient when it is next touched. Without an ``IdleSteps`` the steps are
+    replayed one by one (bit for bit the dense rule, at a cost per idle step); with one, each
+    window is one table row of per-step scalars, computed once per step on the host, and one
+    ``apply`` per element. The built-in rules' are the examples (``sparseopt/rules/sgd.py``:
+    momentum; ``adam.py``: series), and :mod:`sparseopt.rules._idle` the contract:
+
+    Attributes:
+        columns: the table's named columns, from :func:`idle_columns` (column ``decay``, the
+            product of the decoupled weight decay factors of the window, is filled by the kernels).
+        table_init: ``table_init(t)``: the scalars of the empty window (``t[columns.decay]``
+            is set to 1 already).
+        table_step: ``table_step(t, t_next, rec)``: the scalars of window ``(L, T]`` from those
+            of ``(L + 1, T]`` and the coefficients ``rec`` of step ``L + 1`` (``t[columns.decay]``
+            is set already). Host code, run in float64.
+        apply: ``apply(p, *slots, t, c, tol, zero) -> (p, *slots, ok)``: one element after the
+            window ``t`` (``c``: the coefficients of step ``T``, ``tol``: half the dtype's
+            machine epsilon); ``ok=False`` replays the window instead. Compiled as ``update`` is.
+        constant: the coefficients the closed form takes as constant over a window (the
+            optimizer catches every row up before a step that changes one).
+        is_identity: optional ``is_identity(c, wd) -> bool``: whether a step with a zero
+            gradient leaves every element and slot as it is, bit for bit (then a sparse step
+            with no row behind is a lazy one); see :mod:`sparseopt.rules._idle`.
+    """
+
+    columns: tuple
+    table_init: Callable
+    table_step: Callable
+    apply: Callable
+    constant: tuple = ()
+    is_identity: Optional[Callable] = None
 
 
 class Rule:
@@ -95,7 +145,8 @@ class Rule:
             ``update``, and a cache key from the two functions' sources).
     """
 
-    def __init__(self, name, slots, coefficients, update=None, *, reduction=None, row_slots=(), row=None):
+    def __init__(self, name, slots, coefficients, update=None, *, reduction=None, row_slots=(), row=None,
+                 idle=None):
         if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
             raise errors.HyperparameterError(f"Rule: name must be an identifier; got {name!r}")
         slots = _slot_names(name, "slots", slots)
@@ -126,13 +177,27 @@ class Rule:
             [("update", update)] if reduction is None
             else [(f"reduction's {k}", fn) for k, fn in zip(_REDUCTION_STAGE, reduction)]) + (
             [(f"row's {k}", fn) for k, fn in zip(_ROW_STAGE, row)] if row is not None else [])
+        if idle is not None:
+            if not isinstance(idle, IdleSteps):
+                raise errors.HyperparameterError(f"Rule {name!r}: idle must be a sparseopt.IdleSteps; got {idle!r}")
+            if reduction is not None or row is not None:
+                raise errors.HyperparameterError(
+                    f"Rule {name!r}: idle steps are exact mode's, which a rule with a "
+                    f"{'reduction' if reduction is not None else 'row'} stage does not have")
+            columns = idle.columns
+            if not (isinstance(columns, tuple) and hasattr(columns, "_fields") and columns._fields[:1] == ("decay",)
+                    and columns._fields[-1:] == ("count",) and columns.decay == _idle.DECAY):
+                raise errors.HyperparameterError(
+                    f"Rule {name!r}: idle's columns must come from sparseopt.idle_columns(...); got {columns!r}")
+            functions += [(f"idle's {k}", getattr(idle, k)) for k in ("table_init", "table_step", "apply")] + (
+                [("idle's is_identity", idle.is_identity)] if idle.is_identity is not None else [])
         for what, fn in functions:
             if not callable(fn):
                 raise errors.HyperparameterError(f"Rule {name!r}: {what} must be a function; got {fn!r}")
         self.name, self.slots, self.row_slots = name, slots, row_slots
         self._coefficients, self._update, self.reduction, self.row = coefficients, update, reduction, row
         self.hyperparameters = _hyperparameters(name, coefficients)
-        for (what, fn), forms in zip(functions[1:], _arguments(slots, row_slots, reduction, row)):
+        for (what, fn), forms in zip(functions[1:], _arguments(slots, row_slots, reduction, row, idle)):
             params = tuple(inspect.signature(fn).parameters)
             if len(params) not in [len(form) for form in forms]:
                 raise errors.HyperparameterError(
@@ -147,6 +212,14 @@ class Rule:
         if bad:
             raise errors.HyperparameterError(f"Rule {name!r}: coefficient names must be identifiers; got {bad}")
         self.fields = tuple(values)
+        if idle is not None:
+            constant = tuple(idle.constant)
+            unknown = [k for k in constant if k not in self.fields]
+            if unknown:
+                raise errors.HyperparameterError(
+                    f"Rule {name!r}: idle's constant names coefficients; {unknown} are not among {self.fields}")
+            idle = idle._replace(constant=constant)
+        self.idle = idle
         self.module = _rule_module(self)
 
     def coefficients(self, step, hypers):
@@ -226,7 +299,7 @@ class Rule:
         return f"Rule({self.name!r}, slots={self.slots}{rows}, hyperparameters={self.hyperparameters})"
 
 
-def _arguments(slots, row_slots, reduction, row):
+def _arguments(slots, row_slots, reduction, row, idle=None):
     """The argument names each function after ``coefficients`` takes: its forms, the first the
     one to write (one argument per slot), then the first release's (three slot values, three row
     values) where the rule has fewer slots."""
@@ -242,6 +315,11 @@ def _arguments(slots, row_slots, reduction, row):
     update = [("p", "g", *s, *r, "c")]
     if len(s) < _FORMER_SLOTS and (not r or len(r) < _FORMER_SLOTS):
         update.append(("p", "g", *former(s, "s"), *(former(r, "r") if r else ()), "c"))
+    if idle is not None:
+        apply = [("p", *s, "t", "c", "tol", "zero")] + (
+            [("p", *former(s, "s"), "t", "c", "tol", "zero")] if len(s) < _FORMER_SLOTS else [])
+        return [update, [("t",)], [("t", "t_next", "rec")], apply] + (
+            [[("c", "wd")]] if idle.is_identity is not None else [])
     if row is None:
         return [update]
     row_update = [(*r, "mean", "c")] + ([(*former(r, "r"), "mean", "c")] if len(r) < _FORMER_SLOTS else [])
@@ -308,7 +386,15 @@ def _rule_module(rule):
         module.REDUCTION = True
         module.reduce_terms, module.reduce_scale, module.reduce_apply = rule.reduction
         functions = list(rule.reduction)
+    idle = rule.idle
+    if idle is not None:  # exact mode's closed form (sparseopt.rules._idle)
+        module.COLUMNS, module.IDLE_COLUMNS, module.IDLE_CONSTANT = idle.columns, idle.columns.count, idle.constant
+        module.idle_table_init, module.idle_table_step, module.idle_apply = idle.table_init, idle.table_step, idle.apply
+        functions += [idle.table_init, idle.table_step, idle.apply]
+        if idle.is_identity is not None:
+            module.idle_is_identity = idle.is_identity
     digest = hashlib.sha1("\0".join([_source(fn) for fn in functions] + [
-        _source(rule._coefficients), repr(rule.slots), repr(rule.row_slots), repr(rule.fields)]).encode())
+        _source(rule._coefficients), repr(rule.slots), repr(rule.row_slots), repr(rule.fields),
+        repr(idle and (tuple(idle.columns), idle.columns._fields, idle.constant))]).encode())
     module.__rule_key__ = f"{rule.name}_{digest.hexdigest()[:10]}"
     return module

@@ -388,3 +388,95 @@ def test_bad_row_stages_are_refused_by_name(kwargs, message):
 def test_a_row_stage_has_no_exact_mode():
     with pytest.raises(errors.HyperparameterError, match="per-row slots has no sparse_mode='exact'"):
         ROWRMS.optimizer_class()(sparse_mode="exact")
+
+
+# Exact mode's closed form for a user's rule (sparseopt.IdleSteps): the built-in SGD's, given to
+# a Rule, steps bit for bit as sparseopt.SGD does in exact mode.
+
+def _heavy_ball_rule(idle):
+    from sparseopt.rules import sgd
+
+    def coefficients(step, learning_rate=0.05, momentum=0.9, nesterov=True):
+        return sgd.coefficients(learning_rate, momentum, nesterov)
+    return so.Rule("heavyball", sgd.SLOTS, coefficients, sgd.update, idle=idle)
+
+
+def _sgd_idle():
+    from sparseopt.rules import sgd
+    return so.IdleSteps(sgd.COLUMNS, sgd.idle_table_init, sgd.idle_table_step, sgd.idle_apply,
+                        constant=sgd.IDLE_CONSTANT, is_identity=sgd.idle_is_identity)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_idle_steps_give_exact_mode_the_built_in_closed_form(nesterov, rng):
+    """SGD with momentum's closed form (sparseopt/rules/sgd.py) as a user's ``IdleSteps``:
+    exact-mode sparse steps, rows idle for several steps, weight decay, a flush: the same bits
+    as the built-in ``SGD``, whose kernels run the same closed form."""
+    cls = _heavy_ball_rule(_sgd_idle()).optimizer_class("HeavyBall")
+    p0 = rng.normal(size=(ROWS, WIDTH)).astype(np.float32)
+    ours, builtin = p0.copy(), p0.copy()
+    a = cls(learning_rate=0.05, momentum=0.9, nesterov=nesterov, weight_decay=0.02, sparse_mode="exact")
+    b = so.SGD(learning_rate=0.05, momentum=0.9, nesterov=nesterov, weight_decay=0.02, sparse_mode="exact")
+    for values, idx in _sparse_batches(rng, np.float32):
+        a.apply_gradients([(so.IndexedSlices(values, idx, p0.shape), ours)])
+        b.apply_gradients([(so.IndexedSlices(values, idx, p0.shape), builtin)])
+    a.flush()
+    b.flush()
+    np.testing.assert_array_equal(ours, builtin)
+    np.testing.assert_array_equal(a.get_slot(ours, "momentum"), b.get_slot(builtin, "momentum"))
+
+
+MARK_COLUMNS = so.idle_columns(marker=1)
+
+
+def _mark_init(t):
+    t[MARK_COLUMNS.marker] = 1.0
+
+
+def _mark_step(t, t_next, rec):
+    t[MARK_COLUMNS.marker] = 1.0
+
+
+def _mark(p, t, c, tol, zero):
+    return p + t[MARK_COLUMNS.marker], True
+
+
+def test_idle_apply_runs_in_place_of_the_replay():
+    """The rule's ``apply`` is what catches an idle row up: one that (wrongly, for the test)
+    adds 1 to the parameter per window leaves its mark, where the replay of a plain SGD step
+    with a zero gradient would leave the row as it was."""
+    def coefficients(step, learning_rate=0.1):
+        return {"lr": learning_rate}
+
+    rule = so.Rule("marked", (), coefficients, lambda p, g, c: (p - c.lr * g,),
+                   idle=so.IdleSteps(MARK_COLUMNS, _mark_init, _mark_step, _mark))
+    w = np.zeros((4, 2))
+    opt = rule.optimizer_class()(sparse_mode="exact")
+    for rows in ([0], [1], [0]):   # rows 0 and 1 each caught up over one idle window
+        opt.apply_gradients([(so.IndexedSlices(np.zeros((1, 2)), np.array(rows), w.shape), w)])
+    assert w[:, 0].tolist() == [1.0, 1.0, 0.0, 0.0]
+    opt.flush()                    # row 1 idle at step 3; rows 2 and 3 since the start
+    assert w[:, 0].tolist() == [1.0, 2.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(idle=(1, 2)), "idle must be a sparseopt.IdleSteps"),
+    (dict(idle=so.IdleSteps((0, 1), print, print, print)), "columns must come from sparseopt.idle_columns"),
+    (dict(idle=so.IdleSteps(so.idle_columns(), lambda t: None, lambda t, t_next, rec: None,
+                            lambda p, t, c, tol, zero: (p, True))),
+     r"idle's apply takes \(p, m, t, c, tol, zero\), 6 arguments"),
+    (dict(idle=so.IdleSteps(so.idle_columns(), lambda t: None, lambda t, rec: None,
+                            lambda p, m, t, c, tol, zero: (p, m, True))), r"idle's table_step takes \(t, t_next, rec\)"),
+    (dict(idle=so.IdleSteps(so.idle_columns(), lambda t: None, lambda t, t_next, rec: None,
+                            lambda p, m, t, c, tol, zero: (p, m, True), constant=("momentum",))),
+     r"idle's constant names coefficients; \['momentum'\] are not among \('lr',\)"),
+    (dict(idle=so.IdleSteps(so.idle_columns(), lambda t: None, lambda t, t_next, rec: None,
+                            lambda p, m, t, c, tol, zero: (p, m, True)), row_slots=("v",),
+          row=(_rowrms_term, _rowrms_row), update=_rowrms_update), "a rule with a row stage does not have"),
+])
+def test_bad_idle_steps_are_refused_by_name(kwargs, message):
+    args = dict(name="mine", slots=("m",), coefficients=lambda step, learning_rate=0.1: {"lr": learning_rate},
+                update=lambda p, g, m, c: (p - c.lr * g, m))
+    args.update(kwargs)
+    with pytest.raises(errors.HyperparameterError, match=message):
+        so.Rule(**args)

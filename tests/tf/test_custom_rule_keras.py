@@ -156,6 +156,20 @@ def test_a_rule_with_four_slots_in_a_graph_step(sparse_mode):
     _graph_steps_equal_the_core(Legacy(learning_rate=0.05, sparse_mode=sparse_mode), Adan(**hypers), seed=5)
 
 
+def test_a_rule_with_idle_steps_in_exact_mode_in_a_graph_step():
+    """A user's rule with exact mode's closed form (``sparseopt.IdleSteps``: the built-in SGD's,
+    ``tests/test_custom_rule.py``) through ``tf.function`` in exact mode: the core class's bits."""
+    from tests.test_custom_rule import _heavy_ball_rule, _sgd_idle
+    core_class = _heavy_ball_rule(_sgd_idle()).optimizer_class("HeavyBall")
+    KerasHeavyBall = sparseopt_tf.keras_optimizer(core_class)
+    opt = KerasHeavyBall(learning_rate=0.05, weight_decay=0.01, sparse_mode="exact")
+    core = core_class(learning_rate=0.05, weight_decay=0.01, sparse_mode="exact")
+    table, core_table = _graph_steps_equal_the_core(opt, core, seed=6)
+    opt.flush()
+    core.flush()
+    np.testing.assert_array_equal(table.numpy(), core_table)
+
+
 @pytest.mark.parametrize("which", ["adabelief", "rowrms"])
 def test_legacy_class_of_a_rule_in_a_graph_step(which):
     """``sparseopt_tf.legacy.keras_optimizer``: the OptimizerV2 class of a user's rule (an
