@@ -34,6 +34,12 @@ and, through ``sparseopt_tf.keras_optimizer``, a Keras 3 class.
   ``sparse_mode="exact"`` (a row's steps with a zero gradient, applied at once when the row is
   next touched, in place of replaying them one by one), in the form of the built-in rules'
   (:mod:`sparseopt.rules._idle`): see :class:`IdleSteps`.
+* optionally, compile-time **variants**: ``variants={name: {CONSTANT: value}}`` and
+  ``variant_for(c) -> name or None``: a module constant (a global) that the rule's functions
+  read, fixed in a variant's compiled code so that the compiler drops the branch it decides;
+  ``variant_for`` picks a variant from each step's coefficients (as the built-in ``Ftrl``
+  compiles its square-root steps without the ``pow`` branch, :mod:`sparseopt.rules`). A variant
+  must compute what the rule computes for the steps it is picked for: it is an optimization.
 * with ``row_slots`` (per-row state, one value per row: FBGEMM's row-wise rules), a **row
   stage** ``row=(term, update)``: ``term(p, g, c)`` per element, averaged over the row;
   ``update(*row_slots, mean, c) -> (*row_slots,)`` once per touched row (a tuple, also of
@@ -128,8 +134,9 @@ class IdleSteps(NamedTuple):
 
 class Rule:
     """An optimizer's math: ``name``, ``slots``, ``coefficients`` and ``update``, or a
-    ``reduction`` stage in place of ``update``; with ``row_slots``, a ``row`` stage too (see
-    the module docstring).
+    ``reduction`` stage in place of ``update``; with ``row_slots``, a ``row`` stage too;
+    optionally exact mode's closed form (``idle``) and compile-time ``variants`` (see the
+    module docstring).
 
     Attributes:
         name: the rule's name (an identifier; the default optimizer name).
@@ -141,12 +148,14 @@ class Rule:
         fields: the names of the coefficients, from one call of ``coefficients`` at
             step 1 with the defaults.
         reduction: ``(terms, scale, apply)``, or ``None`` for a rule with ``update``.
+        idle: the :class:`IdleSteps` of exact mode, or ``None`` (idle steps replayed).
+        variants: ``{name: {CONSTANT: value}}``, or ``None``; ``variant_for``: its chooser.
         module: the rule as the kernels read a rule module (``SLOTS``, ``Coefficients``,
-            ``update``, and a cache key from the two functions' sources).
+            ``update``, ..., and a cache key from the functions' sources).
     """
 
     def __init__(self, name, slots, coefficients, update=None, *, reduction=None, row_slots=(), row=None,
-                 idle=None):
+                 idle=None, variants=None, variant_for=None):
         if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
             raise errors.HyperparameterError(f"Rule: name must be an identifier; got {name!r}")
         slots = _slot_names(name, "slots", slots)
@@ -220,6 +229,7 @@ class Rule:
                     f"Rule {name!r}: idle's constant names coefficients; {unknown} are not among {self.fields}")
             idle = idle._replace(constant=constant)
         self.idle = idle
+        self.variants, self.variant_for = _variants(name, variants, variant_for, [fn for _, fn in functions[1:]])
         self.module = _rule_module(self)
 
     def coefficients(self, step, hypers):
@@ -326,6 +336,32 @@ def _arguments(slots, row_slots, reduction, row, idle=None):
     return [update, [("p", "g", "c")], row_update]
 
 
+def _variants(name, variants, variant_for, functions):
+    """``(variants, variant_for)`` checked: names that are identifiers, each fixing constants that
+    one of the rule's ``functions`` reads as a global (else the variant would change nothing)."""
+    if variants is None and variant_for is None:
+        return None, None
+    if not isinstance(variants, dict) or not variants or not callable(variant_for):
+        raise errors.HyperparameterError(
+            f"Rule {name!r}: variants is a non-empty dict {{name: {{CONSTANT: value}}}}, given with "
+            f"variant_for(c) -> name or None; got variants={variants!r}, variant_for={variant_for!r}")
+    read = set()
+    for fn in functions:
+        read |= set(fn.__code__.co_names)
+    out = {}
+    for key, constants in variants.items():
+        if not (isinstance(key, str) and key.isidentifier()) or not isinstance(constants, dict) or not constants:
+            raise errors.HyperparameterError(
+                f"Rule {name!r}: variant {key!r} must be named by an identifier and fix a dict of constants; "
+                f"got {constants!r}")
+        unread = [k for k in constants if k not in read]
+        if unread:
+            raise errors.HyperparameterError(
+                f"Rule {name!r}: variant {key!r} fixes {unread}, which none of the rule's functions reads")
+        out[key] = dict(constants)
+    return out, variant_for
+
+
 def _slot_names(rule_name, what, names, taken=()):
     """``names`` as a tuple of distinct non-empty strings, none in ``taken``."""
     names = tuple(names)
@@ -369,6 +405,15 @@ def _source(fn):
     return "\0".join(parts)
 
 
+def _as_member(fn, module):
+    """``fn`` as a function of ``module`` (the same code and globals): what a variant's constants
+    are fixed in (:func:`sparseopt.kernels._compile.variant`), as in a built-in rule module's."""
+    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__module__ = module.__name__
+    copy.__qualname__, copy.__doc__ = fn.__qualname__, fn.__doc__
+    return copy
+
+
 def _rule_module(rule):
     """The rule as the kernels see a rule module (:mod:`sparseopt.rules`)."""
     module = types.ModuleType(f"sparseopt_rule_{rule.name}", f"The rule {rule.name!r} (sparseopt.Rule).")
@@ -393,7 +438,14 @@ def _rule_module(rule):
         functions += [idle.table_init, idle.table_step, idle.apply]
         if idle.is_identity is not None:
             module.idle_is_identity = idle.is_identity
+    if rule.variants is not None:  # compile-time variants (sparseopt.kernels._compile.variant)
+        module.VARIANTS, module.variant_for = rule.variants, rule.variant_for
+        for key, value in vars(module).items():
+            if isinstance(value, types.FunctionType) and key != "variant_for" and key != "coefficients":
+                setattr(module, key, _as_member(value, module))
+        functions.append(rule.variant_for)
     digest = hashlib.sha1("\0".join([_source(fn) for fn in functions] + [
+        repr(rule.variants and sorted((k, sorted(v.items())) for k, v in rule.variants.items())),
         _source(rule._coefficients), repr(rule.slots), repr(rule.row_slots), repr(rule.fields),
         repr(idle and (tuple(idle.columns), idle.columns._fields, idle.constant))]).encode())
     module.__rule_key__ = f"{rule.name}_{digest.hexdigest()[:10]}"

@@ -480,3 +480,58 @@ def test_bad_idle_steps_are_refused_by_name(kwargs, message):
     args.update(kwargs)
     with pytest.raises(errors.HyperparameterError, match=message):
         so.Rule(**args)
+
+
+# Compile-time variants: a module constant of the rule's functions fixed per variant.
+
+FAST_ONLY = False   # fixed to True in the variant "fast" (read by _powered_update)
+
+
+def _powered_coefficients(step, learning_rate=0.1, power=0.5):
+    return {"lr": learning_rate, "power": power, "use_sqrt": 1.0 if power == 0.5 else 0.0}
+
+
+def _powered_update(p, g, c):
+    if FAST_ONLY or c.use_sqrt != 0:
+        scale = math.sqrt(abs(g))
+    else:
+        scale = abs(g) ** c.power
+    return (p - c.lr * g * scale,)
+
+
+def _powered_rule():
+    return so.Rule("powered", (), _powered_coefficients, _powered_update, variants={"fast": {"FAST_ONLY": True}},
+                   variant_for=lambda c: "fast" if c.use_sqrt != 0 else None)
+
+
+def test_a_variant_fixes_its_constant_in_the_compiled_code():
+    """The variant "fast" compiles ``_powered_update`` with ``FAST_ONLY = True``: its square root
+    whatever the coefficients' flag says, where the rule itself follows the flag; the steps
+    pick the variant from their coefficients, so they equal the formula for either power."""
+    from sparseopt.kernels import _compile
+    rule = _powered_rule()
+    fast = _compile.variant(rule.module, "fast")
+    c = rule.coefficients(1, {"learning_rate": 0.1, "power": 0.25})   # use_sqrt 0: the pow branch
+    assert _compile.function(fast, "update")(1.0, 0.16, c)[0] == pytest.approx(1.0 - 0.1 * 0.16 * 0.4, rel=1e-12)
+    assert _compile.function(rule.module, "update")(1.0, 0.16, c)[0] == pytest.approx(
+        1.0 - 0.1 * 0.16 * 0.16 ** 0.25, rel=1e-12)
+    assert _compile.for_step(rule.module, rule.coefficients(1, {"learning_rate": 0.1, "power": 0.5})) is fast
+    assert _compile.for_step(rule.module, c) is rule.module
+    for power in (0.5, 0.25):
+        w = np.ones(3)
+        g = np.array([0.16, -0.09, 0.25])
+        rule.optimizer_class()(learning_rate=0.1, power=power).apply_gradients([(g, w)])
+        expected = 1.0 - float(np.float32(0.1)) * g * np.abs(g) ** power
+        np.testing.assert_allclose(w, expected, rtol=1e-14)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(variants={"fast": {"FAST_ONLY": True}}), "given with variant_for"),
+    (dict(variants={"fast": {"NOT_READ": True}}, variant_for=lambda c: None), r"fixes \['NOT_READ'\], which none"),
+    (dict(variants={"not a name": {"FAST_ONLY": True}}, variant_for=lambda c: None), "identifier"),
+])
+def test_bad_variants_are_refused_by_name(kwargs, message):
+    args = dict(name="mine", slots=(), coefficients=_powered_coefficients, update=_powered_update)
+    args.update(kwargs)
+    with pytest.raises(errors.HyperparameterError, match=message):
+        so.Rule(**args)
