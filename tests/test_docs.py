@@ -44,7 +44,8 @@ def test_every_optimizer_has_a_page(site, name):
                     "sparseopt.engine.run_step"]),
     ("api/schedules", ["sparseopt.schedules.ExponentialDecay", "sparseopt.schedules.CosineDecayRestarts"]),
     ("api/saving", ["sparseopt.saving.save", "sparseopt.saving.load"]),
-    ("custom_rules", ["sparseopt.custom.Rule", "sparseopt.custom.Rule.optimizer_class"]),
+    ("custom_rules", ["sparseopt.custom.Rule", "sparseopt.custom.Rule.optimizer_class",
+                      "sparseopt.custom.IdleSteps", "sparseopt.custom.idle_columns"]),
     ("api/errors", ["sparseopt.errors.WeightsMismatchError", "sparseopt.errors.ConfigError"]),
     ("api/sparseopt_tf", ["sparseopt_tf.optimizers.Optimizer", "sparseopt_tf.optimizers.keras_optimizer"]),
 ])
