@@ -18,10 +18,10 @@ and, through ``sparseopt_tf.keras_optimizer``, a Keras 3 class.
   slot (any number of ``slots``, in their order) and the coefficients (``c.name``),
   returning ``(p, *slots)`` (``(p,)`` for a rule without slots). (The form of the first
   release, three slot values whatever the rule has, ``update(p, g, s0, s1, s2, c)``, is
-  still accepted.) Numba compiles it for every kernel, so it is scalar arithmetic, comparisons, ``if`` and
-  ``math.*``: no arrays, no NumPy, no ``raise``, and **no float literals** (a literal is
-  float64 and would turn float32 math into float64: put every constant in the
-  coefficients, where it arrives cast to the variable's dtype).
+  still accepted.) Numba compiles it for every kernel, so it is scalar arithmetic,
+  comparisons, ``if`` and ``math.*``: no arrays, no NumPy, no ``raise``, and **no float
+  literals** (a literal is float64 and would turn float32 math into float64: put every
+  constant in the coefficients, where it arrives cast to the variable's dtype).
 * or, in place of ``update``, a **reduction stage** (``reduction=(terms, scale, apply)``),
   for an update scaled by sums over a *unit* of elements (LAMB's trust ratio
   ``||p|| / ||u||``): ``terms(p, g, *slots, c) -> (d, *slots, t0, t1)`` per element
@@ -44,8 +44,8 @@ and, through ``sparseopt_tf.keras_optimizer``, a Keras 3 class.
   stage** ``row=(term, update)``: ``term(p, g, c)`` per element, averaged over the row;
   ``update(*row_slots, mean, c) -> (*row_slots,)`` once per touched row (a tuple, also of
   one); and the rule's ``update(p, g, *slots, *row_slots, c) -> (p, *slots)`` reads the row
-  slots' new values (as the built-in
-  ``RowwiseAdagrad``, :mod:`sparseopt.rules.rowwise_adagrad`). No ``sparse_mode="exact"``.
+  slots' new values (as the built-in ``RowwiseAdagrad``, :mod:`sparseopt.rules.rowwise_adagrad`).
+  No ``sparse_mode="exact"``.
 
 Example (Adam without bias correction, checked against its formula):
 
@@ -69,7 +69,6 @@ import hashlib
 import inspect
 import keyword
 import types
-
 from typing import Callable, NamedTuple, Optional
 
 from sparseopt import errors
@@ -347,7 +346,8 @@ def _variants(name, variants, variant_for, functions):
             f"variant_for(c) -> name or None; got variants={variants!r}, variant_for={variant_for!r}")
     read = set()
     for fn in functions:
-        read |= set(fn.__code__.co_names)
+        code = getattr(fn, "__code__", None)
+        read |= set(code.co_names) if code is not None else set()
     out = {}
     for key, constants in variants.items():
         if not (isinstance(key, str) and key.isidentifier()) or not isinstance(constants, dict) or not constants:
