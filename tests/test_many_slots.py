@@ -268,3 +268,79 @@ def test_rules_written_for_three_slots_still_run_bit_for_bit():
         assert np.array_equal(out[0][0], out[1][0])
         for x, y in zip(out[0][1], out[1][1]):
             assert np.array_equal(x, y)
+
+
+def _n_slot_rule(n):
+    """A rule with ``n`` slots: ``s_k <- decay * s_k + (k + 1) g``, ``p <- p - lr * (g + sum_k s_k)``
+    (its update written out for ``n``, as a user would write it)."""
+    names = [f"s{k}" for k in range(n)]
+    lines = [f"    {s} = {s} * c.decay + g * c.k{k + 1}" for k, s in enumerate(names)]
+    total = " + ".join(["g"] + names)
+    source = (f"def update(p, g, {''.join(s + ', ' for s in names)}c):\n" + "\n".join(lines) + "\n"
+              f"    return ({', '.join(['p - c.lr * (' + total + ')'] + names)},)\n")
+    namespace = {}
+    exec(compile(source, f"<{n}-slot rule>", "exec"), namespace)  # noqa: S102 - the test's own source
+
+    def coefficients(step, learning_rate=0.1, decay=0.5):
+        return {"lr": learning_rate, "decay": decay, **{f"k{k + 1}": float(k + 1) for k in range(n)}}
+    return so.Rule(f"slots{n}", tuple(names), coefficients, namespace["update"])
+
+
+def _n_slot_reference(p, g, state, lr, decay=0.5):
+    for k, s in enumerate(state):
+        s[...] = s * decay + g * (k + 1)
+    return p - lr * (g + sum(state, np.zeros_like(p)))
+
+
+@pytest.mark.parametrize("n", [0, 2, 5, 8])
+@pytest.mark.parametrize("mode", ["dense", "lazy", "exact"])
+def test_rules_with_any_number_of_slots_equal_their_formula(n, mode, rng):
+    """No slot, fewer than three, more, and more than one further hash's worth: dense steps,
+    lazy sparse steps (the touched rows only) and exact ones (= dense training on the
+    densified gradients), against the formula in float64."""
+    cls = _n_slot_rule(n).optimizer_class()
+    p0 = rng.normal(size=(ROWS, WIDTH))
+    p, opt = p0.copy(), cls(sparse_mode="exact" if mode == "exact" else "lazy")
+    expected, state = p0.copy(), [np.zeros_like(p0) for _ in range(n)]
+    lr = float(np.float32(0.1))
+    for values, idx in _sparse_batches(rng, np.float64)[:6]:
+        g = _densify(values, idx)
+        if mode == "dense":
+            opt.apply_gradients([(g, p)])
+            expected = _n_slot_reference(expected, g, state, lr)
+            continue
+        opt.apply_gradients([(so.IndexedSlices(values, idx, p.shape), p)])
+        if mode == "exact":
+            expected = _n_slot_reference(expected, g, state, lr)
+        else:
+            rows = np.unique(idx)
+            sub = [s[rows] for s in state]
+            expected[rows] = _n_slot_reference(expected[rows], g[rows], sub, lr)
+            for s, new in zip(state, sub):
+                s[rows] = new
+    if mode == "exact":
+        opt.flush()
+    rel_close(p, expected, np.float64)
+    for k, want in enumerate(state):
+        rel_close(opt.get_slot(p, f"s{k}"), want, np.float64)
+
+
+def test_bfloat16_slots_of_an_eight_slot_rule_take_bits_of_two_further_hashes(rng):
+    """Eight bfloat16 slots: 0-2 rounded with the element's own 64 bits, 3-6 with the first
+    further hash, 7 with the second (``_slot_bits``), each the float32 step's value rounded."""
+    seed = 41
+    cls = _n_slot_rule(8).optimizer_class()
+    t16 = (rng.normal(size=(6, 4)) * 0.5).astype(BF16)
+    opt16 = cls(seed=seed, slot_dtype="bfloat16")
+    opt32 = cls()
+    t32 = t16.astype(np.float32)
+    g = (rng.normal(size=(6, 4)) * 0.3).astype(np.float32)
+    opt16.apply_gradients([(g, t16)])
+    opt32.apply_gradients([(g, t32)])   # zero slots in both: the float32 step of the 16-bit values
+    for k in range(8):
+        got, want32 = opt16.get_slot(t16, f"s{k}"), opt32.get_slot(t32, f"s{k}")
+        expected = np.empty_like(got)
+        for index in range(got.size):
+            bits = _slot_bits(seed, 1, index, k)
+            expected.flat[index] = stochastic_reference(want32.flat[index], bits, BF16)
+        assert same16(got, expected), k

@@ -107,12 +107,14 @@ def test_a_rule_with_four_slots_on_the_device_matches_cpu(sparse_mode, rng):
     _matches_cpu(Adan, sparse_mode, rng)
 
 
-def test_bfloat16_slots_past_the_third_on_the_device_match_cpu(rng):
-    """A bfloat16 table with four bfloat16 slots: the fourth rounded with the further hash's
-    bits on the device as on the CPU."""
+@pytest.mark.parametrize("slots", [4, 8])
+def test_bfloat16_slots_past_the_third_on_the_device_match_cpu(slots, rng):
+    """A bfloat16 table with four (Adan) and eight bfloat16 slots: those past the third rounded
+    with the further hashes' bits on the device as on the CPU."""
     from tests.cuda.test_cuda_low_precision import BF16, assert_matches_cpu, steps_for
-    from tests.test_many_slots import Adan
+    from tests.test_many_slots import Adan, _n_slot_rule
+    cls = Adan if slots == 4 else _n_slot_rule(8).optimizer_class()
     p0 = (rng.normal(size=(40, 5)) * 0.5).astype(BF16)
-    gpu_opt, gpu_var, _ = assert_matches_cpu(lambda: Adan(learning_rate=0.01, seed=9, slot_dtype="bfloat16"), p0,
+    gpu_opt, gpu_var, _ = assert_matches_cpu(lambda: cls(learning_rate=0.01, seed=9, slot_dtype="bfloat16"), p0,
                                              steps_for(rng, BF16))
-    assert host(gpu_opt.get_slot(gpu_var, "prev")).dtype == BF16
+    assert host(gpu_opt.get_slot(gpu_var, gpu_opt.get_slot_names()[-1])).dtype == BF16
