@@ -170,9 +170,15 @@ def test_a_rule_with_one_slot_and_a_flag():
      "terms takes .p, g, m, c., 4 arguments"),
 ])
 def test_bad_rules_are_refused_by_name(kwargs, message):
+    assert_refused(kwargs, message)
+
+
+def assert_refused(kwargs, message, **defaults):
+    """``sparseopt.Rule`` of a one-slot rule (``defaults`` replace its parts), changed by
+    ``kwargs``, raises ``HyperparameterError`` matching ``message``."""
     args = dict(name="mine", slots=("m",), coefficients=lambda step, learning_rate=0.1: {"lr": learning_rate},
                 update=lambda p, g, m, c: (p - c.lr * g, m))
-    args.update(kwargs)
+    args.update(defaults, **kwargs)
     with pytest.raises(errors.HyperparameterError, match=message):
         so.Rule(**args)
 
@@ -379,10 +385,7 @@ def test_a_row_stage_steps_as_the_built_in_rowwise_adagrad(rng):
      "row stage or a reduction stage"),
 ])
 def test_bad_row_stages_are_refused_by_name(kwargs, message):
-    args = dict(name="mine", slots=("m",), coefficients=_rowrms_coefficients, update=_rowrms_update)
-    args.update(kwargs)
-    with pytest.raises(errors.HyperparameterError, match=message):
-        so.Rule(**args)
+    assert_refused(kwargs, message, coefficients=_rowrms_coefficients, update=_rowrms_update)
 
 
 def test_a_row_stage_has_no_exact_mode():
@@ -475,11 +478,7 @@ def test_idle_apply_runs_in_place_of_the_replay():
           row=(_rowrms_term, _rowrms_row), update=_rowrms_update), "a rule with a row stage does not have"),
 ])
 def test_bad_idle_steps_are_refused_by_name(kwargs, message):
-    args = dict(name="mine", slots=("m",), coefficients=lambda step, learning_rate=0.1: {"lr": learning_rate},
-                update=lambda p, g, m, c: (p - c.lr * g, m))
-    args.update(kwargs)
-    with pytest.raises(errors.HyperparameterError, match=message):
-        so.Rule(**args)
+    assert_refused(kwargs, message)
 
 
 # Compile-time variants: a module constant of the rule's functions fixed per variant.
@@ -531,7 +530,4 @@ def test_a_variant_fixes_its_constant_in_the_compiled_code():
     (dict(variants={"not a name": {"FAST_ONLY": True}}, variant_for=lambda c: None), "identifier"),
 ])
 def test_bad_variants_are_refused_by_name(kwargs, message):
-    args = dict(name="mine", slots=(), coefficients=_powered_coefficients, update=_powered_update)
-    args.update(kwargs)
-    with pytest.raises(errors.HyperparameterError, match=message):
-        so.Rule(**args)
+    assert_refused(kwargs, message, slots=(), coefficients=_powered_coefficients, update=_powered_update)
