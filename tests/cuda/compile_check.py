@@ -194,6 +194,28 @@ def compile_batched(kc, dd, i64):
     return count
 
 
+def compile_many_slots(kc, i64):
+    """A rule with more than three slots (``tests/test_many_slots.py``'s Adan, four), dense and
+    sparse, float32 and a bfloat16 table with bfloat16 slots (rounded with a further hash)."""
+    from sparseopt.kernels import lowp
+    from tests.test_many_slots import ADAN, Adan
+    opt = Adan()
+    rule = opt._rule
+    c = opt._coefficients(opt._resolved_hypers(), 1)
+    c32 = type(c)(*(np.float32(x) for x in c))
+    used = kernel_used(ADAN.slots, rule.SLOTS)
+    f1, f2, u1, u2 = arr(np.float32, 1), arr(np.float32, 2), arr(np.uint16, 1), arr(np.uint16, 2)
+    compile_one(kc.dense_kernel(rule, used, True), (f1, f1, slots(used, f1, f1), numba.typeof(c32), types.float32))
+    compile_one(kc.sparse_kernel(rule, used, True),
+                (f2, slots(used, f2, f2), i64, i64, i64, f2, types.int64, numba.typeof(c32), types.float32))
+    keyed = numba.typeof(lowp.keyed(c32, 1))
+    config = ("bfloat16", True, "bfloat16")
+    compile_one(kc.dense_kernel(rule, used, True, config), (u1, f1, slots(used, u1, u1), keyed, types.float32))
+    compile_one(kc.sparse_kernel(rule, used, True, config),
+                (u2, slots(used, u2, u2), i64, i64, i64, f2, types.int64, keyed, types.float32))
+    return 4
+
+
 def compile_factored():
     """The kernels of a factored rule (Adafactor; not in the optimizer table, whose generic
     suites include exact mode): the flat unit's and the matrices', float32 and float64; the
@@ -284,6 +306,7 @@ def main():
     count += compile_batched(kc, dd, i64)
     count += compile_reductions(kc, i64)
     count += compile_factored()
+    count += compile_many_slots(kc, i64)
     for dtype in (np.float32, np.float64):
         scal = numba.from_dtype(np.dtype(dtype))
         f1 = arr(dtype, 1)
