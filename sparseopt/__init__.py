@@ -14,6 +14,6 @@ from sparseopt.saving import load, save
 
 __version__ = "0.1.0"
 
-__all__ = ["Adadelta", "Adafactor", "Adagrad", "Adam", "Adamax", "AdamW", "Ftrl", "IdleSteps", "IndexedSlices", "Lamb", "Lion", "Nadam",
-           "Optimizer", "RMSprop", "RowwiseAdagrad", "Rule", "SGD", "errors", "get_num_threads", "idle_columns", "load", "save",
-           "schedules", "set_num_threads"]
+__all__ = ["Adadelta", "Adafactor", "Adagrad", "Adam", "Adamax", "AdamW", "Ftrl", "IdleSteps", "IndexedSlices", "Lamb",
+           "Lion", "Nadam", "Optimizer", "RMSprop", "RowwiseAdagrad", "Rule", "SGD", "errors", "get_num_threads",
+           "idle_columns", "load", "save", "schedules", "set_num_threads"]

@@ -534,9 +534,10 @@ def _tables_meta(rule, states, inners, row_names, extra=None):
     """``(meta, vstart, (rows, offsets, order), (used, row_used, like, slot_like))`` of the
     table-batched kernels for the planned sparse updates ``inners`` of ``states``: ``meta``
     (:mod:`sparseopt.kernels.cpu`'s columns, then each table's ``extra`` columns, a tuple
-    per table, then the addresses of its slots and row slots) and the concatenated plan, which is the plan the updates were made in together
-    (:func:`plan_sparse`) when it is one, else their own plans concatenated. The used slots
-    and kernel views are the first table's (the group shares its configuration)."""
+    per table, then the addresses of its slots and row slots) and the concatenated plan,
+    which is the plan the updates were made in together (:func:`plan_sparse`) when it is one,
+    else their own plans concatenated. The used slots and kernel views are the first table's
+    (the group shares its configuration)."""
     flat = []
     ks = [0]
     plan = inners[0].at

@@ -636,8 +636,9 @@ def dense_kernel(rule_module, used, has_wd, lowp=None):
     """``kernel(p, g, S, c, wd_lr)`` on flat C-contiguous arrays (``S``: the tuple of slot
     arrays of :func:`place`).
 
-    ``used``: whether the configuration keeps each of the slot arrays (see :func:`place`). For a rule with a reduction stage, the two-pass kernel over the
-    whole variable (:func:`_reduce_dense_template`).
+    ``used``: whether the configuration keeps each of the slot arrays (see :func:`place`).
+    For a rule with a reduction stage, the two-pass kernel over the whole variable
+    (:func:`_reduce_dense_template`).
     """
     if has_reduction(rule_module):
         return _reduce_dense_kernel(rule_module, tuple(used), has_wd, lowp)

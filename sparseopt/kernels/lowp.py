@@ -30,9 +30,9 @@ to 63 (subnormal range). bfloat16 slots (``slot_dtype="bfloat16"``) are rounded 
 way from the same 64 bits, slot ``k`` with bits ``16 (k + 1) .. 16 (k + 1) + 15``: one hash
 per element gives all its roundings (a second hash for the slots cost two more 64-bit
 multiplies per element); a rule with more than three slots rounds slots 3 and up with
-16 bits each of further hashes of those 64 (:func:`sparseopt.kernels._slots.store_rounded`). Each rounding's 16 bits are uniform, so each is unbiased; only a
-float16 parameter in float16's subnormal range, which reads more than 16 bits, shares
-bits with its bfloat16 slots.
+16 bits each of further hashes of those 64 (:func:`sparseopt.kernels._slots.store_rounded`).
+Each rounding's 16 bits are uniform, so each is unbiased; only a float16 parameter in
+float16's subnormal range, which reads more than 16 bits, shares bits with its bfloat16 slots.
 """
 
 import collections

@@ -142,7 +142,8 @@ def test_a_rule_with_four_slots_in_a_graph_step(sparse_mode):
     from tests.test_many_slots import ADAN, Adan
     tf_keras = pytest.importorskip("tf_keras")
     KerasAdan = sparseopt_tf.keras_optimizer(Adan)
-    opt, core = KerasAdan(learning_rate=0.05, sparse_mode=sparse_mode), Adan(learning_rate=0.05, sparse_mode=sparse_mode)
+    opt = KerasAdan(learning_rate=0.05, sparse_mode=sparse_mode)
+    core = Adan(learning_rate=0.05, sparse_mode=sparse_mode)
     table, core_table = _graph_steps_equal_the_core(opt, core, seed=4)
     for name in ADAN.slots:
         if sparse_mode == "exact":
