@@ -582,18 +582,12 @@ def _specialized_helpers(rule_module, used, row_used, has_wd, lowp):
     inline = numba.njit(**_config.CPU_RULE_FLAGS)
     constants["GRADIENT_ROW"] = _gradient_reader(lowp[0] if lowp else None)
     constants["SCRATCH"] = _scratch_float32 if lowp else _scratch_like
-    if lowp is None:
-        constants["LOAD"] = inline(specialize(_slots.load(used, __name__), suffix, **constants))
-        constants["STORE"] = inline(specialize(_slots.store(used, __name__), suffix, **constants))
-        constants["VALUE"] = inline(specialize(_value_template, suffix, **constants))
-    else:
+    if lowp is not None:
         suffix += lowp_suffix(lowp)
         constants.update(lowp_constants(lowp))
-        constants["LOAD"] = inline(specialize(_slots.load(used, lowp_kernels.__name__, widen=True), suffix,
-                                              **constants))
-        constants["STORE_ROUNDED"] = inline(specialize(_slots.store_rounded(used, lowp_kernels.__name__), suffix,
-                                                       **constants))
-        constants["VALUE"] = inline(specialize(lowp_kernels._value_template, suffix, **constants))
+    constants.update(load_store(used, lowp, constants, suffix, inline))
+    value = _value_template if lowp is None else lowp_kernels._value_template
+    constants["VALUE"] = inline(specialize(value, suffix, **constants))
     constants["STEP"] = inline(specialize(_step_template, suffix, **constants))
     constants["ROW_STEP"] = inline(specialize(_row_step_template, suffix, **constants))
     suffix_rows = suffix + (f"_r{_flags(row_used)}" if rowwise else "")
@@ -610,6 +604,18 @@ def _specialized_helpers(rule_module, used, row_used, has_wd, lowp):
         constants["ROW_SLOTS"] = inline(specialize(_slots.row_slots(row_used, __name__), suffix, **constants))
         constants["ROW"] = inline(specialize(_row_reduce_and_update, suffix, **constants))
     return suffix, constants
+
+
+def load_store(used, lowp, constants, suffix, compile_):
+    """``LOAD`` and ``STORE`` (``STORE_ROUNDED`` for a 16-bit variable, ``lowp``) of the kept
+    slots ``used`` (:mod:`sparseopt.kernels._slots`), specialized with ``constants`` and compiled
+    by ``compile_`` (the CPU's inline ``njit``, or CUDA's device functions)."""
+    if lowp is None:
+        return dict(LOAD=compile_(specialize(_slots.load(used, __name__), suffix, **constants)),
+                    STORE=compile_(specialize(_slots.store(used, __name__), suffix, **constants)))
+    namespace = lowp_kernels.__name__
+    return dict(LOAD=compile_(specialize(_slots.load(used, namespace, widen=True), suffix, **constants)),
+                STORE_ROUNDED=compile_(specialize(_slots.store_rounded(used, namespace), suffix, **constants)))
 
 
 def lowp_suffix(lowp):
@@ -884,14 +890,7 @@ def _reduce_helpers(rule_module, used, has_wd, lowp):
     # The second pass touches only the parameter: its load and store keep no slot.
     apply = dict(constants)
     for where, tag, kept in ((constants, "t", used), (apply, "a", (False,) * len(used))):
-        if lowp is not None:
-            where["LOAD"] = inline(specialize(_slots.load(kept, lowp_kernels.__name__, widen=True),
-                                              f"{suffix}_{tag}", **where))
-            where["STORE_ROUNDED"] = inline(specialize(_slots.store_rounded(kept, lowp_kernels.__name__),
-                                                       f"{suffix}_{tag}", **where))
-        else:
-            where["LOAD"] = inline(specialize(_slots.load(kept, __name__), f"{suffix}_{tag}", **where))
-            where["STORE"] = inline(specialize(_slots.store(kept, __name__), f"{suffix}_{tag}", **where))
+        where.update(load_store(kept, lowp, where, f"{suffix}_{tag}", inline))
     apply["RULE"] = inline(specialize(_apply_as_row_rule, suffix, **apply))
     constants["STORE_SLOTS"] = inline(specialize(_store_slots_template, suffix, **constants))
     constants["TERMS"] = inline(specialize(_terms_template, suffix, **constants))

@@ -251,17 +251,6 @@ def _lowp_constants(lowp_config):
     return constants
 
 
-def _load_store(used, lowp_config, constants, suffix):
-    """``LOAD`` and ``STORE`` (``STORE_ROUNDED`` for a 16-bit variable) of the kept slots ``used``
-    as device functions (:mod:`sparseopt.kernels._slots`)."""
-    device = cuda.jit(device=True)
-    if lowp_config is None:
-        return dict(LOAD=device(specialize(_slots.load(used, cpu.__name__), suffix, **constants)),
-                    STORE=device(specialize(_slots.store(used, cpu.__name__), suffix, **constants)))
-    return dict(LOAD=device(specialize(_slots.load(used, lowp.__name__, widen=True), suffix, **constants)),
-                STORE_ROUNDED=device(specialize(_slots.store_rounded(used, lowp.__name__), suffix, **constants)))
-
-
 @functools.lru_cache(maxsize=None)
 def _helpers(rule_module, used, has_wd, row_count=None, lowp_config=None):
     """``(suffix, constants)``: the CPU kernels' element step (:func:`sparseopt.kernels.cpu._step_template`)
@@ -285,7 +274,7 @@ def _helpers(rule_module, used, has_wd, row_count=None, lowp_config=None):
         suffix += cpu.lowp_suffix(lowp_config) + "_cuda"
         constants.update(_lowp_constants(lowp_config))
         value = lowp._value_template
-    constants.update(_load_store(used, lowp_config, constants, suffix))
+    constants.update(cpu.load_store(used, lowp_config, constants, suffix, cuda.jit(device=True)))
     constants["VALUE"] = cuda.jit(device=True)(specialize(value, suffix, **constants))
     constants["STEP"] = cuda.jit(device=True)(specialize(cpu._step_template, suffix, **constants))
     return suffix, constants
@@ -599,8 +588,8 @@ def _reduce_helpers(rule_module, used, has_wd, lowp_config):
         suffix += cpu.lowp_suffix(lowp_config) + "_cuda"
         constants.update(_lowp_constants(lowp_config))
     apply = dict(constants)  # the second pass keeps no slot
-    constants.update(_load_store(used, lowp_config, constants, f"{suffix}_t"))
-    apply.update(_load_store((False,) * len(used), lowp_config, apply, f"{suffix}_a"))
+    constants.update(cpu.load_store(used, lowp_config, constants, f"{suffix}_t", device))
+    apply.update(cpu.load_store((False,) * len(used), lowp_config, apply, f"{suffix}_a", device))
     apply["RULE"] = device(specialize(cpu._apply_as_row_rule, suffix, **apply))
     constants["STORE_SLOTS"] = device(specialize(cpu._store_slots_template, suffix, **constants))
     out = dict(TERMS=device(specialize(cpu._terms_template, suffix, **constants)),
